@@ -21,7 +21,8 @@ def test_reads_txt_jsonl_json_and_gz(tmp_path, tok):
         f.write(json.dumps({"body": "from gzip"}) + "\n")
     assert list(iter_documents(TextSource(str(tmp_path / "a.txt")))) == ["first para\nline two\n", "second para\n"]
     docs = list(iter_documents(TextSource(str(tmp_path), field="body")))
-    assert docs == ["first para\nline two\n", "second para\n", "from jsonl", "from json", "from gzip"]
+    # A folder's files are read round-robin so every prefix mixes them.
+    assert docs == ["first para\nline two\n", "from jsonl", "from json", "from gzip", "second para\n"]
 
 
 def test_chat_formatting(tmp_path, tok):
@@ -30,6 +31,13 @@ def test_chat_formatting(tmp_path, tok):
     docs = list(iter_documents(TextSource(str(path), chat="q,a"), tok))
     assert docs[0] == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
     assert docs[1] == "<|im_start|>user\nYo<|im_end|>\n"
+
+
+def test_transcripts_become_chat(tmp_path, tok):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!"}) + "\n")
+    [doc] = iter_documents(TextSource(str(path), field="chosen", chat="transcript"), tok)
+    assert doc.count("<|im_start|>user") == 2 and doc.endswith("<|im_start|>assistant\nBye!<|im_end|>\n")
 
 
 def test_pack_contexts_start_with_bos_and_keep_every_token(tok):

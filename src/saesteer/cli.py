@@ -96,3 +96,311 @@ def _is_rank_zero() -> bool:
     import torch
 
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+@app.command()
+def train(
+    activations: Optional[Path] = typer.Option(None, help="activation cache folder (saesteer collect)"),
+    out: Optional[Path] = typer.Option(None, help="output folder: checkpoint.safetensors and sae/ (SAELens format)"),
+    config: Optional[Path] = typer.Option(None, help="JSON file of TrainConfig fields; flags given here override it"),
+    n_latents: Optional[int] = typer.Option(None, help="SAE width (default expansion_factor * d_model)"),
+    expansion_factor: Optional[int] = typer.Option(None, help="latents per model dimension (default 8)"),
+    k: Optional[int] = typer.Option(None, help="active latents per token (default 32)"),
+    batch_size: Optional[int] = typer.Option(None, help="tokens per step over all ranks (default 4096)"),
+    tokens: Optional[int] = typer.Option(None, help="total training tokens (default 20M)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 2e-4 / sqrt(n_latents / 2^14))"),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear warmup steps (default 100)"),
+    auxk_coef: Optional[float] = typer.Option(None, help="AuxK loss coefficient (default 1/32)"),
+    dead_tokens: Optional[int] = typer.Option(None, help="tokens without firing before a latent counts as dead (default 10M)"),
+    seed: Optional[int] = typer.Option(None, help="initialisation and data-order seed (default 0)"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints (default 500)"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.safetensors if it exists"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)"),
+) -> None:
+    """Train a TopK SAE on cached activations (run under torchrun for data parallelism)."""
+    from saesteer.trainer import TrainConfig
+    from saesteer.trainer import train as run_train
+
+    flags = dict(activations=activations, out=out, n_latents=n_latents, expansion_factor=expansion_factor, k=k,
+                 batch_size=batch_size, total_tokens=tokens, lr=lr, warmup_steps=warmup_steps, auxk_coef=auxk_coef,
+                 dead_tokens=dead_tokens, seed=seed, checkpoint_every=checkpoint_every, device=device)
+    overrides = {name: str(v) if isinstance(v, Path) else v for name, v in flags.items() if v is not None}
+    if resume:
+        overrides["resume"] = True
+    cfg = TrainConfig.from_json(config, **overrides) if config else TrainConfig(**overrides)
+    distributed = _init_distributed()
+    start = time.perf_counter()
+    result = run_train(cfg)
+    if distributed and not _is_rank_zero():
+        return
+    sae, tail = result.sae, result.losses[-20:]
+    loss = f"{sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)" if tail else "n/a (already trained)"
+    typer.echo(
+        f"trained TopK SAE d_in {sae.cfg.d_in} x {sae.cfg.n_latents} latents, k {sae.cfg.k}, "
+        f"{sae.cfg.training_tokens:,} tokens ({result.steps} steps)\n"
+        f"  loss       {loss}\n"
+        f"  saved      {Path(cfg.out) / 'sae'} (SAELens format), checkpoint {Path(cfg.out) / 'checkpoint.safetensors'}\n"
+        f"  time       {time.perf_counter() - start:.1f} s this run"
+    )
+
+
+@app.command("evaluate-sae")
+def evaluate_sae(
+    sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
+    model: Optional[str] = typer.Option(None, help="model to splice into (default: the one the SAE was trained on)"),
+    data: Optional[str] = typer.Option(None, help="held-out text source (default: the SAE's training text, after the cached part)"),
+    contexts: int = typer.Option(64, help="held-out contexts to evaluate"),
+    ctx: Optional[int] = typer.Option(None, help="context length (default: the training cache's)"),
+    batch_size: int = typer.Option(8, help="contexts per forward pass"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+) -> None:
+    """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
+    from saesteer.models import load_model
+    from saesteer.sae import TopKSAE
+    from saesteer.trainer import evaluate_sae as run_evaluate
+    from saesteer.trainer import heldout_contexts
+
+    loaded_sae = TopKSAE.load(sae)
+    loaded = load_model(model or loaded_sae.cfg.model or "smollm2-135m-instruct", device=device)
+    if loaded_sae.cfg.layer is not None:
+        loaded.check_layer(loaded_sae.cfg.layer)
+    loaded_sae.to(loaded.device)
+    ids = heldout_contexts(loaded_sae, loaded.tokenizer, contexts, data=data, ctx=ctx)
+    m = run_evaluate(loaded_sae, loaded.model, loaded.tokenizer, ids, batch_size=batch_size)
+    typer.echo(
+        f"SAE {sae} at layer {loaded_sae.cfg.layer} ({loaded_sae.cfg.hook_point}) of {loaded.spec}, "
+        f"{m['tokens']:,} held-out activations, {m['predictions']:,} next-token predictions\n"
+        f"  FVU             {m['fvu']:.4f}\n"
+        f"  L0              {m['l0']:.1f}\n"
+        f"  dead latents    {m['dead_frac']:.1%} (never fired on these tokens)\n"
+        f"  dense latents   {m['dense_frac']:.1%} (fire on >10% of tokens)\n"
+        f"  CE clean        {m['ce_clean']:.4f}\n"
+        f"  CE with SAE     {m['ce_sae']:.4f}\n"
+        f"  CE zero-ablated {m['ce_zero']:.4f}\n"
+        f"  loss recovered  {m['loss_recovered']:.1%}\n"
+        f"  KL(clean||SAE)  {m['kl_sae']:.4f}"
+    )
+
+
+@app.command()
+def steer(
+    steering: str = typer.Option(..., help="preset name, JSON spec, or JSON file (see README)"),
+    prompt: list[str] = typer.Option(..., help="user prompt (repeat for several)"),
+    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    max_new_tokens: int = typer.Option(60, help="tokens to generate per reply"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+) -> None:
+    """Chat with a steered model: unsteered and steered replies side by side."""
+    from saesteer.models import chat_prompts, generate, load_model
+    from saesteer.steering import parse_steering
+
+    method = parse_steering(steering)
+    loaded = load_model(model, device=device)
+    conversations = [[{"role": "user", "content": p}] for p in prompt]
+    plain = generate(loaded, chat_prompts(loaded, conversations), max_new_tokens)
+    with method.applied(loaded):
+        steered = generate(loaded, chat_prompts(loaded, [method.prepare(c) for c in conversations]), max_new_tokens)
+    for question, before, after in zip(prompt, plain, steered):
+        typer.echo(f"\n>>> {question}\n--- unsteered ---\n{before.strip()}\n--- steered ({method.method}) ---\n{after.strip()}")
+
+
+@app.command()
+def discover(
+    sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
+    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    n_candidates: int = typer.Option(8, help="features to keep and screen causally"),
+    screen_values: str = typer.Option("8,16", help="clamp values tried in the causal screen"),
+    screen_prompts: int = typer.Option(24, help="harmful and harmless TRAIN prompts per screen config"),
+    limit: Optional[int] = typer.Option(None, help="use at most this many harmful train prompts"),
+    max_new_tokens: int = typer.Option(40, help="tokens generated per reply (judged for refusal)"),
+    detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
+    detector_recall: float = typer.Option(0.9, help="share of harmful train prompts the detector must flag"),
+    out: Path = typer.Option(Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+) -> None:
+    """Find refusal features (AdvBench + XSTest TRAIN splits only) and an unrelated control feature."""
+    import json
+
+    from saesteer.evalsets import mmlu_dev, safety_prompts
+    from saesteer.features import DiscoverConfig, discover as run_discover, summary_markdown, topic_feature
+    from saesteer.judges import StringMatchJudge, is_refusal
+    from saesteer.models import load_model
+
+    judge = StringMatchJudge()
+    harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
+    harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
+    config = DiscoverConfig(n_candidates=n_candidates, screen_prompts=screen_prompts, max_new_tokens=max_new_tokens,
+                            screen_values=tuple(float(v) for v in screen_values.split(",")))
+    loaded = load_model(model, device=device)
+    result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(judge.verdict(reply)), config)
+    dev = mmlu_dev()
+    philosophy = [q.question for q in dev.get("philosophy", [])]
+    other = [q.question for subject, qs in sorted(dev.items()) if subject != "philosophy" for q in qs[:2]]
+    if philosophy:
+        result["control"] = {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)}
+    out.mkdir(parents=True, exist_ok=True)
+    result["specs"] = _baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall)
+    (out / "discovery.json").write_text(json.dumps(result, indent=2))
+    (out / "discovery.md").write_text(summary_markdown(result))
+    best = result["candidates"][0] if result["candidates"] else None
+    typer.echo(summary_markdown(result).split("\n## ")[0])
+    if best:
+        typer.echo(f"best candidate: feature {best['feature']}; wrote {out / 'discovery.json'} and {out / 'discovery.md'}")
+
+
+
+def _eval_config(model: str, steering: Optional[str], suite: str, limit: str, split: str, seed: int,
+                 max_new_tokens: int, batch_size: int, gsm8k_max_new_tokens: int, mmlu_shots: int,
+                 prompts: Optional[Path], label: Optional[str], column: Optional[str]):
+    from saesteer.evals import Decoding, EvalConfig, parse_limits, parse_steering_spec, parse_suites
+    from saesteer.evalsets import load_prompt_file
+
+    if (prompts is None) != (label is None):
+        raise SaesteerError("--prompts and --label go together (--label unsafe or safe)")
+    user = load_prompt_file(prompts, label, column) if prompts else None
+    default_limit, limits = parse_limits(limit)
+    return EvalConfig(model=model, steering=parse_steering_spec(steering), suites=parse_suites(suite), split=split,
+                      limit=default_limit, limits=limits, seed=seed, decoding=Decoding(max_new_tokens, batch_size),
+                      gsm8k_max_new_tokens=gsm8k_max_new_tokens, mmlu_shots=mmlu_shots, user_prompts=user,
+                      user_prompts_name=f"user:{prompts.name}" if prompts else None)
+
+
+_EVAL_OPTIONS = dict(
+    model=typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    suite=typer.Option("safety", help="safety, capability, jailbreak, fidelity, all, or a comma-separated list"),
+    limit=typer.Option("100", help="items per dataset (seeded sample), 0 = all; per-dataset: 50,mmlu=100,gsm8k=20"),
+    split=typer.Option("test", help="train, validation or test (report on test; tune on train/validation)"),
+    prompts=typer.Option(None, help="your own prompts (.csv, .jsonl or .txt) instead of the built-in safety sets"),
+    label=typer.Option(None, help="label of --prompts: unsafe or safe"),
+    column=typer.Option(None, help="prompt column of --prompts (case-insensitive; default: prompt/goal/...)"),
+    judge=typer.Option("string", help="string, a local chat model spec, or openai:<base url>/v1:<model>"),
+    agreement_sample=typer.Option(50, help="with an LLM judge: replies re-judged by the string judge for kappa"),
+    seed=typer.Option(0, help="seed of the item samples and bootstrap CIs"),
+    max_new_tokens=typer.Option(64, help="greedy reply length (safety, jailbreak, degeneration)"),
+    batch_size=typer.Option(16, help="generation batch size"),
+    gsm8k_max_new_tokens=typer.Option(256, help="greedy reply length for GSM8K"),
+    mmlu_shots=typer.Option(5, help="MMLU few-shot examples from the dev set"),
+    cache=typer.Option(None, help="generation cache file (default: <out>.cache.jsonl)"),
+    device=typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = _EVAL_OPTIONS["model"],
+    steering: Optional[str] = typer.Option(None, help="JSON string, JSON file or method name (default: unsteered)"),
+    suite: str = _EVAL_OPTIONS["suite"],
+    limit: str = _EVAL_OPTIONS["limit"],
+    split: str = _EVAL_OPTIONS["split"],
+    out: Path = typer.Option(Path("runs/eval.jsonl"), help="results JSONL (rows are appended)"),
+    prompts: Optional[Path] = _EVAL_OPTIONS["prompts"],
+    label: Optional[str] = _EVAL_OPTIONS["label"],
+    column: Optional[str] = _EVAL_OPTIONS["column"],
+    judge: str = _EVAL_OPTIONS["judge"],
+    agreement_sample: int = _EVAL_OPTIONS["agreement_sample"],
+    attacker: Optional[str] = typer.Option(None, help="Crescendo attacker: local chat model spec or openai:<url>/v1:<model> "
+                                           "(default: the built-in templated escalation)"),
+    jailbreak_turns: int = typer.Option(4, help="user turns per jailbreak conversation (Crescendo always ends on the goal)"),
+    seed: int = _EVAL_OPTIONS["seed"],
+    max_new_tokens: int = _EVAL_OPTIONS["max_new_tokens"],
+    batch_size: int = _EVAL_OPTIONS["batch_size"],
+    gsm8k_max_new_tokens: int = _EVAL_OPTIONS["gsm8k_max_new_tokens"],
+    mmlu_shots: int = _EVAL_OPTIONS["mmlu_shots"],
+    cache: Optional[Path] = _EVAL_OPTIONS["cache"],
+    device: Optional[str] = _EVAL_OPTIONS["device"],
+) -> None:
+    """Evaluate one steering config: safety, capability, jailbreak and fidelity suites with 95% CIs."""
+    from saesteer.evals import ResultCache, SteeredModel, agreement_rows, append_rows, evaluate, summary_table
+    from saesteer.judges import StringMatchJudge, load_judge
+    from saesteer.models import load_model
+    from saesteer.steering import steering_from_dict
+
+    _init_distributed()
+    config = _eval_config(model, steering, suite, limit, split, seed, max_new_tokens, batch_size,
+                          gsm8k_max_new_tokens, mmlu_shots, prompts, label, column)
+    config.jailbreak_turns = jailbreak_turns
+    the_judge = load_judge(judge, device=device)
+    if attacker:
+        from saesteer.judges import load_chat_backend
+
+        config.attacker = load_chat_backend(attacker, max_tokens=96, device=device)
+    loaded = load_model(model, device=device)
+    steered = SteeredModel(loaded, steering_from_dict(config.steering), ResultCache(cache or Path(f"{out}.cache.jsonl")))
+    run = evaluate(steered, config, the_judge)
+    if judge != "string" and agreement_sample > 0 and run.judged:
+        run.rows += agreement_rows(run, StringMatchJudge(), agreement_sample)
+    append_rows(out, run.rows)
+    if _is_rank_zero():
+        typer.echo(summary_table(run.rows, run.walls))
+        typer.echo(f"wrote {len(run.rows)} rows to {out} (cache: {steered.cache.hits} hits, {steered.cache.misses} misses)")
+
+
+@app.command()
+def sweep(
+    grid: Path = typer.Option(..., help="JSON/YAML list of steering dicts and/or {'grid': {field: [values]}}"),
+    model: str = _EVAL_OPTIONS["model"],
+    suite: str = _EVAL_OPTIONS["suite"],
+    limit: str = _EVAL_OPTIONS["limit"],
+    split: str = typer.Option("validation", help="train, validation or test (sweeps choose settings: validation)"),
+    out: Path = typer.Option(Path("runs/sweep.jsonl"), help="results JSONL; configs already in it are skipped"),
+    prompts: Optional[Path] = _EVAL_OPTIONS["prompts"],
+    label: Optional[str] = _EVAL_OPTIONS["label"],
+    column: Optional[str] = _EVAL_OPTIONS["column"],
+    judge: str = _EVAL_OPTIONS["judge"],
+    seed: int = _EVAL_OPTIONS["seed"],
+    max_new_tokens: int = _EVAL_OPTIONS["max_new_tokens"],
+    batch_size: int = _EVAL_OPTIONS["batch_size"],
+    gsm8k_max_new_tokens: int = _EVAL_OPTIONS["gsm8k_max_new_tokens"],
+    mmlu_shots: int = _EVAL_OPTIONS["mmlu_shots"],
+    cache: Optional[Path] = _EVAL_OPTIONS["cache"],
+    device: Optional[str] = _EVAL_OPTIONS["device"],
+) -> None:
+    """Evaluate a grid of steering configs; resumable (cached generations, finished configs skipped)."""
+    from saesteer.evals import ResultCache, load_sweep_file, read_rows, summary_table
+    from saesteer.evals import sweep as run_sweep
+    from saesteer.judges import load_judge
+    from saesteer.models import load_model
+
+    _init_distributed()
+    steerings = load_sweep_file(grid)
+    config = _eval_config(model, None, suite, limit, split, seed, max_new_tokens, batch_size,
+                          gsm8k_max_new_tokens, mmlu_shots, prompts, label, column)
+    the_judge = load_judge(judge, device=device)
+    loaded = load_model(model, device=device)
+    store = ResultCache(cache or Path(f"{out}.cache.jsonl"))
+    start = time.perf_counter()
+    new = run_sweep(loaded, steerings, config, out, store, the_judge)
+    if _is_rank_zero():
+        typer.echo(summary_table(read_rows(out)))
+        typer.echo(f"{len(steerings)} configs, {len(new)} new rows in {out} in {time.perf_counter() - start:.1f} s "
+                   f"(cache: {store.hits} hits, {store.misses} misses)")
+
+
+def _baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str], out: Path, detector_layer: int, recall: float) -> dict:
+    """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`) and ready
+    steering specs built from the discovery result, all from TRAIN prompts."""
+    from saesteer.features import diff_in_means, prompt_scores, threshold_for_recall
+    from saesteer.steering import Conditional, save_direction
+
+    loaded.check_layer(detector_layer)
+    actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
+    save_direction(actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec)
+    save_direction(detector_path, diff_in_means(loaded, harmful, harmless, detector_layer), detector_layer, loaded.spec)
+    probe = Conditional(steering={"method": "none"}, detector=str(detector_path))
+    harmful_scores, harmless_scores = prompt_scores(loaded, probe, harmful), prompt_scores(loaded, probe, harmless)
+    threshold = threshold_for_recall(harmful_scores, recall)
+    specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
+    if result["candidates"]:
+        best = result["candidates"][0]
+        value = max(best["screen"], key=lambda s: s["score"])["value"] if best["screen"] else 12.0
+        specs["sae_clamp"] = {"method": "sae", "sae": result["sae"], "features": [best["feature"]], "values": [value]}
+        specs["conditional_sae"] = {"method": "conditional", "steering": specs["sae_clamp"], "detector": str(detector_path),
+                                    "threshold": threshold}
+    if "control" in result:
+        specs["control_clamp"] = {"method": "sae", "sae": result["sae"], "features": [result["control"]["feature"]],
+                                  "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]]}
+    result["detector"] = {"layer": detector_layer, "threshold": threshold, "recall_target": recall,
+                          "harmful_flagged": float((harmful_scores > threshold).float().mean()),
+                          "harmless_flagged": float((harmless_scores > threshold).float().mean())}
+    return specs
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -26,8 +27,10 @@ class TextSource:
     """Where documents come from and how to turn a record into text.
 
     `field` names the text field of JSON records. `chat` = "prompt_field,response_field" renders each
-    record as a user/assistant exchange with the model's chat template; records holding a
-    `messages` list are always chat-formatted.
+    record as a user/assistant exchange with the model's chat template; `chat` = "transcript" reads
+    `field` as a "Human: ... Assistant: ..." dialogue (hh-rlhf style) and renders it the same way;
+    records holding a `messages` list are always chat-formatted. A folder's files are read
+    round-robin, one record from each in turn, so any prefix of the stream mixes all of them.
     """
 
     data: str = DEFAULT_DATA
@@ -124,10 +127,11 @@ def _hub_records(source: TextSource) -> Iterator[dict]:
 
 def iter_documents(source: TextSource, tokenizer=None) -> Iterator[str]:
     """Yield the source's documents as text, chat-formatted when asked."""
-    records: Iterable = _hub_records(source) if source.data.startswith("hf:") else (
-        record for path in source_files(source.data) for record in _records(path)
+    records: Iterable = _hub_records(source) if source.data.startswith("hf:") else _round_robin(
+        [_records(path) for path in source_files(source.data)]
     )
-    pair = source.chat.split(",") if source.chat else None
+    transcript = source.chat == "transcript"
+    pair = source.chat.split(",") if source.chat and not transcript else None
     if pair is not None and len(pair) != 2:
         raise SaesteerError(f"--chat expects 'prompt_field,response_field', got {source.chat!r}")
     for record in records:
@@ -135,6 +139,8 @@ def iter_documents(source: TextSource, tokenizer=None) -> Iterator[str]:
             text = record
         elif "messages" in record:
             text = render_chat(tokenizer, record["messages"])
+        elif transcript:
+            text = render_chat(tokenizer, parse_transcript(record.get(source.field, "")))
         elif pair:
             try:
                 messages = [{"role": "user", "content": record[pair[0]]}, {"role": "assistant", "content": record[pair[1]]}]
@@ -147,6 +153,27 @@ def iter_documents(source: TextSource, tokenizer=None) -> Iterator[str]:
             text = record[source.field]
         if text and text.strip():
             yield text
+
+
+def _round_robin(streams: list[Iterator]) -> Iterator:
+    while streams:
+        for stream in list(streams):
+            item = next(stream, _END)
+            if item is _END:
+                streams.remove(stream)
+            else:
+                yield item
+
+
+_END = object()
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """Split a "\n\nHuman: ...\n\nAssistant: ..." dialogue into chat messages."""
+    parts = _TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2]) if c.strip()]
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:

@@ -120,3 +120,34 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     tokenizer.padding_side = "left"
     model.to(dev).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt)
+
+
+Messages = list[dict]
+
+
+def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str]:
+    """Render conversations with the chat template, ending with the assistant's turn."""
+    template = loaded.tokenizer
+    if not getattr(template, "chat_template", None):
+        raise SaesteerError(f"{loaded.spec} has no chat template")
+    return [template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+@torch.inference_mode()
+def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 16,
+             progress: bool = False) -> list[str]:
+    """Greedy continuations of already-rendered prompts, batched with left padding and a KV cache."""
+    from tqdm.auto import tqdm
+
+    tokenizer, replies = loaded.tokenizer, []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        chunk = [prompts[i] for i in order[start : start + batch_size]]
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        out = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                    top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        replies.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    result = [""] * len(prompts)
+    for i, reply in zip(order, replies):
+        result[i] = reply
+    return result

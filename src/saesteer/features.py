@@ -1,0 +1,324 @@
+"""Find the SAE features that mediate refusal (and an unrelated control feature), with evidence.
+
+Pipeline (`discover`): teacher-force refusal and compliance replies to harmful TRAIN prompts and
+contrast the SAE codes on the reply tokens (effect size, AUROC, firing frequency); keep features
+that are not dense on ordinary text; show each candidate's top-activating corpus contexts and
+logit-lens tokens; then a causal screen steers each candidate on train prompts and ranks by
+refusal gain minus over-refusal. Also a diff-in-means refusal direction (Arditi et al. 2024).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from saesteer.corpus import TextSource, iter_documents, pack_contexts
+from saesteer.errors import SaesteerError
+from saesteer.hooks import residual_at
+from saesteer.models import LoadedModel, chat_prompts, generate
+from saesteer.steering import Conditional, SAESteer, Steering, SystemPrompt, load_sae
+
+REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
+TEMPLATED_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I cannot assist with this request because it could cause harm.",
+    "I won't provide that information. It is dangerous and illegal.",
+    "Sorry, I can't do that. Is there something else I can help you with?",
+)
+Judge = Callable[[str], bool]
+
+
+@dataclass
+class DiscoverConfig:
+    """Sizes and thresholds of the discovery run; every prompt list it reads is a TRAIN split."""
+
+    n_candidates: int = 8
+    max_corpus_freq: float = 0.05  # drop features firing on more than this fraction of corpus tokens
+    min_refusal_freq: float = 0.2  # ... or on fewer than this fraction of refusal replies
+    corpus_tokens: int = 16_384
+    top_contexts: int = 5
+    screen_values: tuple[float, ...] = (8.0, 16.0)
+    screen_prompts: int = 24
+    max_new_tokens: int = 40
+    batch_size: int = 16
+
+
+@dataclass
+class Candidate:
+    """One feature with the evidence for (or against) it."""
+
+    feature: int
+    effect_size: float
+    auroc: float
+    mean_refusal: float
+    mean_compliance: float
+    refusal_freq: float
+    corpus_freq: float
+    corpus_max: float
+    logit_lens: list[str] = field(default_factory=list)
+    contexts: list[dict] = field(default_factory=list)
+    screen: list[dict] = field(default_factory=list)
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Per-column AUROC of scores pos [P, F] vs neg [N, F] (ties count half), by ranks."""
+    scores = torch.cat([pos, neg]).double()
+    ranks = _average_ranks(scores)
+    n_pos, n_neg = pos.shape[0], neg.shape[0]
+    return ((ranks[:n_pos].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).float()
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks per column, ties given their average rank."""
+    order = x.argsort(0)
+    sorted_x = x.gather(0, order)
+    ranks = torch.empty_like(x)
+    positions = torch.arange(1, x.shape[0] + 1, dtype=x.dtype)[:, None].expand_as(x)
+    ranks.scatter_(0, order, positions)
+    for col in range(x.shape[1]):  # average ties only in columns that have them
+        values = sorted_x[:, col]
+        if (values[1:] == values[:-1]).any():
+            unique, inverse = torch.unique(x[:, col], return_inverse=True)
+            total = torch.zeros_like(unique).scatter_add_(0, inverse, ranks[:, col])
+            count = torch.zeros_like(unique).scatter_add_(0, inverse, torch.ones_like(ranks[:, col]))
+            ranks[:, col] = (total / count)[inverse]
+    return ranks
+
+
+def reply_codes(loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batch_size: int = 16) -> torch.Tensor:
+    """Mean SAE code [N, n_latents] over the reply tokens of teacher-forced (prompt, reply) pairs."""
+    tokenizer, layer = loaded.tokenizer, sae.cfg.layer
+    means = []
+    for start in range(0, len(exchanges), batch_size):
+        chunk = exchanges[start : start + batch_size]
+        prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in chunk])
+        full = [p + r for p, (_, r) in zip(prompts, chunk)]
+        batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        reply_lengths = [len(tokenizer(f, add_special_tokens=False)["input_ids"]) - len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                         for f, p in zip(full, prompts)]
+        hidden = residual_at(loaded.model, batch["input_ids"], layer, sae.cfg.hook_point, batch["attention_mask"])
+        z = sae.encode(hidden.float())
+        width = hidden.shape[1]
+        for row, n in enumerate(reply_lengths):
+            means.append(z[row, width - max(n, 1) :].mean(0))  # left padding: the reply is at the end
+    return torch.stack(means).cpu()
+
+
+def contrast(refusal: torch.Tensor, compliance: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-feature statistics separating refusal from compliance codes."""
+    pooled = ((refusal.var(0) + compliance.var(0)) / 2).sqrt().clamp_min(1e-6)
+    return {
+        "effect_size": (refusal.mean(0) - compliance.mean(0)) / pooled,
+        "auroc": auroc(refusal, compliance),
+        "mean_refusal": refusal.mean(0),
+        "mean_compliance": compliance.mean(0),
+        "refusal_freq": (refusal > 0).float().mean(0),
+    }
+
+
+@torch.inference_mode()
+def corpus_codes(loaded: LoadedModel, sae, tokens: int, ctx: int = 64, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [C, ctx] of the bundled corpus and their SAE codes [C, ctx, n] (BOS position zeroed)."""
+    contexts = list(itertools.islice(pack_contexts(iter_documents(TextSource(), loaded.tokenizer), loaded.tokenizer, ctx), max(1, tokens // ctx)))
+    ids = torch.tensor(contexts)
+    codes = []
+    for start in range(0, len(ids), batch_size):
+        hidden = residual_at(loaded.model, ids[start : start + batch_size].to(loaded.device), sae.cfg.layer, sae.cfg.hook_point)
+        z = sae.encode(hidden.float()).cpu()
+        z[:, 0] = 0  # BOS is an outlier position, not text
+        codes.append(z)
+    return ids, torch.cat(codes)
+
+
+def top_contexts(tokenizer, ids: torch.Tensor, codes: torch.Tensor, feature: int, n: int, window: int = 12) -> list[dict]:
+    """The `n` corpus positions where `feature` is largest, each with its window of tokens and activations."""
+    acts = codes[..., feature]
+    flat = acts.flatten().topk(n)
+    found = []
+    for value, index in zip(flat.values.tolist(), flat.indices.tolist()):
+        if value <= 0:
+            break
+        row, pos = divmod(index, acts.shape[1])
+        lo = max(1, pos - window)
+        found.append({
+            "tokens": [tokenizer.decode([t]) for t in ids[row, lo : pos + 3].tolist()],
+            "acts": [round(a, 3) for a in acts[row, lo : pos + 3].tolist()],
+            "peak": pos - lo,
+            "value": round(value, 3),
+        })
+    return found
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm applied before the unembedding (identity if none is found)."""
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if module is not None:
+            return module
+    return torch.nn.Identity()
+
+
+@torch.inference_mode()
+def logit_lens(loaded: LoadedModel, direction: torch.Tensor, k: int = 10) -> list[str]:
+    """Tokens whose logits a direction raises most, read through the final norm and unembedding."""
+    logits = loaded.model.get_output_embeddings()(final_norm(loaded.model)(direction.to(loaded.device)[None, None]))[0, 0]
+    return [loaded.tokenizer.decode([t]) for t in logits.topk(k).indices.tolist()]
+
+
+def refusal_rate(loaded: LoadedModel, steering: Steering, prompts: list[str], judge: Judge, config: DiscoverConfig) -> tuple[float, list[str]]:
+    """Fraction of prompts the steered model refuses, and its replies."""
+    rendered = chat_prompts(loaded, [steering.prepare([{"role": "user", "content": p}]) for p in prompts])
+    with steering.applied(loaded):
+        replies = generate(loaded, rendered, config.max_new_tokens, config.batch_size)
+    return sum(map(judge, replies)) / max(1, len(replies)), replies
+
+
+def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: list[str], judge: Judge,
+             config: DiscoverConfig = DiscoverConfig(), progress: bool = True) -> dict:
+    """Rank SAE features by how they separate refusal from compliance, then screen them causally."""
+    sae = load_sae(sae_path).to(loaded.device)
+    if sae.cfg.d_in != loaded.d_model:
+        raise SaesteerError(f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}")
+    if not harmful or not harmless:
+        raise SaesteerError("discovery needs harmful and harmless train prompts")
+    steps = tqdm(total=5, desc="discover", disable=not progress)
+
+    refused_rate, own_refusals = refusal_rate(loaded, SystemPrompt(REFUSE_ALL), harmful, judge, config)
+    plain_rate, own_replies = refusal_rate(loaded, Steering(), harmful, judge, config)
+    refusals = [(p, r) for p, r in zip(harmful, own_refusals) if judge(r)]
+    refusals += [(p, TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)]) for i, p in enumerate(harmful)]
+    compliances = [(p, r) for p, r in zip(harmful, own_replies) if not judge(r) and r.strip()]
+    if len(compliances) < 4:
+        raise SaesteerError(f"only {len(compliances)} compliant replies to contrast with: the model already refuses these prompts")
+    steps.update()
+
+    stats = contrast(reply_codes(loaded, sae, refusals, config.batch_size), reply_codes(loaded, sae, compliances, config.batch_size))
+    ids, codes = corpus_codes(loaded, sae, config.corpus_tokens, batch_size=config.batch_size)
+    flat = codes[:, 1:].reshape(-1, codes.shape[-1])
+    corpus_freq, corpus_max = (flat > 0).float().mean(0), flat.max(0).values
+    steps.update()
+
+    eligible = (corpus_freq <= config.max_corpus_freq) & (stats["refusal_freq"] >= config.min_refusal_freq)
+    ranking = torch.where(eligible, stats["effect_size"], torch.tensor(float("-inf")))
+    chosen = [int(f) for f in ranking.topk(config.n_candidates).indices if ranking[f] > float("-inf")]
+    candidates = [
+        Candidate(feature=f, **{k: round(float(v[f]), 4) for k, v in stats.items()}, corpus_freq=round(float(corpus_freq[f]), 5),
+                  corpus_max=round(float(corpus_max[f]), 4), logit_lens=logit_lens(loaded, sae.W_dec[f] / sae.cfg.norm_scale),
+                  contexts=top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts))
+        for f in chosen
+    ]
+    steps.update()
+
+    screen_harmful, screen_harmless = harmful[: config.screen_prompts], harmless[: config.screen_prompts]
+    base_harmful, _ = refusal_rate(loaded, Steering(), screen_harmful, judge, config)
+    base_harmless, _ = refusal_rate(loaded, Steering(), screen_harmless, judge, config)
+    for candidate in tqdm(candidates, desc="causal screen", disable=not progress, leave=False):
+        for value in config.screen_values:
+            steering = SAESteer(sae=sae_path, features=[candidate.feature], values=[value])
+            unsafe, examples = refusal_rate(loaded, steering, screen_harmful, judge, config)
+            safe, _ = refusal_rate(loaded, steering, screen_harmless, judge, config)
+            candidate.screen.append({"value": value, "harmful_refusal": unsafe, "harmless_refusal": safe,
+                                     "score": (unsafe - base_harmful) - (safe - base_harmless), "examples": examples[:3]})
+    candidates.sort(key=lambda c: max((s["score"] for s in c.screen), default=float("-inf")), reverse=True)
+    steps.update()
+    steps.close()
+    return {
+        "sae": sae_path, "model": loaded.spec, "layer": sae.cfg.layer, "config": asdict(config),
+        "n_harmful": len(harmful), "n_harmless": len(harmless), "n_refusal_replies": len(refusals),
+        "n_compliance_replies": len(compliances),
+        "baseline": {"harmful_refusal": base_harmful, "harmless_refusal": base_harmless,
+                     "harmful_refusal_all_train": plain_rate, "refuse_all_prompt_refusal": refused_rate},
+        "candidates": [asdict(c) for c in candidates],
+    }
+
+
+def topic_feature(loaded: LoadedModel, sae_path: str, topic: list[str], other: list[str], max_corpus_freq: float = 0.05) -> dict:
+    """The feature that best separates prompts on a topic (e.g. philosophy) from other prompts: a control."""
+    sae = load_sae(sae_path).to(loaded.device)
+    on, off = (_prompt_codes(loaded, sae, prompts) for prompts in (topic, other))
+    stats = contrast(on, off)
+    score = torch.where((off > 0).float().mean(0) <= max_corpus_freq, stats["effect_size"], torch.tensor(float("-inf")))
+    best = int(score.argmax())
+    return {"feature": best, "effect_size": round(float(stats["effect_size"][best]), 4), "auroc": round(float(stats["auroc"][best]), 4),
+            "logit_lens": logit_lens(loaded, sae.W_dec[best] / sae.cfg.norm_scale), "n_topic": len(topic), "n_other": len(other)}
+
+
+def _prompt_codes(loaded: LoadedModel, sae, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean SAE code over each prompt's own tokens (no chat template)."""
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        batch = loaded.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        z = sae.encode(residual_at(loaded.model, batch["input_ids"], sae.cfg.layer, sae.cfg.hook_point, batch["attention_mask"]).float())
+        mask = batch["attention_mask"][..., None].to(z.dtype)
+        rows.append(((z * mask).sum(1) / mask.sum(1)).cpu())
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def diff_in_means(loaded: LoadedModel, harmful: list[str], harmless: list[str], layer: int, tokens: int = 4, batch_size: int = 16) -> torch.Tensor:
+    """Mean residual stream on harmful minus harmless prompts, over the last `tokens` chat-template positions."""
+
+    def mean_activation(prompts: list[str]) -> torch.Tensor:
+        rendered = chat_prompts(loaded, [[{"role": "user", "content": p}] for p in prompts])
+        total = torch.zeros(loaded.d_model)
+        for start in range(0, len(rendered), batch_size):
+            batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+            hidden = residual_at(loaded.model, batch["input_ids"], layer, "resid_post", batch["attention_mask"])
+            total += hidden[:, -tokens:].float().mean(1).sum(0).cpu()
+        return total / len(prompts)
+
+    return mean_activation(harmful) - mean_activation(harmless)
+
+
+@torch.inference_mode()
+def prompt_scores(loaded: LoadedModel, detector: Conditional, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """The conditional detector's score for each chat-rendered prompt."""
+    rendered = chat_prompts(loaded, [[{"role": "user", "content": p}] for p in prompts])
+    scores = []
+    for start in range(0, len(rendered), batch_size):
+        batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        scores.append(detector.scores(loaded, batch["input_ids"], batch["attention_mask"]).cpu())
+    return torch.cat(scores)
+
+
+def threshold_for_recall(harmful_scores: torch.Tensor, recall: float) -> float:
+    """The largest threshold that flags (score > threshold) at least `recall` of the harmful prompts."""
+    ordered = harmful_scores.sort(descending=True).values
+    needed = max(1, min(len(ordered), math.ceil(recall * len(ordered))))
+    return float(ordered[needed - 1]) - 1e-6
+
+
+def summary_markdown(result: dict) -> str:
+    """A readable report of a discovery run."""
+    base = result["baseline"]
+    lines = [
+        f"# Refusal feature discovery: {result['model']}, layer {result['layer']}",
+        "",
+        f"SAE `{result['sae']}`; {result['n_harmful']} harmful / {result['n_harmless']} harmless TRAIN prompts; "
+        f"{result['n_refusal_replies']} refusal vs {result['n_compliance_replies']} compliance replies contrasted.",
+        f"Unsteered refusal on the screen prompts: harmful {base['harmful_refusal']:.0%}, harmless {base['harmless_refusal']:.0%}.",
+        "",
+        "| feature | effect size | AUROC | corpus freq | best clamp | harmful refusal | harmless refusal | logit lens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["candidates"]:
+        best = max(c["screen"], key=lambda s: s["score"]) if c["screen"] else {"value": "-", "harmful_refusal": float("nan"), "harmless_refusal": float("nan")}
+        lens = " ".join(f"`{t.strip() or repr(t)}`" for t in c["logit_lens"][:6])
+        lines.append(f"| {c['feature']} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
+                     f"{best['harmful_refusal']:.0%} | {best['harmless_refusal']:.0%} | {lens} |")
+    for c in result["candidates"][:3]:
+        lines += ["", f"## Feature {c['feature']}", "", "Top corpus contexts (peak token in **bold**):", ""]
+        for ctx in c["contexts"]:
+            text = "".join(f"**{t}**" if i == ctx["peak"] else t for i, t in enumerate(ctx["tokens"])).replace("\n", " ")
+            lines.append(f"- ({ctx['value']}) {text}")
+        for s in c["screen"]:
+            lines += ["", f"Clamped to {s['value']}: harmful refusal {s['harmful_refusal']:.0%}, harmless {s['harmless_refusal']:.0%}. Examples:"]
+            lines += [f"> {e.strip()[:160]}" for e in s["examples"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,383 @@
+"""TopK sparse autoencoder (Gao et al. 2024) with training kernels that are sparse in k.
+
+Conventions:
+- Users pass *raw* activations. The SAE holds a scalar `cfg.norm_scale` (chosen at training
+  time so that E|norm_scale * x|^2 = d_in) and applies it inside `encode`/`decode`, so
+  `decode(encode(x))` is in raw units.
+- Latent values `z` are in *normalised* units (the SAE's internal space). The SAELens export
+  folds the scale into the weights and gives the same `z` on raw activations.
+- `W_dec` rows are unit-norm directions; the direction is the same in raw and normalised space.
+
+Only the encoder matmul is dense (2*d*n FLOPs per token). The decoder forward/backward and the
+encoder weight gradient touch only the k selected latents per token (plus the AuxK latents).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saesteer.errors import SaesteerError
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+CFG_FILE = "cfg.json"
+
+
+class SAEError(SaesteerError):
+    """Bad SAE config, input or file."""
+
+
+@dataclass
+class SAEConfig:
+    """Shape of the SAE plus where it was trained; saved with the weights."""
+
+    d_in: int
+    n_latents: int
+    k: int
+    norm_scale: float = 1.0  # raw activations are multiplied by this before encoding
+    model: str = ""
+    layer: int | None = None
+    hook_point: str = "resid_post"
+    training_data: dict = field(default_factory=dict)  # e.g. {source, sha256, dtype, ctx}
+    training_tokens: int = 0
+
+    def __post_init__(self):
+        if min(self.d_in, self.n_latents, self.k) < 1 or self.k > self.n_latents:
+            raise SAEError(
+                f"need 1 <= k <= n_latents and d_in >= 1, got d_in={self.d_in}, "
+                f"n_latents={self.n_latents}, k={self.k}"
+            )
+        if not (math.isfinite(self.norm_scale) and self.norm_scale > 0):
+            raise SAEError(f"norm_scale must be a positive finite number, got {self.norm_scale}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR tensor, valid by construction (sorted, distinct columns), without torch's beta warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class _LatentMajor:
+    """Latent-major (CSR, n x B) view of a token-major top-k pattern `indices` [B, kk].
+
+    Rows are latents, columns the tokens that selected them, sorted and distinct (a token selects
+    a latent at most once), so it is a valid CSR tensor for torch.sparse kernels.
+    """
+
+    def __init__(self, indices: Tensor, n: int):
+        flat = indices.reshape(-1)
+        self.shape = (n, indices.shape[0])
+        self.order = flat.argsort(stable=True)
+        self.crow = F.pad(torch.bincount(flat, minlength=n).cumsum(0), (1, 0))
+        self.tokens = self.order // indices.shape[1]
+
+    def t_matmul(self, values: Tensor, dense: Tensor) -> Tensor:
+        """S^T @ dense, where S[b, indices[b, s]] = values[b, s]: the [n, m] per-latent sums."""
+        vals = values.reshape(-1)[self.order]
+        return _csr(self.crow, self.tokens, vals, self.shape) @ dense
+
+    def sampled_dots(self, rows: Tensor, dense: Tensor) -> Tensor:
+        """out[b, s] = <rows[indices[b, s]], dense[b]>, shaped like `indices`."""
+        pattern = _csr(self.crow, self.tokens, rows.new_zeros(self.order.numel()), self.shape)
+        dots = torch.sparse.sampled_addmm(pattern, rows, dense.T, beta=0.0).values()
+        out = torch.empty_like(dots)
+        out[self.order] = dots
+        return out.view(self.shape[1], -1)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """z = ReLU(TopK(W_enc (x - b_dec) + b_enc)) as (values, indices), plus AuxK's top-k_aux
+    over the `dead` latents. Backward is sparse: only selected (token, latent) pairs get grads."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux, workspace):
+        xc = x - b_dec
+        pre = torch.addmm(b_enc, xc, W_enc.T) if workspace is None else torch.addmm(b_enc, xc, W_enc.T, out=workspace)
+        values, indices = pre.topk(k, dim=1, sorted=False)
+        values.relu_()
+        if dead is not None and k_aux > 0:
+            aux_values, pos = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
+            aux_values.relu_()
+            aux_indices = dead[pos]
+        else:
+            aux_values = values.new_empty(x.shape[0], 0)
+            aux_indices = indices.new_empty(x.shape[0], 0)
+        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, g_values, _g_indices, g_aux, _g_aux_indices):
+        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        n = W_enc.shape[0]
+        parts = [(indices, g_values * (values > 0))]
+        if aux_indices.shape[1] and g_aux is not None:
+            parts.append((aux_indices, g_aux * (aux_values > 0)))
+
+        grad_W = None
+        grad_b_enc = values.new_zeros(n)
+        grad_x = torch.zeros_like(xc) if ctx.needs_input_grad[0] else None
+        for idx, g in parts:
+            gw = _LatentMajor(idx, n).t_matmul(g, xc)
+            grad_W = gw if grad_W is None else grad_W.add_(gw)
+            grad_b_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
+            if grad_x is not None:
+                grad_x += F.embedding_bag(idx, W_enc, per_sample_weights=g, mode="sum")
+        grad_b_dec = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[b] = sum_s values[b, s] * W_dec[indices[b, s]] (no bias); sparse backward."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_out):
+        values, indices, W_dec = ctx.saved_tensors
+        pattern = _LatentMajor(indices, W_dec.shape[0])
+        g_values = pattern.sampled_dots(W_dec, g_out) if ctx.needs_input_grad[0] else None
+        g_W = pattern.t_matmul(values, g_out) if ctx.needs_input_grad[2] else None
+        return g_values, None, g_W
+
+
+class TrainOutput(NamedTuple):
+    x_hat: Tensor  # reconstruction, normalised units, without grad
+    values: Tensor  # [B, k] latent values (post-ReLU)
+    indices: Tensor  # [B, k] latent ids
+    fvu: Tensor  # sum |x - x_hat|^2 / total variance
+    auxk: Tensor  # AuxK loss (0 when no latent is dead)
+
+
+class TopKSAE(nn.Module):
+    """TopK SAE. Parameters live in normalised space; public encode/decode take raw activations."""
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        W = torch.randn(cfg.n_latents, cfg.d_in, device=device)
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W)  # [n, d], unit rows
+        self.W_enc = nn.Parameter(W.clone())  # [n, d]: encoder initialised as decoder^T
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
+
+    # ---------------------------------------------------------------- inference (raw units)
+    def _check(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise SAEError(f"activations have d={x.shape[-1]} but the SAE expects d_in={self.cfg.d_in}")
+        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.cfg.norm_scale
+
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw activations [..., d_in] -> (values, indices) [..., k]; values >= 0, normalised units."""
+        values, indices, _, _ = _TopKEncode.apply(
+            self._check(x), self.W_enc, self.b_enc, self.b_dec, self.cfg.k, None, 0, None
+        )
+        shape = (*x.shape[:-1], self.cfg.k)
+        return values.view(shape), indices.view(shape)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d_in] -> dense latents [..., n_latents] with k non-zeros."""
+        values, indices = self.encode_topk(x)
+        z = values.new_zeros(*values.shape[:-1], self.cfg.n_latents)
+        return z.scatter_(-1, indices, values)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Dense latents [..., n_latents] -> reconstruction in raw units [..., d_in]."""
+        return (z @ self.W_dec + self.b_dec) / self.cfg.norm_scale
+
+    def decode_topk(self, values: Tensor, indices: Tensor) -> Tensor:
+        """(values, indices) [..., k] -> reconstruction in raw units, touching only k rows."""
+        k = values.shape[-1]
+        flat = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec)
+        return ((flat + self.b_dec) / self.cfg.norm_scale).view(*values.shape[:-1], self.cfg.d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Raw activations -> raw reconstruction, in x's dtype."""
+        return self.decode_topk(*self.encode_topk(x)).to(x.dtype)
+
+    # ------------------------------------------------------------- training (normalised units)
+    def training_loss(
+        self, x: Tensor, dead: Tensor | None = None, total_variance: Tensor | None = None,
+        workspace: Tensor | None = None,
+    ) -> TrainOutput:
+        """Losses on *normalised* activations x [B, d_in].
+
+        dead: ids of latents that have not fired recently; AuxK (Gao et al. App. B.1) makes the
+        top-k_aux (k_aux = d_in/2) of them reconstruct the residual. total_variance: the FVU
+        denominator; pass the global value when the batch is sharded across ranks. workspace: an
+        optional reusable [B, n_latents] buffer for the pre-activations (a fresh 75 MB allocation
+        per step costs ~10% on CPU, in page faults).
+        """
+        if total_variance is None:
+            total_variance = (x - x.mean(0)).pow(2).sum()
+        k_aux = min(self.cfg.d_in // 2, 0 if dead is None else dead.numel())
+        values, indices, aux_values, aux_indices = _TopKEncode.apply(
+            x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, dead, k_aux, workspace
+        )
+        x_hat = _SparseDecode.apply(values, indices, self.W_dec) + self.b_dec
+        err = x - x_hat
+        fvu = err.pow(2).sum() / total_variance
+        if k_aux:
+            err_hat = _SparseDecode.apply(aux_values, aux_indices, self.W_dec)
+            scale = min(dead.numel() / (self.cfg.d_in // 2), 1.0)
+            auxk = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
+        else:
+            auxk = fvu.new_zeros(())
+        return TrainOutput(x_hat.detach(), values.detach(), indices, fvu, auxk)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Project out the gradient component along each (unit) decoder row."""
+        g = self.W_dec.grad
+        if g is not None:
+            g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """Set cfg.norm_scale so E|scale*x|^2 = d_in, and b_dec to the sample's geometric median."""
+        x = x.to(self.W_enc.dtype)
+        mean_sq = x.pow(2).sum(1).mean().item()
+        if not (math.isfinite(mean_sq) and mean_sq > 0):
+            raise SAEError("initialisation sample is all zeros or not finite")
+        self.cfg.norm_scale = math.sqrt(self.cfg.d_in / mean_sq)
+        self.b_dec.copy_(geometric_median(x * self.cfg.norm_scale))
+
+    # ---------------------------------------------------------------------------- formats
+    def save(self, path: str | Path) -> Path:
+        """Write SAELens format (cfg.json + sae_weights.safetensors), normalisation folded in."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        s = self.cfg.norm_scale
+        weights = {
+            "W_enc": (self.W_enc.detach() * s).T.contiguous().float().cpu(),
+            "b_enc": self.b_enc.detach().float().cpu().clone(),
+            "W_dec": (self.W_dec.detach() / s).float().cpu().contiguous(),
+            "b_dec": (self.b_dec.detach() / s).float().cpu().contiguous(),
+        }
+        hook = self.cfg.hook_point if self.cfg.layer is None else f"blocks.{self.cfg.layer}.hook_{self.cfg.hook_point}"
+        cfg = {
+            "architecture": "topk",
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.n_latents,
+            "k": self.cfg.k,
+            "rescale_acts_by_decoder_norm": False,
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",  # the scale is folded into the weights
+            "reshape_activations": "none",
+            "dtype": "float32",
+            "device": "cpu",
+            "metadata": {
+                "sae_lens_version": "6.0.0",  # config schema version this file follows
+                "model_name": self.cfg.model,
+                "hook_name": hook,
+                "saesteer": asdict(self.cfg),
+            },
+        }
+        save_file(weights, str(path / SAELENS_WEIGHTS))
+        (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> TopKSAE:
+        """Load a directory in SAELens (sae_weights.safetensors) or EleutherAI sparsify
+        (sae.safetensors) format."""
+        path = Path(path)
+        try:
+            raw_cfg = json.loads((path / CFG_FILE).read_text())
+            if (path / SAELENS_WEIGHTS).exists():
+                sae = cls._from_saelens(raw_cfg, load_file(str(path / SAELENS_WEIGHTS)))
+            elif (path / SPARSIFY_WEIGHTS).exists():
+                sae = cls._from_sparsify(raw_cfg, load_file(str(path / SPARSIFY_WEIGHTS)))
+            else:
+                raise SAEError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
+        except (OSError, json.JSONDecodeError, SafetensorError) as e:
+            raise SAEError(f"cannot read SAE at {path}: {e}") from e
+        except KeyError as e:
+            raise SAEError(f"SAE at {path} is missing field or tensor {e}") from e
+        return sae.to(device) if device is not None else sae
+
+    @classmethod
+    def _from_saelens(cls, c: dict, w: dict[str, Tensor]) -> TopKSAE:
+        if c.get("architecture") != "topk":
+            raise SAEError(f"only SAELens 'topk' SAEs are supported, got architecture={c.get('architecture')!r}")
+        if c.get("normalize_activations", "none") not in ("none", False, None):
+            raise SAEError(f"SAELens normalize_activations={c['normalize_activations']!r} is not supported; fold it first")
+        meta = c.get("metadata") or {}
+        k = c.get("k") or (c.get("activation_fn_kwargs") or {}).get("k")
+        hook = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_pre|resid_post)", meta.get("hook_name") or "")
+        cfg = SAEConfig.from_dict({
+            "model": meta.get("model_name") or "",
+            **({"layer": int(hook[1]), "hook_point": hook[2]} if hook else {}),
+            **(meta.get("saesteer") or {}), "d_in": c["d_in"], "n_latents": c["d_sae"], "k": k,
+        })
+        W_enc, b_enc, W_dec, b_dec = (w[n].float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+        W_enc = W_enc.T
+        if c.get("rescale_acts_by_decoder_norm", False):  # fold decoder norms (as sae_lens does)
+            norms = W_dec.norm(dim=1).clamp_min(1e-8)
+            W_dec, W_enc, b_enc = W_dec / norms[:, None], W_enc * norms[:, None], b_enc * norms
+        if not c.get("apply_b_dec_to_input", True):
+            b_enc = b_enc + W_enc @ b_dec
+        s = cfg.norm_scale
+        return cls._with_weights(cfg, W_enc / s, b_enc, W_dec * s, b_dec * s)
+
+    @classmethod
+    def _from_sparsify(cls, c: dict, w: dict[str, Tensor]) -> TopKSAE:
+        if c.get("activation", "topk") != "topk" or c.get("transcode") or c.get("skip_connection"):
+            raise SAEError("only sparsify TopK autoencoders (no transcoder, no skip connection) are supported")
+        n = c.get("num_latents") or c["d_in"] * c["expansion_factor"]
+        cfg = SAEConfig(d_in=c["d_in"], n_latents=n, k=c["k"])
+        return cls._with_weights(cfg, w["encoder.weight"], w["encoder.bias"], w["W_dec"], w["b_dec"])
+
+    @classmethod
+    def _with_weights(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec) -> TopKSAE:
+        expected = {"W_enc": (cfg.n_latents, cfg.d_in), "b_enc": (cfg.n_latents,),
+                    "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}
+        sae = cls(cfg)
+        with torch.no_grad():
+            for name, t in zip(expected, (W_enc, b_enc, W_dec, b_dec)):
+                if tuple(t.shape) != expected[name]:
+                    raise SAEError(f"{name} has shape {tuple(t.shape)}, config says {expected[name]}")
+                getattr(sae, name).copy_(t)
+        return sae
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to rows of x."""
+    x = x.double()
+    median = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - median).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = (new - median).norm() <= tol * median.norm().clamp_min(1.0)
+        median = new
+        if done:
+            break
+    return median.float()

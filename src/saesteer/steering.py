@@ -1,0 +1,344 @@
+"""Steering methods behind one interface, so evals, the CLI and the server treat them alike.
+
+A `Steering` may rewrite the conversation (`prepare`) and may edit the residual stream during every
+forward pass inside `with steering.applied(loaded): ...`. Every method serialises to JSON
+(`to_dict` / `steering_from_dict`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors import safe_open
+
+from saesteer.errors import SaesteerError
+from saesteer.hooks import decoder_layers, edit_residual, residual_at
+from saesteer.models import LoadedModel, Messages
+
+POSITIONS = ("all", "prompt", "generated")
+# (layer, hook point, fn): fn(hidden [B, T, d]) -> new hidden, or None to leave it unchanged.
+Edit = tuple[int, str, Callable[[torch.Tensor], "torch.Tensor | None"]]
+
+SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful assistant. You must refuse any request that could cause harm, such as help with "
+    "violence, weapons, crime, hacking, drugs, self-harm or hate. When you refuse, say so briefly."
+)
+_METHODS: dict[str, type[Steering]] = {}
+
+
+@dataclass
+class Steering:
+    """Unsteered: the base every method extends."""
+
+    method: ClassVar[str] = "none"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _METHODS[cls.method] = cls
+
+    def prepare(self, conversation: Messages) -> Messages:
+        """The conversation the model should see (a system prompt may be added)."""
+        return conversation
+
+    def edits(self, loaded: LoadedModel) -> list[Edit]:
+        """The residual-stream edits this method makes (none for prompt-only methods)."""
+        return []
+
+    @contextmanager
+    def applied(self, loaded: LoadedModel) -> Iterator[None]:
+        """Inside the block, the model's forward passes are steered."""
+        with ExitStack() as stack:
+            for layer, point, fn in self.edits(loaded):
+                stack.enter_context(edit_residual(loaded.model, layer, fn, point))
+            yield
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
+
+
+_METHODS["none"] = Steering
+
+
+@dataclass
+class SystemPrompt(Steering):
+    """Baseline: prepend (or replace) a safety system prompt."""
+
+    method: ClassVar[str] = "system_prompt"
+    prompt: str = SAFETY_SYSTEM_PROMPT
+
+    def prepare(self, conversation: Messages) -> Messages:
+        rest = [m for m in conversation if m["role"] != "system"]
+        return [{"role": "system", "content": self.prompt}, *rest]
+
+
+def _at_positions(positions: str, fn: Callable) -> Callable:
+    """Restrict an edit to prompt positions (multi-token forward passes: the prefill) or generated ones
+    (single-token passes while decoding with a KV cache), or apply it everywhere."""
+    if positions not in POSITIONS:
+        raise SaesteerError(f"unknown positions {positions!r}: use one of {', '.join(POSITIONS)}")
+    if positions == "all":
+        return fn
+    want_prefill = positions == "prompt"
+    return lambda h: fn(h) if (h.shape[1] > 1) == want_prefill else None
+
+
+@functools.lru_cache(maxsize=8)
+def load_sae(path: str):
+    """Load (once per path) an SAE saved in SAELens or sparsify format."""
+    from saesteer.sae import TopKSAE
+
+    if not Path(path).is_dir():
+        raise SaesteerError(f"no SAE folder at {path}")
+    return TopKSAE.load(path).eval().requires_grad_(False)
+
+
+@dataclass
+class SAESteer(Steering):
+    """Clamp SAE features to values (paper's method) or add their decoder directions.
+
+    clamp: x' = x + sum_i (c_i - z_i(x)) W_dec[i], the exact form of decode(z with z_i = c_i) + SAE
+    error, with z the TopK code of x. add: x' = x + sum_i a_i W_dec[i]. Values are in the SAE's latent
+    units; with `relative=True` they are multiples of each feature's `max_acts` (its max on the corpus).
+    """
+
+    method: ClassVar[str] = "sae"
+    sae: str = ""
+    features: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    mode: str = "clamp"
+    positions: str = "all"
+    relative: bool = False
+    max_acts: list[float] | None = None
+    layer: int | None = None
+
+    def __post_init__(self):
+        if not self.features or len(self.features) != len(self.values):
+            raise SaesteerError("SAE steering needs features and values of the same, non-zero length")
+        if self.mode not in ("clamp", "add"):
+            raise SaesteerError(f"unknown SAE steering mode {self.mode!r}: use clamp or add")
+        if self.relative and (self.max_acts is None or len(self.max_acts) != len(self.features)):
+            raise SaesteerError("relative values need max_acts, one per feature (from `saesteer discover`)")
+
+    def targets(self) -> torch.Tensor:
+        """Absolute clamp/add values in latent units."""
+        values = torch.tensor(self.values, dtype=torch.float32)
+        return values * torch.tensor(self.max_acts, dtype=torch.float32) if self.relative else values
+
+    def edits(self, loaded: LoadedModel) -> list[Edit]:
+        sae = load_sae(self.sae).to(loaded.device)
+        layer = _check_sae_fits(sae, loaded, self.layer)
+        bad = [f for f in self.features if not 0 <= f < sae.cfg.n_latents]
+        if bad:
+            raise SaesteerError(f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}")
+        features = torch.tensor(self.features, device=loaded.device)
+        directions = sae.W_dec[features].float() / sae.cfg.norm_scale  # raw-space delta per latent unit
+        targets = self.targets().to(loaded.device)
+
+        enc_rows, enc_bias = sae.W_enc[features].float(), sae.b_enc[features].float()
+
+        def current_codes(h: torch.Tensor) -> torch.Tensor:
+            """z_i of the steered features. A latent with pre-activation <= 0 has z_i = 0 whatever the TopK
+            does, so the full encoder runs only on the (few) tokens where a steered latent is positive."""
+            x = h.float().reshape(-1, h.shape[-1])
+            pre = (x * sae.cfg.norm_scale - sae.b_dec.float()) @ enc_rows.T + enc_bias
+            current = torch.zeros_like(pre)
+            maybe = (pre > 0).any(-1).nonzero().squeeze(-1)
+            if len(maybe):
+                values, indices = sae.encode_topk(x[maybe])
+                current[maybe] = torch.where(indices[:, None, :] == features[:, None], values[:, None, :], 0.0).sum(-1)
+            return current.reshape(*h.shape[:-1], len(features))
+
+        def steer(h: torch.Tensor) -> torch.Tensor:
+            if self.mode == "add":
+                return h + (targets @ directions).to(h.dtype)
+            return h + ((targets - current_codes(h)) @ directions).to(h.dtype)
+
+        return [(layer, sae.cfg.hook_point or "resid_post", _at_positions(self.positions, steer))]
+
+
+def _check_sae_fits(sae, loaded: LoadedModel, layer: int | None) -> int:
+    """The layer to steer at, after checking the SAE was made for this model's width."""
+    if sae.cfg.d_in != loaded.d_model:
+        raise SaesteerError(f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}: "
+                            f"it was trained on another model")
+    layer = sae.cfg.layer if layer is None else layer
+    if layer is None:
+        raise SaesteerError("the SAE's config names no layer: set `layer` in the steering spec")
+    return loaded.check_layer(layer)
+
+
+def save_direction(path: str | Path, direction: torch.Tensor, layer: int, model: str, hook_point: str = "resid_post", **meta) -> None:
+    """Write a direction with the layer and model it belongs to (safetensors, string metadata)."""
+    from safetensors.torch import save_file
+
+    info = {"layer": str(layer), "model": model, "hook_point": hook_point, **{k: str(v) for k, v in meta.items()}}
+    save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path), metadata=info)
+
+
+def load_direction(path: str) -> tuple[torch.Tensor, dict]:
+    """A unit direction and its metadata (layer, model, ...) from a safetensors file."""
+    try:
+        with safe_open(path, "pt") as f:
+            direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
+    except Exception as err:  # missing file, bad header, missing tensor
+        raise SaesteerError(f"cannot read direction file {path}: {err}") from None
+    return direction / direction.norm(), meta
+
+
+@dataclass
+class ActAdd(Steering):
+    """Baseline (Arditi et al. 2024): add alpha times the unit difference-in-means refusal direction."""
+
+    method: ClassVar[str] = "actadd"
+    direction: str = ""
+    alpha: float = 4.0
+    layer: int | None = None
+    positions: str = "all"
+
+    def edits(self, loaded: LoadedModel) -> list[Edit]:
+        direction, meta = load_direction(self.direction)
+        _check_width(direction, loaded)
+        layer = loaded.check_layer(int(meta.get("layer", -1)) if self.layer is None else self.layer)
+        delta = self.alpha * direction.to(loaded.device)
+        return [(layer, meta.get("hook_point", "resid_post"), _at_positions(self.positions, lambda h: h + delta.to(h.dtype)))]
+
+
+@dataclass
+class Ablate(Steering):
+    """Baseline (Arditi et al. 2024): project the direction out of the residual stream at every layer."""
+
+    method: ClassVar[str] = "ablate"
+    direction: str = ""
+
+    def edits(self, loaded: LoadedModel) -> list[Edit]:
+        direction, _ = load_direction(self.direction)
+        _check_width(direction, loaded)
+        r = direction.to(loaded.device)
+
+        def ablate(h: torch.Tensor) -> torch.Tensor:
+            r_h = r.to(h.dtype)
+            return h - (h @ r_h)[..., None] * r_h
+
+        layers = len(decoder_layers(loaded.model))
+        return [(0, "resid_pre", ablate)] + [(layer, "resid_post", ablate) for layer in range(layers)]
+
+
+def _check_width(direction: torch.Tensor, loaded: LoadedModel) -> None:
+    if direction.shape != (loaded.d_model,):
+        raise SaesteerError(f"direction has shape {tuple(direction.shape)} but {loaded.spec} has d_model={loaded.d_model}")
+
+
+@dataclass
+class Conditional(Steering):
+    """Apply another steering only to prompts a detector flags (after CAST, Lee et al. 2024).
+
+    Before each prefill the prompt is run, unsteered and only up to the detector's layer, and scored
+    as the mean projection of its last `tokens` positions on the detector direction; rows scoring above
+    `threshold` are steered for the whole generation, the others are left exactly as unsteered.
+    """
+
+    method: ClassVar[str] = "conditional"
+    steering: dict = field(default_factory=dict)
+    detector: str = ""
+    threshold: float = 0.0
+    layer: int | None = None
+    tokens: int = 4
+
+    def __post_init__(self):
+        self.inner = steering_from_dict(self.steering)
+        if isinstance(self.inner, Conditional):
+            raise SaesteerError("conditional steering cannot wrap another conditional steering")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "steering": self.inner.to_dict(), "detector": self.detector,
+                "threshold": self.threshold, "layer": self.layer, "tokens": self.tokens}
+
+    def prepare(self, conversation: Messages) -> Messages:
+        return conversation  # the detector must see the user's prompt as is
+
+    def scores(self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Detector score per prompt row (left-padded batches: the last positions are real tokens)."""
+        direction, meta = load_direction(self.detector)
+        _check_width(direction, loaded)
+        layer = loaded.check_layer(int(meta.get("layer", -1)) if self.layer is None else self.layer)
+        hidden = residual_at(loaded.model, input_ids, layer, meta.get("hook_point", "resid_post"), attention_mask)
+        return (hidden[:, -self.tokens :].float() @ direction.to(hidden.device)).mean(-1)
+
+    @contextmanager
+    def applied(self, loaded: LoadedModel) -> Iterator[None]:
+        state = {"gate": None, "detecting": False}
+
+        def gated(fn: Callable) -> Callable:
+            def edit(h: torch.Tensor):
+                gate = state["gate"]
+                if state["detecting"] or gate is None or not gate.any():
+                    return None
+                new = fn(h)
+                if new is None or gate.all():
+                    return new
+                return torch.where(gate.to(h.device)[:, None, None], new, h)
+
+            return edit
+
+        def detect(_module, args, kwargs):
+            if state["detecting"]:
+                return None
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None or ids.shape[1] == 1:  # decoding step: keep the prefill's decision
+                return None
+            state["detecting"] = True
+            try:
+                state["gate"] = self.scores(loaded, ids, kwargs.get("attention_mask")) > self.threshold
+            finally:
+                state["detecting"] = False
+            return None
+
+        with ExitStack() as stack:
+            for layer, point, fn in self.inner.edits(loaded):
+                stack.enter_context(edit_residual(loaded.model, layer, gated(fn), point))
+            handle = loaded.model.register_forward_pre_hook(detect, with_kwargs=True)
+            stack.callback(handle.remove)
+            yield
+
+
+def steering_from_dict(spec: dict | None) -> Steering:
+    """Build a steering method from its JSON form; None or {"method": "none"} is unsteered."""
+    if not spec:
+        return Steering()
+    fields = dict(spec)
+    method = fields.pop("method", None)
+    if method not in _METHODS:
+        raise SaesteerError(f"unknown steering method {method!r}: use one of {', '.join(sorted(_METHODS))}")
+    try:
+        return _METHODS[method](**fields)
+    except TypeError as err:
+        raise SaesteerError(f"bad fields for steering method {method!r}: {err}") from None
+
+
+PRESETS: dict[str, dict] = {"none": {"method": "none"}, "system_prompt": {"method": "system_prompt"}}
+
+
+def parse_steering(spec: str | None) -> Steering:
+    """A steering method from a preset name, a JSON object, or a path to a JSON file."""
+    import json
+
+    if not spec:
+        return Steering()
+    if spec in PRESETS:
+        return steering_from_dict(PRESETS[spec])
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        path = Path(spec)
+        if not path.is_file():
+            raise SaesteerError(f"unknown steering {spec!r}: not a preset ({', '.join(PRESETS)}), JSON, or a JSON file")
+        text = path.read_text()
+    try:
+        return steering_from_dict(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise SaesteerError(f"steering spec is not valid JSON: {err}") from None

@@ -1,0 +1,57 @@
+import json
+import sys
+
+import pytest
+import torch
+
+from saesteer.cli import main
+from saesteer.sae import SAEConfig, TopKSAE
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["saesteer", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sae")
+    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=1, model="tiny")).save(folder)
+    return folder
+
+
+def test_steer_prints_both_replies(monkeypatch, capsys, tiny_model_dir, tiny_sae):
+    spec = json.dumps({"method": "sae", "sae": str(tiny_sae), "features": [3], "values": [40.0]})
+    code, out = run_cli(monkeypatch, capsys, "steer", "--model", str(tiny_model_dir), "--steering", spec,
+                        "--prompt", "the quick fox", "--prompt", "lazy dog", "--max-new-tokens", "5")
+    assert code == 0 and out.out.count("--- unsteered ---") == 2 and out.out.count("--- steered (sae) ---") == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ('{"method": "nope"}', "unknown steering method 'nope'"),
+    ("not-a-preset", "unknown steering 'not-a-preset'"),
+    ('{"method": "sae", "sae": "SAE", "features": [500], "values": [1]}', "feature index 500 is out of range"),
+])
+def test_steer_bad_specs_are_one_line(monkeypatch, capsys, tiny_model_dir, tiny_sae, spec, message):
+    code, out = run_cli(monkeypatch, capsys, "steer", "--model", str(tiny_model_dir), "--steering", spec.replace("SAE", str(tiny_sae)),
+                        "--prompt", "hi")
+    assert code == 2 and message in out.err and "Traceback" not in out.err
+
+
+@pytest.mark.slow
+def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_dir, tiny_sae, tmp_path):
+    code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--model", str(tiny_model_dir), "--limit", "8",
+                        "--n-candidates", "2", "--screen-values", "4", "--max-new-tokens", "4", "--screen-prompts", "4", "--detector-layer", "3",
+                        "--out", str(tmp_path))
+    assert code == 0, out.err
+    result = json.loads((tmp_path / "discovery.json").read_text())
+    assert result["n_harmful"] == 8 and len(result["candidates"]) <= 2
+    assert set(result["specs"]) >= {"actadd", "sae_clamp", "conditional_sae", "control_clamp"}
+    assert 0.9 <= result["detector"]["harmful_flagged"] <= 1.0
+    assert (tmp_path / "discovery.md").read_text().startswith("# Refusal feature discovery")

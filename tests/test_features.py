@@ -1,0 +1,100 @@
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from saesteer.features import (
+    DiscoverConfig, auroc, contrast, diff_in_means, discover, logit_lens, summary_markdown, top_contexts, topic_feature,
+)
+from saesteer.hooks import residual_at
+from saesteer.models import LoadedModel, chat_prompts
+from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.steering import load_sae
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    return LoadedModel(model=make_model("llama"), tokenizer=tok, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sae")
+    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(folder)
+    load_sae.cache_clear()
+    return str(folder)
+
+
+def test_auroc_matches_pairwise_definition():
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randint(0, 4, (7, 3), generator=g).float(), torch.randint(0, 4, (9, 3), generator=g).float()
+    pairs = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
+    torch.testing.assert_close(auroc(pos, neg), pairs.mean((0, 1)))
+    assert auroc(torch.ones(3, 1), torch.zeros(4, 1)).item() == 1.0
+
+
+def test_contrast_finds_the_planted_feature():
+    g = torch.Generator().manual_seed(1)
+    refusal, compliance = torch.rand(20, 10, generator=g), torch.rand(30, 10, generator=g)
+    refusal[:, 6] += 2
+    stats = contrast(refusal, compliance)
+    assert int(stats["effect_size"].argmax()) == 6 and stats["auroc"][6] == 1.0
+
+
+def test_diff_in_means_and_logit_lens(loaded):
+    harmful, harmless = ["the quick brown fox"] * 3, ["over the lazy dog"] * 2
+    direction = diff_in_means(loaded, harmful, harmless, layer=1, tokens=2)
+    rendered = chat_prompts(loaded, [[{"role": "user", "content": harmful[0]}], [{"role": "user", "content": harmless[0]}]])
+    acts = [residual_at(loaded.model, loaded.tokenizer(r, return_tensors="pt")["input_ids"], 1)[0, -2:].mean(0) for r in rendered]
+    torch.testing.assert_close(direction, acts[0] - acts[1], rtol=1e-5, atol=1e-5)
+    tokens = logit_lens(loaded, direction, k=5)
+    assert len(tokens) == 5 and all(isinstance(t, str) for t in tokens)
+
+
+def test_top_contexts_peak_at_the_max():
+    ids = torch.arange(40).reshape(2, 20)
+    codes = torch.zeros(2, 20, 3)
+    codes[1, 9, 2], codes[0, 4, 2] = 5.0, 2.0
+    found = top_contexts(make_tokenizer(), ids, codes, feature=2, n=3, window=3)
+    assert [c["value"] for c in found] == [5.0, 2.0]
+    assert found[0]["acts"][found[0]["peak"]] == 5.0
+
+
+def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
+    harmful = ["the quick brown fox jumps", "sparse autoencoders steer", "over the lazy dog", "brown fox"] * 2
+    harmless = ["models jump", "the dog", "quick steer", "lazy fox"]
+    judge = lambda reply: "fox" in reply  # a scripted judge: the tiny model's output is noise
+    config = DiscoverConfig(n_candidates=3, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256,
+                            screen_values=(4.0,), screen_prompts=4, max_new_tokens=4)
+    result = discover(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
+    assert len(result["candidates"]) == 3
+    first = result["candidates"][0]
+    assert first["screen"][0]["value"] == 4.0 and 0 <= first["screen"][0]["harmful_refusal"] <= 1
+    scores = [c["screen"][0]["score"] for c in result["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "| feature |" in summary_markdown(result)
+    control = topic_feature(loaded, sae_dir, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0)
+    assert 0 <= control["feature"] < 128
+
+
+def test_threshold_for_recall():
+    from saesteer.features import threshold_for_recall
+
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3])
+    threshold = threshold_for_recall(scores, 0.6)
+    assert (scores > threshold).sum() == 3
+    assert (scores > threshold_for_recall(scores, 1.0)).all()
+
+
+def test_prompt_scores_match_conditional_scores(loaded, tmp_path):
+    from saesteer.features import prompt_scores
+    from saesteer.steering import Conditional, save_direction
+
+    path = tmp_path / "d.safetensors"
+    save_direction(path, torch.randn(64), layer=3, model="tiny-llama")
+    detector = Conditional(steering={"method": "none"}, detector=str(path))
+    scores = prompt_scores(loaded, detector, ["the quick brown fox", "dog"], batch_size=1)
+    batch = loaded.tokenizer(chat_prompts(loaded, [[{"role": "user", "content": "dog"}]]), return_tensors="pt", add_special_tokens=False)
+    torch.testing.assert_close(scores[1:], detector.scores(loaded, batch["input_ids"]))

@@ -1,0 +1,176 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from saesteer.errors import SaesteerError
+from saesteer.hooks import residual_at
+from saesteer.models import LoadedModel, chat_prompts, generate
+from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.steering import (
+    ActAdd, Ablate, Conditional, SAESteer, Steering, SystemPrompt, load_sae, save_direction, steering_from_dict,
+)
+
+QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from conftest import make_model
+
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    return LoadedModel(model=make_model("llama"), tokenizer=tok, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny-llama"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+        sae.b_dec.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("sae")
+    sae.save(folder)
+    load_sae.cache_clear()
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def direction_file(tmp_path_factory, loaded):
+    path = tmp_path_factory.mktemp("dir") / "refusal.safetensors"
+    save_direction(path, torch.randn(64, generator=torch.Generator().manual_seed(2)), layer=2, model="tiny-llama")
+    return str(path)
+
+
+def prompts(loaded, questions=QUESTIONS):
+    return chat_prompts(loaded, [[{"role": "user", "content": q}] for q in questions])
+
+
+def steered_generate(loaded, steering, questions=QUESTIONS, **kw):
+    with steering.applied(loaded):
+        return generate(loaded, prompts(loaded, questions), max_new_tokens=6, **kw)
+
+
+def test_clamp_shortcut_equals_full_decode_plus_error(loaded, sae_dir):
+    sae = load_sae(sae_dir)
+    h = torch.randn(4, 50, 64) * 3
+    z = sae.encode(h)
+    active = int(z[0, 0].nonzero()[0])  # one feature that fires, one that (almost surely) does not
+    features, values = [active, int((z == 0).all(0).all(0).nonzero()[0])], [7.5, 3.0]
+    # The shortcut skips the full encoder where pre-activations are <= 0: cover all three cases.
+    pre = (h * 0.37 - sae.b_dec) @ sae.W_enc[active] + sae.b_enc[active]
+    fired = z[..., active] > 0
+    assert fired.any() and (pre <= 0).any() and ((pre > 0) & ~fired).any()
+    steering = SAESteer(sae=sae_dir, features=features, values=values)
+    [(layer, point, fn)] = steering.edits(loaded)
+    assert (layer, point) == (1, "resid_post")
+    clamped = z.clone()
+    clamped[..., features] = torch.tensor(values)
+    expected = sae.decode(clamped) + (h - sae.decode(z))
+    torch.testing.assert_close(fn(h), expected, rtol=1e-5, atol=1e-4)
+    add = SAESteer(sae=sae_dir, features=features, values=values, mode="add").edits(loaded)[0][2](h)
+    torch.testing.assert_close(add, h + (torch.tensor(values) @ sae.W_dec[features]) / 0.37, rtol=1e-5, atol=1e-4)
+
+
+def test_relative_values_scale_by_max_acts(sae_dir):
+    steering = SAESteer(sae=sae_dir, features=[3, 4], values=[2.0, 4.0], relative=True, max_acts=[1.5, 0.5])
+    assert steering.targets().tolist() == [3.0, 2.0]
+
+
+@pytest.mark.parametrize("positions, prefill, decode", [("all", True, True), ("prompt", True, False), ("generated", False, True)])
+def test_steering_only_chosen_positions(loaded, sae_dir, positions, prefill, decode, monkeypatch):
+    steering = SAESteer(sae=sae_dir, features=[5], values=[9.0], positions=positions)
+    seen = []
+    [(layer, point, fn)] = steering.edits(loaded)
+
+    def recording(h):
+        new = fn(h)
+        if new is not None:
+            seen.append(h.shape[1])
+        return new
+
+    monkeypatch.setattr(SAESteer, "edits", lambda self, _loaded: [(layer, point, recording)])
+    steered_generate(loaded, steering)
+    assert any(t > 1 for t in seen) == prefill and any(t == 1 for t in seen) == decode
+
+
+def test_batched_steered_generation_equals_unbatched(loaded, sae_dir):
+    steering = SAESteer(sae=sae_dir, features=[5, 17], values=[6.0, 4.0])
+    batched = steered_generate(loaded, steering, batch_size=3)
+    single = [steered_generate(loaded, steering, [q], batch_size=1)[0] for q in QUESTIONS]
+    assert batched == single
+    assert batched != steered_generate(loaded, Steering(), batch_size=3), "steering should change the tiny model's output"
+
+
+def test_conditional_gate_off_is_byte_identical(loaded, sae_dir, direction_file):
+    inner = {"method": "sae", "sae": sae_dir, "features": [5], "values": [50.0]}
+    never = Conditional(steering=inner, detector=direction_file, threshold=float("inf"))
+    always = Conditional(steering=inner, detector=direction_file, threshold=float("-inf"))
+    plain, steered = steered_generate(loaded, Steering()), steered_generate(loaded, steering_from_dict(inner))
+    assert steered_generate(loaded, never) == plain
+    assert steered_generate(loaded, always) == steered
+    ids = loaded.tokenizer(prompts(loaded), return_tensors="pt", padding=True, add_special_tokens=False)
+    with never.applied(loaded):
+        logits = loaded.model(**ids).logits
+    assert torch.equal(logits, loaded.model(**ids).logits)
+
+
+def test_conditional_gates_each_row(loaded, sae_dir, direction_file):
+    inner = {"method": "sae", "sae": sae_dir, "features": [5], "values": [50.0]}
+    probe = Conditional(steering=inner, detector=direction_file)
+    ids = loaded.tokenizer(prompts(loaded), return_tensors="pt", padding=True, add_special_tokens=False)
+    scores = probe.scores(loaded, ids["input_ids"], ids["attention_mask"])
+    threshold = float(scores.median())  # flags exactly the one row above the median
+    flagged = (scores > threshold).tolist()
+    mixed = steered_generate(loaded, Conditional(steering=inner, detector=direction_file, threshold=threshold))
+    plain, steered = steered_generate(loaded, Steering()), steered_generate(loaded, steering_from_dict(inner))
+    order = sorted(range(3), key=lambda i: len(prompts(loaded)[i]))  # generate() batches by length; rows are per prompt
+    assert sum(flagged) == 1 and order
+    assert mixed == [s if f else p for s, p, f in zip(steered, plain, flagged)]
+
+
+def test_actadd_and_ablation(loaded, direction_file):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    clean = residual_at(loaded.model, ids, 2)
+    with ActAdd(direction=direction_file, alpha=3.0).applied(loaded):
+        added = residual_at(loaded.model, ids, 2)
+    r = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(added, clean + 3.0 * r / r.norm())
+    with Ablate(direction=direction_file).applied(loaded):
+        ablated = residual_at(loaded.model, ids, 3)
+    assert (ablated @ (r / r.norm())).abs().max() < 1e-4
+
+
+def test_system_prompt_replaces_system_turn():
+    conv = SystemPrompt(prompt="Be safe.").prepare([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
+    assert conv == [{"role": "system", "content": "Be safe."}, {"role": "user", "content": "hi"}]
+
+
+def test_specs_round_trip_through_json(sae_dir, direction_file):
+    specs = [Steering(), SystemPrompt(), SAESteer(sae=sae_dir, features=[1], values=[2.0], positions="prompt"),
+             ActAdd(direction=direction_file, alpha=2.0, layer=1), Ablate(direction=direction_file),
+             Conditional(steering={"method": "actadd", "direction": direction_file}, detector=direction_file, threshold=0.5)]
+    for spec in specs:
+        again = steering_from_dict(json.loads(json.dumps(spec.to_dict())))
+        assert type(again) is type(spec) and again.to_dict() == spec.to_dict()
+
+
+def test_errors(loaded, sae_dir, tmp_path):
+    with pytest.raises(SaesteerError, match="unknown steering method 'magic'"):
+        steering_from_dict({"method": "magic"})
+    with pytest.raises(SaesteerError, match="feature index 999 is out of range"):
+        SAESteer(sae=sae_dir, features=[999], values=[1.0]).edits(loaded)
+    wide = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, layer=1))
+    wide.save(tmp_path / "wide")
+    with pytest.raises(SaesteerError, match="d_in=32 but tiny-llama has d_model=64"):
+        SAESteer(sae=str(tmp_path / "wide"), features=[1], values=[1.0]).edits(loaded)
+    with pytest.raises(SaesteerError, match="layer 7 is out of range"):
+        SAESteer(sae=sae_dir, features=[1], values=[1.0], layer=7).edits(loaded)
+    with pytest.raises(SaesteerError, match="unknown positions"):
+        SAESteer(sae=sae_dir, features=[1], values=[1.0], positions="middle").edits(loaded)
+    with pytest.raises(SaesteerError, match="cannot read direction file"):
+        ActAdd(direction=str(tmp_path / "none.safetensors")).edits(loaded)
+    with pytest.raises(SaesteerError, match="bad fields"):
+        steering_from_dict({"method": "sae", "sae": sae_dir, "features": [1], "values": [1.0], "colour": 1})
