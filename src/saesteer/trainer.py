@@ -1,0 +1,463 @@
+"""Train a TopK SAE on cached activations: Adam with warmup, AuxK, checkpoints with exact resume,
+data-parallel over torch.distributed ranks; plus the evaluation metrics (FVU, L0, dead/dense
+fractions, spliced CE / loss recovered / KL).
+
+Under torchrun each rank reads its slice of every global batch; gradients (computed by the sparse
+kernels in sae.py), the FVU denominator and the latent firing statistics are all-reduced, so a
+data-parallel run follows the single-process run with the same global batch. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saesteer.errors import SaesteerError
+from saesteer.sae import SAEConfig, SAEError, TopKSAE
+
+CHECKPOINT = "checkpoint.safetensors"
+# A resumed run must agree with its checkpoint on these (total_tokens may grow).
+RESUME_KEYS = ("n_latents", "expansion_factor", "k", "batch_size", "seed", "lr", "warmup_steps",
+               "adam_betas", "adam_eps", "grad_clip", "auxk_coef", "dead_tokens", "init_tokens")
+
+
+class TrainError(SaesteerError):
+    """Training cannot start or continue (NaN, bad checkpoint, mismatched config)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    activations: str = "runs/activations"  # activation cache folder (saesteer collect)
+    out: str = "runs/sae"  # checkpoint.safetensors and the final SAE (SAELens format) in sae/
+    n_latents: int | None = None  # default: expansion_factor * d_model
+    expansion_factor: int = 8
+    k: int = 32
+    batch_size: int = 4096  # tokens per optimizer step, over all ranks
+    total_tokens: int = 20_000_000
+    lr: float | None = None  # default: Gao et al.'s 2e-4 / sqrt(n_latents / 2**14)
+    warmup_steps: int = 100
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 6.25e-10
+    grad_clip: float = 1.0
+    auxk_coef: float = 1 / 32
+    dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead
+    init_tokens: int = 65_536  # sample for the normalisation scale and b_dec's geometric median
+    seed: int = 0
+    checkpoint_every: int = 500  # steps
+    log_every: int = 20  # steps
+    resume: bool = False
+    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        for name in ("k", "batch_size", "total_tokens", "expansion_factor", "checkpoint_every", "log_every", "init_tokens"):
+            if getattr(self, name) <= 0:
+                raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> TrainConfig:
+        """A config from a JSON file (keys = field names), with `overrides` on top."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainError(f"cannot read training config {path}: {e}") from e
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TrainError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+        return cls(**{**data, **overrides})
+
+    @property
+    def steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+
+class BatchSource(Protocol):
+    """What the trainer reads: `saesteer.activations.ActivationStore` or `TensorSource`."""
+
+    manifest: dict
+    d_model: int
+
+    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[Tensor]: ...
+
+    def tensor(self, max_tokens: int | None = None) -> Tensor: ...
+
+
+class TensorSource:
+    """In-memory activations [N, d] with ActivationStore's batch semantics (reshuffled each epoch)."""
+
+    def __init__(self, acts: Tensor, manifest: dict | None = None):
+        self.acts = acts
+        self.d_model = acts.shape[1]
+        self.manifest = manifest or {}
+
+    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[Tensor]:
+        global_batch = batch_size * world_size
+        per_epoch = self.acts.shape[0] // global_batch
+        if per_epoch == 0:
+            raise TrainError(f"{self.acts.shape[0]} activations are fewer than one batch of {global_batch}")
+        epoch, first = divmod(start_batch, per_epoch)
+        while True:
+            order = torch.randperm(self.acts.shape[0], generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            for b in range(first, per_epoch):
+                start = b * global_batch + rank * batch_size
+                yield self.acts[order[start : start + batch_size]].float()
+            epoch, first = epoch + 1, 0
+
+    def tensor(self, max_tokens: int | None = None) -> Tensor:
+        """The first `max_tokens` activations (all if None) as float32."""
+        return self.acts[:max_tokens].float()
+
+
+@dataclass
+class TrainResult:
+    sae: TopKSAE
+    losses: list[float] = field(default_factory=list)  # fvu + auxk_coef * auxk per step run here
+    steps: int = 0  # total steps done (including before a resume)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _global_total_variance(x: Tensor) -> Tensor:
+    """sum |x - mean|^2 over the global batch, from all-reduced float64 moments."""
+    n = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
+    sq = torch.linalg.vector_norm(x).square()[None]
+    moments = _all_reduce(torch.cat([n, x.sum(0), sq]).double())
+    count, total, sq = moments[0], moments[1:-1], moments[-1]
+    return (sq - total.pow(2).sum() / count).to(x.dtype)
+
+
+def _data_record(manifest: dict) -> dict:
+    """What the SAE records about its training data: the text source plus how the cache cut it."""
+    if not manifest:
+        return {}
+    return {**manifest.get("data", {}), "ctx": manifest.get("ctx"), "drop_special": manifest.get("drop_special"),
+            "n_contexts": sum(s.get("n_contexts", 0) for s in manifest.get("shards", [])),
+            "cache_tokens": manifest.get("n_tokens")}
+
+
+def learning_rate(cfg: TrainConfig, n_latents: int, step: int) -> float:
+    base = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+    return base * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+
+
+class StepStats(NamedTuple):
+    fvu: float
+    auxk: float
+    l0: float  # mean active latents per token
+
+class Trainer:
+    """An SAE with its Adam state and latent firing counters; `step` is one optimizer step."""
+
+    def __init__(self, cfg: TrainConfig, sae: TopKSAE):
+        self.cfg, self.sae = cfg, sae
+        device = sae.W_enc.device
+        self.params = dict(sae.named_parameters())
+        self.opt = torch.optim.Adam(self.params.values(), lr=learning_rate(cfg, sae.cfg.n_latents, 0),
+                                    betas=cfg.adam_betas, eps=cfg.adam_eps, fused=device.type in ("cpu", "cuda"))
+        self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
+        self.step_count = 0
+        self.workspace: Tensor | None = None  # reused [batch, n_latents] pre-activation buffer
+
+    def dead_latents(self) -> Tensor:
+        return (self.since_fired >= self.cfg.dead_tokens).nonzero().squeeze(1)
+
+    def step(self, x: Tensor) -> StepStats:
+        """One step on this rank's slice x [batch_size / world, d] of raw activations."""
+        cfg, sae, n = self.cfg, self.sae, self.sae.cfg.n_latents
+        x = x.to(self.since_fired.device, non_blocking=True).mul_(sae.cfg.norm_scale)
+        total_variance = _global_total_variance(x)
+        if not math.isfinite(total_variance.item()):  # the global moments see a NaN/Inf on any rank
+            raise TrainError(f"step {self.step_count}: the activation batch contains NaN or Inf")
+        dead = self.dead_latents() if cfg.auxk_coef > 0 else None
+        if self.workspace is None or self.workspace.shape[0] != x.shape[0]:
+            self.workspace = x.new_empty(x.shape[0], n)
+        outputs = sae.training_loss(x, dead if dead is not None and dead.numel() else None,
+                                    total_variance, self.workspace)
+        (outputs.fvu + cfg.auxk_coef * outputs.auxk).backward()
+
+        # One all-reduce for the metrics and the firing mask, one per gradient.
+        active = outputs.values > 0
+        fired = torch.zeros(n, device=x.device).index_fill_(0, outputs.indices[active], 1.0)
+        stats = _all_reduce(torch.cat([fired, torch.stack([outputs.fvu.detach(), outputs.auxk.detach(),
+                                                           active.sum().to(fired.dtype)])]))
+        result = StepStats(stats[n].item(), stats[n + 1].item(), stats[n + 2].item() / cfg.batch_size)
+        if not math.isfinite(result.fvu + result.auxk):
+            raise TrainError(f"loss became {result.fvu + result.auxk} at step {self.step_count} "
+                             f"(fvu {result.fvu}, auxk {result.auxk}); lower the learning rate?")
+        for p in self.params.values():
+            _all_reduce(p.grad)
+
+        sae.remove_parallel_grads_()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(cfg, n, self.step_count)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder_()
+        self.since_fired += cfg.batch_size
+        self.since_fired[stats[:n] > 0] = 0
+        self.step_count += 1
+        sae.cfg.training_tokens += cfg.batch_size
+        return result
+
+
+def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume) an SAE; returns it with the per-step losses. Writes `cfg.out` on rank 0."""
+    if source is None:
+        from saesteer.activations import ActivationStore
+
+        source = ActivationStore(cfg.activations)
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
+    if cfg.steps == 0:
+        raise TrainError(f"total_tokens {cfg.total_tokens} is less than one batch of {cfg.batch_size}")
+    device = _device(cfg)
+    ckpt_path = Path(cfg.out) / CHECKPOINT
+    meta = source.manifest
+    sae_cfg = SAEConfig(d_in=source.d_model, n_latents=cfg.n_latents or cfg.expansion_factor * source.d_model,
+                        k=cfg.k, model=meta.get("model", ""), layer=meta.get("layer"),
+                        hook_point=meta.get("hook_point", "resid_post"), training_data=_data_record(meta))
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, TopKSAE(sae_cfg, device=device))
+    sae = trainer.sae
+    if cfg.resume and ckpt_path.exists():
+        _load_checkpoint(ckpt_path, trainer)
+    else:
+        sae.init_from_sample(source.tensor(cfg.init_tokens).to(device))
+        if world > 1:  # every rank computed the same init; make it bitwise certain
+            for t in trainer.params.values():
+                dist.broadcast(t.data, 0)
+            scale = torch.tensor([sae.cfg.norm_scale], dtype=torch.float64, device=device)
+            dist.broadcast(scale, 0)
+            sae.cfg.norm_scale = scale.item()
+
+    result = TrainResult(sae, steps=trainer.step_count)
+    if trainer.step_count >= cfg.steps:
+        return result
+    batches = source.batches(cfg.batch_size // world, seed=cfg.seed, start_batch=trainer.step_count,
+                             rank=rank, world_size=world)
+    bar = tqdm(total=cfg.steps, initial=trainer.step_count, desc="train", unit="step",
+               disable=not (progress and rank == 0))
+    t_log, tokens_log = time.perf_counter(), 0
+    while trainer.step_count < cfg.steps:
+        stats = trainer.step(next(batches))
+        step = result.steps = trainer.step_count
+        result.losses.append(stats.fvu + cfg.auxk_coef * stats.auxk)
+        tokens_log += cfg.batch_size
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            dead_frac = (trainer.since_fired >= cfg.dead_tokens).float().mean().item()
+            bar.set_postfix(fvu=f"{stats.fvu:.4f}", l0=f"{stats.l0:.1f}", dead=f"{dead_frac:.1%}",
+                            tok_s=f"{tokens_log / (now - t_log):,.0f}")
+            t_log, tokens_log = now, 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if rank == 0:
+                _save_checkpoint(ckpt_path, trainer)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if rank == 0:
+        sae.save(Path(cfg.out) / "sae")
+    return result
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(path: Path, trainer: Trainer) -> None:
+    """Weights, Adam state, firing counters, RNG and data position in one file, written atomically."""
+    sae, opt = trainer.sae, trainer.opt
+    tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in trainer.params.items()}
+    names = list(trainer.params)
+    state = opt.state_dict()
+    for i, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"adam.{names[i]}.{key}"] = value.detach().cpu().contiguous()
+    tensors["since_fired"] = trainer.since_fired.cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": trainer.step_count, "next_batch": trainer.step_count, "train": asdict(trainer.cfg),
+            "sae": asdict(sae.cfg), "param_groups": state["param_groups"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"saesteer": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, trainer: Trainer) -> None:
+    """Restore the trainer's SAE, Adam state, counters, RNG and step from `path`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["saesteer"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise TrainError(f"checkpoint {path} is corrupt or unreadable ({e}); delete it to start over") from e
+    saved = meta["train"]
+    diffs = [f"{k}: {saved.get(k)!r} vs {v!r}" for k, v in asdict(trainer.cfg).items()
+             if k in RESUME_KEYS and json.loads(json.dumps(v)) != saved.get(k)]
+    if diffs:
+        raise TrainError(f"checkpoint {path} was made with a different config ({'; '.join(diffs)})")
+    try:
+        trainer.sae.cfg = SAEConfig.from_dict(meta["sae"])
+        with torch.no_grad():
+            for name, p in trainer.params.items():
+                p.copy_(tensors[f"sae.{name}"])
+        state = {i: {key: tensors[f"adam.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+                 for i, name in enumerate(trainer.params) if f"adam.{name}.step" in tensors}
+        trainer.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        trainer.since_fired.copy_(tensors["since_fired"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, RuntimeError, ValueError, SAEError) as e:
+        raise TrainError(f"checkpoint {path} does not match this SAE ({e})") from e
+    trainer.step_count = meta["next_batch"]
+
+
+# ------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 4096,
+                           dense_threshold: float = 0.1) -> dict:
+    """FVU, mean L0, and the fractions of latents that never fire (dead) or fire on more than
+    `dense_threshold` of tokens (dense), on raw activations [N, d_in]."""
+    if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
+        raise SAEError(f"activations have shape {tuple(acts.shape)}, the SAE expects [N, {sae.cfg.d_in}]")
+    device = sae.W_enc.device
+    sse = total = sq = 0.0
+    l0 = 0
+    counts = torch.zeros(sae.cfg.n_latents, device=device)
+    for start in range(0, acts.shape[0], batch_size):
+        x = acts[start : start + batch_size].to(device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise SAEError(f"activations contain NaN or Inf (rows {start}..{start + x.shape[0] - 1})")
+        values, indices = sae.encode_topk(x)
+        x_hat = sae.decode_topk(values, indices)
+        active = values > 0
+        counts.index_add_(0, indices[active], torch.ones_like(values[active]))
+        l0 += int(active.sum())
+        sse += (x - x_hat).double().pow(2).sum().item()
+        total = total + x.double().sum(0)
+        sq += x.double().pow(2).sum().item()
+    n_tok = acts.shape[0]
+    variance = sq - (total.pow(2).sum().item() / n_tok)
+    freq = counts / n_tok
+    return {"tokens": n_tok, "fvu": sse / variance, "l0": l0 / n_tok,
+            "dead_frac": (counts == 0).float().mean().item(),
+            "dense_frac": (freq > dense_threshold).float().mean().item()}
+
+
+@torch.no_grad()
+def spliced_metrics(sae: TopKSAE, model: torch.nn.Module, contexts: Tensor, layer: int,
+                    point: str = "resid_post", batch_size: int = 8, skip_ids: list[int] | None = None) -> dict:
+    """Next-token CE of the clean model, with the SAE reconstruction spliced in at (`layer`,
+    `point`), and with the residual stream zero-ablated there; loss recovered and KL(clean || SAE).
+
+    Positions holding `skip_ids` (BOS/EOS/special tokens, which training caches drop) keep their
+    clean activations in both interventions.
+    """
+    from saesteer.hooks import edit_residual
+
+    device = next(model.parameters()).device
+    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    n_pred = 0
+    for start in range(0, contexts.shape[0], batch_size):
+        ids = contexts[start : start + batch_size].to(device)
+        keep = torch.isin(ids, torch.tensor(skip_ids or [], dtype=ids.dtype, device=device))
+
+        def splice(h, replace):
+            new = replace(h)
+            return torch.where(keep[..., None], h, new.to(h.dtype))
+
+        targets = ids[:, 1:].reshape(-1)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        clean_logp = logits.log_softmax(-1).reshape(-1, logits.shape[-1])
+        with edit_residual(model, layer, lambda h: splice(h, sae), point):
+            sae_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+        with edit_residual(model, layer, lambda h: splice(h, torch.zeros_like), point):
+            zero_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+        for name, logp in (("clean", clean_logp), ("sae", sae_logp), ("zero", zero_logp)):
+            sums[name] += F.nll_loss(logp, targets, reduction="sum").item()
+        sums["kl"] += F.kl_div(sae_logp, clean_logp, log_target=True, reduction="sum").item()
+        n_pred += targets.numel()
+    ce = {name: sums[name] / n_pred for name in ("clean", "sae", "zero")}
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+            "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+            "kl_sae": sums["kl"] / n_pred, "predictions": n_pred}
+
+
+def heldout_contexts(sae: TopKSAE, tokenizer, n_contexts: int, data: str | None = None,
+                     ctx: int | None = None) -> Tensor:
+    """`n_contexts` token contexts [n, ctx] the SAE was not trained on: from `data` if given, else
+    from its training text source, skipping the contexts its activation cache used."""
+    import itertools
+
+    from saesteer.corpus import TextSource, iter_documents, pack_contexts
+
+    record = sae.cfg.training_data
+    if data is None and not record.get("data"):
+        raise TrainError("the SAE does not record its training text; pass --data")
+    source = TextSource(data=data) if data else TextSource(
+        **{k: record[k] for k in ("data", "field", "chat", "split") if k in record})
+    ctx = ctx or record.get("ctx") or 128
+    skip = 0 if data else record.get("n_contexts", 0)
+    packed = pack_contexts(iter_documents(source, tokenizer), tokenizer, ctx)
+    contexts = list(itertools.islice(packed, skip, skip + n_contexts))
+    if not contexts:
+        raise TrainError(f"no held-out text in {source.data} beyond the {skip} contexts used for training; pass --data")
+    return torch.tensor(contexts)
+
+
+def evaluate_sae(sae: TopKSAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
+    """Reconstruction metrics on the contexts' activations (special-token positions dropped, as in
+    training caches) plus the spliced-model metrics, at the SAE's layer and hook point."""
+    from saesteer.hooks import residual_at
+
+    if sae.cfg.layer is None:
+        raise TrainError("the SAE does not record its layer; cannot splice it into the model")
+    point = sae.cfg.hook_point
+    device = next(model.parameters()).device
+    special = sorted(set(tokenizer.all_special_ids))
+    acts = []
+    for start in range(0, contexts.shape[0], batch_size):
+        ids = contexts[start : start + batch_size]
+        hidden = residual_at(model, ids.to(device), sae.cfg.layer, point).float().cpu()
+        keep = ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))
+        acts.append(hidden[keep])
+    return {**reconstruction_metrics(sae, torch.cat(acts)),
+            **spliced_metrics(sae, model, contexts, sae.cfg.layer, point, batch_size, special)}

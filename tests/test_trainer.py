@@ -1,0 +1,257 @@
+"""Trainer: dictionary recovery with AuxK, exact resume (also after kill -9), NaN and config
+errors, data-parallel equivalence, and the evaluation metrics."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from saesteer.sae import SAEConfig, SAEError, TopKSAE
+from saesteer.trainer import CHECKPOINT, TensorSource, TrainConfig, TrainError, reconstruction_metrics, spliced_metrics, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sparse_data(seed=0, d=32, n_true=64, k_true=3, n_tokens=65536):
+    """x = sum of k_true random unit atoms with coefficients in [0.5, 1.5]; returns (atoms, x)."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_true, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    which = torch.rand(n_tokens, n_true, generator=g).argsort(1)[:, :k_true]
+    coef = torch.rand(n_tokens, k_true, generator=g) + 0.5
+    return atoms, (coef[..., None] * atoms[which]).sum(1)
+
+
+def small_config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(out=str(tmp_path / "run"), n_latents=64, k=3, batch_size=256, total_tokens=256 * 30, lr=3e-3,
+                warmup_steps=5, dead_tokens=2000, init_tokens=4096, checkpoint_every=10, log_every=5)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_dictionary_recovery_and_auxk_revives_dead_latents(tmp_path, monkeypatch, capsys):
+    """Half the latents start crippled (encoder rows x0.05) so they never win the top-k: only
+    AuxK gives them gradient. With it they revive and the SAE recovers the true dictionary."""
+    atoms, x = sparse_data()
+    original = TopKSAE.init_from_sample
+
+    def crippled_init(self, sample):
+        original(self, sample)
+        with torch.no_grad():
+            self.W_enc[: self.cfg.n_latents // 2] *= 0.05
+
+    monkeypatch.setattr(TopKSAE, "init_from_sample", crippled_init)
+    results = {}
+    for auxk_coef in (1 / 32, 0.0):
+        cfg = small_config(tmp_path, auxk_coef=auxk_coef, batch_size=512, total_tokens=200_000, dead_tokens=5000,
+                           checkpoint_every=10**6, out=str(tmp_path / f"aux{auxk_coef}"))
+        sae = train(cfg, TensorSource(x), progress=False).sae
+        best_cos = (atoms @ sae.W_dec.detach().T).max(1).values
+        values, indices = sae.encode_topk(x[:8192])
+        fired = torch.zeros(64, dtype=torch.bool).index_fill_(0, indices[values > 0], True)
+        results[auxk_coef] = (best_cos.mean().item(), fired[:32].float().mean().item())
+    with capsys.disabled():
+        print(f"\n  dictionary recovery (mean max cosine, crippled latents alive): "
+              f"AuxK {results[1 / 32][0]:.3f}, {results[1 / 32][1]:.0%}; no AuxK {results[0.0][0]:.3f}, {results[0.0][1]:.0%}")
+    assert results[1 / 32][0] > 0.95 and results[1 / 32][1] > 0.9
+    assert results[0.0][1] < 0.1 and results[0.0][0] < results[1 / 32][0] - 0.03
+
+
+def test_training_keeps_decoder_unit_norm_and_records_metadata(tmp_path):
+    _, x = sparse_data()
+    source = TensorSource(x, manifest={"model": "tiny", "layer": 3, "hook_point": "resid_pre",
+                                       "data": {"data": "corpus.jsonl", "sha256": "ff"}, "ctx": 64,
+                                       "shards": [{"n_contexts": 10}], "n_tokens": 640})
+    result = train(small_config(tmp_path), source, progress=False)
+    sae = result.sae
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert result.steps == 30 and len(result.losses) == 30 and result.losses[-1] < result.losses[0]
+    loaded = TopKSAE.load(tmp_path / "run" / "sae")
+    assert loaded.cfg.model == "tiny" and loaded.cfg.layer == 3 and loaded.cfg.hook_point == "resid_pre"
+    assert loaded.cfg.training_tokens == 30 * 256 and loaded.cfg.training_data["sha256"] == "ff"
+    assert loaded.cfg.training_data["n_contexts"] == 10
+    assert abs(loaded.cfg.norm_scale - sae.cfg.norm_scale) == 0
+
+
+def test_resume_is_exact(tmp_path):
+    _, x = sparse_data()
+    straight = train(small_config(tmp_path, out=str(tmp_path / "a")), TensorSource(x), progress=False)
+    first = train(small_config(tmp_path, out=str(tmp_path / "b"), total_tokens=256 * 12), TensorSource(x), progress=False)
+    resumed = train(small_config(tmp_path, out=str(tmp_path / "b"), resume=True), TensorSource(x), progress=False)
+    assert resumed.steps == 30 and len(resumed.losses) == 18
+    assert first.losses + resumed.losses == straight.losses  # bitwise
+    for name, p in straight.sae.named_parameters():
+        assert torch.equal(p, getattr(resumed.sae, name)), name
+
+
+def test_resume_after_kill_9_is_exact(tmp_path):
+    """A trainer killed with SIGKILL (likely mid checkpoint write) leaves a loadable checkpoint;
+    resuming from it reproduces the uninterrupted run bitwise."""
+    out = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        from pathlib import Path
+        from tests.test_trainer import sparse_data, small_config
+        from saesteer.trainer import TensorSource, train
+        _, x = sparse_data()
+        train(small_config(Path({str(tmp_path)!r}), out={str(out)!r}, total_tokens=256 * 1_000_000, checkpoint_every=2),
+              TensorSource(x), progress=False)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        deadline = time.time() + 120
+        while not (out / CHECKPOINT).exists():
+            assert proc.poll() is None, "trainer exited early"
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.005)
+        time.sleep(0.2)  # let it run on, likely into a later checkpoint write
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from safetensors import safe_open
+
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        killed_at = json.loads(f.metadata()["saesteer"])["step"]
+    n_steps = killed_at + 8
+    _, x = sparse_data()
+    cfg = small_config(tmp_path, out=str(out), total_tokens=256 * n_steps, checkpoint_every=2, resume=True)
+    resumed = train(cfg, TensorSource(x), progress=False)
+    straight = train(replace(cfg, out=str(tmp_path / "straight"), resume=False), TensorSource(x), progress=False)
+    assert len(resumed.losses) == 8
+    assert resumed.losses == straight.losses[killed_at:]
+    for name, p in straight.sae.named_parameters():
+        assert torch.equal(p, getattr(resumed.sae, name)), name
+
+
+def test_corrupt_checkpoint_and_changed_config_are_refused(tmp_path):
+    _, x = sparse_data()
+    cfg = small_config(tmp_path, total_tokens=256 * 10)
+    train(cfg, TensorSource(x), progress=False)
+    with pytest.raises(TrainError, match="different config.*batch_size"):
+        train(replace(cfg, batch_size=128, resume=True), TensorSource(x), progress=False)
+    path = tmp_path / "run" / CHECKPOINT
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TrainError, match="corrupt"):
+        train(replace(cfg, resume=True), TensorSource(x), progress=False)
+
+
+def test_nan_stops_training_naming_the_step(tmp_path):
+    _, x = sparse_data(n_tokens=8192)
+    x[4096:] = float("nan")  # past the init sample; every shuffled batch holds NaN rows
+    with pytest.raises(TrainError, match=r"step \d+: the activation batch contains NaN"):
+        train(small_config(tmp_path), TensorSource(x), progress=False)
+    _, x = sparse_data(n_tokens=8192)
+    with pytest.raises(TrainError, match=r"loss became (nan|inf) at step \d+"):
+        train(small_config(tmp_path, lr=1e35, grad_clip=0.0, warmup_steps=0), TensorSource(x), progress=False)
+
+
+def test_train_config_from_json(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"k": 8, "batch_size": 1024, "adam_betas": [0.9, 0.99]}))
+    cfg = TrainConfig.from_json(path, k=16)
+    assert (cfg.k, cfg.batch_size, cfg.adam_betas) == (16, 1024, (0.9, 0.99))
+    path.write_text(json.dumps({"kk": 1}))
+    with pytest.raises(TrainError, match="unknown keys.*kk"):
+        TrainConfig.from_json(path)
+    with pytest.raises(TrainError, match="batch_size must be positive"):
+        TrainConfig(batch_size=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, x, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = train(cfg, TensorSource(x), progress=False)
+        if rank == 0:
+            results.put((result.losses, {k: v.detach().numpy() for k, v in result.sae.named_parameters()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_data_parallel_matches_single_process(tmp_path):
+    _, x = sparse_data(n_tokens=16384)
+    cfg = small_config(tmp_path, total_tokens=256 * 12, dead_tokens=512, out=str(tmp_path / "ddp"))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg, x, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    ddp_losses, ddp_params = results.get(timeout=180)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    single = train(replace(cfg, out=str(tmp_path / "single")), TensorSource(x), progress=False)
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-6)
+    for name, p in single.sae.named_parameters():
+        torch.testing.assert_close(torch.from_numpy(ddp_params[name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    assert (tmp_path / "ddp" / "sae" / "cfg.json").exists()
+
+
+def exact_sae(d: int) -> TopKSAE:
+    """Latents +e_i and -e_i with k = d reconstruct any activation exactly (no zero coordinates)."""
+    sae = TopKSAE(SAEConfig(d_in=d, n_latents=2 * d, k=d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_reconstruction_metrics():
+    sae = exact_sae(4)
+    x = torch.tensor([[1.0, 2, 3, 4], [2, 3, 4, 5], [1, 1, 1, 1], [3, 1, 2, 2]])
+    m = reconstruction_metrics(sae, x, batch_size=3)
+    assert m["fvu"] < 1e-10 and m["l0"] == 4 and m["tokens"] == 4
+    assert m["dead_frac"] == 0.5  # the -e_i latents never fire on positive data
+    assert m["dense_frac"] == 0.5  # each +e_i fires on every token
+    with pytest.raises(SAEError, match="NaN"):
+        reconstruction_metrics(sae, torch.full((2, 4), float("nan")))
+    with pytest.raises(SAEError, match="expects"):
+        reconstruction_metrics(sae, torch.ones(2, 5))
+
+
+def test_spliced_metrics_on_tiny_model(tiny_model_dir):
+    from saesteer.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    ids = torch.randint(3, 400, (4, 16))
+    ids[:, 0] = loaded.tokenizer.bos_token_id
+    perfect = spliced_metrics(exact_sae(64), loaded.model, ids, layer=1, batch_size=3,
+                              skip_ids=[loaded.tokenizer.bos_token_id])
+    clean = loaded.model(input_ids=ids, labels=ids).loss.item()
+    assert perfect["ce_clean"] == pytest.approx(clean, rel=1e-5)
+    assert perfect["ce_sae"] == pytest.approx(clean, rel=1e-4) and perfect["kl_sae"] < 1e-4
+    assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert perfect["ce_zero"] != pytest.approx(clean, rel=1e-3)  # zero-ablation does change the model
+    noisy = TopKSAE(SAEConfig(d_in=64, n_latents=128, k=2))
+    worse = spliced_metrics(noisy, loaded.model, ids, layer=1, batch_size=4)
+    assert worse["kl_sae"] > 1e-3 and worse["ce_clean"] == pytest.approx(perfect["ce_clean"], rel=1e-6)
+    assert worse["loss_recovered"] == pytest.approx(
+        (worse["ce_zero"] - worse["ce_sae"]) / (worse["ce_zero"] - worse["ce_clean"]))
