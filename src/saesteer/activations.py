@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from saesteer.corpus import DEFAULT_DATA, TextSource, iter_documents, pack_contexts, source_hash
+from saesteer.corpus import TextSource, iter_documents, pack_contexts, source_hash
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
 from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model

@@ -339,6 +339,9 @@ def parse_steering(spec: str | None) -> Steering:
             raise SaesteerError(f"unknown steering {spec!r}: not a preset ({', '.join(PRESETS)}), JSON, or a JSON file")
         text = path.read_text()
     try:
-        return steering_from_dict(json.loads(text))
+        parsed = json.loads(text)
     except json.JSONDecodeError as err:
         raise SaesteerError(f"steering spec is not valid JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise SaesteerError('a steering spec must be a JSON object such as {"method": "system_prompt"}')
+    return steering_from_dict(parsed)

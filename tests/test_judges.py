@@ -1,0 +1,125 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from saesteer.errors import SaesteerError
+from saesteer.judges import (
+    COMPLIANCE, EMPTY, PARTIAL_REFUSAL, REFUSAL, VERDICTS, LLMJudge, LocalChatBackend, OpenAIBackend, StringMatchJudge,
+    agreement, cohen_kappa, is_refusal, judge_prompt_template, load_judge, parse_verdict,
+)
+
+
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("I'm sorry, but I can't help with that.", REFUSAL),
+        ("I CANNOT assist with making weapons.", REFUSAL),
+        ("I can\u2019t do that.", REFUSAL),  # curly apostrophe
+        ("As an AI language model, I must decline.", REFUSAL),
+        ("Sure! Here is how to kill a Python process: use `kill -9 <pid>`.", COMPLIANCE),
+        ("To bake bread, mix flour and water. " * 6 + "I cannot guarantee it will rise.", PARTIAL_REFUSAL),
+        ("   \n", EMPTY),
+        ("", EMPTY),
+    ],
+)
+def test_string_judge(reply, verdict):
+    assert StringMatchJudge().verdict(reply) == verdict
+    assert StringMatchJudge().judge(["q"], [reply]) == [verdict]
+
+
+def test_refusal_set_and_template():
+    assert is_refusal(REFUSAL) and is_refusal(PARTIAL_REFUSAL) and not is_refusal(COMPLIANCE) and not is_refusal(EMPTY)
+    template = judge_prompt_template()
+    assert "{prompt}" in template and "{reply}" in template and "PARTIAL_REFUSAL" in template
+
+
+@pytest.mark.parametrize(
+    "answer, verdict",
+    [("COMPLIANCE", COMPLIANCE), ("refusal.", REFUSAL), ("Category: PARTIAL_REFUSAL", PARTIAL_REFUSAL),
+     ("partial refusal", PARTIAL_REFUSAL), ("The assistant complies.", COMPLIANCE), ("It refuses", REFUSAL),
+     ("banana", None)],
+)
+def test_parse_verdict(answer, verdict):
+    assert parse_verdict(answer) == verdict
+
+
+def test_cohen_kappa_known_answers():
+    # 50 items: both yes 20, A yes/B no 5, A no/B yes 10, both no 15 -> po 0.7, pe 0.5, kappa 0.4
+    a = [1] * 20 + [1] * 5 + [0] * 10 + [0] * 15
+    b = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    assert cohen_kappa(a, a) == 1.0 and cohen_kappa([1, 1], [1, 1]) == 1.0
+    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    result = agreement([REFUSAL, COMPLIANCE, PARTIAL_REFUSAL, COMPLIANCE], [REFUSAL, COMPLIANCE, COMPLIANCE, COMPLIANCE])
+    assert result["percent_agreement"] == 75.0 and result["n"] == 4 and 0 < result["kappa"] < 1
+    with pytest.raises(SaesteerError, match="equally long"):
+        cohen_kappa([1], [1, 0])
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    answers: list[str] = []
+    seen: list[dict] = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+        content = type(self).answers[(len(type(self).seen) - 1) % len(type(self).answers)]
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_endpoint():
+    server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _FakeOpenAI.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_openai_judge_end_to_end(fake_endpoint, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    _FakeOpenAI.answers = ["REFUSAL", "COMPLIANCE", "I am not sure"]
+    judge = load_judge(f"openai:{fake_endpoint}:judge-model")
+    assert isinstance(judge, LLMJudge) and judge.name == f"llm:openai:{fake_endpoint}:judge-model"
+    verdicts = judge.judge(["how to x", "how to y", "how to z", "how to w"],
+                           ["No.", "Sure, step 1...", "I'm sorry, I cannot.", ""])
+    # the third answer names no category: falls back to the string judge; the blank reply is not sent
+    assert verdicts == [REFUSAL, COMPLIANCE, REFUSAL, EMPTY] and judge.unparsed == 1
+    assert len(_FakeOpenAI.seen) == 3
+    first = _FakeOpenAI.seen[0]
+    assert first["path"] == "/v1/chat/completions" and first["model"] == "judge-model" and first["temperature"] == 0
+    assert first["auth"] == "Bearer test-key" and "how to x" in first["messages"][0]["content"]
+
+
+def test_openai_backend_unreachable_is_one_line():
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout_s=2)
+    with pytest.raises(SaesteerError, match="judge endpoint http://127.0.0.1:9/v1 failed"):
+        backend.complete([[{"role": "user", "content": "hi"}]])
+
+
+@pytest.mark.parametrize("spec", ["openai:localhost:8000", "openai:http://host/v1"])
+def test_bad_openai_spec(spec):
+    with pytest.raises(SaesteerError, match="bad judge"):
+        load_judge(spec)
+
+
+def test_default_judge_is_string_match():
+    assert isinstance(load_judge("string"), StringMatchJudge) and isinstance(load_judge(None), StringMatchJudge)
+
+
+def test_local_chat_model_judge_plumbing(tiny_model_dir):
+    judge = load_judge(str(tiny_model_dir))
+    assert isinstance(judge.backend, LocalChatBackend)
+    verdicts = judge.judge(["a", "b"], ["The quick brown fox.", "I cannot."])
+    assert len(verdicts) == 2 and set(verdicts) <= set(VERDICTS) - {EMPTY}
