@@ -1,6 +1,6 @@
 """Steered vs unsteered batched generation throughput, side by side in one run.
 
-    python bench/steer.py [--sae runs/sae-l10/sae] [--feature 123] [--value 12] [--rounds 3]
+    python bench/steer.py [--sae runs/sae-l10/sae] [--feature 123] [--value 12] [--rounds 5]
 
 Without --sae a random SAE of the default shape (576 x 4608, k=32, layer 10) stands in: the cost of
 steering does not depend on the weights, except that a random SAE's latents fire far more often
@@ -11,6 +11,7 @@ Target: steered / unsteered tokens/s >= 0.97.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--feature", type=int, default=0)
     parser.add_argument("--value", type=float, default=12.0)
     parser.add_argument("--new-tokens", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     loaded = load_model(args.model)
@@ -60,14 +61,18 @@ def main() -> None:
     for method in methods.values():
         run(method)  # warm-up
     seconds = dict.fromkeys(methods, 0.0)
+    ratios = []
     for _ in range(args.rounds):  # interleaved so both see the same machine state
-        for name, method in methods.items():
-            seconds[name] += run(method)
+        spent = {name: run(method) for name, method in methods.items()}
+        ratios.append(spent["unsteered"] / spent["sae clamp"])
+        for name in methods:
+            seconds[name] += spent[name]
     tokens = args.rounds * len(PROMPTS) * args.new_tokens
     for name, spent in seconds.items():
         print(f"{name:>10}: {tokens / spent:7.1f} generated tok/s (batch {len(PROMPTS)}, {tokens} tokens, {spent:.1f} s)")
-    ratio = seconds["unsteered"] / seconds["sae clamp"]
-    print(f"steered/unsteered: {ratio:.3f} (target >= 0.97) -> {'PASS' if ratio >= 0.97 else 'MISS'}")
+    ratio = statistics.median(ratios)
+    print(f"per-round steered/unsteered: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"steered/unsteered (median of {args.rounds} rounds): {ratio:.3f} (target >= 0.97) -> {'PASS' if ratio >= 0.97 else 'MISS'}")
 
 
 if __name__ == "__main__":

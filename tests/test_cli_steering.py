@@ -35,7 +35,8 @@ def test_steer_prints_both_replies(monkeypatch, capsys, tiny_model_dir, tiny_sae
 
 @pytest.mark.parametrize("spec, message", [
     ('{"method": "nope"}', "unknown steering method 'nope'"),
-    ("not-a-preset", "unknown steering 'not-a-preset'"),
+    ("not-a-preset", "unknown steering method 'not-a-preset'"),
+    ("missing.json", "no such steering file: missing.json"),
     ('{"method": "sae", "sae": "SAE", "features": [500], "values": [1]}', "feature index 500 is out of range"),
 ])
 def test_steer_bad_specs_are_one_line(monkeypatch, capsys, tiny_model_dir, tiny_sae, spec, message):

@@ -325,23 +325,24 @@ PRESETS: dict[str, dict] = {"none": {"method": "none"}, "system_prompt": {"metho
 
 
 def parse_steering(spec: str | None) -> Steering:
-    """A steering method from a preset name, a JSON object, or a path to a JSON file."""
+    """A steering method from a preset or method name, a JSON object, or a path to a JSON file."""
     import json
 
-    if not spec:
+    if not spec or not spec.strip():
         return Steering()
-    if spec in PRESETS:
-        return steering_from_dict(PRESETS[spec])
-    text = spec
-    if not spec.lstrip().startswith("{"):
-        path = Path(spec)
-        if not path.is_file():
-            raise SaesteerError(f"unknown steering {spec!r}: not a preset ({', '.join(PRESETS)}), JSON, or a JSON file")
-        text = path.read_text()
+    text = spec.strip()
+    if not text.startswith("{"):
+        if text in PRESETS:
+            return steering_from_dict(PRESETS[text])
+        if not (text.endswith(".json") or Path(text).is_file()):
+            return steering_from_dict({"method": text})
+        if not Path(text).is_file():
+            raise SaesteerError(f"no such steering file: {text}")
+        text = Path(text).read_text(encoding="utf-8")
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as err:
-        raise SaesteerError(f"steering spec is not valid JSON: {err}") from None
+        raise SaesteerError(f"--steering is not valid JSON: {err}") from None
     if not isinstance(parsed, dict):
-        raise SaesteerError('a steering spec must be a JSON object such as {"method": "system_prompt"}')
+        raise SaesteerError('--steering must be a JSON object such as {"method": "system_prompt"}')
     return steering_from_dict(parsed)
