@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,35 @@ def default_model_installed() -> bool:
 needs_default_model = pytest.mark.skipif(
     not default_model_installed() and os.environ.get("CI") != "true", reason="default model wheel not installed (./install.sh)"
 )
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `saesteer ARGS` in-process; return (exit code, captured output)."""
+    from saesteer.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["saesteer", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to a busy second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    """A tiny random Llama with the test tokenizer, as `load_model` would return it."""
+    from saesteer.models import LoadedModel
+
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "left"
+    return LoadedModel(model=make_model("llama"), tokenizer=tokenizer, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)

@@ -1,15 +1,7 @@
-import sys
 
 import pytest
+from conftest import run_cli
 
-from saesteer.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["saesteer", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr()
 
 
 @pytest.fixture

@@ -1,21 +1,10 @@
 import json
-import sys
 
 import pytest
+from conftest import run_cli
 import torch
 
-from saesteer.cli import main
 from saesteer.sae import SAEConfig, TopKSAE
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["saesteer", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    return code, capsys.readouterr()
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,13 @@
 import json
 import math
-import sys
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, run_cli
 
 from saesteer import evals
-from saesteer.cli import main
 from saesteer.errors import SaesteerError
 from saesteer.evals import (
     Decoding, EvalConfig, ResultCache, SteeredModel, bootstrap_ci, continuation_logprobs, evaluate, expand_grid,
@@ -325,13 +323,6 @@ def test_parse_helpers():
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["saesteer", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr()
 
 
 def test_cli_eval_with_user_prompts(monkeypatch, capsys, tiny_model_dir, tmp_path):

@@ -1,21 +1,19 @@
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import make_tokenizer
 
 from saesteer.features import (
     DiscoverConfig, auroc, contrast, diff_in_means, discover, logit_lens, summary_markdown, top_contexts, topic_feature,
 )
 from saesteer.hooks import residual_at
-from saesteer.models import LoadedModel, chat_prompts
+from saesteer.models import chat_prompts
 from saesteer.sae import SAEConfig, TopKSAE
 from saesteer.steering import load_sae
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    tok = make_tokenizer()
-    tok.padding_side = "left"
-    return LoadedModel(model=make_model("llama"), tokenizer=tok, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 @pytest.fixture(scope="module")

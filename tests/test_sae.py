@@ -15,13 +15,7 @@ from saesteer.errors import SaesteerError
 from saesteer.sae import SAEConfig, SAEError, TopKSAE, geometric_median
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sae(d=16, n=96, k=5, seed=0, **cfg) -> TopKSAE:

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer
 
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
-from saesteer.models import LoadedModel, chat_prompts, generate
+from saesteer.models import chat_prompts, generate
 from saesteer.sae import SAEConfig, TopKSAE
 from saesteer.steering import (
     ActAdd, Ablate, Conditional, SAESteer, Steering, SystemPrompt, load_sae, save_direction, steering_from_dict,
@@ -16,12 +15,8 @@ QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the l
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    from conftest import make_model
-
-    tok = make_tokenizer()
-    tok.padding_side = "left"
-    return LoadedModel(model=make_model("llama"), tokenizer=tok, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 @pytest.fixture(scope="module")

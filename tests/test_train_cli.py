@@ -1,28 +1,14 @@
 """`saesteer train` and `saesteer evaluate-sae` end to end on a tiny model and cache."""
 
 import json
-import sys
 
 import pytest
-import torch
+from conftest import run_cli
 
-from saesteer.cli import main
 from saesteer.sae import TopKSAE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["saesteer", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -21,12 +21,7 @@ from saesteer.sae import SAEConfig, SAEError, TopKSAE
 from saesteer.trainer import CHECKPOINT, TensorSource, TrainConfig, TrainError, reconstruction_metrics, spliced_metrics, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_data(seed=0, d=32, n_true=64, k_true=3, n_tokens=65536):
