@@ -21,7 +21,7 @@ from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
 from saesteer.models import LoadedModel, chat_prompts, generate
-from saesteer.steering import Conditional, SAESteer, Steering, SystemPrompt, load_sae
+from saesteer.steering import Conditional, SAESteer, Steering, SystemPrompt, check_sae_fits, load_sae
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
 TEMPLATED_REFUSALS = (
@@ -99,8 +99,8 @@ def reply_codes(loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batc
         prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in chunk])
         full = [p + r for p, (_, r) in zip(prompts, chunk)]
         batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-        reply_lengths = [len(tokenizer(f, add_special_tokens=False)["input_ids"]) - len(tokenizer(p, add_special_tokens=False)["input_ids"])
-                         for f, p in zip(full, prompts)]
+        prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        reply_lengths = [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
         hidden = residual_at(loaded.model, batch["input_ids"], layer, sae.cfg.hook_point, batch["attention_mask"])
         z = sae.encode(hidden.float())
         width = hidden.shape[1]
@@ -184,8 +184,7 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
              config: DiscoverConfig = DiscoverConfig(), progress: bool = True) -> dict:
     """Rank SAE features by how they separate refusal from compliance, then screen them causally."""
     sae = load_sae(sae_path).to(loaded.device)
-    if sae.cfg.d_in != loaded.d_model:
-        raise SaesteerError(f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}")
+    check_sae_fits(sae, loaded)
     if not harmful or not harmless:
         raise SaesteerError("discovery needs harmful and harmless train prompts")
     steps = tqdm(total=5, desc="discover", disable=not progress)

@@ -132,7 +132,7 @@ class SAESteer(Steering):
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         sae = load_sae(self.sae).to(loaded.device)
-        layer = _check_sae_fits(sae, loaded, self.layer)
+        layer = check_sae_fits(sae, loaded, self.layer)
         bad = [f for f in self.features if not 0 <= f < sae.cfg.n_latents]
         if bad:
             raise SaesteerError(f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}")
@@ -162,7 +162,7 @@ class SAESteer(Steering):
         return [(layer, sae.cfg.hook_point or "resid_post", _at_positions(self.positions, steer))]
 
 
-def _check_sae_fits(sae, loaded: LoadedModel, layer: int | None) -> int:
+def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
     """The layer to steer at, after checking the SAE was made for this model's width."""
     if sae.cfg.d_in != loaded.d_model:
         raise SaesteerError(f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}: "
@@ -181,8 +181,10 @@ def save_direction(path: str | Path, direction: torch.Tensor, layer: int, model:
     save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path), metadata=info)
 
 
+@functools.lru_cache(maxsize=16)
 def load_direction(path: str) -> tuple[torch.Tensor, dict]:
-    """A unit direction and its metadata (layer, model, ...) from a safetensors file."""
+    """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per path
+    (the conditional detector asks for it at every prefill)."""
     try:
         with safe_open(path, "pt") as f:
             direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
