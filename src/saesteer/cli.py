@@ -41,6 +41,7 @@ def collect(
     field: str = typer.Option("text", help="text field of JSON records"),
     chat: Optional[str] = typer.Option(None, help="'prompt_field,response_field': chat-format records with the model's template"),
     tokens: int = typer.Option(100_000, help="model input tokens to process"),
+    passes: int = typer.Option(1, help="read the data this many times over (if --tokens needs more than one pass)"),
     ctx: int = typer.Option(256, help="context length (each starts with BOS)"),
     batch_size: int = typer.Option(8, help="contexts per forward pass"),
     contexts_per_shard: int = typer.Option(256, help="contexts per safetensors shard"),
@@ -56,7 +57,7 @@ def collect(
 
     distributed = _init_distributed()
     config = CollectConfig(model=model, layer=layer, hook_point=hook_point, tokens=tokens, ctx=ctx,
-                           data=TextSource(data=data, field=field, chat=chat), batch_size=batch_size,
+                           data=TextSource(data=data, field=field, chat=chat, passes=passes), batch_size=batch_size,
                            contexts_per_shard=contexts_per_shard, dtype=dtype, drop_special=not keep_special, device=device)
     start = time.perf_counter()
     manifest = run_collect(config, out)
@@ -153,6 +154,7 @@ def evaluate_sae(
     ctx: Optional[int] = typer.Option(None, help="context length (default: the training cache's)"),
     batch_size: int = typer.Option(8, help="contexts per forward pass"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    out: Optional[Path] = typer.Option(None, help="also write the metrics to this JSON file"),
 ) -> None:
     """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
     from saesteer.models import load_model
@@ -167,6 +169,12 @@ def evaluate_sae(
     loaded_sae.to(loaded.device)
     ids = heldout_contexts(loaded_sae, loaded.tokenizer, contexts, data=data, ctx=ctx)
     m = run_evaluate(loaded_sae, loaded.model, loaded.tokenizer, ids, batch_size=batch_size)
+    if out:
+        import json
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"sae": str(sae), "model": loaded.spec, "layer": loaded_sae.cfg.layer,
+                                   "contexts": contexts, **{k: float(v) for k, v in m.items()}}, indent=2))
     typer.echo(
         f"SAE {sae} at layer {loaded_sae.cfg.layer} ({loaded_sae.cfg.hook_point}) of {loaded.spec}, "
         f"{m['tokens']:,} held-out activations, {m['predictions']:,} next-token predictions\n"
@@ -222,7 +230,7 @@ def discover(
     import json
 
     from saesteer.evalsets import mmlu_dev, safety_prompts
-    from saesteer.features import DiscoverConfig, discover as run_discover, summary_markdown, topic_feature
+    from saesteer.features import DiscoverConfig, baseline_specs, discover as run_discover, summary_markdown, topic_feature
     from saesteer.judges import StringMatchJudge, is_refusal
     from saesteer.models import load_model
 
@@ -232,14 +240,13 @@ def discover(
     config = DiscoverConfig(n_candidates=n_candidates, screen_prompts=screen_prompts, max_new_tokens=max_new_tokens,
                             screen_values=tuple(float(v) for v in screen_values.split(",")))
     loaded = load_model(model, device=device)
-    result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(judge.verdict(reply)), config)
     dev = mmlu_dev()
     philosophy = [q.question for q in dev.get("philosophy", [])]
     other = [q.question for subject, qs in sorted(dev.items()) if subject != "philosophy" for q in qs[:2]]
-    if philosophy:
-        result["control"] = {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)}
+    control = {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)} if philosophy else None
+    result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(judge.verdict(reply)), config, control=control)
     out.mkdir(parents=True, exist_ok=True)
-    result["specs"] = _baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall)
+    result["specs"] = baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall)
     (out / "discovery.json").write_text(json.dumps(result, indent=2))
     (out / "discovery.md").write_text(summary_markdown(result))
     best = result["candidates"][0] if result["candidates"] else None
@@ -273,7 +280,7 @@ _EVAL_OPTIONS = dict(
     prompts=typer.Option(None, help="your own prompts (.csv, .jsonl or .txt) instead of the built-in safety sets"),
     label=typer.Option(None, help="label of --prompts: unsafe or safe"),
     column=typer.Option(None, help="prompt column of --prompts (case-insensitive; default: prompt/goal/...)"),
-    judge=typer.Option("string", help="string, a local chat model spec, or openai:<base url>/v1:<model>"),
+    judge=typer.Option("string", help="string, strict (apology + offer of help = compliance), a local chat model spec, or openai:<base url>/v1:<model>"),
     agreement_sample=typer.Option(50, help="with an LLM judge: replies re-judged by the string judge for kappa"),
     seed=typer.Option(0, help="seed of the item samples and bootstrap CIs"),
     max_new_tokens=typer.Option(64, help="greedy reply length (safety, jailbreak, degeneration)"),
@@ -376,31 +383,95 @@ def sweep(
                    f"(cache: {store.hits} hits, {store.misses} misses)")
 
 
-def _baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str], out: Path, detector_layer: int, recall: float) -> dict:
-    """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`) and ready
-    steering specs built from the discovery result, all from TRAIN prompts."""
-    from saesteer.features import diff_in_means, prompt_scores, threshold_for_recall
-    from saesteer.steering import Conditional, save_direction
+@app.command()
+def report(
+    results: list[Path] = typer.Option(..., help="eval/sweep results JSONL (repeat for several files)"),
+    discovery: Optional[Path] = typer.Option(None, help="discovery.json from `saesteer discover` (feature dashboards)"),
+    examples: Optional[Path] = typer.Option(None, help="example generations JSONL (saesteer.report.write_examples)"),
+    out: Path = typer.Option(Path("runs/report"), help="folder for report.html, report.md and the plot PNGs"),
+    title: str = typer.Option("saesteer report", help="title of the report"),
+    screenshot: bool = typer.Option(False, help="also render report.html in headless Chromium to report.png and check it"),
+) -> None:
+    """HTML + Markdown report: results with 95% CIs, trade-off and capability plots, examples, feature dashboards."""
+    from saesteer.report import build_report, screenshot as take_screenshot
 
-    loaded.check_layer(detector_layer)
-    actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
-    save_direction(actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec)
-    save_direction(detector_path, diff_in_means(loaded, harmful, harmless, detector_layer), detector_layer, loaded.spec)
-    probe = Conditional(steering={"method": "none"}, detector=str(detector_path))
-    harmful_scores, harmless_scores = prompt_scores(loaded, probe, harmful), prompt_scores(loaded, probe, harmless)
-    threshold = threshold_for_recall(harmful_scores, recall)
-    specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
-    if result["candidates"]:
-        best = result["candidates"][0]
-        value = max(best["screen"], key=lambda s: s["score"])["value"] if best["screen"] else 12.0
-        specs["sae_clamp"] = {"method": "sae", "sae": result["sae"], "features": [best["feature"]], "values": [value]}
-        specs["conditional_sae"] = {"method": "conditional", "steering": specs["sae_clamp"], "detector": str(detector_path),
-                                    "threshold": threshold}
-    if "control" in result:
-        specs["control_clamp"] = {"method": "sae", "sae": result["sae"], "features": [result["control"]["feature"]],
-                                  "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]]}
-    result["detector"] = {"layer": detector_layer, "threshold": threshold, "recall_target": recall,
-                          "harmful_flagged": float((harmful_scores > threshold).float().mean()),
-                          "harmless_flagged": float((harmless_scores > threshold).float().mean())}
-    return specs
+    html_path, md_path = build_report(results, out, discovery, examples, title)
+    typer.echo(f"HTML:     {html_path}\nMarkdown: {md_path}")
+    if screenshot:
+        typer.echo(f"screenshot: {take_screenshot(html_path, out / 'report.png')}")
 
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 opens the server to the network)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    steering: Optional[str] = typer.Option(None, help="default steering for requests that name none: preset, JSON spec or JSON file"),
+    max_tokens: int = typer.Option(512, help="largest max_tokens a request may ask for"),
+    default_max_tokens: int = typer.Option(128, help="max_tokens of requests that set none"),
+    max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
+    max_batch_size: int = typer.Option(16, help="most queued requests generated together"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+) -> None:
+    """Serve the model behind an OpenAI-compatible chat API with per-request steering."""
+    try:
+        import uvicorn
+
+        from saesteer.serve import ServeConfig, create_app
+    except ImportError as err:
+        raise SaesteerError(f"the server needs {err.name}: pip install 'saesteer[serve]'") from None
+    from saesteer.models import load_model
+
+    config = ServeConfig(steering=steering, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
+                         max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size)
+    uvicorn.run(create_app(load_model(model, device=device), config), host=host, port=port)
+
+
+@app.command()
+def reproduce(
+    preset: str = typer.Option("full", help="full (the reported run, ~2.5 h on 2 cores), quick (< 30 min, small n) or tiny (CI smoke)"),
+    quick: bool = typer.Option(False, "--quick", help="shorthand for --preset quick"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: runs/reproduce[-quick|-tiny])"),
+    shared: Path = typer.Option(Path("../shared/datasets"), help="the shared datasets folder (corpus, hh-rlhf, eval sets)"),
+    layer: Optional[int] = typer.Option(None, help="skip the layer scan and use this layer"),
+    ship: Optional[Path] = typer.Option(None, help="also export the SAE, directions and chosen presets to this folder "
+                                        "(src/saesteer/assets/shipped to update the shipped artefacts)"),
+) -> None:
+    """The paper's experiment end to end: layer scan, SAE, discovery (train), choices (validation), all methods
+    on test splits, results.md and the trade-off plot. Rerun to resume after a crash."""
+    from dataclasses import replace
+
+    from saesteer.reproduce import PRESETS, reproduce as run_reproduce
+
+    name = "quick" if quick else preset
+    if name not in PRESETS:
+        raise SaesteerError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
+    if not (shared / "corpus").is_dir():
+        raise SaesteerError(f"{shared} has no corpus/ folder: pass --shared <path to the shared datasets>")
+    config = replace(PRESETS[name], shared=str(shared))
+    if out is not None:
+        config = replace(config, out=str(out))
+    if layer is not None:
+        config = replace(config, layer=layer, scan=None)
+    start = time.perf_counter()
+    results = run_reproduce(config, ship)
+    typer.echo(f"\nwrote {results} and {results.parent / 'tradeoff.png'} in {time.perf_counter() - start:.0f} s")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    out: Path = typer.Option(Path("runs/demo"), help="folder for results, examples and the HTML report"),
+    method: list[str] = typer.Option(["refusal", "refusal_conditional"], help="steering presets or specs to compare (repeat)"),
+    examples: int = typer.Option(3, help="harmful and safe TEST prompts shown side by side"),
+    limit: int = typer.Option(32, help="TEST prompts per safety set in the small eval"),
+    max_new_tokens: int = typer.Option(40, help="greedy reply length"),
+    train_sae: bool = typer.Option(False, help="train a small SAE instead of using the shipped one"),
+) -> None:
+    """Offline demo: unsteered vs steered replies, a small safety eval with 95% CIs, and the HTML report."""
+    from saesteer.demo import DemoConfig, run_demo
+
+    start = time.perf_counter()
+    html_path, md_path = run_demo(DemoConfig(model=model, out=str(out), methods=tuple(method), examples=examples,
+                                             limit=limit, max_new_tokens=max_new_tokens, train_sae=train_sae))
+    typer.echo(f"\nreport: {html_path.resolve()}\n        {md_path.resolve()}\n({time.perf_counter() - start:.0f} s)")

@@ -31,12 +31,14 @@ class TextSource:
     `field` as a "Human: ... Assistant: ..." dialogue (hh-rlhf style) and renders it the same way;
     records holding a `messages` list are always chat-formatted. A folder's files are read
     round-robin, one record from each in turn, so any prefix of the stream mixes all of them.
+    `passes` > 1 reads the whole source again (packing offsets differ between passes).
     """
 
     data: str = DEFAULT_DATA
     field: str = "text"
     chat: str | None = None
     split: str = "train"
+    passes: int = 1
 
 
 def builtin_path(name: str) -> Path:
@@ -126,7 +128,14 @@ def _hub_records(source: TextSource) -> Iterator[dict]:
 
 
 def iter_documents(source: TextSource, tokenizer=None) -> Iterator[str]:
-    """Yield the source's documents as text, chat-formatted when asked."""
+    """Yield the source's documents as text, chat-formatted when asked, `passes` times over."""
+    if source.passes < 1:
+        raise SaesteerError(f"--passes must be at least 1, got {source.passes}")
+    for _ in range(source.passes):
+        yield from _documents(source, tokenizer)
+
+
+def _documents(source: TextSource, tokenizer) -> Iterator[str]:
     records: Iterable = _hub_records(source) if source.data.startswith("hf:") else _round_robin(
         [_records(path) for path in source_files(source.data)]
     )

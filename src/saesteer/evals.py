@@ -91,6 +91,7 @@ class EvalConfig:
     bootstrap: int = 1000
     user_prompts: list[evalsets.Prompt] | None = None
     user_prompts_name: str | None = None
+    safety_sets: tuple[str, ...] | None = None  # None: every available set
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -430,7 +431,7 @@ def safety_datasets(config: EvalConfig) -> list[tuple[str, list[evalsets.Prompt]
     if config.user_prompts is not None:
         return [(config.user_prompts_name or "user", config.user_prompts)]
     sets = []
-    for name in (*UNSAFE_SETS, *SAFE_SETS):
+    for name in config.safety_sets or (*UNSAFE_SETS, *SAFE_SETS):
         if not evalsets.shared_available(name):
             tqdm.write(f"skipping {name}: not vendored and {evalsets.shared_dir()} is missing")
             continue

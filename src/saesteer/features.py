@@ -13,6 +13,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +64,7 @@ class Candidate:
     logit_lens: list[str] = field(default_factory=list)
     contexts: list[dict] = field(default_factory=list)
     screen: list[dict] = field(default_factory=list)
+    histogram: dict = field(default_factory=dict)
 
 
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -154,6 +156,18 @@ def top_contexts(tokenizer, ids: torch.Tensor, codes: torch.Tensor, feature: int
     return found
 
 
+def activation_histogram(acts: torch.Tensor, bins: int = 20) -> dict:
+    """Compact histogram of a feature's nonzero activations: bin edges, counts, and how many tokens were zero."""
+    nonzero = acts[acts > 0].float()
+    if nonzero.numel() == 0:
+        return {"bins": [], "counts": [], "zeros": int(acts.numel()), "tokens": int(acts.numel())}
+    top = float(nonzero.max())
+    counts = torch.histc(nonzero, bins=bins, min=0.0, max=top)
+    edges = torch.linspace(0.0, top, bins + 1)
+    return {"bins": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
+            "zeros": int(acts.numel() - nonzero.numel()), "tokens": int(acts.numel())}
+
+
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The norm applied before the unembedding (identity if none is found)."""
     for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
@@ -181,8 +195,12 @@ def refusal_rate(loaded: LoadedModel, steering: Steering, prompts: list[str], ju
 
 
 def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: list[str], judge: Judge,
-             config: DiscoverConfig = DiscoverConfig(), progress: bool = True) -> dict:
-    """Rank SAE features by how they separate refusal from compliance, then screen them causally."""
+             config: DiscoverConfig = DiscoverConfig(), progress: bool = True, control: dict | None = None) -> dict:
+    """Rank SAE features by how they separate refusal from compliance, then screen them causally.
+
+    `control` (a `topic_feature` result) gets the same corpus evidence (histogram, top contexts) and is
+    returned as result["control"].
+    """
     sae = load_sae(sae_path).to(loaded.device)
     check_sae_fits(sae, loaded)
     if not harmful or not harmless:
@@ -210,9 +228,14 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     candidates = [
         Candidate(feature=f, **{k: round(float(v[f]), 4) for k, v in stats.items()}, corpus_freq=round(float(corpus_freq[f]), 5),
                   corpus_max=round(float(corpus_max[f]), 4), logit_lens=logit_lens(loaded, sae.W_dec[f] / sae.cfg.norm_scale),
-                  contexts=top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts))
+                  contexts=top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts), histogram=activation_histogram(flat[:, f]))
         for f in chosen
     ]
+    if control is not None:
+        f = control["feature"]
+        control = {**control, "corpus_freq": round(float(corpus_freq[f]), 5), "corpus_max": round(float(corpus_max[f]), 4),
+                   "contexts": top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts),
+                   "histogram": activation_histogram(flat[:, f])}
     steps.update()
 
     screen_harmful, screen_harmless = harmful[: config.screen_prompts], harmless[: config.screen_prompts]
@@ -228,7 +251,7 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     candidates.sort(key=lambda c: max((s["score"] for s in c.screen), default=float("-inf")), reverse=True)
     steps.update()
     steps.close()
-    return {
+    result = {
         "sae": sae_path, "model": loaded.spec, "layer": sae.cfg.layer, "config": asdict(config),
         "n_harmful": len(harmful), "n_harmless": len(harmless), "n_refusal_replies": len(refusals),
         "n_compliance_replies": len(compliances),
@@ -236,6 +259,9 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
                      "harmful_refusal_all_train": plain_rate, "refuse_all_prompt_refusal": refused_rate},
         "candidates": [asdict(c) for c in candidates],
     }
+    if control is not None:
+        result["control"] = control
+    return result
 
 
 def topic_feature(loaded: LoadedModel, sae_path: str, topic: list[str], other: list[str], max_corpus_freq: float = 0.05) -> dict:
@@ -321,3 +347,31 @@ def summary_markdown(result: dict) -> str:
             lines += ["", f"Clamped to {s['value']}: harmful refusal {s['harmful_refusal']:.0%}, harmless {s['harmless_refusal']:.0%}. Examples:"]
             lines += [f"> {e.strip()[:160]}" for e in s["examples"]]
     return "\n".join(lines) + "\n"
+
+
+def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str], out: Path, detector_layer: int, recall: float) -> dict:
+    """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`) and ready
+    steering specs built from the discovery result, all from TRAIN prompts."""
+    from saesteer.steering import save_direction
+
+    loaded.check_layer(detector_layer)
+    actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
+    save_direction(actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec)
+    save_direction(detector_path, diff_in_means(loaded, harmful, harmless, detector_layer), detector_layer, loaded.spec)
+    probe = Conditional(steering={"method": "none"}, detector=str(detector_path))
+    harmful_scores, harmless_scores = prompt_scores(loaded, probe, harmful), prompt_scores(loaded, probe, harmless)
+    threshold = threshold_for_recall(harmful_scores, recall)
+    specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
+    if result["candidates"]:
+        best = result["candidates"][0]
+        value = max(best["screen"], key=lambda s: s["score"])["value"] if best["screen"] else 12.0
+        specs["sae_clamp"] = {"method": "sae", "sae": result["sae"], "features": [best["feature"]], "values": [value]}
+        specs["conditional_sae"] = {"method": "conditional", "steering": specs["sae_clamp"], "detector": str(detector_path),
+                                    "threshold": threshold}
+    if "control" in result:
+        specs["control_clamp"] = {"method": "sae", "sae": result["sae"], "features": [result["control"]["feature"]],
+                                  "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]]}
+    result["detector"] = {"layer": detector_layer, "threshold": threshold, "recall_target": recall,
+                          "harmful_flagged": float((harmful_scores > threshold).float().mean()),
+                          "harmless_flagged": float((harmless_scores > threshold).float().mean())}
+    return specs

@@ -104,6 +104,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     source, extra = resolve_spec(spec)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
+    # Strong steering pushes some activations into subnormal floats, which x86 CPUs handle ~2x slower
+    # (measured: ActAdd alpha 55 at layer 6, 87 s vs 51 s for the same generation); flush them to zero.
+    torch.set_flush_denormal(True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

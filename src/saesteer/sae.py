@@ -274,17 +274,19 @@ class TopKSAE(nn.Module):
         self.b_dec.copy_(geometric_median(x * self.cfg.norm_scale))
 
     # ---------------------------------------------------------------------------- formats
-    def save(self, path: str | Path) -> Path:
-        """Write SAELens format (cfg.json + sae_weights.safetensors), normalisation folded in."""
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write SAELens format (cfg.json + sae_weights.safetensors), normalisation folded in; `dtype`
+        float32 or bfloat16 (half the size, for shipping)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.cfg.norm_scale
         weights = {
-            "W_enc": (self.W_enc.detach() * s).T.contiguous().float().cpu(),
-            "b_enc": self.b_enc.detach().float().cpu().clone(),
-            "W_dec": (self.W_dec.detach() / s).float().cpu().contiguous(),
-            "b_dec": (self.b_dec.detach() / s).float().cpu().contiguous(),
+            "W_enc": (self.W_enc.detach() * s).T.contiguous(),
+            "b_enc": self.b_enc.detach().clone(),
+            "W_dec": (self.W_dec.detach() / s).contiguous(),
+            "b_dec": (self.b_dec.detach() / s).contiguous(),
         }
+        weights = {name: w.to("cpu", dtype).contiguous() for name, w in weights.items()}
         hook = self.cfg.hook_point if self.cfg.layer is None else f"blocks.{self.cfg.layer}.hook_{self.cfg.hook_point}"
         cfg = {
             "architecture": "topk",
@@ -295,7 +297,7 @@ class TopKSAE(nn.Module):
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",  # the scale is folded into the weights
             "reshape_activations": "none",
-            "dtype": "float32",
+            "dtype": str(dtype).removeprefix("torch."),
             "device": "cpu",
             "metadata": {
                 "sae_lens_version": "6.0.0",  # config schema version this file follows

@@ -88,14 +88,28 @@ def _at_positions(positions: str, fn: Callable) -> Callable:
     return lambda h: fn(h) if (h.shape[1] > 1) == want_prefill else None
 
 
+SHIPPED = "builtin:"  # prefix of paths inside the package's shipped artefacts (assets/shipped/)
+
+
+def shipped_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("saesteer") / "assets" / "shipped"))
+
+
+def resolve(path: str) -> str:
+    """A file path, with `builtin:<name>` mapped into the shipped artefacts."""
+    return str(shipped_dir() / path[len(SHIPPED):]) if path.startswith(SHIPPED) else path
+
+
 @functools.lru_cache(maxsize=8)
 def load_sae(path: str):
-    """Load (once per path) an SAE saved in SAELens or sparsify format."""
+    """Load (once per path) an SAE saved in SAELens or sparsify format; `builtin:sae` is the shipped one."""
     from saesteer.sae import TopKSAE
 
-    if not Path(path).is_dir():
+    if not Path(resolve(path)).is_dir():
         raise SaesteerError(f"no SAE folder at {path}")
-    return TopKSAE.load(path).eval().requires_grad_(False)
+    return TopKSAE.load(resolve(path)).eval().requires_grad_(False)
 
 
 @dataclass
@@ -186,7 +200,7 @@ def load_direction(path: str) -> tuple[torch.Tensor, dict]:
     """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per path
     (the conditional detector asks for it at every prefill)."""
     try:
-        with safe_open(path, "pt") as f:
+        with safe_open(resolve(path), "pt") as f:
             direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
     except Exception as err:  # missing file, bad header, missing tensor
         raise SaesteerError(f"cannot read direction file {path}: {err}") from None
@@ -323,7 +337,19 @@ def steering_from_dict(spec: dict | None) -> Steering:
         raise SaesteerError(f"bad fields for steering method {method!r}: {err}") from None
 
 
-PRESETS: dict[str, dict] = {"none": {"method": "none"}, "system_prompt": {"method": "system_prompt"}}
+def _presets() -> dict[str, dict]:
+    """Built-in presets plus the shipped steering configs (assets/shipped/steering.json, chosen by
+    `saesteer reproduce` on validation splits), e.g. `refusal` and `refusal_conditional`."""
+    import json
+
+    presets = {"none": {"method": "none"}, "system_prompt": {"method": "system_prompt"}}
+    shipped = shipped_dir() / "steering.json"
+    if shipped.is_file():
+        presets.update(json.loads(shipped.read_text())["presets"])
+    return presets
+
+
+PRESETS: dict[str, dict] = _presets()
 
 
 def parse_steering(spec: str | None) -> Steering:

@@ -1,0 +1,126 @@
+"""`saesteer demo`: offline, on the default model and the shipped SAE, in a few minutes on 2 CPU cores.
+
+Shows unsteered vs steered replies side by side, runs a small safety eval on TEST splits with 95% CIs
+and writes the HTML report. Without shipped steering presets (another model, or a checkout without
+the artefacts) it first trains a small SAE on the bundled corpus slice and discovers a refusal
+feature on TRAIN prompts, with progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from saesteer.evals import Decoding, EvalConfig, ResultCache, SteeredModel, append_rows, evaluate
+from saesteer.evalsets import safety_prompts
+from saesteer.models import DEFAULT_MODEL, LoadedModel, chat_prompts, generate, load_model
+from saesteer.steering import PRESETS, parse_steering, shipped_dir, steering_from_dict
+
+DEMO_SETS = ("advbench", "xstest_unsafe", "xstest_safe")  # vendored: no ../shared needed
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs; sizes keep it under 10 minutes on 2 cores."""
+
+    model: str = DEFAULT_MODEL
+    out: str = "runs/demo"
+    methods: tuple[str, ...] = ("refusal", "refusal_conditional")  # presets, JSON specs or files
+    examples: int = 3  # harmful and safe TEST prompts shown side by side
+    limit: int = 32  # TEST prompts per safety set in the eval
+    max_new_tokens: int = 40
+    seed: int = 0
+    train_sae: bool = False  # train a small SAE even when presets are shipped
+    fallback_tokens: int = 200_000  # activations collected for the fallback SAE (trained for 3 epochs)
+    fallback_prompts: int = 48  # harmful and harmless TRAIN prompts for the fallback discovery
+
+
+def fallback_presets(loaded: LoadedModel, out: Path, tokens: int, n_prompts: int) -> tuple[dict[str, dict], Path]:
+    """Train a small SAE on the bundled corpus slice and discover a refusal feature on TRAIN prompts;
+    return steering presets like the shipped ones and the discovery file."""
+    from saesteer.activations import CollectConfig, collect
+    from saesteer.features import baseline_specs
+    from saesteer.features import DiscoverConfig, discover
+    from saesteer.judges import StringMatchJudge, is_refusal
+    from saesteer.trainer import TrainConfig, train
+
+    layer = min(10, loaded.n_layers - 1)
+    print(f"no shipped steering presets for {loaded.spec}: training a small SAE at layer {layer} first")
+    acts, run = out / "fallback" / "acts", out / "fallback" / "sae"
+    collect(CollectConfig(model=loaded.spec, layer=layer, tokens=tokens), acts, loaded=loaded)
+    result = train(TrainConfig(activations=str(acts), out=str(run), expansion_factor=4, total_tokens=3 * tokens,
+                               batch_size=min(4096, tokens // 4), dead_tokens=tokens, resume=True))
+    sae = str(run / "sae")
+    harmful = [p.text for p in safety_prompts("advbench", "train")][:n_prompts]
+    harmless = [p.text for p in safety_prompts("xstest_safe", "train")][:n_prompts]
+    judge = StringMatchJudge()
+    found = discover(loaded, sae, harmful, harmless, lambda r: is_refusal(judge.verdict(r)),
+                     DiscoverConfig(n_candidates=3, screen_prompts=min(12, n_prompts), screen_values=(8.0,)))
+    specs = baseline_specs(loaded, found, harmful, harmless, out / "fallback", min(18, loaded.n_layers - 1), 0.9)
+    path = out / "fallback" / "discovery.json"
+    path.write_text(json.dumps({**found, "specs": specs}, indent=2))
+    print(f"trained {result.sae.cfg.n_latents} latents; discovery in {path}")
+    presets = {"refusal": specs.get("sae_clamp", specs["actadd"]),
+               "refusal_conditional": specs.get("conditional_sae", specs["actadd"])}
+    return presets, path
+
+
+def side_by_side(loaded: LoadedModel, methods: dict[str, dict], prompts: list, max_new_tokens: int) -> list[dict]:
+    """Every prompt's reply under every method (unsteered first), as example rows for the report."""
+    rows = []
+    for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
+        steering = steering_from_dict(spec)
+        conversations = [steering.prepare([{"role": "user", "content": p.text}]) for p in prompts]
+        with steering.applied(loaded):
+            replies = generate(loaded, chat_prompts(loaded, conversations), max_new_tokens)
+        rows += [{"prompt": p.text, "label": p.label, "method": name, "steering": spec, "reply": r.strip()}
+                 for p, r in zip(prompts, replies)]
+    return rows
+
+
+def print_side_by_side(rows: list[dict], width: int = 100) -> None:
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        mine = [r for r in rows if r["prompt"] == prompt]
+        print(f"\n>>> [{mine[0]['label']}] {prompt}")
+        for r in mine:
+            reply = textwrap.shorten(r["reply"].replace("\n", " "), width) or "(empty)"
+            print(f"  {r['method']:>20}: {reply}")
+
+
+def run_demo(config: DemoConfig) -> tuple[Path, Path]:
+    """Side-by-side replies, a small safety eval with CIs, and the HTML report; returns (html, markdown)."""
+    from saesteer.report import build_report, write_examples
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(config.model)
+    shipped = config.model == DEFAULT_MODEL and not config.train_sae and "refusal" in PRESETS
+    if shipped:
+        presets, discovery = dict(PRESETS), shipped_dir() / "discovery.json"
+    else:
+        presets, discovery = fallback_presets(loaded, out, config.fallback_tokens, config.fallback_prompts)
+    methods = {name: presets[name] if name in presets else parse_steering(name).to_dict() for name in config.methods}
+
+    prompts = safety_prompts("advbench", "test")[: config.examples] + safety_prompts("xstest_safe", "test")[: config.examples]
+    examples = side_by_side(loaded, methods, prompts, config.max_new_tokens)
+    print_side_by_side(examples)
+    examples_path = write_examples(out / "examples.jsonl", examples)
+
+    results = out / "results.jsonl"
+    results.unlink(missing_ok=True)
+    cache = ResultCache(out / "generations.cache.jsonl")
+    for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
+        print(f"\nsafety eval ({name}): {config.limit} TEST prompts per set of {', '.join(DEMO_SETS)}")
+        eval_config = EvalConfig(model=config.model, steering=spec, suites=("safety",), split="test", limit=config.limit,
+                                 seed=config.seed, decoding=Decoding(config.max_new_tokens), safety_sets=DEMO_SETS)
+        run = evaluate(SteeredModel(loaded, steering_from_dict(spec), cache), eval_config)
+        append_rows(results, run.rows)
+        for row in run.rows:
+            if row["metric"] in ("refusal_rate", "over_refusal_rate"):
+                c = row["config"]
+                print(f"  {c['dataset']:<14}{row['metric']:<19}{100 * row['value']:5.1f}%  "
+                      f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]  n={row['n']}")
+    return build_report([results], out / "report", discovery=discovery if discovery.is_file() else None,
+                        examples=examples_path, title=f"saesteer demo: {loaded.spec}")

@@ -1,0 +1,120 @@
+"""The reproduction pipeline: choices on validation rows, the goal check, SAE data licensing rules, and
+(slow, real model) the tiny preset end to end."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import SHARED, needs_default_model
+
+from saesteer import reproduce
+from saesteer.evalsets import hh_rlhf_dialogues
+
+SAE = {"method": "sae", "sae": "s", "features": [7], "values": [8.0]}
+CONTROL = {"method": "sae", "sae": "s", "features": [3], "values": [8.0]}
+DISCOVERY = {"sae": "runs/x/sae", "control": {"feature": 3}}
+
+
+def _row(steering: dict, suite: str, dataset: str, metric: str, value: float) -> dict:
+    return {"config": {"steering": steering, "suite": suite, "dataset": dataset, "split": "validation"},
+            "metric": metric, "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 40}
+
+
+def _safety(steering: dict, unsafe: float, safe: float) -> list[dict]:
+    return [_row(steering, "safety", "unsafe_all", "refusal_rate", unsafe),
+            _row(steering, "safety", "safe_all", "over_refusal_rate", safe)]
+
+
+def test_method_names_and_strength():
+    assert reproduce.method_name(SAE, DISCOVERY) == "sae_clamp"
+    assert reproduce.method_name(CONTROL, DISCOVERY) == "control_clamp"
+    cond = {"method": "conditional", "steering": {**SAE, "values": [12.0]}, "detector": "d", "threshold": 1.0}
+    assert reproduce.method_name(cond, DISCOVERY) == "conditional_sae"
+    assert reproduce.strength(cond) == 12.0
+    assert reproduce.strength({"method": "actadd", "direction": "d", "alpha": 30.0}) == 30.0
+    assert reproduce.strength({"method": "none"}) is None
+
+
+def test_choose_maximises_refusal_minus_over_refusal_and_copies_the_value_to_the_control():
+    rows = (_safety({"method": "none"}, 0.05, 0.02)
+            + _safety({**SAE, "values": [4.0]}, 0.30, 0.05)
+            + _safety({**SAE, "values": [8.0]}, 0.70, 0.20)  # 0.50: best
+            + _safety({**SAE, "values": [16.0]}, 0.90, 0.60)
+            + _safety({**CONTROL, "values": [4.0]}, 0.10, 0.02)  # best control on its own, but not used
+            + _safety({**CONTROL, "values": [8.0]}, 0.05, 0.10))
+    chosen = reproduce.choose(rows, DISCOVERY)
+    assert chosen["sae_clamp"]["values"] == [8.0]
+    assert chosen["control_clamp"]["values"] == [8.0] and chosen["control_clamp"]["features"] == [3]
+    assert chosen["none"] == {"method": "none"}
+
+
+def test_choose_breaks_ties_towards_weaker_steering():
+    rows = _safety({**SAE, "values": [12.0]}, 0.5, 0.1) + _safety({**SAE, "values": [6.0]}, 0.5, 0.1)
+    assert reproduce.choose(rows, DISCOVERY)["sae_clamp"]["values"] == [6.0]
+
+
+def _capability(steering: dict, mmlu: float) -> list[dict]:
+    return [_row(steering, "capability", "mmlu", "accuracy", mmlu),
+            _row(steering, "safety", "xstest_safe", "over_refusal_rate", 0.02)]
+
+
+def test_goal_check_states_gain_over_refusal_and_capability():
+    rows = (_safety({"method": "none"}, 0.05, 0.02) + _capability({"method": "none"}, 0.40)
+            + _safety(SAE, 0.50, 0.03) + _capability(SAE, 0.395)
+            + _safety(CONTROL, 0.90, 0.30) + _capability(CONTROL, 0.30))
+    table = reproduce.by_method(rows, DISCOVERY)
+    lines = reproduce.goal_check(table)
+    sae_line = next(line for line in lines if line.startswith("| sae_clamp"))
+    control_line = next(line for line in lines if line.startswith("| control_clamp"))
+    assert "+45.0" in sae_line and "+1.0" in sae_line and "MMLU -0.5" in sae_line and sae_line.endswith("yes |")
+    assert "+28.0" in control_line and control_line.endswith("no |")  # over-refusal +28 pts, MMLU -10
+
+
+def test_tradeoff_plot_is_written(tmp_path):
+    validation = _safety({"method": "none"}, 0.05, 0.02) + _safety(SAE, 0.5, 0.1) + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
+    reproduce.plot_tradeoff(validation, _safety(SAE, 0.45, 0.12), DISCOVERY, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sae_data_leaves_out_held_out_text_and_eval_dialogues(tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "corpus").mkdir(parents=True)
+    for name in ("books-000.jsonl", "gutenberg-001.jsonl"):
+        (shared / "corpus" / name).write_text(json.dumps({"text": "some text"}) + "\n")
+    held_out = {d.id for split in ("validation", "test") for d in hh_rlhf_dialogues(split)}
+    (shared / "hh_rlhf_harmless/harmless-base").mkdir(parents=True)
+    with gzip.open(shared / "hh_rlhf_harmless/harmless-base/test.jsonl.gz", "wt") as f:
+        for i in range(40):
+            f.write(json.dumps({"chosen": f"\n\nHuman: question {i}\n\nAssistant: answer {i}"}) + "\n")
+    info = reproduce.build_sae_data(shared, tmp_path / "data")
+    assert info["corpus_files"] == ["books-000.jsonl"]
+    kept = [json.loads(line) for line in (tmp_path / "data" / "hh_rlhf_chat.jsonl").read_text().splitlines()]
+    kept_ids = {int(d["messages"][0]["content"].split()[-1]) for d in kept}
+    assert kept_ids == set(range(40)) - held_out and kept_ids
+    refusals = (tmp_path / "data" / "advbench_train_refusals.jsonl").read_text().splitlines()
+    assert json.loads(refusals[0])["messages"][1]["role"] == "assistant"
+    assert not list((tmp_path / "data").glob("*.json"))  # the summary sits beside the folder, not read as data
+
+
+@pytest.mark.slow
+@needs_default_model
+@pytest.mark.skipif(not (SHARED / "corpus").is_dir(), reason="needs ../shared/datasets")
+def test_tiny_reproduce_end_to_end(tmp_path):
+    """The whole pipeline on the real default model with tiny n: every stage runs and writes its file."""
+    out = tmp_path / "repro"
+    cmd = [sys.executable, "-m", "saesteer", "reproduce", "--preset", "tiny", "--shared", str(SHARED), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("commands.sh", "timings.json", "sae-l10/metrics.json", "discover/discovery.json", "validation.jsonl",
+                 "chosen.json", "test-strict.jsonl", "test-string.jsonl", "results.md", "tradeoff.png"):
+        assert (out / name).is_file(), name
+    results = (out / "results.md").read_text()
+    assert "| none |" in results and "Goal check" in results and "FVU" in results
+    methods = {json.loads(line)["config"]["steering"]["method"] for line in (out / "test-strict.jsonl").read_text().splitlines()}
+    assert {"none", "system_prompt", "actadd"} <= methods
+    suites = {json.loads(line)["config"]["suite"] for line in (out / "test-strict.jsonl").read_text().splitlines()}
+    assert suites == {"safety", "capability", "jailbreak", "fidelity"}
