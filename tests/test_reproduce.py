@@ -109,7 +109,7 @@ def test_tiny_reproduce_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "saesteer", "reproduce", "--preset", "tiny", "--shared", str(SHARED), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("commands.sh", "timings.json", "sae-l10/metrics.json", "discover/discovery.json", "validation.jsonl",
+    for name in ("commands.sh", "timings.json", "sae-l6/metrics.json", "discover/discovery.json", "validation.jsonl",
                  "chosen.json", "test-strict.jsonl", "test-string.jsonl", "results.md", "tradeoff.png"):
         assert (out / name).is_file(), name
     results = (out / "results.md").read_text()

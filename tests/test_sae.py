@@ -275,3 +275,36 @@ def test_errors_are_one_line_saesteer_errors(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(SAEError, match="cannot read SAE"):
         TopKSAE.load(tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_real_sae_lens_loads_the_shipped_sae(tmp_path):
+    """The SAE shipped in the package (bf16, SAELens format) loads with the real sae_lens and encodes
+    like ours on activation-sized inputs."""
+    from saesteer.steering import shipped_dir
+
+    python = _python_with("sae_lens", "SAESTEER_SAELENS_PYTHON")
+    if python is None:
+        pytest.skip("sae_lens not importable; set SAESTEER_SAELENS_PYTHON to a python that has it")
+    path = shipped_dir() / "sae"
+    ours = TopKSAE.load(path)
+    assert json.loads((path / "cfg.json").read_text())["dtype"] == "bfloat16"
+    x = torch.randn(64, ours.cfg.d_in) * 6  # residual norms ~ 140 at d=576
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    script = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from sae_lens import SAE
+        sae = SAE.load_from_disk({str(path)!r}, device="cpu", dtype="float32")
+        x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
+        with torch.no_grad():
+            save_file({{"z": sae.encode(x).contiguous()}}, {str(tmp_path / "out.safetensors")!r})
+        print(type(sae).__name__, sae.cfg.k, sae.cfg.d_sae)
+    """)
+    run = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-3:] == ["TopKSAE", str(ours.cfg.k), str(ours.cfg.n_latents)]
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(tmp_path / "out.safetensors"))["z"]
+    torch.testing.assert_close(theirs, ours.encode(x), rtol=1e-4, atol=1e-3)

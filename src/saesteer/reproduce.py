@@ -48,7 +48,7 @@ def refusal_share(loaded: LoadedModel, steering: Steering, prompts: list[str], m
 
 def layer_scan(loaded: LoadedModel, config: LayerScanConfig, out: Path) -> dict:
     """ActAdd with the diff-in-means direction of each layer (AdvBench vs XSTest-safe TRAIN prompts),
-    judged on VALIDATION prompts; score = harmful refusal - harmless refusal, best over multipliers."""
+    judged on VALIDATION prompts; score = harmful refusal - harmless refusal (string judge)."""
     harmful = [p.text for p in safety_prompts("advbench", "train")][: config.train_prompts]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")][: config.train_prompts]
     harmful_val = [p.text for p in safety_prompts("advbench", "validation")][: config.val_prompts]
@@ -66,7 +66,7 @@ def layer_scan(loaded: LoadedModel, config: LayerScanConfig, out: Path) -> dict:
             rows.append({"layer": layer, "multiplier": multiplier, "alpha": steering.alpha, "diff_norm": float(diff.norm()),
                          "harmful_refusal": unsafe, "harmless_refusal": safe, "score": unsafe - safe,
                          "example": examples[0]})
-    best = max(rows, key=lambda r: r["score"])
+    best = max(rows, key=lambda r: (r["score"], -r["layer"]))  # ties: the earlier layer (cheaper to collect)
     result = {"config": asdict(config), "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
               "rows": rows, "best_layer": best["layer"]}
     (out / "layer-scan.json").write_text(json.dumps(result, indent=2))
@@ -121,21 +121,23 @@ class ReproduceConfig:
     model: str = "smollm2-135m-instruct"
     layer: int | None = None  # None: the layer scan's choice
     scan: LayerScanConfig | None = field(default_factory=LayerScanConfig)
-    collect_tokens: int = 6_000_000  # more than one pass of the data: collection stops when it runs out
+    collect_tokens: int = 4_000_000
     passes: int = 1
     train_tokens: int = 12_000_000
-    expansion_factor: int = 8
+    expansion_factor: int = 12  # 6,912 latents: 15.9 MB in bf16, within the shipping budget
     k: int = 32
     dead_tokens: int = 2_000_000
     sae_eval_contexts: int = 64
     discover_limit: int = 0  # harmful TRAIN prompts for discovery, 0 = all
+    n_candidates: int = 6
+    screen_values: str = "8,16"
     screen_prompts: int = 24
     detector_layer: int = 18
     select_limit: int = 32  # VALIDATION prompts per safety set
     detector_max_fpr: float = 0.02  # conditional gate: highest recall with at most this share of safe VALIDATION prompts flagged
-    clamp_values: tuple[float, ...] = (4.0, 6.0, 8.0, 12.0, 16.0)
-    actadd_multipliers: tuple[float, ...] = (2.0, 4.0, 8.0, 12.0)  # x |diff-in-means|
-    test_limit: str = "0,harmless=100,mmlu=100,truthfulqa=100,gsm8k=30,hh_rlhf=40,crescendo_advbench=24,heldout_text=40"
+    clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
+    actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)  # x |diff-in-means|
+    test_limit: str = "0,harmless=100,mmlu=80,truthfulqa=80,gsm8k=24,hh_rlhf=40,crescendo_advbench=24,heldout_text=32"
     mmlu_shots: int = 3
     max_new_tokens: int = 40
     judge: str = "strict"
@@ -145,13 +147,14 @@ class ReproduceConfig:
 PRESETS = {
     "full": ReproduceConfig(),
     "quick": ReproduceConfig(
-        out="runs/reproduce-quick", layer=10, scan=None, collect_tokens=600_000, train_tokens=1_200_000,
-        dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, screen_prompts=12, select_limit=16,
+        out="runs/reproduce-quick", layer=6, scan=None, collect_tokens=600_000, train_tokens=1_200_000, expansion_factor=8,
+        dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, n_candidates=3, screen_prompts=12, select_limit=16,
         clamp_values=(6.0, 10.0), actadd_multipliers=(4.0, 8.0),
         test_limit="24,mmlu=40,truthfulqa=40,gsm8k=8,hh_rlhf=8,crescendo_advbench=8,heldout_text=16"),
     "tiny": ReproduceConfig(
-        out="runs/reproduce-tiny", layer=10, scan=None, collect_tokens=16_384, train_tokens=32_768,
-        expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, screen_prompts=4,
+        out="runs/reproduce-tiny", layer=6, scan=None, collect_tokens=16_384, train_tokens=32_768,
+        expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, screen_values="8",
+        screen_prompts=4,
         select_limit=4, clamp_values=(8.0,), actadd_multipliers=(8.0,),
         test_limit="4,mmlu=4,truthfulqa=4,gsm8k=2,hh_rlhf=2,crescendo_advbench=2,heldout_text=2", max_new_tokens=16),
 }
@@ -234,7 +237,8 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
 def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
     config, folder = pipeline.config, pipeline.out / "discover"
     if not (folder / "discovery.json").is_file():
-        args = ["discover", "--model", config.model, "--sae", sae, "--screen-prompts", config.screen_prompts,
+        args = ["discover", "--model", config.model, "--sae", sae, "--n-candidates", config.n_candidates,
+                "--screen-values", config.screen_values, "--screen-prompts", config.screen_prompts,
                 "--max-new-tokens", config.max_new_tokens, "--detector-layer", config.detector_layer, "--out", folder]
         if config.discover_limit:
             args += ["--limit", config.discover_limit]
@@ -410,11 +414,12 @@ def by_method(rows: list[dict], discovery: dict) -> dict[str, dict[tuple, dict]]
 
 
 def _cell(row: dict | None, percent: bool) -> str:
+    """'value [CI] n=N', in % for rates."""
     if row is None:
         return "-"
-    scale, unit = (100, "") if percent else (1, "")
-    return f"{row['value'] * scale:.1f} [{row['ci_low'] * scale:.1f}, {row['ci_high'] * scale:.1f}]{unit}" if percent \
-        else f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    if percent:
+        return f"{100 * row['value']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] n={row['n']}"
+    return f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}"
 
 
 def goal_check(table: dict[str, dict[tuple, dict]]) -> list[str]:
@@ -486,7 +491,7 @@ def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) 
     plot_tradeoff(validation_rows, test_rows, discovery, out / "tradeoff.png")
     lines = [f"# Reproduction results ({config.out})", "",
              f"Model {config.model}; judge `{config.judge}`; greedy, {config.max_new_tokens} new tokens; seed {config.seed}. "
-             "Values are % (or KL/perplexity) with 95% bootstrap CIs; n per cell is in the results files.", ""]
+             "Cells: value [95% bootstrap CI] n=items; rates in %.", ""]
     sae_dir = Path(discovery["sae"]).parent
     if (sae_dir / "metrics.json").is_file():
         m = json.loads((sae_dir / "metrics.json").read_text())
