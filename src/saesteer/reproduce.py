@@ -123,21 +123,21 @@ class ReproduceConfig:
     scan: LayerScanConfig | None = field(default_factory=LayerScanConfig)
     collect_tokens: int = 4_000_000
     passes: int = 1
-    train_tokens: int = 12_000_000
+    train_tokens: int = 10_000_000
     expansion_factor: int = 12  # 6,912 latents: 15.9 MB in bf16, within the shipping budget
     k: int = 32
     dead_tokens: int = 2_000_000
     sae_eval_contexts: int = 64
     discover_limit: int = 0  # harmful TRAIN prompts for discovery, 0 = all
-    n_candidates: int = 6
+    n_candidates: int = 4
     screen_values: str = "8,16"
-    screen_prompts: int = 24
+    screen_prompts: int = 16
     detector_layer: int = 18
-    select_limit: int = 32  # VALIDATION prompts per safety set
+    select_limit: int = 24  # VALIDATION prompts per safety set
     detector_max_fpr: float = 0.02  # conditional gate: highest recall with at most this share of safe VALIDATION prompts flagged
     clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)  # x |diff-in-means|
-    test_limit: str = "0,harmless=100,mmlu=80,truthfulqa=80,gsm8k=24,hh_rlhf=40,crescendo_advbench=24,heldout_text=32"
+    test_limit: str = "100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24"
     mmlu_shots: int = 3
     max_new_tokens: int = 40
     judge: str = "strict"
@@ -150,7 +150,7 @@ PRESETS = {
         out="runs/reproduce-quick", layer=6, scan=None, collect_tokens=600_000, train_tokens=1_200_000, expansion_factor=8,
         dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, n_candidates=3, screen_prompts=12, select_limit=16,
         clamp_values=(6.0, 10.0), actadd_multipliers=(4.0, 8.0),
-        test_limit="24,mmlu=40,truthfulqa=40,gsm8k=8,hh_rlhf=8,crescendo_advbench=8,heldout_text=16"),
+        test_limit="16,mmlu=24,truthfulqa=24,gsm8k=4,hh_rlhf=6,crescendo_advbench=6,heldout_text=8"),
     "tiny": ReproduceConfig(
         out="runs/reproduce-tiny", layer=6, scan=None, collect_tokens=16_384, train_tokens=32_768,
         expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, screen_values="8",

@@ -1,0 +1,9 @@
+saesteer collect --model smollm2-135m-instruct --layer 6 --data runs/reproduce/sae-data --tokens 6000000 --passes 1 --out runs/reproduce/acts-l6
+saesteer collect --model smollm2-135m-instruct --layer 6 --data runs/reproduce/sae-data --tokens 4000000 --passes 1 --out runs/reproduce/acts-l6
+saesteer collect --model smollm2-135m-instruct --layer 6 --data runs/reproduce/sae-data --tokens 4000000 --passes 1 --out runs/reproduce/acts-l6
+saesteer train --activations runs/reproduce/acts-l6 --out runs/reproduce/sae-l6 --expansion-factor 12 --k 32 --tokens 10000000 --dead-tokens 2000000 --seed 0 --resume
+saesteer evaluate-sae --sae runs/reproduce/sae-l6/sae --contexts 64 --out runs/reproduce/sae-l6/metrics.json
+saesteer discover --model smollm2-135m-instruct --sae runs/reproduce/sae-l6/sae --n-candidates 4 --screen-values 8,16 --screen-prompts 16 --max-new-tokens 40 --detector-layer 18 --out runs/reproduce/discover
+saesteer sweep --model smollm2-135m-instruct --grid runs/reproduce/validation-grid.json --split validation --suite safety --limit 24 --judge strict --max-new-tokens 40 --mmlu-shots 3 --seed 0 --cache runs/reproduce/generations.cache.jsonl --out runs/reproduce/validation.jsonl
+saesteer sweep --model smollm2-135m-instruct --grid runs/reproduce/test-grid.json --split test --suite all --limit 100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24 --judge strict --max-new-tokens 40 --mmlu-shots 3 --seed 0 --cache runs/reproduce/generations.cache.jsonl --out runs/reproduce/test-strict.jsonl
+saesteer sweep --model smollm2-135m-instruct --grid runs/reproduce/test-grid.json --split test --suite safety,jailbreak --limit 100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24 --judge string --max-new-tokens 40 --mmlu-shots 3 --seed 0 --cache runs/reproduce/generations.cache.jsonl --out runs/reproduce/test-string.jsonl
