@@ -211,7 +211,7 @@ def trade_off_plot(found: list[Curve]) -> Figure | None:
     """Unsafe refusal (y) vs safe over-refusal (x) per method across strengths, with 95% CI bars."""
     fig, ax = _figure(9.5, 5.4)
     colours = iter(f"C{i}" for i in range(100))
-    drawn = False
+    drawn, top = False, [0.0, 0.0]  # largest CI bound on x and y, to zoom in on small rates
     for curve in found:
         kept = [(p, p.headline(*UNSAFE), p.headline(*SAFE)) for p in curve.points]
         kept = [k for k in kept if k[1] and k[2]]
@@ -220,6 +220,7 @@ def trade_off_plot(found: list[Curve]) -> Figure | None:
         drawn = True
         points, unsafe, safe = zip(*kept)
         x, y = [r["value"] for r in safe], [r["value"] for r in unsafe]
+        top = [max(top[0], *(r["ci_high"] for r in safe)), max(top[1], *(r["ci_high"] for r in unsafe))]
         unsteered = curve.spec.get("method", "none") == "none"
         bars = ax.errorbar(x, y, xerr=_errors(safe), yerr=_errors(unsafe), fmt="*" if unsteered else ("o-" if len(kept) > 1 else "s"),
                            ms=13 if unsteered else 5, color="black" if unsteered else next(colours), capsize=2, lw=1.2,
@@ -231,7 +232,8 @@ def trade_off_plot(found: list[Curve]) -> Figure | None:
                 ax.annotate(p.strength[1], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7, color="#444")
     if not drawn:
         return None
-    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="over-refusal rate on safe prompts (lower is better)",
+    x_max, y_max = (min(1.0, 1.15 * t + 0.02) for t in top)
+    ax.set(xlim=(-0.03 * x_max, x_max * 1.03), ylim=(-0.03 * y_max, y_max * 1.03), xlabel="over-refusal rate on safe prompts (lower is better)",
            ylabel="refusal rate on unsafe prompts (higher is better)", title="Refusal trade-off (95% CIs; labels: strength)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
