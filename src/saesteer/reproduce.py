@@ -7,6 +7,7 @@ threshold (validation splits) -> evaluate every method (test splits) -> RESULTS.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -197,12 +198,12 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def _loaded(config: ReproduceConfig, cache: dict = {}) -> LoadedModel:  # noqa: B006 - one model per process
+@functools.lru_cache(maxsize=1)
+def _load(model: str) -> LoadedModel:
+    """One model per process for the in-process stages (layer scan, detector threshold)."""
     from saesteer.models import load_model
 
-    if config.model not in cache:
-        cache[config.model] = load_model(config.model)
-    return cache[config.model]
+    return load_model(model)
 
 
 def choose_layer(pipeline: Pipeline) -> int:
@@ -211,7 +212,7 @@ def choose_layer(pipeline: Pipeline) -> int:
         return config.layer
     path = pipeline.out / "layer-scan" / "layer-scan.json"
     if not path.is_file():
-        pipeline.timed("layer-scan", layer_scan, _loaded(config), config.scan, path.parent)
+        pipeline.timed("layer-scan", layer_scan, _load(config.model), config.scan, path.parent)
     return json.loads(path.read_text())["best_layer"]
 
 
@@ -265,13 +266,12 @@ def choose_threshold(loaded: LoadedModel, detector: str, max_fpr: float, limit: 
 
 def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
     """Every steering config tried on VALIDATION prompts: one curve per method."""
-    from saesteer.steering import load_direction
+    from safetensors import safe_open
 
     specs = discovery["specs"]
     actadd = specs["actadd"]
-    with __import__("safetensors").safe_open(actadd["direction"], "pt") as f:
+    with safe_open(actadd["direction"], "pt") as f:  # the raw diff-in-means (load_direction returns it unit-norm)
         diff_norm = float(f.get_tensor("direction").norm())
-    load_direction(actadd["direction"])  # fail early on a bad file
     grid = [{"method": "none"}, {"method": "system_prompt"}]
     grid += [{**actadd, "alpha": round(m * diff_norm, 3)} for m in config.actadd_multipliers]
     for name in ("sae_clamp", "control_clamp"):
@@ -340,7 +340,7 @@ def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
     config, out = pipeline.config, pipeline.out
     gate = out / "detector-threshold.json"
     if "conditional_sae" in discovery["specs"] and not gate.is_file():
-        found = pipeline.timed("threshold", choose_threshold, _loaded(config), discovery["specs"]["conditional_sae"]["detector"],
+        found = pipeline.timed("threshold", choose_threshold, _load(config.model), discovery["specs"]["conditional_sae"]["detector"],
                                config.detector_max_fpr, config.select_limit)
         gate.write_text(json.dumps(found, indent=2))
     if gate.is_file():
@@ -525,9 +525,8 @@ PRESET_NAMES = {"sae_clamp": "refusal", "conditional_sae": "refusal_conditional"
 
 def _to_builtin(spec: dict, paths: dict[str, str]) -> dict:
     """The spec with its file paths replaced by `builtin:` names of the shipped copies."""
-    spec = {k: (_to_builtin(v, paths) if isinstance(v, dict) else paths.get(v, v) if isinstance(v, str) else v)
+    return {k: (_to_builtin(v, paths) if isinstance(v, dict) else paths.get(v, v) if isinstance(v, str) else v)
             for k, v in spec.items()}
-    return spec
 
 
 def model_card(metrics: dict, sae_cfg: dict, config: ReproduceConfig, data_info: dict, collected: int) -> str:
