@@ -41,7 +41,11 @@ def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_di
                         "--out", str(tmp_path))
     assert code == 0, out.err
     result = json.loads((tmp_path / "discovery.json").read_text())
-    assert result["n_harmful"] == 8 and len(result["candidates"]) <= 2
+    assert result["n_harmful"] == 8 and len(result["candidates"]) <= 4 and result["judge"] == "strict"
     assert set(result["specs"]) >= {"actadd", "sae_clamp", "conditional_sae", "control_clamp"}
     assert 0.9 <= result["detector"]["harmful_flagged"] <= 1.0
+    screened = [(s["score"], s["harmful_refusal"], c["feature"]) for c in result["candidates"] for s in c["screen"]]
+    unconditional, conditional = result["specs"]["sae_clamp"]["features"][0], result["specs"]["conditional_sae"]["steering"]["features"][0]
+    assert max(s[0] for s in screened if s[2] == unconditional) == max(s[0] for s in screened)  # best gain minus over-refusal
+    assert max(s[1] for s in screened if s[2] == conditional) == max(s[1] for s in screened)  # most refusal: the gate guards safe prompts
     assert (tmp_path / "discovery.md").read_text().startswith("# Refusal feature discovery")

@@ -67,7 +67,9 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
     config = DiscoverConfig(n_candidates=3, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256,
                             screen_values=(4.0,), screen_prompts=4, max_new_tokens=4)
     result = discover(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
-    assert len(result["candidates"]) == 3
+    sources = [c["source"] for c in result["candidates"]]
+    assert 3 <= len(sources) <= 6 and set(sources) <= {"contrast", "attribution", "both"}
+    assert sum(s != "attribution" for s in sources) == 3 and sum(s != "contrast" for s in sources) == 3
     first = result["candidates"][0]
     assert first["screen"][0]["value"] == 4.0 and 0 <= first["screen"][0]["harmful_refusal"] <= 1
     scores = [c["screen"][0]["score"] for c in result["candidates"]]
@@ -75,6 +77,26 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
     assert "| feature |" in summary_markdown(result)
     control = topic_feature(loaded, sae_dir, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0)
     assert 0 <= control["feature"] < 128
+
+
+def test_refusal_attribution_is_the_derivative_along_each_decoder_direction(loaded, sae_dir):
+    from saesteer.features import refusal_attribution, reply_logprob
+    from saesteer.steering import load_sae
+
+    sae = load_sae(sae_dir)
+    prompts, refusals, compliances = ["the quick brown fox", "over the lazy dog"], ["no, never", "I will not"], ["sure, jumps", "here it is"]
+    scores = refusal_attribution(loaded, sae, prompts, refusals, compliances, batch_size=1)
+    assert scores.shape == (sae.cfg.n_latents,)
+
+    def gap(feature: int, eps: float) -> float:  # mean log p(refusal) - log p(compliance), `eps` units of the feature added
+        offset = eps * sae.W_dec[feature].float() / sae.cfg.norm_scale
+        with torch.no_grad():
+            return float(reply_logprob(loaded, sae.cfg.layer, "resid_post", list(zip(prompts, refusals)), offset)
+                         - reply_logprob(loaded, sae.cfg.layer, "resid_post", list(zip(prompts, compliances)), offset)) / len(prompts)
+
+    for feature in (int(scores.argmax()), int(scores.argmin())):
+        numeric = (gap(feature, 1e-2) - gap(feature, -1e-2)) / 2e-2
+        assert numeric == pytest.approx(float(scores[feature]), rel=0.05, abs=1e-3)
 
 
 def test_threshold_for_recall():

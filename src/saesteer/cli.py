@@ -216,13 +216,16 @@ def steer(
 def discover(
     sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
     model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    n_candidates: int = typer.Option(8, help="features to keep and screen causally"),
+    n_candidates: int = typer.Option(8, help="features to screen causally from each ranking (contrast, attribution)"),
+    attribution_prompts: int = typer.Option(64, help="harmful TRAIN prompts for the attribution gradient"),
     screen_values: str = typer.Option("8,16", help="clamp values tried in the causal screen"),
     screen_prompts: int = typer.Option(24, help="harmful and harmless TRAIN prompts per screen config"),
     limit: Optional[int] = typer.Option(None, help="use at most this many harmful train prompts"),
     max_new_tokens: int = typer.Option(40, help="tokens generated per reply (judged for refusal)"),
     detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
     detector_recall: float = typer.Option(0.9, help="share of harmful train prompts the detector must flag"),
+    detector_harmless: int = typer.Option(256, help="harmless TRAIN prompts added to XSTest-safe ones as the detector's negatives"),
+    judge: str = typer.Option("strict", help="refusal judge of the screen: strict, string or an LLM judge (as in eval --judge)"),
     out: Path = typer.Option(Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 ) -> None:
@@ -231,22 +234,24 @@ def discover(
 
     from saesteer.evalsets import mmlu_dev, safety_prompts
     from saesteer.features import DiscoverConfig, baseline_specs, discover as run_discover, summary_markdown, topic_feature
-    from saesteer.judges import StringMatchJudge, is_refusal
+    from saesteer.judges import is_refusal, load_judge
     from saesteer.models import load_model
 
-    judge = StringMatchJudge()
+    refusal_judge = load_judge(judge, device)
     harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
-    config = DiscoverConfig(n_candidates=n_candidates, screen_prompts=screen_prompts, max_new_tokens=max_new_tokens,
-                            screen_values=tuple(float(v) for v in screen_values.split(",")))
+    config = DiscoverConfig(n_candidates=n_candidates, attribution_prompts=attribution_prompts, screen_prompts=screen_prompts,
+                            max_new_tokens=max_new_tokens, screen_values=tuple(float(v) for v in screen_values.split(",")))
     loaded = load_model(model, device=device)
     dev = mmlu_dev()
     philosophy = [q.question for q in dev.get("philosophy", [])]
     other = [q.question for subject, qs in sorted(dev.items()) if subject != "philosophy" for q in qs[:2]]
     control = {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)} if philosophy else None
-    result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(judge.verdict(reply)), config, control=control)
+    result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(refusal_judge.verdict(reply)), config, control=control)
+    result["judge"] = judge
     out.mkdir(parents=True, exist_ok=True)
-    result["specs"] = baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall)
+    negatives = harmless + [p.text for p in safety_prompts("harmless", "train")][:detector_harmless]
+    result["specs"] = baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall, negatives)
     (out / "discovery.json").write_text(json.dumps(result, indent=2))
     (out / "discovery.md").write_text(summary_markdown(result))
     best = result["candidates"][0] if result["candidates"] else None

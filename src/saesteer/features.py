@@ -1,9 +1,11 @@
 """Find the SAE features that mediate refusal (and an unrelated control feature), with evidence.
 
 Pipeline (`discover`): teacher-force refusal and compliance replies to harmful TRAIN prompts and
-contrast the SAE codes on the reply tokens (effect size, AUROC, firing frequency); keep features
-that are not dense on ordinary text; show each candidate's top-activating corpus contexts and
-logit-lens tokens; then a causal screen steers each candidate on train prompts and ranks by
+rank features two ways: by how their codes on the reply tokens separate refusal from compliance
+(effect size, AUROC; the paper's contrast) and by attribution, the gradient of log p(refusal) -
+log p(compliance) along each decoder direction (what steering would do, to first order). Keep
+features that are not dense on ordinary text; show each candidate's top-activating corpus contexts
+and logit-lens tokens; then a causal screen steers each candidate on train prompts and ranks by
 refusal gain minus over-refusal. Also a diff-in-means refusal direction (Arditi et al. 2024).
 """
 
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError
-from saesteer.hooks import residual_at
+from saesteer.hooks import edit_residual, residual_at
 from saesteer.models import LoadedModel, chat_prompts, generate
 from saesteer.steering import Conditional, SAESteer, Steering, SystemPrompt, check_sae_fits, load_sae
 
@@ -38,7 +40,8 @@ Judge = Callable[[str], bool]
 class DiscoverConfig:
     """Sizes and thresholds of the discovery run; every prompt list it reads is a TRAIN split."""
 
-    n_candidates: int = 8
+    n_candidates: int = 8  # per ranking (contrast, attribution); features in both are screened once
+    attribution_prompts: int = 64  # harmful TRAIN prompts (with a compliant reply) for the attribution gradient
     max_corpus_freq: float = 0.05  # drop features firing on more than this fraction of corpus tokens
     min_refusal_freq: float = 0.2  # ... or on fewer than this fraction of refusal replies
     corpus_tokens: int = 16_384
@@ -54,6 +57,8 @@ class Candidate:
     """One feature with the evidence for (or against) it."""
 
     feature: int
+    source: str  # which ranking proposed it: contrast, attribution or both
+    attribution: float
     effect_size: float
     auroc: float
     mean_refusal: float
@@ -109,6 +114,38 @@ def reply_codes(loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batc
         for row, n in enumerate(reply_lengths):
             means.append(z[row, width - max(n, 1) :].mean(0))  # left padding: the reply is at the end
     return torch.stack(means).cpu()
+
+
+def reply_logprob(loaded: LoadedModel, layer: int, point: str, exchanges: list[tuple[str, str]], offset: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of every reply, teacher-forced after its chat-rendered prompt, with `offset`
+    added to the residual stream at every position of `layer` (differentiable in `offset`)."""
+    tokenizer = loaded.tokenizer
+    prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in exchanges])
+    batch = tokenizer([p + r for p, (_, r) in zip(prompts, exchanges)], return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(loaded.device)
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    with edit_residual(loaded.model, layer, lambda h: h + offset.to(h.dtype), point):
+        logits = loaded.model(**batch, use_cache=False).logits.float()
+    ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # logp[:, t] scores token t + 1
+    reply_lengths = [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
+    return sum(logp[row, width - 1 - n :].sum() for row, n in enumerate(reply_lengths))  # left padding
+
+
+def refusal_attribution(loaded: LoadedModel, sae, prompts: list[str], refusals: list[str], compliances: list[str],
+                        batch_size: int = 16) -> torch.Tensor:
+    """Per feature [n_latents]: the first-order change, averaged over prompts, in log p(refusal reply) -
+    log p(compliance reply) from adding one latent unit of the feature's decoder direction at every
+    position (attribution patching: one backward pass instead of a steered run per feature)."""
+    layer, point = sae.cfg.layer, sae.cfg.hook_point or "resid_post"
+    offset = torch.zeros(loaded.d_model, device=loaded.device, requires_grad=True)
+    grad = torch.zeros(loaded.d_model, device=loaded.device)
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        gap = (reply_logprob(loaded, layer, point, list(zip(prompts[chunk], refusals[chunk])), offset)
+               - reply_logprob(loaded, layer, point, list(zip(prompts[chunk], compliances[chunk])), offset))
+        grad += torch.autograd.grad(gap, offset)[0]
+    return ((sae.W_dec.float() / sae.cfg.norm_scale) @ grad / max(1, len(prompts))).cpu()
 
 
 def contrast(refusal: torch.Tensor, compliance: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -205,7 +242,7 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     check_sae_fits(sae, loaded)
     if not harmful or not harmless:
         raise SaesteerError("discovery needs harmful and harmless train prompts")
-    steps = tqdm(total=5, desc="discover", disable=not progress)
+    steps = tqdm(total=6, desc="discover", disable=not progress)
 
     refused_rate, own_refusals = refusal_rate(loaded, SystemPrompt(REFUSE_ALL), harmful, judge, config)
     plain_rate, own_replies = refusal_rate(loaded, Steering(), harmful, judge, config)
@@ -217,19 +254,27 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     steps.update()
 
     stats = contrast(reply_codes(loaded, sae, refusals, config.batch_size), reply_codes(loaded, sae, compliances, config.batch_size))
+    steps.update()
+    pairs = compliances[: config.attribution_prompts]
+    attribution = refusal_attribution(loaded, sae, [p for p, _ in pairs], [TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)] for i in range(len(pairs))],
+                                      [r for _, r in pairs], config.batch_size)
+    steps.update()
     ids, codes = corpus_codes(loaded, sae, config.corpus_tokens, batch_size=config.batch_size)
     flat = codes[:, 1:].reshape(-1, codes.shape[-1])
     corpus_freq, corpus_max = (flat > 0).float().mean(0), flat.max(0).values
     steps.update()
 
-    eligible = (corpus_freq <= config.max_corpus_freq) & (stats["refusal_freq"] >= config.min_refusal_freq)
-    ranking = torch.where(eligible, stats["effect_size"], torch.tensor(float("-inf")))
-    chosen = [int(f) for f in ranking.topk(config.n_candidates).indices if ranking[f] > float("-inf")]
+    sparse = corpus_freq <= config.max_corpus_freq
+    by_contrast = _top(stats["effect_size"], sparse & (stats["refusal_freq"] >= config.min_refusal_freq), config.n_candidates)
+    by_attribution = _top(attribution, sparse, config.n_candidates)
+    sources = {f: "contrast" for f in by_contrast}
+    sources.update({f: "both" if f in sources else "attribution" for f in by_attribution})
     candidates = [
-        Candidate(feature=f, **{k: round(float(v[f]), 4) for k, v in stats.items()}, corpus_freq=round(float(corpus_freq[f]), 5),
+        Candidate(feature=f, source=source, attribution=round(float(attribution[f]), 4),
+                  **{k: round(float(v[f]), 4) for k, v in stats.items()}, corpus_freq=round(float(corpus_freq[f]), 5),
                   corpus_max=round(float(corpus_max[f]), 4), logit_lens=logit_lens(loaded, sae.W_dec[f] / sae.cfg.norm_scale),
                   contexts=top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts), histogram=activation_histogram(flat[:, f]))
-        for f in chosen
+        for f, source in sources.items()
     ]
     if control is not None:
         f = control["feature"]
@@ -262,6 +307,12 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     if control is not None:
         result["control"] = control
     return result
+
+
+def _top(scores: torch.Tensor, eligible: torch.Tensor, n: int) -> list[int]:
+    """The `n` highest-scoring eligible indices, best first."""
+    ranking = torch.where(eligible, scores, torch.tensor(float("-inf")))
+    return [int(f) for f in ranking.topk(min(n, len(ranking))).indices if ranking[f] > float("-inf")]
 
 
 def topic_feature(loaded: LoadedModel, sae_path: str, topic: list[str], other: list[str], max_corpus_freq: float = 0.05) -> dict:
@@ -330,13 +381,13 @@ def summary_markdown(result: dict) -> str:
         f"{result['n_refusal_replies']} refusal vs {result['n_compliance_replies']} compliance replies contrasted.",
         f"Unsteered refusal on the screen prompts: harmful {base['harmful_refusal']:.0%}, harmless {base['harmless_refusal']:.0%}.",
         "",
-        "| feature | effect size | AUROC | corpus freq | best clamp | harmful refusal | harmless refusal | logit lens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| feature | proposed by | attribution | effect size | AUROC | corpus freq | best clamp | harmful refusal | harmless refusal | logit lens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["candidates"]:
         best = max(c["screen"], key=lambda s: s["score"]) if c["screen"] else {"value": "-", "harmful_refusal": float("nan"), "harmless_refusal": float("nan")}
         lens = " ".join(f"`{t.strip() or repr(t)}`" for t in c["logit_lens"][:6])
-        lines.append(f"| {c['feature']} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
+        lines.append(f"| {c['feature']} | {c.get('source', 'contrast')} | {c.get('attribution', float('nan')):.2f} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
                      f"{best['harmful_refusal']:.0%} | {best['harmless_refusal']:.0%} | {lens} |")
     for c in result["candidates"][:3]:
         lines += ["", f"## Feature {c['feature']}", "", "Top corpus contexts (peak token in **bold**):", ""]
@@ -349,25 +400,30 @@ def summary_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str], out: Path, detector_layer: int, recall: float) -> dict:
-    """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`) and ready
-    steering specs built from the discovery result, all from TRAIN prompts."""
+def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str], out: Path, detector_layer: int, recall: float,
+                   detector_harmless: list[str] | None = None) -> dict:
+    """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`, contrasted with
+    `detector_harmless` if given) and ready steering specs built from the discovery result, all from TRAIN
+    prompts. The unconditional clamp takes the candidate with the best screen score (refusal gain minus
+    over-refusal); the conditional one, whose gate keeps safe prompts unsteered, the one that refuses most."""
     from saesteer.steering import save_direction
 
     loaded.check_layer(detector_layer)
+    detector_harmless = detector_harmless or harmless
     actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
     save_direction(actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec)
-    save_direction(detector_path, diff_in_means(loaded, harmful, harmless, detector_layer), detector_layer, loaded.spec)
+    save_direction(detector_path, diff_in_means(loaded, harmful, detector_harmless, detector_layer), detector_layer, loaded.spec)
     probe = Conditional(steering={"method": "none"}, detector=str(detector_path))
-    harmful_scores, harmless_scores = prompt_scores(loaded, probe, harmful), prompt_scores(loaded, probe, harmless)
+    harmful_scores, harmless_scores = prompt_scores(loaded, probe, harmful), prompt_scores(loaded, probe, detector_harmless)
     threshold = threshold_for_recall(harmful_scores, recall)
     specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
-    if result["candidates"]:
-        best = result["candidates"][0]
-        value = max(best["screen"], key=lambda s: s["score"])["value"] if best["screen"] else 12.0
-        specs["sae_clamp"] = {"method": "sae", "sae": result["sae"], "features": [best["feature"]], "values": [value]}
-        specs["conditional_sae"] = {"method": "conditional", "steering": specs["sae_clamp"], "detector": str(detector_path),
-                                    "threshold": threshold}
+    screened = [(c, s) for c in result["candidates"] for s in c["screen"]]
+    if screened:
+        best, best_screen = max(screened, key=lambda cs: cs[1]["score"])
+        strongest, strongest_screen = max(screened, key=lambda cs: (cs[1]["harmful_refusal"], cs[1]["score"]))
+        specs["sae_clamp"] = {"method": "sae", "sae": result["sae"], "features": [best["feature"]], "values": [best_screen["value"]]}
+        specs["conditional_sae"] = {"method": "conditional", "detector": str(detector_path), "threshold": threshold,
+                                    "steering": {**specs["sae_clamp"], "features": [strongest["feature"]], "values": [strongest_screen["value"]]}}
     if "control" in result:
         specs["control_clamp"] = {"method": "sae", "sae": result["sae"], "features": [result["control"]["feature"]],
                                   "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]]}

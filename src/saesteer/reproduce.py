@@ -135,6 +135,7 @@ class ReproduceConfig:
     screen_prompts: int = 16
     detector_layer: int = 18
     select_limit: int = 24  # VALIDATION prompts per safety set
+    threshold_limit: int | None = None  # VALIDATION prompts per set scored for the detector threshold (None: all)
     detector_max_fpr: float = 0.02  # conditional gate: highest recall with at most this share of safe VALIDATION prompts flagged
     clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)  # x |diff-in-means|
@@ -156,7 +157,7 @@ PRESETS = {
         out="runs/reproduce-tiny", layer=6, scan=None, collect_tokens=16_384, train_tokens=32_768,
         expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, screen_values="8",
         screen_prompts=4,
-        select_limit=4, clamp_values=(8.0,), actadd_multipliers=(8.0,),
+        select_limit=4, threshold_limit=4, clamp_values=(8.0,), actadd_multipliers=(8.0,),
         test_limit="4,mmlu=4,truthfulqa=4,gsm8k=2,hh_rlhf=2,crescendo_advbench=2,heldout_text=2", max_new_tokens=16),
 }
 
@@ -240,7 +241,8 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
     if not (folder / "discovery.json").is_file():
         args = ["discover", "--model", config.model, "--sae", sae, "--n-candidates", config.n_candidates,
                 "--screen-values", config.screen_values, "--screen-prompts", config.screen_prompts,
-                "--max-new-tokens", config.max_new_tokens, "--detector-layer", config.detector_layer, "--out", folder]
+                "--max-new-tokens", config.max_new_tokens, "--detector-layer", config.detector_layer, "--judge", config.judge,
+                "--out", folder]
         if config.discover_limit:
             args += ["--limit", config.discover_limit]
         pipeline.saesteer("discover", *args)
@@ -249,12 +251,14 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
 
 def choose_threshold(loaded: LoadedModel, detector: str, max_fpr: float, limit: int | None = None) -> dict:
     """The conditional gate's threshold from VALIDATION prompts: the lowest threshold (highest recall on
-    unsafe prompts) that flags at most `max_fpr` of safe prompts."""
+    unsafe prompts) that flags at most `max_fpr` of safe prompts. Safe prompts mix XSTest-safe and as many
+    harmless ones, as the test pool does; scoring needs no generation, so by default all are used."""
     from saesteer.features import prompt_scores
     from saesteer.steering import Conditional
 
-    unsafe = [p.text for name in ("advbench", "xstest_unsafe") for p in safety_prompts(name, "validation")[:limit]]
-    safe = [p.text for name in ("xstest_safe", "harmless") for p in safety_prompts(name, "validation")[:limit]]
+    unsafe = [p.text for name in ("advbench", "harmful_mix", "xstest_unsafe") for p in safety_prompts(name, "validation")[:limit]]
+    tricky = [p.text for p in safety_prompts("xstest_safe", "validation")[:limit]]
+    safe = tricky + [p.text for p in safety_prompts("harmless", "validation")[: len(tricky)]]
     probe = Conditional(steering={"method": "none"}, detector=detector)
     unsafe_scores, safe_scores = prompt_scores(loaded, probe, unsafe), prompt_scores(loaded, probe, safe)
     ordered = safe_scores.sort(descending=True).values
@@ -341,7 +345,7 @@ def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
     gate = out / "detector-threshold.json"
     if "conditional_sae" in discovery["specs"] and not gate.is_file():
         found = pipeline.timed("threshold", choose_threshold, _load(config.model), discovery["specs"]["conditional_sae"]["detector"],
-                               config.detector_max_fpr, config.select_limit)
+                               config.detector_max_fpr, config.threshold_limit)
         gate.write_text(json.dumps(found, indent=2))
     if gate.is_file():
         discovery["validation_threshold"] = json.loads(gate.read_text())
