@@ -37,7 +37,7 @@ def test_steer_bad_specs_are_one_line(monkeypatch, capsys, tiny_model_dir, tiny_
 @pytest.mark.slow
 def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_dir, tiny_sae, tmp_path):
     code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--model", str(tiny_model_dir), "--limit", "8",
-                        "--n-candidates", "2", "--screen-values", "4", "--max-new-tokens", "4", "--screen-prompts", "4", "--detector-layer", "3",
+                        "--n-candidates", "2", "--n-attribution", "2", "--screen-values", "4", "--max-new-tokens", "4", "--screen-prompts", "4", "--detector-layer", "3",
                         "--out", str(tmp_path))
     assert code == 0, out.err
     result = json.loads((tmp_path / "discovery.json").read_text())

@@ -64,7 +64,7 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
     harmful = ["the quick brown fox jumps", "sparse autoencoders steer", "over the lazy dog", "brown fox"] * 2
     harmless = ["models jump", "the dog", "quick steer", "lazy fox"]
     judge = lambda reply: "fox" in reply  # a scripted judge: the tiny model's output is noise
-    config = DiscoverConfig(n_candidates=3, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256,
+    config = DiscoverConfig(n_candidates=3, n_attribution=3, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256,
                             screen_values=(4.0,), screen_prompts=4, max_new_tokens=4)
     result = discover(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
     sources = [c["source"] for c in result["candidates"]]

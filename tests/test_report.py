@@ -152,7 +152,7 @@ def test_discover_records_histograms_for_candidates_and_control(tiny_loaded, tmp
     load_sae.cache_clear()
     sae = str(tmp_path / "sae")
     control = topic_feature(tiny_loaded, sae, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0)
-    config = DiscoverConfig(n_candidates=2, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256, screen_values=(4.0,),
+    config = DiscoverConfig(n_candidates=2, n_attribution=2, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256, screen_values=(4.0,),
                             screen_prompts=2, max_new_tokens=2)
     result = discover(tiny_loaded, sae, ["the quick brown fox", "over the lazy dog"] * 3, ["the dog", "lazy fox"],
                       lambda reply: "fox" in reply, config, progress=False, control=control)

@@ -216,7 +216,8 @@ def steer(
 def discover(
     sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
     model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    n_candidates: int = typer.Option(8, help="features to screen causally from each ranking (contrast, attribution)"),
+    n_candidates: int = typer.Option(8, help="features ranked best by contrast to screen causally"),
+    n_attribution: int = typer.Option(8, help="... and ranked best by attribution"),
     attribution_prompts: int = typer.Option(64, help="harmful TRAIN prompts for the attribution gradient"),
     screen_values: str = typer.Option("8,16", help="clamp values tried in the causal screen"),
     screen_prompts: int = typer.Option(24, help="harmful and harmless TRAIN prompts per screen config"),
@@ -240,7 +241,7 @@ def discover(
     refusal_judge = load_judge(judge, device)
     harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
-    config = DiscoverConfig(n_candidates=n_candidates, attribution_prompts=attribution_prompts, screen_prompts=screen_prompts,
+    config = DiscoverConfig(n_candidates=n_candidates, n_attribution=n_attribution, attribution_prompts=attribution_prompts, screen_prompts=screen_prompts,
                             max_new_tokens=max_new_tokens, screen_values=tuple(float(v) for v in screen_values.split(",")))
     loaded = load_model(model, device=device)
     dev = mmlu_dev()

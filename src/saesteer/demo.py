@@ -57,7 +57,7 @@ def fallback_presets(loaded: LoadedModel, out: Path, tokens: int, n_prompts: int
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")][:n_prompts]
     judge = StringMatchJudge()
     found = discover(loaded, sae, harmful, harmless, lambda r: is_refusal(judge.verdict(r)),
-                     DiscoverConfig(n_candidates=3, screen_prompts=min(12, n_prompts), screen_values=(8.0,)))
+                     DiscoverConfig(n_candidates=3, n_attribution=3, screen_prompts=min(12, n_prompts), screen_values=(8.0,)))
     specs = baseline_specs(loaded, found, harmful, harmless, out / "fallback", min(18, loaded.n_layers - 1), 0.9)
     path = out / "fallback" / "discovery.json"
     path.write_text(json.dumps({**found, "specs": specs}, indent=2))

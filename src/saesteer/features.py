@@ -40,7 +40,8 @@ Judge = Callable[[str], bool]
 class DiscoverConfig:
     """Sizes and thresholds of the discovery run; every prompt list it reads is a TRAIN split."""
 
-    n_candidates: int = 8  # per ranking (contrast, attribution); features in both are screened once
+    n_candidates: int = 8  # best by contrast
+    n_attribution: int = 8  # ... plus best by attribution (a feature in both is screened once)
     attribution_prompts: int = 64  # harmful TRAIN prompts (with a compliant reply) for the attribution gradient
     max_corpus_freq: float = 0.05  # drop features firing on more than this fraction of corpus tokens
     min_refusal_freq: float = 0.2  # ... or on fewer than this fraction of refusal replies
@@ -255,9 +256,9 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
 
     stats = contrast(reply_codes(loaded, sae, refusals, config.batch_size), reply_codes(loaded, sae, compliances, config.batch_size))
     steps.update()
-    pairs = compliances[: config.attribution_prompts]
-    attribution = refusal_attribution(loaded, sae, [p for p, _ in pairs], [TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)] for i in range(len(pairs))],
-                                      [r for _, r in pairs], config.batch_size)
+    pairs = compliances[: config.attribution_prompts]  # toward the canonical refusal, away from the model's own reply
+    attribution = refusal_attribution(loaded, sae, [p for p, _ in pairs], [TEMPLATED_REFUSALS[0]] * len(pairs), [r for _, r in pairs],
+                                      config.batch_size)
     steps.update()
     ids, codes = corpus_codes(loaded, sae, config.corpus_tokens, batch_size=config.batch_size)
     flat = codes[:, 1:].reshape(-1, codes.shape[-1])
@@ -266,7 +267,7 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
 
     sparse = corpus_freq <= config.max_corpus_freq
     by_contrast = _top(stats["effect_size"], sparse & (stats["refusal_freq"] >= config.min_refusal_freq), config.n_candidates)
-    by_attribution = _top(attribution, sparse, config.n_candidates)
+    by_attribution = _top(attribution, sparse, config.n_attribution)
     sources = {f: "contrast" for f in by_contrast}
     sources.update({f: "both" if f in sources else "attribution" for f in by_attribution})
     candidates = [

@@ -130,7 +130,8 @@ class ReproduceConfig:
     dead_tokens: int = 2_000_000
     sae_eval_contexts: int = 64
     discover_limit: int = 0  # harmful TRAIN prompts for discovery, 0 = all
-    n_candidates: int = 4
+    n_candidates: int = 4  # features screened: best by contrast ...
+    n_attribution: int = 8  # ... and best by attribution
     screen_values: str = "8,16"
     screen_prompts: int = 16
     detector_layer: int = 18
@@ -150,12 +151,12 @@ PRESETS = {
     "full": ReproduceConfig(),
     "quick": ReproduceConfig(
         out="runs/reproduce-quick", layer=6, scan=None, collect_tokens=600_000, train_tokens=1_200_000, expansion_factor=8,
-        dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, n_candidates=3, screen_prompts=12, select_limit=16,
+        dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, n_candidates=3, n_attribution=4, screen_prompts=12, select_limit=16,
         clamp_values=(6.0, 10.0), actadd_multipliers=(4.0, 8.0),
         test_limit="16,mmlu=24,truthfulqa=24,gsm8k=4,hh_rlhf=6,crescendo_advbench=6,heldout_text=8"),
     "tiny": ReproduceConfig(
         out="runs/reproduce-tiny", layer=6, scan=None, collect_tokens=16_384, train_tokens=32_768,
-        expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, screen_values="8",
+        expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, n_attribution=2, screen_values="8",
         screen_prompts=4,
         select_limit=4, threshold_limit=4, clamp_values=(8.0,), actadd_multipliers=(8.0,),
         test_limit="4,mmlu=4,truthfulqa=4,gsm8k=2,hh_rlhf=2,crescendo_advbench=2,heldout_text=2", max_new_tokens=16),
@@ -239,7 +240,7 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
 def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
     config, folder = pipeline.config, pipeline.out / "discover"
     if not (folder / "discovery.json").is_file():
-        args = ["discover", "--model", config.model, "--sae", sae, "--n-candidates", config.n_candidates,
+        args = ["discover", "--model", config.model, "--sae", sae, "--n-candidates", config.n_candidates, "--n-attribution", config.n_attribution,
                 "--screen-values", config.screen_values, "--screen-prompts", config.screen_prompts,
                 "--max-new-tokens", config.max_new_tokens, "--detector-layer", config.detector_layer, "--judge", config.judge,
                 "--out", folder]
