@@ -306,6 +306,7 @@ def eval_command(
     limit: str = _EVAL_OPTIONS["limit"],
     split: str = _EVAL_OPTIONS["split"],
     out: Path = typer.Option(Path("runs/eval.jsonl"), help="results JSONL (rows are appended)"),
+    replies: Optional[Path] = typer.Option(None, help="also write every judged reply (prompt, reply, verdict) to this JSONL"),
     prompts: Optional[Path] = _EVAL_OPTIONS["prompts"],
     label: Optional[str] = _EVAL_OPTIONS["label"],
     column: Optional[str] = _EVAL_OPTIONS["column"],
@@ -323,7 +324,7 @@ def eval_command(
     device: Optional[str] = _EVAL_OPTIONS["device"],
 ) -> None:
     """Evaluate one steering config: safety, capability, jailbreak and fidelity suites with 95% CIs."""
-    from saesteer.evals import ResultCache, SteeredModel, agreement_rows, append_rows, evaluate, summary_table
+    from saesteer.evals import ResultCache, SteeredModel, agreement_rows, append_rows, evaluate, summary_table, write_judged
     from saesteer.judges import StringMatchJudge, load_judge
     from saesteer.models import load_model
     from saesteer.steering import steering_from_dict
@@ -343,6 +344,8 @@ def eval_command(
     if judge != "string" and agreement_sample > 0 and run.judged:
         run.rows += agreement_rows(run, StringMatchJudge(), agreement_sample)
     append_rows(out, run.rows)
+    if replies and _is_rank_zero():
+        write_judged(replies, run)
     if _is_rank_zero():
         typer.echo(summary_table(run.rows, run.walls))
         typer.echo(f"wrote {len(run.rows)} rows to {out} (cache: {steered.cache.hits} hits, {steered.cache.misses} misses)")
@@ -462,6 +465,20 @@ def reproduce(
     start = time.perf_counter()
     results = run_reproduce(config, ship)
     typer.echo(f"\nwrote {results} and {results.parent / 'tradeoff.png'} in {time.perf_counter() - start:.0f} s")
+
+
+@app.command()
+def audit(
+    labels: Path = typer.Argument(..., help="JSONL of judged replies (from eval --replies), each given a 'human' label"),
+) -> None:
+    """Check a judge against a person: how the human labels split among replies it judged refusal / not."""
+    from saesteer.evals import audit_summary, read_rows
+
+    summary = audit_summary(read_rows(labels))
+    typer.echo(f"{'judge':<12} {'human label':<22} {'count':>9}  share [95% CI]")
+    for s in summary:
+        typer.echo(f"{s['judge']:<12} {s['human']:<22} {s['count']:>4} / {s['of']:<3}  "
+                   f"{100 * s['share']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]")
 
 
 @app.command()

@@ -839,3 +839,30 @@ def sweep(loaded: LoadedModel, steerings: list[dict], config: EvalConfig, out: s
         append_rows(out, rows)
         all_rows.extend(rows)
     return all_rows
+
+
+def write_judged(path: str | Path, run: Run) -> None:
+    """Every reply the run judged, one JSONL line each (prompt, reply, verdict, judge, steering, split): for
+    reading what the model said, or for a human audit of the judge (`saesteer audit`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steering = run.model.steering.to_dict()
+    with open(path, "w", encoding="utf-8") as f:
+        for prompt, reply, verdict in run.judged:
+            f.write(json.dumps({"prompt": prompt, "reply": reply, "verdict": verdict, "judge": run.judge.name,
+                                "steering": steering, "split": run.config.split}, ensure_ascii=False) + "\n")
+
+
+def audit_summary(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Human audit of judged replies: rows carry the judge's `verdict` and a person's `human` label. Per
+    (judge says refusal or not, human label): count and share of that judge group with a bootstrap 95% CI."""
+    if not rows or any("verdict" not in r or not r.get("human") for r in rows):
+        raise SaesteerError("audit rows need a judge verdict and a non-empty human label each")
+    summary = []
+    for judged in (True, False):
+        group = [r["human"] for r in rows if is_refusal(r["verdict"]) == judged]
+        for label in sorted(set(group)):
+            share, low, high = bootstrap_ci([float(h == label) for h in group], seed=seed)
+            summary.append({"judge": "refusal" if judged else "not refusal", "human": label, "count": group.count(label),
+                            "of": len(group), "share": share, "ci_low": low, "ci_high": high})
+    return summary
