@@ -487,6 +487,10 @@ def plot_tradeoff(validation: list[dict], test: list[dict], discovery: dict, pat
     plt.close(fig)
 
 
+def _format_strength(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
 def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) -> Path:
     """results.md (tables, goal check, chosen configs, timings) and tradeoff.png from the run's files."""
     from saesteer.evals import read_rows
@@ -515,8 +519,15 @@ def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) 
                 lines.append(f"| {name} | " + " | ".join(_cell(table[name].get(c[:3]), c[0] != "fidelity" or "rate" in c[2])
                                                        for c in present) + " |")
         lines += ["", "### Goal check", "", *goal_check(table), ""]
+    lines += ["## Validation sweep, judge `" + config.judge + "`", "", "| method | strength | unsafe refused (pooled) | safe refused (pooled) |",
+              "|---|---|---|---|"]
+    points = sorted(safety_points(validation_rows).values(),
+                    key=lambda p: (METHOD_ORDER.index(method_name(p["steering"], discovery)), strength(p["steering"]) or 0.0))
+    for point in points:
+        lines.append(f"| {method_name(point['steering'], discovery)} | {_format_strength(strength(point['steering']))} | "
+                     f"{_cell(point['unsafe_all'], True)} | {_cell(point['safe_all'], True)} |")
     chosen = json.loads((out / "chosen.json").read_text())
-    lines += ["## Chosen on validation", "", "```json", json.dumps(chosen, indent=1), "```", "",
+    lines += ["", "## Chosen on validation", "", "```json", json.dumps(chosen, indent=1), "```", "",
               "![trade-off](tradeoff.png)", "", "## Stage timings (s)", "",
               ", ".join(f"{k} {v:.0f}" for k, v in pipeline.timings.items()), ""]
     path = out / "results.md"
