@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from saesteer.errors import SaesteerError
-from saesteer.evalsets import safety_prompts
+from saesteer.evalsets import safety_prompts, subsample
 from saesteer.features import diff_in_means
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import LoadedModel, chat_prompts, generate
@@ -136,7 +136,8 @@ class ReproduceConfig:
     screen_prompts: int = 16
     detector_layer: int = 18
     select_limit: int = 24  # VALIDATION prompts per safety set
-    threshold_limit: int | None = None  # VALIDATION prompts per set scored for the detector threshold (None: all)
+    threshold_limit: int | None = None  # VALIDATION prompts per set scored for the detector threshold (None: all,
+    # harmless: a seeded HARMLESS_FOR_THRESHOLD)
     detector_max_fpr: float = 0.02  # conditional gate: highest recall with at most this share of safe VALIDATION prompts flagged
     clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)  # x |diff-in-means|
@@ -146,6 +147,8 @@ class ReproduceConfig:
     judge: str = "strict"
     seed: int = 0
 
+
+HARMLESS_FOR_THRESHOLD = 1000  # harmless VALIDATION prompts scored for the gate threshold: enough to see a 2% rate
 
 PRESETS = {
     "full": ReproduceConfig(),
@@ -250,23 +253,26 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
     return json.loads((folder / "discovery.json").read_text())
 
 
-def choose_threshold(loaded: LoadedModel, detector: str, max_fpr: float, limit: int | None = None) -> dict:
+def choose_threshold(loaded: LoadedModel, detector: str, max_fpr: float, limit: int | None = None, seed: int = 0) -> dict:
     """The conditional gate's threshold from VALIDATION prompts: the lowest threshold (highest recall on
-    unsafe prompts) that flags at most `max_fpr` of safe prompts. Safe prompts mix XSTest-safe and as many
-    harmless ones, as the test pool does; scoring needs no generation, so by default all are used."""
+    unsafe prompts) that flags at most `max_fpr` of EACH safe set (XSTest-safe, and a seeded sample of
+    harmless prompts big enough to pin a small rate down). Scoring needs no generation, so it is cheap."""
+    import torch
+
     from saesteer.features import prompt_scores
     from saesteer.steering import Conditional
 
     unsafe = [p.text for name in ("advbench", "harmful_mix", "xstest_unsafe") for p in safety_prompts(name, "validation")[:limit]]
-    tricky = [p.text for p in safety_prompts("xstest_safe", "validation")[:limit]]
-    safe = tricky + [p.text for p in safety_prompts("harmless", "validation")[: len(tricky)]]
+    safe = {"xstest_safe": [p.text for p in safety_prompts("xstest_safe", "validation")[:limit]],
+            "harmless": [p.text for p in subsample(safety_prompts("harmless", "validation"), limit or HARMLESS_FOR_THRESHOLD, seed)]}
     probe = Conditional(steering={"method": "none"}, detector=detector)
-    unsafe_scores, safe_scores = prompt_scores(loaded, probe, unsafe), prompt_scores(loaded, probe, safe)
-    ordered = safe_scores.sort(descending=True).values
-    allowed = int(max_fpr * len(ordered))  # safe prompts that may score above the threshold
-    threshold = float(ordered[allowed])
-    return {"threshold": threshold, "max_fpr": max_fpr, "n_unsafe": len(unsafe), "n_safe": len(safe),
-            "recall": float((unsafe_scores > threshold).float().mean()), "fpr": float((safe_scores > threshold).float().mean())}
+    unsafe_scores = prompt_scores(loaded, probe, unsafe)
+    safe_scores = {name: prompt_scores(loaded, probe, prompts) for name, prompts in safe.items()}
+    threshold = max(float(scores.sort(descending=True).values[int(max_fpr * len(scores))]) for scores in safe_scores.values())
+    pooled = torch.cat(list(safe_scores.values()))
+    return {"threshold": threshold, "max_fpr": max_fpr, "n_unsafe": len(unsafe), "n_safe": len(pooled),
+            "recall": float((unsafe_scores > threshold).float().mean()), "fpr": float((pooled > threshold).float().mean()),
+            "per_set": {name: {"n": len(scores), "fpr": float((scores > threshold).float().mean())} for name, scores in safe_scores.items()}}
 
 
 def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
@@ -346,7 +352,7 @@ def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
     gate = out / "detector-threshold.json"
     if "conditional_sae" in discovery["specs"] and not gate.is_file():
         found = pipeline.timed("threshold", choose_threshold, _load(config.model), discovery["specs"]["conditional_sae"]["detector"],
-                               config.detector_max_fpr, config.threshold_limit)
+                               config.detector_max_fpr, config.threshold_limit, config.seed)
         gate.write_text(json.dumps(found, indent=2))
     if gate.is_file():
         discovery["validation_threshold"] = json.loads(gate.read_text())
