@@ -276,6 +276,24 @@ def test_cache_hit_avoids_regeneration_and_survives_a_torn_line(tiny, tmp_path):
     assert other.calls == first.calls
 
 
+def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_path):
+    from saesteer.steering import ActAdd, save_direction
+
+    direction = tmp_path / "d.safetensors"
+    save_direction(direction, torch.ones(tiny.d_model), layer=1, model="tiny")
+    config, path = small_config(suites=("safety",)), tmp_path / "cache.jsonl"
+    first = Scripted(COMPLY)
+    evaluate(SteeredModel(tiny, ActAdd(direction=str(direction), alpha=2.0), ResultCache(path), generate_fn=first, progress=False), config)
+    same = Scripted(REFUSE)
+    evaluate(SteeredModel(tiny, ActAdd(direction=str(direction), alpha=2.0), ResultCache(path), generate_fn=same, progress=False), config)
+    assert first.calls > 0 and same.calls == 0
+    save_direction(direction, -torch.ones(tiny.d_model), layer=1, model="tiny")  # retrained, same file name
+    changed = Scripted(REFUSE)
+    evaluate(SteeredModel(tiny, ActAdd(direction=str(direction), alpha=2.0), ResultCache(path), generate_fn=changed, progress=False), config)
+    assert changed.calls == first.calls
+    assert evals.artefact_digest({"method": "none"}) == "" and evals.artefact_digest({"method": "conditional", "detector": str(direction)})
+
+
 def test_loglik_cache(tiny, tmp_path):
     model = SteeredModel(tiny, Steering(), ResultCache(tmp_path / "c.jsonl"), progress=False)
     requests = [("<|im_start|>user\nhi", [" A", " B"])]

@@ -14,12 +14,14 @@ Suites:
 Every rate gets a seeded percentile-bootstrap 95% CI. Each result is one JSON row per
 (config, metric): {"config": {model, steering, suite, dataset, split, limit, n, decoding, seed, judge},
 "metric", "value", "ci_low", "ci_high", "n", "wall_time_s"}. Generations and log-likelihoods are
-cached by (model, steering, rendered prompt, decoding) in an append-only JSONL file, so reruns and
-resumed sweeps do not recompute them.
+cached by (model, steering, digest of the steering's files, rendered prompt, decoding) in an append-only
+JSONL file, so reruns and resumed sweeps do not recompute them, and a retrained SAE or direction saved
+at the same path is never served stale replies.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -39,7 +41,7 @@ from saesteer import evalsets
 from saesteer.errors import SaesteerError
 from saesteer.judges import COMPLIANCE, PARTIAL_REFUSAL, REFUSAL, ChatBackend, Judge, StringMatchJudge, cohen_kappa, is_refusal
 from saesteer.models import LoadedModel, Messages, chat_prompts, generate
-from saesteer.steering import Steering, parse_steering, steering_from_dict
+from saesteer.steering import Steering, parse_steering, resolve, steering_from_dict
 
 SUITES = ("safety", "capability", "jailbreak", "fidelity")
 UNSAFE_SETS = ("advbench", "harmful_mix", "xstest_unsafe")
@@ -293,6 +295,37 @@ def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[list[int], l
     return scores
 
 
+ARTEFACT_KEYS = ("sae", "direction", "detector")  # steering-spec fields that name files
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artefact_digest(spec: dict) -> str:
+    """SHA-256 over the contents of every file a steering spec names (SAE folders: every file in them);
+    empty when it names none."""
+    paths: list[Path] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in sorted(node.items()):
+                if key in ARTEFACT_KEYS and isinstance(value, str) and value:
+                    path = Path(resolve(value))
+                    paths.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else [])
+                walk(value)
+
+    walk(spec)
+    if not paths:
+        return ""
+    return hashlib.sha256("".join(_file_digest(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths).encode()).hexdigest()
+
+
 class SteeredModel:
     """A loaded model under one steering: cached greedy replies and log-likelihoods, sharded under torchrun."""
 
@@ -301,12 +334,14 @@ class SteeredModel:
         self.loaded, self.steering = loaded, steering
         self.cache = cache or ResultCache(None)
         self.generate_fn, self.progress = generate_fn, progress
+        files = artefact_digest(steering.to_dict())
+        self._files = {"files": files} if files else {}  # unchanged keys for steerings that name no files
 
     def render(self, conversations: list[Messages]) -> list[str]:
         return chat_prompts(self.loaded, [self.steering.prepare(c) for c in conversations])
 
     def _key(self, **parts) -> str:
-        return ResultCache.key(model=self.loaded.spec, steering=self.steering.to_dict(), **parts)
+        return ResultCache.key(model=self.loaded.spec, steering=self.steering.to_dict(), **self._files, **parts)
 
     def replies(self, conversations: list[Messages], decoding: Decoding, desc: str = "generate") -> list[str]:
         """Greedy replies to each conversation (rendered after `steering.prepare`), steered."""
