@@ -331,6 +331,16 @@ def test_sweep_resumes_without_regenerating(tiny, tmp_path):
     assert resumed.calls == 0 and len(new) == len(rows) - len(rows) // 3
 
 
+def test_sweep_with_per_dataset_limits_resumes_and_a_new_limit_reruns(tiny, tmp_path):
+    out, steerings = tmp_path / "sweep.jsonl", [{"method": "none"}]
+    config = small_config(suites=("safety",), limit=2, limits={"advbench": 1})
+    first = evals.sweep(tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE))
+    assert {r["config"]["limit"] for r in first} == {1, 2}
+    assert evals.sweep(tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE)) == []
+    changed = small_config(suites=("safety",), limit=2, limits={"advbench": 2})
+    assert evals.sweep(tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE))
+
+
 def test_parse_helpers():
     assert evals.parse_limits("50,mmlu=100,gsm8k=0") == (50, {"mmlu": 100, "gsm8k": 10**9})
     assert evals.parse_limits("0") == (None, {})

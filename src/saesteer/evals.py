@@ -847,7 +847,8 @@ def load_sweep_file(path: str | Path) -> list[dict]:
 
 
 def _done_key(row_config: dict) -> str:
-    keep = {k: row_config[k] for k in ("model", "steering", "suite", "split", "limit", "seed", "decoding", "judge")}
+    """A row's (model, steering, suite, split, seed, decoding, judge): its config without the dataset and limit."""
+    keep = {k: row_config[k] for k in ("model", "steering", "suite", "split", "seed", "decoding", "judge")}
     keep["decoding"] = None if row_config["suite"] == "capability" else keep["decoding"]  # GSM8K rows carry their own
     return json.dumps(keep, sort_keys=True)
 
@@ -857,15 +858,18 @@ def sweep(loaded: LoadedModel, steerings: list[dict], config: EvalConfig, out: s
     """Evaluate every steering config in turn, appending rows to `out` after each; configs whose rows are
     already in `out` are skipped, and cached generations are reused, so an interrupted sweep resumes."""
     judge = judge or StringMatchJudge()
-    done = {_done_key(r["config"]) for r in read_rows(out)}
+    done: dict[str, list[tuple[str, int]]] = {}  # done key -> (dataset, limit) of its rows
+    for row in read_rows(out):
+        done.setdefault(_done_key(row["config"]), []).append((row["config"]["dataset"], row["config"]["limit"]))
     all_rows = []
     for spec in tqdm(steerings, desc="sweep", disable=not _is_rank_zero()):
         steering = steering_from_dict(spec)
         todo = []
         for suite in config.suites:
             probe = {"model": config.model, "steering": steering.to_dict(), "suite": suite, "split": config.split,
-                     "limit": config.limit, "seed": config.seed, "decoding": asdict(config.decoding), "judge": judge.name}
-            if _done_key(probe) not in done:
+                     "seed": config.seed, "decoding": asdict(config.decoding), "judge": judge.name}
+            rows = done.get(_done_key(probe), [])
+            if not rows or any(limit != config.limits.get(dataset, config.limit) for dataset, limit in rows):
                 todo.append(suite)
         if not todo:
             continue
