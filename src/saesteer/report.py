@@ -39,7 +39,7 @@ HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference;
     ("degenerate replies", "fidelity", "degeneration_rate", ("xstest_safe", "")),
 )
 UNSAFE, SAFE, CAPABILITY = HEADLINE[0][1:], HEADLINE[1][1:], HEADLINE[2:6]
-STATS = ("effect_size", "auroc", "mean_refusal", "mean_compliance", "refusal_freq", "corpus_freq", "corpus_max")
+STATS = ("source", "attribution", "effect_size", "auroc", "mean_refusal", "mean_compliance", "refusal_freq", "corpus_freq", "corpus_max")
 RESULT_KEYS = ("config", "metric", "value", "ci_low", "ci_high", "n", "config.model", "config.steering", "config.suite",
                "config.dataset", "config.split", "config.seed")
 EXAMPLE_KEYS = ("prompt", "steering", "reply")
