@@ -339,6 +339,7 @@ def test_sweep_with_per_dataset_limits_resumes_and_a_new_limit_reruns(tiny, tmp_
     assert evals.sweep(tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE)) == []
     changed = small_config(suites=("safety",), limit=2, limits={"advbench": 2})
     assert evals.sweep(tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE))
+    assert evals.sweep(tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE)) == []  # old rows stay
 
 
 def test_parse_helpers():

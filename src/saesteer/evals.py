@@ -869,7 +869,8 @@ def sweep(loaded: LoadedModel, steerings: list[dict], config: EvalConfig, out: s
             probe = {"model": config.model, "steering": steering.to_dict(), "suite": suite, "split": config.split,
                      "seed": config.seed, "decoding": asdict(config.decoding), "judge": judge.name}
             rows = done.get(_done_key(probe), [])
-            if not rows or any(limit != config.limits.get(dataset, config.limit) for dataset, limit in rows):
+            current = {dataset for dataset, limit in rows if limit == config.limits.get(dataset, config.limit)}
+            if not rows or current != {dataset for dataset, _ in rows}:  # every dataset has a row at today's limit
                 todo.append(suite)
         if not todo:
             continue
