@@ -49,3 +49,5 @@ def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_di
     assert max(s[0] for s in screened if s[2] == unconditional) == max(s[0] for s in screened)  # best gain minus over-refusal
     assert max(s[1] for s in screened if s[2] == conditional) == max(s[1] for s in screened)  # most refusal: the gate guards safe prompts
     assert (tmp_path / "discovery.md").read_text().startswith("# Refusal feature discovery")
+    code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--model", str(tiny_model_dir), "--judge", "openai:http://x/v1:m")
+    assert code == 2 and "use strict or string" in out.err

@@ -226,7 +226,7 @@ def discover(
     detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
     detector_recall: float = typer.Option(0.9, help="share of harmful train prompts the detector must flag"),
     detector_harmless: int = typer.Option(256, help="harmless TRAIN prompts added to XSTest-safe ones as the detector's negatives"),
-    judge: str = typer.Option("strict", help="refusal judge of the screen: strict, string or an LLM judge (as in eval --judge)"),
+    judge: str = typer.Option("strict", help="refusal judge of the screen: strict or string (it judges replies without their prompts)"),
     out: Path = typer.Option(Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 ) -> None:
@@ -238,7 +238,9 @@ def discover(
     from saesteer.judges import is_refusal, load_judge
     from saesteer.models import load_model
 
-    refusal_judge = load_judge(judge, device)
+    if judge not in ("strict", "string"):
+        raise SaesteerError(f"unknown screen judge {judge!r}: use strict or string")
+    refusal_judge = load_judge(judge)
     harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
     config = DiscoverConfig(n_candidates=n_candidates, n_attribution=n_attribution, attribution_prompts=attribution_prompts, screen_prompts=screen_prompts,
