@@ -440,7 +440,7 @@ def serve(
 
 @app.command()
 def reproduce(
-    preset: str = typer.Option("full", help="full (the reported run, ~1.75 h on 2 cores), quick (small n; 32 min measured at its previous sizes, cut to aim under 30) or tiny (CI smoke, ~10 min)"),
+    preset: str = typer.Option("full", help="full (the reported run, ~1.75 h on 2 cores), quick (small n; 27 min measured) or tiny (CI smoke, ~10 min)"),
     quick: bool = typer.Option(False, "--quick", help="shorthand for --preset quick"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: runs/reproduce[-quick|-tiny])"),
     shared: Path = typer.Option(Path("../shared/datasets"), help="the shared datasets folder (corpus, hh-rlhf, eval sets)"),

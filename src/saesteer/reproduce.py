@@ -156,8 +156,7 @@ PRESETS = {
         out="runs/reproduce-quick", layer=6, scan=None, collect_tokens=600_000, train_tokens=1_200_000, expansion_factor=8,
         dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, n_candidates=3, n_attribution=4, screen_values="8",
         screen_prompts=12, select_limit=12, threshold_limit=200, clamp_values=(6.0, 10.0), actadd_multipliers=(4.0, 8.0),
-        test_limit="12,mmlu=12,truthfulqa=12,gsm8k=2,hh_rlhf=4,crescendo_advbench=4,heldout_text=6"),  # 32 min measured at the
-    # previous sizes (16 per set, mmlu/truthfulqa 24, screen 8,16, select 16, 1,000 harmless for the gate): cut to fit 30
+        test_limit="12,mmlu=12,truthfulqa=12,gsm8k=2,hh_rlhf=4,crescendo_advbench=4,heldout_text=6"),  # 1,613 s measured
     "tiny": ReproduceConfig(
         out="runs/reproduce-tiny", layer=6, scan=None, collect_tokens=16_384, train_tokens=32_768,
         expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, n_attribution=2, screen_values="8",
