@@ -21,6 +21,8 @@ MMLU_VAL_PER_SUBJECT = 10
 GSM8K_VALIDATION = 200
 HELDOUT_CHUNKS = 80
 HELDOUT_CHARS = 2000
+BENIGN_PER_PUBLIC_SOURCE = 250  # TruthfulQA, MMLU and GSM8K questions in the shippable benign set
+WRITTEN = Path(__file__).resolve().parents[1] / "data" / "written"
 OUT = Path(__file__).resolve().parents[1] / "src" / "saesteer" / "assets" / "evals"
 LICENSES = {"advbench/LICENSE": "LICENSE-advbench-MIT.txt", "mmlu/LICENSE": "LICENSE-mmlu-MIT.txt",
             "gsm8k/LICENSE": "LICENSE-gsm8k-MIT.txt", "hh_rlhf_harmless/LICENSE": "LICENSE-hh-rlhf-MIT.txt",
@@ -50,14 +52,34 @@ def mmlu_rows(folder: Path, split: str, per_subject: int | None) -> list[dict]:
     return rows
 
 
+def seeded(items: list, n: int, name: str) -> list:
+    """n items drawn with random.Random(f"{SEED}:{name}"), kept in their original order."""
+    return [items[i] for i in sorted(random.Random(f"{SEED}:{name}").sample(range(len(items)), n))]
+
+
+def benign_rows(tqa: list[dict], mmlu_val_unused: list[dict], gsm_train_unused: list[dict]) -> list[dict]:
+    """The shippable benign prompt set: public questions (none of them in a capability eval's test subset)
+    plus the project's own written requests and benign twins (data/written, Apache-2.0)."""
+    rows = [{"prompt": q["question"], "source": "truthfulqa"} for q in seeded(tqa, BENIGN_PER_PUBLIC_SOURCE, "benign:truthfulqa")]
+    rows += [{"prompt": q["question"] + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", q["choices"])), "source": "mmlu"}
+             for q in seeded(mmlu_val_unused, BENIGN_PER_PUBLIC_SOURCE, "benign:mmlu")]
+    rows += [{"prompt": q["question"], "source": "gsm8k"} for q in seeded(gsm_train_unused, BENIGN_PER_PUBLIC_SOURCE, "benign:gsm8k")]
+    for name, source in (("benign_requests.jsonl", "written"), ("benign_twins.jsonl", "benign_twins")):
+        rows += [{"prompt": r["prompt"], "source": source} for r in map(json.loads, (WRITTEN / name).read_text().splitlines())]
+    return rows
+
+
 def hh_dialogues(path: Path) -> list[dict]:
+    """Dialogues with >= 2 human turns; `first_turn_label` is the project's reading of the first human turn
+    (harmful / benign / unclear; data/written/hh_rlhf_first_turn_labels.jsonl), null where unlabelled."""
+    labels = {r["id"]: r["label"] for r in map(json.loads, (WRITTEN / "hh_rlhf_first_turn_labels.jsonl").read_text().splitlines())}
     rows = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f):
             transcript = json.loads(line)["chosen"]
             turns = [part.split("\n\nAssistant:")[0].strip() for part in transcript.split("\n\nHuman:")[1:]]
             if len(turns) >= 2 and all(turns):
-                rows.append({"id": i, "human_turns": turns})
+                rows.append({"id": i, "human_turns": turns, "first_turn_label": labels.get(i)})
     return rows
 
 
@@ -80,7 +102,8 @@ def main() -> None:
 
     mmlu = shared / "mmlu/data"
     write("mmlu_test.jsonl.gz", mmlu_rows(mmlu / "test", "test", MMLU_TEST_PER_SUBJECT))
-    write("mmlu_validation.jsonl.gz", mmlu_rows(mmlu / "val", "val", MMLU_VAL_PER_SUBJECT))
+    mmlu_validation = mmlu_rows(mmlu / "val", "val", MMLU_VAL_PER_SUBJECT)
+    write("mmlu_validation.jsonl.gz", mmlu_validation)
     write("mmlu_dev.jsonl.gz", mmlu_rows(mmlu / "dev", "dev", None))
 
     tqa = json.loads((shared / "truthfulqa/data/v1/mc_task.json").read_text())
@@ -94,6 +117,9 @@ def main() -> None:
     gsm_train = gsm(shared / "gsm8k/train.jsonl")
     picked = sorted(random.Random(f"{SEED}:gsm8k").sample(range(len(gsm_train)), GSM8K_VALIDATION))
     write("gsm8k_validation.jsonl.gz", [gsm_train[i] for i in picked])
+    mmlu_unused = [r for r in mmlu_rows(mmlu / "val", "val", None) if r not in mmlu_validation]
+    gsm_unused = [r for i, r in enumerate(gsm_train) if i not in set(picked)]
+    write("benign.jsonl.gz", benign_rows(tqa, mmlu_unused, gsm_unused))
 
     write("hh_rlhf_dialogues.jsonl.gz", hh_dialogues(shared / "hh_rlhf_harmless/harmless-base/test.jsonl.gz"))
 

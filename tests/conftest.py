@@ -11,7 +11,11 @@ import pytest
 import torch
 import transformers
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from saesteer.evalsets import shared_dir
+
+SHARED = shared_dir()  # ../shared/datasets, or $SAESTEER_SHARED_DATA (CI also runs the fast tests with an empty one)
+needs_shared = pytest.mark.skipif(not (SHARED / "refusal_direction").is_dir(),
+                                  reason=f"needs the shared datasets (CC BY-NC / unvendored sets), missing at {SHARED}")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -363,7 +363,8 @@ def test_cli_eval_with_user_prompts(monkeypatch, capsys, tiny_model_dir, tmp_pat
     code, captured = run_cli(monkeypatch, capsys, *args)
     assert code in (0, None)
     rows = evals.read_rows(out)
-    assert [r["metric"] for r in rows] == ["refusal_rate"] and rows[0]["n"] == 2
+    assert [r["metric"] for r in rows] == ["refusal_rate", "clear_refusal_rate", "degenerate_rate", "evasive_rate",
+                                           "apology_then_help_rate"] and rows[0]["n"] == 2
     assert rows[0]["config"]["dataset"] == "user:mine.csv" and rows[0]["config"]["steering"]["method"] == "system_prompt"
     assert "refusal_rate" in captured.out and "95% CI" in captured.out and "wall time per suite: safety" in captured.out
     code, captured = run_cli(monkeypatch, capsys, *args)  # rerun: everything from the cache
@@ -399,7 +400,7 @@ def test_cli_sweep(monkeypatch, capsys, tiny_model_dir, tmp_path):
                              str(tiny_model_dir), "--prompts", str(tmp_path / "p.txt"), "--label", "safe",
                              "--max-new-tokens", "4", "--out", str(tmp_path / "s.jsonl"))
     assert code in (0, None) and "2 configs" in captured.out
-    assert len(evals.read_rows(tmp_path / "s.jsonl")) == 2 * 4  # over/full/partial refusal + full compliance
+    assert len(evals.read_rows(tmp_path / "s.jsonl")) == 2 * 7  # over/full/partial refusal, full compliance + 3 quality rates
 
 
 @pytest.mark.parametrize(
@@ -453,7 +454,8 @@ def test_cli_eval_with_local_llm_judge_reports_agreement(monkeypatch, capsys, ti
                              "--out", str(tmp_path / "r.jsonl"))
     assert code in (0, None)
     rows = evals.read_rows(tmp_path / "r.jsonl")
-    assert [r["metric"] for r in rows] == ["refusal_rate", "cohen_kappa", "percent_agreement"]
+    assert [r["metric"] for r in rows] == ["refusal_rate", "clear_refusal_rate", "degenerate_rate", "evasive_rate",
+                                           "apology_then_help_rate", "cohen_kappa", "percent_agreement"]
     assert rows[0]["config"]["judge"] == f"llm:{tiny_model_dir}" and rows[2]["n"] == 3
 
 

@@ -74,24 +74,6 @@ def test_goal_check_states_gain_over_refusal_and_capability():
     assert "+28.0" in control_line and control_line.endswith("no |")  # over-refusal +28 pts, MMLU -10
 
 
-def test_gate_threshold_caps_the_false_positive_rate_of_each_safe_set(monkeypatch):
-    import torch
-
-    from saesteer import features
-    from saesteer.evalsets import Prompt
-
-    sets = {"advbench": [f"u{i}" for i in range(50)], "harmful_mix": [], "xstest_unsafe": [],
-            "xstest_safe": [f"x{i}" for i in range(50)], "harmless": [f"h{i}" for i in range(2000)]}
-    monkeypatch.setattr(reproduce, "safety_prompts", lambda name, split: [Prompt(t, "x", name) for t in sets[name]])
-    scale = {"u": 0.2, "x": 0.1, "h": 0.005}  # unsafe 0-9.8, XSTest-safe 0-4.9, harmless 0-10: harmless decides
-    monkeypatch.setattr(features, "prompt_scores", lambda _loaded, _probe, prompts: torch.tensor([scale[p[0]] * int(p[1:]) for p in prompts]))
-    found = reproduce.choose_threshold(None, "detector.safetensors", max_fpr=0.02)
-    assert found["per_set"]["harmless"]["n"] == reproduce.HARMLESS_FOR_THRESHOLD and found["per_set"]["xstest_safe"]["n"] == 50
-    assert all(s["fpr"] <= 0.02 for s in found["per_set"].values()) and found["per_set"]["harmless"]["fpr"] > 0.01
-    assert 9.0 < found["threshold"] < 10.0 and found["recall"] == pytest.approx(sum(0.2 * i > found["threshold"] for i in range(50)) / 50)
-    assert reproduce.choose_threshold(None, "d", max_fpr=0.02, limit=10)["per_set"]["harmless"]["n"] == 10
-
-
 def test_tradeoff_plot_is_written(tmp_path):
     validation = _safety({"method": "none"}, 0.05, 0.02) + _safety(SAE, 0.5, 0.1) + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
     reproduce.plot_tradeoff(validation, _safety(SAE, 0.45, 0.12), DISCOVERY, tmp_path / "t.png")

@@ -225,7 +225,8 @@ def discover(
     max_new_tokens: int = typer.Option(40, help="tokens generated per reply (judged for refusal)"),
     detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
     detector_recall: float = typer.Option(0.9, help="share of harmful train prompts the detector must flag"),
-    detector_harmless: int = typer.Option(256, help="harmless TRAIN prompts added to XSTest-safe ones as the detector's negatives"),
+    alpaca_harmless: int = typer.Option(0, help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
+                                        "detector's negatives (XSTest-safe and the shipped benign set)"),
     judge: str = typer.Option("strict", help="refusal judge of the screen: strict or string (it judges replies without their prompts)"),
     out: Path = typer.Option(Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
@@ -253,7 +254,9 @@ def discover(
     result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(refusal_judge.verdict(reply)), config, control=control)
     result["judge"] = judge
     out.mkdir(parents=True, exist_ok=True)
-    negatives = harmless + [p.text for p in safety_prompts("harmless", "train")][:detector_harmless]
+    negatives = harmless + [p.text for p in safety_prompts("benign", "train")]
+    if alpaca_harmless:
+        negatives += [p.text for p in safety_prompts("harmless", "train")][:alpaca_harmless]
     result["specs"] = baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall, negatives)
     (out / "discovery.json").write_text(json.dumps(result, indent=2))
     (out / "discovery.md").write_text(summary_markdown(result))
@@ -262,6 +265,37 @@ def discover(
     if best:
         typer.echo(f"best candidate: feature {best['feature']}; wrote {out / 'discovery.json'} and {out / 'discovery.md'}")
 
+
+
+@app.command()
+def gate(
+    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    out: Path = typer.Option(Path("runs/gate"), help="folder for detector.safetensors, gate.json and gate.md"),
+    sae: Optional[str] = typer.Option("builtin:sae", help="SAE for the sparse SAE-code probe candidate ('' to skip it)"),
+    max_fpr: float = typer.Option(0.05, help="bound on the 95% upper confidence bound of each benign source's false-positive rate"),
+    limit: Optional[int] = typer.Option(None, help="development prompts per source (default: all)"),
+    baseline: Optional[str] = typer.Option(None, help="a conditional steering (preset, JSON or file) whose detector and threshold "
+                                           "are scored beside the new one, e.g. refusal_conditional"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+) -> None:
+    """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
+    the best worst fold, set its threshold with a 95% false-positive guarantee, and score it on TEST."""
+    from saesteer.detectors import GateConfig, run_gate
+    from saesteer.models import load_model
+    from saesteer.steering import Conditional, parse_steering
+
+    if not 0 < max_fpr < 1:
+        raise SaesteerError(f"--max-fpr must be between 0 and 1, not {max_fpr}")
+    old = None
+    if baseline is not None:
+        spec = parse_steering(baseline)
+        if not isinstance(spec, Conditional):
+            raise SaesteerError(f"--baseline must be a conditional steering, not {spec.method}")
+        old = (spec.detector, spec.threshold)
+    loaded = load_model(model, device=device)
+    summary = run_gate(loaded, GateConfig(sae=sae or None, max_fpr=max_fpr, limit=limit), out, old)
+    typer.echo((out / "gate.md").read_text())
+    typer.echo(f"chosen {summary['chosen']}: wrote {out / 'detector.safetensors'} (threshold {summary['threshold']['threshold']:.4g})")
 
 
 def _eval_config(model: str, steering: Optional[str], suite: str, limit: str, split: str, seed: int,
@@ -443,7 +477,8 @@ def reproduce(
     preset: str = typer.Option("full", help="full (the reported run, ~1.75 h on 2 cores), quick (small n; 27 min measured) or tiny (CI smoke, ~10 min)"),
     quick: bool = typer.Option(False, "--quick", help="shorthand for --preset quick"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: runs/reproduce[-quick|-tiny])"),
-    shared: Path = typer.Option(Path("../shared/datasets"), help="the shared datasets folder (corpus, hh-rlhf, eval sets)"),
+    shared: Optional[Path] = typer.Option(None, help="the shared datasets folder with the SAE training corpus, which is not "
+                                          "shipped (default: $SAESTEER_SHARED_DATA, else ../shared/datasets)"),
     layer: Optional[int] = typer.Option(None, help="skip the layer scan and use this layer"),
     ship: Optional[Path] = typer.Option(None, help="also export the SAE, directions and chosen presets to this folder "
                                         "(src/saesteer/assets/shipped to update the shipped artefacts)"),
@@ -452,13 +487,16 @@ def reproduce(
     on test splits, results.md and the trade-off plot. Rerun to resume after a crash."""
     from dataclasses import replace
 
+    from saesteer.evalsets import shared_dir
     from saesteer.reproduce import PRESETS, reproduce as run_reproduce
 
     name = "quick" if quick else preset
     if name not in PRESETS:
         raise SaesteerError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
+    shared = shared or shared_dir()
     if not (shared / "corpus").is_dir():
-        raise SaesteerError(f"{shared} has no corpus/ folder: pass --shared <path to the shared datasets>")
+        raise SaesteerError(f"{shared} has no corpus/ folder: reproduce trains its SAE on a corpus that is not shipped; "
+                            "pass --shared <folder with corpus/ and hh_rlhf_harmless/> (the project's shared datasets)")
     config = replace(PRESETS[name], shared=str(shared))
     if out is not None:
         config = replace(config, out=str(out))

@@ -428,7 +428,7 @@ def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str]
     if "control" in result:
         specs["control_clamp"] = {"method": "sae", "sae": result["sae"], "features": [result["control"]["feature"]],
                                   "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]]}
-    result["detector"] = {"layer": detector_layer, "threshold": threshold, "recall_target": recall,
+    result["detector"] = {"layer": detector_layer, "threshold": threshold, "recall_target": recall, "n_negatives": len(detector_harmless),
                           "harmful_flagged": float((harmful_scores > threshold).float().mean()),
                           "harmless_flagged": float((harmless_scores > threshold).float().mean())}
     return specs

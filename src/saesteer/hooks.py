@@ -1,13 +1,14 @@
 """Read and edit the residual stream at one decoder layer of any HF causal LM.
 
 `edit_residual` is the single hook utility the whole package uses; `residual_at` runs the model
-only up to the hooked layer (early exit) and returns the residual stream there.
+only up to the hooked layer (early exit) and returns the residual stream there; `residuals_at` does the
+same for several layers in one pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -86,6 +87,35 @@ class _StopForward(Exception):
 
 
 @torch.inference_mode()
+def residuals_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layers: tuple[int, ...],
+    point: str = "resid_post",
+    attention_mask: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """The residual stream [batch, pos, d] at each of `layers`, running only up to the last of them."""
+    captured: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def grab(layer: int) -> ResidualFn:
+        def read(hidden: torch.Tensor) -> None:
+            captured[layer] = hidden
+            if layer == last:
+                raise _StopForward
+
+        return read
+
+    with ExitStack() as stack:
+        for layer in sorted(set(layers)):
+            stack.enter_context(edit_residual(model, layer, grab(layer), point))
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return captured
+
+
 def residual_at(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -94,15 +124,4 @@ def residual_at(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The residual stream at `layer`, running only the layers up to it (no later layers, no lm_head)."""
-    captured: list[torch.Tensor] = []
-
-    def grab(hidden: torch.Tensor) -> None:
-        captured.append(hidden)
-        raise _StopForward
-
-    with edit_residual(model, layer, grab, point):
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-    return captured[0]
+    return residuals_at(model, input_ids, (layer,), point, attention_mask)[layer]

@@ -1,8 +1,9 @@
 """The paper's experiment end to end, one stage per function, every stage resumable from its output file.
 
 Stages: layer scan (where does a diff-in-means refusal direction steer best?) -> SAE training data ->
-collect -> train -> evaluate-sae -> discover (train splits) -> choose clamp values and the detector
-threshold (validation splits) -> evaluate every method (test splits) -> RESULTS.md and plot.
+collect -> train -> evaluate-sae -> discover (train splits) -> harm gate (`saesteer gate`: detectors chosen
+leave-one-source-out on development prompts) -> choose clamp values (validation splits) -> evaluate every
+method (test splits) -> RESULTS.md and plot.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from saesteer.errors import SaesteerError
-from saesteer.evalsets import safety_prompts, subsample
+from saesteer.evalsets import safety_prompts
 from saesteer.features import diff_in_means
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import LoadedModel, chat_prompts, generate
@@ -136,9 +137,8 @@ class ReproduceConfig:
     screen_prompts: int = 16
     detector_layer: int = 18
     select_limit: int = 24  # VALIDATION prompts per safety set
-    threshold_limit: int | None = None  # VALIDATION prompts per set scored for the detector threshold (None: all,
-    # harmless: a seeded HARMLESS_FOR_THRESHOLD)
-    detector_max_fpr: float = 0.02  # conditional gate: highest recall with at most this share of safe VALIDATION prompts flagged
+    gate_limit: int | None = None  # development prompts per source for the harm gate (`saesteer gate`; None: all)
+    gate_max_fpr: float = 0.05  # the gate threshold's bound on each benign source's 95% upper false-positive bound
     clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)  # x |diff-in-means|
     test_limit: str = "100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24"
@@ -148,20 +148,18 @@ class ReproduceConfig:
     seed: int = 0
 
 
-HARMLESS_FOR_THRESHOLD = 1000  # harmless VALIDATION prompts scored for the gate threshold: enough to see a 2% rate
-
 PRESETS = {
     "full": ReproduceConfig(),
     "quick": ReproduceConfig(
         out="runs/reproduce-quick", layer=6, scan=None, collect_tokens=600_000, train_tokens=1_200_000, expansion_factor=8,
         dead_tokens=400_000, sae_eval_contexts=16, discover_limit=48, n_candidates=3, n_attribution=4, screen_values="8",
-        screen_prompts=12, select_limit=12, threshold_limit=200, clamp_values=(6.0, 10.0), actadd_multipliers=(4.0, 8.0),
+        screen_prompts=12, select_limit=12, gate_limit=100, clamp_values=(6.0, 10.0), actadd_multipliers=(4.0, 8.0),
         test_limit="12,mmlu=12,truthfulqa=12,gsm8k=2,hh_rlhf=4,crescendo_advbench=4,heldout_text=6"),  # 1,613 s measured
     "tiny": ReproduceConfig(
         out="runs/reproduce-tiny", layer=6, scan=None, collect_tokens=16_384, train_tokens=32_768,
         expansion_factor=2, dead_tokens=16_384, sae_eval_contexts=2, discover_limit=8, n_candidates=2, n_attribution=2, screen_values="8",
         screen_prompts=4,
-        select_limit=4, threshold_limit=4, clamp_values=(8.0,), actadd_multipliers=(8.0,),
+        select_limit=4, gate_limit=6, clamp_values=(8.0,), actadd_multipliers=(8.0,),
         test_limit="4,mmlu=4,truthfulqa=4,gsm8k=2,hh_rlhf=2,crescendo_advbench=2,heldout_text=2", max_new_tokens=16),
 }
 
@@ -205,7 +203,7 @@ def _quote(arg: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _load(model: str) -> LoadedModel:
-    """One model per process for the in-process stages (layer scan, detector threshold)."""
+    """One model per process for the in-process stages (the layer scan)."""
     from saesteer.models import load_model
 
     return load_model(model)
@@ -253,26 +251,17 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
     return json.loads((folder / "discovery.json").read_text())
 
 
-def choose_threshold(loaded: LoadedModel, detector: str, max_fpr: float, limit: int | None = None, seed: int = 0) -> dict:
-    """The conditional gate's threshold from VALIDATION prompts: the lowest threshold (highest recall on
-    unsafe prompts) that flags at most `max_fpr` of EACH safe set (XSTest-safe, and a seeded sample of
-    harmless prompts big enough to pin a small rate down). Scoring needs no generation, so it is cheap."""
-    import torch
-
-    from saesteer.features import prompt_scores
-    from saesteer.steering import Conditional
-
-    unsafe = [p.text for name in ("advbench", "harmful_mix", "xstest_unsafe") for p in safety_prompts(name, "validation")[:limit]]
-    safe = {"xstest_safe": [p.text for p in safety_prompts("xstest_safe", "validation")[:limit]],
-            "harmless": [p.text for p in subsample(safety_prompts("harmless", "validation"), limit or HARMLESS_FOR_THRESHOLD, seed)]}
-    probe = Conditional(steering={"method": "none"}, detector=detector)
-    unsafe_scores = prompt_scores(loaded, probe, unsafe)
-    safe_scores = {name: prompt_scores(loaded, probe, prompts) for name, prompts in safe.items()}
-    threshold = max(float(scores.sort(descending=True).values[int(max_fpr * len(scores))]) for scores in safe_scores.values())
-    pooled = torch.cat(list(safe_scores.values()))
-    return {"threshold": threshold, "max_fpr": max_fpr, "n_unsafe": len(unsafe), "n_safe": len(pooled),
-            "recall": float((unsafe_scores > threshold).float().mean()), "fpr": float((pooled > threshold).float().mean()),
-            "per_set": {name: {"n": len(scores), "fpr": float((scores > threshold).float().mean())} for name, scores in safe_scores.items()}}
+def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
+    """The harm detector of the conditional method (`saesteer gate`: leave-one-source-out choice on
+    development prompts, guaranteed threshold, test scores); returns its summary."""
+    config, folder = pipeline.config, pipeline.out / "gate"
+    if not (folder / "gate.json").is_file():
+        args = ["gate", "--model", config.model, "--sae", sae, "--max-fpr", config.gate_max_fpr, "--out", folder]
+        if config.gate_limit:
+            args += ["--limit", config.gate_limit]
+        pipeline.saesteer("gate", *args)
+    summary = json.loads((folder / "gate.json").read_text())
+    return {"detector": str(folder / "detector.safetensors"), "chosen": summary["chosen"], "threshold": summary["threshold"]}
 
 
 def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
@@ -289,7 +278,8 @@ def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
         if name in specs:
             grid += [{**specs[name], "values": [v]} for v in config.clamp_values]
     if "conditional_sae" in specs:
-        cond = {**specs["conditional_sae"], "threshold": discovery["validation_threshold"]["threshold"]}
+        cond = {**specs["conditional_sae"], "detector": discovery["gate"]["detector"],
+                "threshold": discovery["gate"]["threshold"]["threshold"]}
         grid += [{**cond, "steering": {**cond["steering"], "values": [v]}} for v in config.clamp_values]
     return grid
 
@@ -349,13 +339,6 @@ def sweep_args(config: ReproduceConfig, grid: Path, split: str, suite: str, limi
 
 def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
     config, out = pipeline.config, pipeline.out
-    gate = out / "detector-threshold.json"
-    if "conditional_sae" in discovery["specs"] and not gate.is_file():
-        found = pipeline.timed("threshold", choose_threshold, _load(config.model), discovery["specs"]["conditional_sae"]["detector"],
-                               config.detector_max_fpr, config.threshold_limit, config.seed)
-        gate.write_text(json.dumps(found, indent=2))
-    if gate.is_file():
-        discovery["validation_threshold"] = json.loads(gate.read_text())
     grid = out / "validation-grid.json"
     grid.write_text(json.dumps(validation_grid(discovery, config), indent=2))
     rows_path = out / "validation.jsonl"
@@ -389,6 +372,7 @@ def reproduce(config: ReproduceConfig, ship: Path | None = None) -> Path:
     layer = choose_layer(pipeline)
     sae = train_sae(pipeline, layer)
     discovery = run_discovery(pipeline, sae)
+    discovery["gate"] = run_gate_stage(pipeline, sae)
     chosen = run_selection(pipeline, discovery)
     main, other = run_test(pipeline, chosen)
     results = pipeline.timed("results", write_results, pipeline, discovery, main, other)
@@ -597,8 +581,8 @@ def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict],
     collected = json.loads((out / f"acts-l{sae.cfg.layer}" / "manifest.json").read_text())["n_tokens"]
     (dest / "sae" / "README.md").write_text(model_card(metrics, asdict(sae.cfg), config, data_info, collected))
     paths = {discovery["sae"]: "builtin:sae"}
-    for name in ("refusal-direction.safetensors", "harm-detector.safetensors"):
-        source = out / "discover" / name
+    for name, source in (("refusal-direction.safetensors", out / "discover" / "refusal-direction.safetensors"),
+                         ("harm-detector.safetensors", Path(discovery["gate"]["detector"]))):
         shutil.copyfile(source, dest / name)
         paths[str(source)] = f"builtin:{name}"
     presets = {PRESET_NAMES[m]: _to_builtin(spec, paths) for m, spec in chosen.items() if m in PRESET_NAMES}

@@ -254,9 +254,12 @@ def _check_width(direction: torch.Tensor, loaded: LoadedModel) -> None:
 class Conditional(Steering):
     """Apply another steering only to prompts a detector flags (after CAST, Lee et al. 2024).
 
-    Before each prefill the prompt is run, unsteered and only up to the detector's layer, and scored
-    as the mean projection of its last `tokens` positions on the detector direction; rows scoring above
-    `threshold` are steered for the whole generation, the others are left exactly as unsteered.
+    Before each prefill the prompt is run, unsteered and only up to the detector's layers, and scored
+    (`saesteer.detectors`): the gate score is the maximum over the whole conversation and each of its user
+    turns alone, so a harmful turn early in a conversation still counts. Rows scoring above `threshold` are
+    steered for the whole generation; the others are left exactly as unsteered. `detector` is a file from
+    `saesteer gate` or a direction file; `layer` and `tokens` (the last positions averaged) apply to
+    direction files only.
     """
 
     method: ClassVar[str] = "conditional"
@@ -279,12 +282,10 @@ class Conditional(Steering):
         return conversation  # the detector must see the user's prompt as is
 
     def scores(self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Detector score per prompt row (left-padded batches: the last positions are real tokens)."""
-        direction, meta = load_direction(self.detector)
-        _check_width(direction, loaded)
-        layer = loaded.check_layer(int(meta.get("layer", -1)) if self.layer is None else self.layer)
-        hidden = residual_at(loaded.model, input_ids, layer, meta.get("hook_point", "resid_post"), attention_mask)
-        return (hidden[:, -self.tokens :].float() @ direction.to(hidden.device)).mean(-1)
+        """Gate score per prompt row (left-padded batches)."""
+        from saesteer.detectors import gate_scores, load_detector
+
+        return gate_scores(loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask)
 
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:

@@ -1,0 +1,575 @@
+"""Harm detectors for conditional steering, chosen by leave-one-source-out validation, with a guaranteed threshold.
+
+A detector scores a chat-rendered prompt from the residual stream; the gate fires when score > threshold.
+Every detector here is linear in pooled features, score = sum_l w[l] . pool(f(h_l)) + b, where f is the
+identity or, for `sae_probe`, an SAE's encoder, so one safetensors file (`weight` [n_layers, width] plus
+metadata) holds any kind:
+
+- `dim`: the unit diff-in-means direction, harmful minus benign, at one layer (the old detector; b = 0);
+- `probe`: L2 logistic regression on standardised features at one layer;
+- `ensemble`: the mean logit of one probe per layer (still linear: one weight row per layer);
+- `sae_probe`: L1 (sparse) logistic regression on pooled SAE codes, the paper's features as detectors.
+
+Pooling: `last` is the mean of the last `tokens` positions (the template's tail; the old detector used 4);
+`user` is the mean over everything between the template's fixed head (system prompt, user header) and its
+tail, i.e. the user's message, or in a multi-turn prompt the conversation so far.
+
+Probes weight every source equally (each class's weight is split evenly over its sources), so a large
+source cannot dominate what "harmful" means.
+
+Validation (`leave_one_source_out`) uses development prompts only (train + validation splits). For each
+vendored source in turn: train on the other sources, set the threshold on them, and report the left-out
+source's recall (harmful) or false-positive rate (benign) with a Clopper-Pearson 95% CI. Sets that are
+not shipped (`harmful_mix`, the Alpaca `harmless` set) are never trained on; when ../shared is present
+they are scored in every fold as extra held-out sources. Candidates are ranked by their worst fold.
+
+Threshold (`guaranteed_threshold`): the lowest threshold at which the one-sided 95% Clopper-Pearson upper
+bound of the false-positive rate of EACH benign source is at most `max_fpr`, computed on cross-fitted
+(out-of-fold) scores so that the bound is not fooled by training fit. It is fixed before test is scored.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import beta
+from tqdm.auto import tqdm
+
+from saesteer.errors import SaesteerError
+from saesteer.evalsets import safety_prompts, shared_available, subsample
+from saesteer.hooks import residuals_at
+from saesteer.models import LoadedModel, Messages, chat_prompts
+
+KINDS = ("dim", "probe", "ensemble", "sae_probe")
+POOLINGS = ("last", "user")
+HARMFUL_SOURCES = ("advbench", "xstest_unsafe", "hh_rlhf_harmful")
+BENIGN_SOURCES = ("xstest_safe", "benign:truthfulqa", "benign:mmlu", "benign:gsm8k", "benign:written", "benign:benign_twins")
+HELD_OUT_SOURCES = ("harmful_mix", "harmless")  # not shipped: never trained on, scored when ../shared is present
+HARMFUL_HELD_OUT = ("harmful_mix",)
+DEV_SPLITS = ("train", "validation")
+HELD_OUT_LIMIT = 1000  # prompts scored per held-out source (a seeded sample of the large Alpaca set)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One detector recipe tried in leave-one-source-out validation."""
+
+    kind: str
+    layers: tuple[int, ...]
+    pooling: str = "user"
+    tokens: int = 4  # positions averaged by `last` pooling
+    c: float = 0.1  # inverse regularisation strength of the logistic probes
+
+    @property
+    def name(self) -> str:
+        pool = f"last{self.tokens}" if self.pooling == "last" else "user"
+        reg = f" C={self.c:g}" if self.kind != "dim" else ""
+        return f"{self.kind} L{'+'.join(map(str, self.layers))} {pool}{reg}"
+
+
+@dataclass
+class GateConfig:
+    """What `saesteer gate` trains and how it chooses."""
+
+    candidates: tuple[Candidate, ...] = (
+        Candidate("dim", (18,), "last", 4),  # the old detector: the baseline row
+        Candidate("dim", (18,), "user"),
+        Candidate("probe", (12,), "last", 4), Candidate("probe", (18,), "last", 4),
+        Candidate("probe", (6,), "user"), Candidate("probe", (12,), "user"), Candidate("probe", (18,), "user"),
+        Candidate("probe", (24,), "user"),
+        Candidate("ensemble", (6, 12, 18, 24), "user"), Candidate("ensemble", (6, 12, 18, 24), "last", 4),
+        Candidate("probe", (12,), "user", c=0.01), Candidate("probe", (12,), "user", c=1.0),
+        Candidate("sae_probe", (6,), "user", c=0.05),
+    )
+    sae: str | None = "builtin:sae"  # SAE for `sae_probe` candidates (skipped when its layer or width does not fit)
+    max_fpr: float = 0.05  # bound on the 95% upper confidence bound of each benign source's false-positive rate
+    target_fpr: float = 0.03  # a candidate meets the bar when its worst left-out benign source stays at or below this
+    folds: int = 3  # cross-fitting folds for the out-of-fold threshold scores
+    limit: int | None = None  # development prompts per source (None: all)
+    batch_size: int = 16
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- scoring a prompt
+
+
+@dataclass
+class Detector:
+    """A linear harm score over pooled (optionally SAE-encoded) residual-stream features."""
+
+    kind: str
+    layers: tuple[int, ...]
+    weight: torch.Tensor  # [n_layers, width]
+    bias: float = 0.0
+    pooling: str = "last"
+    tokens: int = 4
+    sae: str | None = None
+    hook_point: str = "resid_post"
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path, model: str, **meta) -> None:
+        from safetensors.torch import save_file
+
+        info = {"kind": self.kind, "layers": json.dumps(list(self.layers)), "bias": repr(self.bias), "pooling": self.pooling,
+                "tokens": str(self.tokens), "sae": self.sae or "", "hook_point": self.hook_point, "model": model,
+                **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
+        save_file({"weight": self.weight.detach().float().cpu().contiguous()}, str(path), metadata=info)
+
+    def scores(self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Score per row [batch] of left-padded, chat-rendered prompts."""
+        for layer in self.layers:
+            loaded.check_layer(layer)
+        if self.sae is None and self.weight.shape[-1] != loaded.d_model:
+            raise SaesteerError(f"detector has width {self.weight.shape[-1]} but {loaded.spec} has d_model={loaded.d_model}")
+        hidden = residuals_at(loaded.model, input_ids, self.layers, self.hook_point, attention_mask)
+        weights = position_weights(loaded, input_ids, attention_mask, self.pooling, self.tokens)
+        total = torch.full((input_ids.shape[0],), self.bias, device=input_ids.device)
+        for row, layer in zip(self.weight.to(input_ids.device), self.layers):
+            features = self._encode(hidden[layer].float())
+            total += pool(features, weights) @ row
+        return total
+
+    def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.sae is None:
+            return hidden
+        from saesteer.steering import load_sae
+
+        sae = load_sae(self.sae)
+        return sae.encode(hidden.reshape(-1, hidden.shape[-1]).to(sae.W_enc.dtype)).float().reshape(*hidden.shape[:2], -1)
+
+
+@functools.lru_cache(maxsize=16)
+def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detector:
+    """A detector file from `saesteer gate`, or a direction file (a `dim` detector at `layer`, default its
+    own, pooled over the last `tokens` positions), read once per path."""
+    from safetensors import safe_open
+
+    from saesteer.steering import resolve
+
+    try:
+        with safe_open(resolve(path), "pt") as f:
+            names, meta = set(f.keys()), f.metadata() or {}
+            tensor = f.get_tensor("weight" if "weight" in names else "direction").float()
+    except Exception as err:  # missing file, bad header, missing tensor
+        raise SaesteerError(f"cannot read detector file {path}: {err}") from None
+    if "weight" not in names:
+        return Detector("dim", (int(meta.get("layer", -1)) if layer is None else layer,), (tensor / tensor.norm())[None],
+                        pooling="last", tokens=tokens, hook_point=meta.get("hook_point", "resid_post"), meta=meta)
+    try:
+        return Detector(meta["kind"], tuple(json.loads(meta["layers"])), tensor, float(meta["bias"]), meta["pooling"],
+                        int(meta["tokens"]), meta["sae"] or None, meta.get("hook_point", "resid_post"), meta)
+    except (KeyError, ValueError) as err:
+        raise SaesteerError(f"detector file {path} lacks valid metadata ({err})") from None
+
+
+def template_parts(loaded: LoadedModel) -> tuple[str, str, str, str]:
+    """The chat template's fixed text: (head before the first user message, text between a user message and
+    the assistant's reply, text between a reply and the next user message, tail after the last user message)."""
+    marks = ["\u2063A\u2063", "\u2063B\u2063", "\u2063C\u2063"]
+    one = chat_prompts(loaded, [[{"role": "user", "content": marks[0]}]])[0]
+    three = chat_prompts(loaded, [[{"role": "user", "content": marks[0]}, {"role": "assistant", "content": marks[1]},
+                                   {"role": "user", "content": marks[2]}]])[0]
+    head, tail = one.split(marks[0])
+    after_user = three.split(marks[0])[1].split(marks[1])[0]
+    before_user = three.split(marks[1])[1].split(marks[2])[0]
+    return head, after_user, before_user, tail
+
+
+def template_margins(loaded: LoadedModel) -> tuple[int, int]:
+    """Tokens of the template head and tail around a single user message (computed once per tokenizer)."""
+    return _margins(loaded.tokenizer, template_parts(loaded))
+
+
+@functools.lru_cache(maxsize=8)
+def _margins(tokenizer, parts: tuple[str, str, str, str]) -> tuple[int, int]:
+    return len(tokenizer(parts[0], add_special_tokens=False).input_ids), len(tokenizer(parts[3], add_special_tokens=False).input_ids)
+
+
+def position_weights(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     pooling: str, tokens: int) -> torch.Tensor:
+    """[batch, pos] weights that average the pooled positions of each left-padded row."""
+    batch, length = input_ids.shape
+    position = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
+    if pooling == "last":
+        keep = position >= length - tokens
+    elif pooling == "user":
+        real = attention_mask.sum(1, keepdim=True) if attention_mask is not None else torch.full((batch, 1), length, device=input_ids.device)
+        head, tail = template_margins(loaded)
+        keep = (position >= length - real + head) & (position < length - tail)
+        keep |= ~keep.any(1, keepdim=True) & (position == length - 1)  # no user span: the last token
+    else:
+        raise SaesteerError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    keep = keep.float()
+    return keep / keep.sum(1, keepdim=True)
+
+
+def pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, width] x [batch, pos] -> [batch, width]."""
+    return torch.einsum("bpw,bp->bw", features, weights.to(features.dtype))
+
+
+def user_messages(loaded: LoadedModel, rendered: str) -> list[str]:
+    """The user messages of a chat-rendered conversation ([] when `rendered` is not one)."""
+    head, after_user, before_user, tail = template_parts(loaded)
+    if not (rendered.startswith(head) and rendered.endswith(tail)) or len(rendered) < len(head) + len(tail):
+        return []
+    body = rendered[len(head) : len(rendered) - len(tail)]
+    return [chunk.split(after_user)[0] for chunk in body.split(before_user)]
+
+
+def gate_scores(loaded: LoadedModel, detector: Detector, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per row: the maximum of the score of the whole conversation and of each of its user turns alone."""
+    scores = detector.scores(loaded, input_ids, attention_mask)
+    turns: list[tuple[int, str]] = []
+    for row, ids in enumerate(input_ids):
+        real = ids[attention_mask[row].bool()] if attention_mask is not None else ids
+        messages = user_messages(loaded, loaded.tokenizer.decode(real, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        if len(messages) > 1:
+            turns += [(row, message) for message in messages]
+    if turns:
+        rendered = chat_prompts(loaded, [[{"role": "user", "content": m}] for _, m in turns])
+        batch = loaded.tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(input_ids.device)
+        per_turn = detector.scores(loaded, batch["input_ids"], batch["attention_mask"])
+        for (row, _), score in zip(turns, per_turn):
+            scores[row] = torch.maximum(scores[row], score)
+    return scores
+
+
+def score_prompts(loaded: LoadedModel, detector: Detector, conversations: list[Messages], batch_size: int = 16) -> torch.Tensor:
+    """The gate score of each conversation (a plain string is one user turn)."""
+    conversations = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
+    rendered = chat_prompts(loaded, conversations)
+    out = []
+    for start in range(0, len(rendered), batch_size):
+        batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        with torch.inference_mode():
+            out.append(gate_scores(loaded, detector, batch["input_ids"], batch["attention_mask"]).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------- data and features
+
+
+def source_prompts(source: str, splits: tuple[str, ...], limit: int | None = None, seed: int = 0) -> list[str]:
+    """Prompts of one source (`set` or `set:category`) in the given splits; a seeded sample when `limit`."""
+    name, _, category = source.partition(":")
+    texts = [p.text for split in splits for p in safety_prompts(name, split) if not category or p.category == category]
+    return subsample(texts, limit, seed) if limit else texts
+
+
+@dataclass
+class Pool:
+    """Prompts by source, with their pooled features: features[(layer, pooling, tokens, sae)] is [n, width]."""
+
+    sources: list[str]
+    labels: np.ndarray  # 1 harmful, 0 benign, per prompt
+    texts: list[str]
+    features: dict = field(default_factory=dict)
+
+    def select(self, keep: np.ndarray) -> "Pool":
+        index = np.flatnonzero(keep)
+        return Pool([self.sources[i] for i in index], self.labels[index], [self.texts[i] for i in index],
+                    {key: value[index] for key, value in self.features.items()})
+
+
+def build_pool(prompts: dict[str, list[str]], harmful: set[str]) -> Pool:
+    sources = [s for s, texts in prompts.items() for _ in texts]
+    return Pool(sources, np.array([s in harmful for s in sources], dtype=np.int64), [t for texts in prompts.values() for t in texts])
+
+
+def feature_keys(candidates: tuple[Candidate, ...], sae: str | None) -> list[tuple]:
+    return sorted({(layer, c.pooling, c.tokens if c.pooling == "last" else 0, sae if c.kind == "sae_probe" else None)
+                   for c in candidates for layer in c.layers}, key=str)
+
+
+@torch.inference_mode()
+def extract_features(loaded: LoadedModel, pool_: Pool, keys: list[tuple], batch_size: int = 16, desc: str = "features") -> None:
+    """Fill `pool_.features` for every key with one early-exit forward pass per batch."""
+    layers = tuple(sorted({k[0] for k in keys}))
+    rendered = chat_prompts(loaded, [[{"role": "user", "content": t}] for t in pool_.texts])
+    parts: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
+    for start in tqdm(range(0, len(rendered), batch_size), desc=desc, leave=False):
+        batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        hidden = residuals_at(loaded.model, batch["input_ids"], layers, "resid_post", batch["attention_mask"])
+        for key in keys:
+            layer, pooling, tokens, sae = key
+            weights = position_weights(loaded, batch["input_ids"], batch["attention_mask"], pooling, tokens)
+            encoded = Detector("sae_probe", (layer,), torch.zeros(1), sae=sae)._encode(hidden[layer].float())
+            parts[key].append(pool(encoded, weights).cpu())
+    pool_.features.update({k: torch.cat(v).numpy() for k, v in parts.items()})
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def _source_weights(pool_: Pool) -> np.ndarray:
+    """Sample weights: each class weighs 1, split evenly over its sources, then over each source's prompts."""
+    weights = np.zeros(len(pool_.sources))
+    for label in (0, 1):
+        names = sorted({s for s, y in zip(pool_.sources, pool_.labels) if y == label})
+        for name in names:
+            members = np.array([s == name for s in pool_.sources])
+            weights[members] = 1.0 / (len(names) * members.sum())
+    return weights * len(weights) / 2
+
+
+def _key(candidate: Candidate, layer: int, sae: str | None) -> tuple:
+    return (layer, candidate.pooling, candidate.tokens if candidate.pooling == "last" else 0,
+            sae if candidate.kind == "sae_probe" else None)
+
+
+def fit(candidate: Candidate, pool_: Pool, sae: str | None = None, seed: int = 0) -> Detector:
+    """Train one candidate on a pool (features already extracted)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rows, biases = [], []
+    weights = _source_weights(pool_)
+    for layer in candidate.layers:
+        x, y = pool_.features[_key(candidate, layer, sae)], pool_.labels
+        if candidate.kind == "dim":
+            direction = np.average(x[y == 1], 0, weights[y == 1]) - np.average(x[y == 0], 0, weights[y == 0])
+            rows.append(direction / np.linalg.norm(direction))
+            biases.append(0.0)
+            continue
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        sparse = candidate.kind == "sae_probe"
+        model = LogisticRegression(C=candidate.c, l1_ratio=1.0 if sparse else 0.0, solver="liblinear" if sparse else "lbfgs",
+                                   max_iter=3000, random_state=seed)
+        model.fit((x - mean) / std, y, sample_weight=weights)
+        coef = model.coef_[0] / std
+        rows.append(coef / len(candidate.layers))
+        biases.append((float(model.intercept_[0]) - float(coef @ mean)) / len(candidate.layers))
+    return Detector(candidate.kind, candidate.layers, torch.tensor(np.stack(rows), dtype=torch.float32), float(sum(biases)),
+                    candidate.pooling, candidate.tokens, sae if candidate.kind == "sae_probe" else None)
+
+
+def pooled_scores(detector: Detector, pool_: Pool, candidate: Candidate, sae: str | None = None) -> np.ndarray:
+    """Scores from cached features; equal to `Detector.scores` on the same prompts (single-turn)."""
+    total = np.full(len(pool_.texts), detector.bias)
+    for row, layer in zip(detector.weight.numpy(), detector.layers):
+        total += pool_.features[_key(candidate, layer, sae)] @ row
+    return total
+
+
+def out_of_fold_scores(candidate: Candidate, pool_: Pool, sae: str | None, folds: int, seed: int) -> np.ndarray:
+    """Each prompt scored by a detector trained without it (folds stratified by source)."""
+    rng = np.random.default_rng(seed)
+    fold_of = np.zeros(len(pool_.texts), dtype=np.int64)
+    for name in sorted(set(pool_.sources)):
+        members = np.flatnonzero([s == name for s in pool_.sources])
+        fold_of[rng.permutation(members)] = np.arange(len(members)) % folds
+    scores = np.zeros(len(pool_.texts))
+    for k in range(folds):
+        detector = fit(candidate, pool_.select(fold_of != k), sae, seed)
+        held = pool_.select(fold_of == k)
+        scores[fold_of == k] = pooled_scores(detector, held, candidate, sae)
+    return scores
+
+
+# ---------------------------------------------------------------- thresholds and intervals
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided exact binomial interval for k successes in n trials."""
+    alpha = 1 - level
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def upper_bound(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided exact upper confidence bound for the rate behind k of n."""
+    return 1.0 if k == n else float(beta.ppf(level, k + 1, n - k))
+
+
+def guaranteed_threshold(benign_scores: dict[str, np.ndarray], max_fpr: float) -> dict:
+    """The lowest threshold at which every benign source's 95% upper bound on its false-positive rate
+    (score > threshold) is at most `max_fpr`. A source too small for the bound even at zero false
+    positives is listed in `infeasible` and forces the threshold above all its scores."""
+    threshold, infeasible = -np.inf, []
+    for name, scores in benign_scores.items():
+        ordered = np.sort(scores)[::-1]
+        allowed = max((k for k in range(len(ordered)) if upper_bound(k, len(ordered)) <= max_fpr), default=None)
+        if allowed is None:
+            infeasible.append(name)
+            allowed = 0
+        threshold = max(threshold, float(ordered[allowed]))
+    return {"threshold": threshold, "max_fpr": max_fpr, "rule": "one-sided 95% Clopper-Pearson upper bound of each benign "
+            "source's false-positive rate <= max_fpr, on out-of-fold scores", "infeasible": infeasible}
+
+
+def rate(flags: np.ndarray) -> dict:
+    k, n = int(flags.sum()), len(flags)
+    low, high = clopper_pearson(k, n)
+    return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci_low": low, "ci_high": high}
+
+
+# ---------------------------------------------------------------- validation and choice
+
+
+def train_with_threshold(candidate: Candidate, pool_: Pool, config: GateConfig) -> tuple[Detector, dict]:
+    """Fit on the whole pool; the threshold from its out-of-fold scores (benign sources only)."""
+    oof = out_of_fold_scores(candidate, pool_, config.sae, config.folds, config.seed)
+    benign = {name: oof[np.array([s == name for s in pool_.sources])] for name in sorted(set(pool_.sources))
+              if name not in HARMFUL_SOURCES and name not in HELD_OUT_SOURCES}
+    gate = guaranteed_threshold(benign, config.max_fpr)
+    harmful = oof[pool_.labels == 1]
+    gate["oof_recall"] = float((harmful > gate["threshold"]).mean())
+    return fit(candidate, pool_, config.sae, config.seed), gate
+
+
+def leave_one_source_out(candidate: Candidate, dev: Pool, held_out: Pool | None, config: GateConfig) -> dict:
+    """Per left-out vendored source: recall (harmful) or false-positive rate (benign); plus the
+    never-trained-on held-out sources, scored by each fold's detector (their worst fold is reported)."""
+    folds = {}
+    extra: dict[str, list[dict]] = {}
+    for source in sorted(set(dev.sources)):
+        left_out = np.array([s == source for s in dev.sources])
+        detector, gate = train_with_threshold(candidate, dev.select(~left_out), config)
+        flagged = pooled_scores(detector, dev.select(left_out), candidate, config.sae) > gate["threshold"]
+        folds[source] = {"label": "harmful" if source in HARMFUL_SOURCES else "benign", "threshold": gate["threshold"], **rate(flagged)}
+        if held_out is not None:
+            for name in sorted(set(held_out.sources)):
+                members = held_out.select(np.array([s == name for s in held_out.sources]))
+                extra.setdefault(name, []).append(rate(pooled_scores(detector, members, candidate, config.sae) > gate["threshold"]))
+    harmful = {s: f for s, f in folds.items() if f["label"] == "harmful"}
+    benign = {s: f for s, f in folds.items() if f["label"] == "benign"}
+    worst_recall, worst_fpr = min(harmful, key=lambda s: harmful[s]["rate"]), max(benign, key=lambda s: benign[s]["rate"])
+    worst_extra = {name: (min if name in HARMFUL_HELD_OUT else max)(runs, key=lambda r: r["rate"]) for name, runs in extra.items()}
+    return {"candidate": asdict(candidate), "name": candidate.name, "folds": folds,
+            "worst_recall": harmful[worst_recall]["rate"], "worst_recall_source": worst_recall,
+            "worst_fpr": benign[worst_fpr]["rate"], "worst_fpr_source": worst_fpr, "held_out": worst_extra}
+
+
+def rank_key(result: dict, target_fpr: float) -> tuple:
+    """Worst case first: meeting the false-positive bar on every left-out benign source, then the worst
+    left-out harmful recall, then the worst false-positive rate."""
+    return (result["worst_fpr"] <= target_fpr, result["worst_recall"], -result["worst_fpr"])
+
+
+# ---------------------------------------------------------------- the whole procedure
+
+
+def sae_fits(loaded: LoadedModel, sae: str | None, layers: tuple[int, ...]) -> bool:
+    """Whether `sae` reads the residual stream of `loaded` at the (single) layer of a `sae_probe`."""
+    if sae is None or len(layers) != 1:
+        return False
+    from saesteer.steering import load_sae
+
+    try:
+        cfg = load_sae(sae).cfg
+    except SaesteerError:
+        return False
+    return cfg.d_in == loaded.d_model and cfg.layer == layers[0]
+
+
+def prompt_sets(config: GateConfig, splits: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(vendored sources, held-out sources available here): prompts of the given splits per source."""
+    vendored = {s: source_prompts(s, splits, config.limit, config.seed) for s in (*HARMFUL_SOURCES, *BENIGN_SOURCES)}
+    held = {s: source_prompts(s, splits, min(config.limit or HELD_OUT_LIMIT, HELD_OUT_LIMIT), config.seed)
+            for s in HELD_OUT_SOURCES if shared_available(s)}
+    return vendored, held
+
+
+def _features(loaded: LoadedModel, prompts: dict[str, list[str]], keys: list[tuple], path: Path, config: GateConfig) -> Pool:
+    """The pool of `prompts` with features, read from `path` when an earlier run wrote the same ones."""
+    from safetensors.numpy import load_file, save_file
+
+    pool_ = build_pool(prompts, set(HARMFUL_SOURCES) | set(HARMFUL_HELD_OUT))
+    digest = json.dumps([pool_.texts, [list(map(str, k)) for k in keys], loaded.spec])
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            if (f.metadata() or {}).get("digest") == hash_text(digest):
+                stored = load_file(str(path))
+                pool_.features = {k: stored[json.dumps(list(map(str, k)))] for k in keys}
+                return pool_
+    extract_features(loaded, pool_, keys, config.batch_size, desc=path.stem)
+    save_file({json.dumps(list(map(str, k))): np.ascontiguousarray(v) for k, v in pool_.features.items()}, str(path),
+              metadata={"digest": hash_text(digest)})
+    return pool_
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def per_source_rates(scores: dict[str, np.ndarray], threshold: float) -> dict[str, dict]:
+    harmful = set(HARMFUL_SOURCES) | set(HARMFUL_HELD_OUT)
+    return {name: {"label": "harmful" if name in harmful else "benign", **rate(values > threshold)} for name, values in scores.items()}
+
+
+def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple[str, float] | None = None) -> dict:
+    """Leave-one-source-out validation of every candidate, the choice by worst fold, the chosen detector
+    trained on all development prompts with its guaranteed threshold (out/detector.safetensors), then, with
+    the threshold fixed, its recall and false-positive rate per source on TEST prompts. `baseline` (a
+    detector file and its threshold, e.g. the old shipped detector) is scored beside it on dev and test."""
+    out.mkdir(parents=True, exist_ok=True)
+    candidates = [c for c in config.candidates if c.kind != "sae_probe" or sae_fits(loaded, config.sae, c.layers)]
+    candidates = [c for c in candidates if all(0 <= layer < loaded.n_layers for layer in c.layers)]
+    if not candidates:
+        raise SaesteerError(f"no gate candidate fits {loaded.spec} ({loaded.n_layers} layers)")
+    keys = feature_keys(tuple(candidates), config.sae)
+    vendored, held = prompt_sets(config, DEV_SPLITS)
+    dev = _features(loaded, vendored, keys, out / "features-dev.safetensors", config)
+    held_pool = _features(loaded, held, keys, out / "features-held-out.safetensors", config) if held else None
+    results = [leave_one_source_out(c, dev, held_pool, config) for c in tqdm(candidates, desc="leave-one-source-out")]
+    ranked = sorted(results, key=lambda r: rank_key(r, config.target_fpr), reverse=True)
+    chosen = next(c for c in candidates if c.name == ranked[0]["name"])
+    detector, gate = train_with_threshold(chosen, dev, config)
+    detector.save(out / "detector.safetensors", loaded.spec, threshold=gate["threshold"], candidate=chosen.name)
+    test_vendored, test_held = prompt_sets(config, ("test",))
+    test = {**test_vendored, **test_held}
+    scored = {"chosen": {name: score_prompts(loaded, detector, texts, config.batch_size).numpy()
+                         for name, texts in tqdm(test.items(), desc="test scores")}}
+    summary = {"config": asdict(config), "model": loaded.spec, "loso": results, "ranking": [r["name"] for r in ranked],
+               "chosen": chosen.name, "threshold": gate,
+               "test": {"chosen": per_source_rates(scored["chosen"], gate["threshold"])}}
+    if baseline is not None:
+        old = load_detector(baseline[0])
+        summary["baseline"] = {"detector": baseline[0], "threshold": baseline[1],
+                               "dev": per_source_rates({name: score_prompts(loaded, old, texts, config.batch_size).numpy()
+                                                        for name, texts in {**vendored, **held}.items()}, baseline[1]),
+                               "test": per_source_rates({name: score_prompts(loaded, old, texts, config.batch_size).numpy()
+                                                         for name, texts in test.items()}, baseline[1])}
+    (out / "gate.json").write_text(json.dumps(summary, indent=2))
+    (out / "gate.md").write_text(gate_markdown(summary))
+    return summary
+
+
+def _cell(r: dict) -> str:
+    return f"{100 * r['rate']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] (n={r['n']})"
+
+
+def gate_markdown(summary: dict) -> str:
+    """The leave-one-source-out table (every candidate, worst folds) and the test table."""
+    sources = sorted({s for r in summary["loso"] for s in r["folds"]}, key=lambda s: (s not in HARMFUL_SOURCES, s))
+    held = sorted({s for r in summary["loso"] for s in r["held_out"]})
+    lines = [f"# Harm gate: {summary['model']}", "",
+             "Leave-one-source-out on development prompts (train + validation splits): each column is a source left out of "
+             "training and threshold; harmful columns give recall, benign columns the false-positive rate, in % with "
+             f"Clopper-Pearson 95% CIs. Threshold rule: {summary['threshold']['rule']} (max_fpr {summary['config']['max_fpr']}).",
+             "Held-out columns (never trained on) give each candidate's worst fold.", "",
+             "| candidate | worst recall | worst FPR | " + " | ".join(sources + [f"{h} (held out)" for h in held]) + " |",
+             "|---|---|---|" + "---|" * (len(sources) + len(held))]
+    for name in summary["ranking"]:
+        r = next(x for x in summary["loso"] if x["name"] == name)
+        cells = [_cell(r["folds"][s]) if s in r["folds"] else "-" for s in sources] + [_cell(r["held_out"][h]) for h in held]
+        lines.append(f"| {name}{' (chosen)' if name == summary['chosen'] else ''} | {100 * r['worst_recall']:.1f} "
+                     f"({r['worst_recall_source']}) | {100 * r['worst_fpr']:.1f} ({r['worst_fpr_source']}) | " + " | ".join(cells) + " |")
+    lines += ["", f"Chosen: **{summary['chosen']}**, trained on all development prompts; threshold "
+              f"{summary['threshold']['threshold']:.4g} (out-of-fold harmful recall {100 * summary['threshold']['oof_recall']:.1f}%).", "",
+              "## TEST prompts (threshold fixed before scoring)", "", "| source | chosen detector |" +
+              (" old detector |" if "baseline" in summary else ""), "|---|---|" + ("---|" if "baseline" in summary else "")]
+    for name, r in summary["test"]["chosen"].items():
+        old = f" {_cell(summary['baseline']['test'][name])} |" if "baseline" in summary else ""
+        lines.append(f"| {name} ({r['label']}: {'recall' if r['label'] == 'harmful' else 'FPR'}) | {_cell(r)} |{old}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,166 @@
+"""Harm detectors: pooling, probes, the guaranteed threshold, leave-one-source-out, and multi-turn gating."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from saesteer import detectors
+from saesteer.detectors import Candidate, Detector, GateConfig, Pool
+from saesteer.errors import SaesteerError
+from saesteer.models import chat_prompts, generate
+from saesteer.steering import Conditional, save_direction
+
+HARMFUL = ["the quick brown fox jumps", "quick quick fox", "brown fox over the fox", "the fox jumps quick"]
+BENIGN = ["lazy dog sleeps", "the lazy dog", "sparse autoencoders steer models", "models over the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(tiny_loaded):
+    pool = detectors.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
+    keys = detectors.feature_keys((Candidate("probe", (1,), "user"), Candidate("ensemble", (1, 3), "last", 2)), None)
+    detectors.extract_features(tiny_loaded, pool, keys, batch_size=3)
+    return pool
+
+
+@pytest.mark.parametrize("candidate", [Candidate("dim", (1,), "user"), Candidate("probe", (1,), "user", c=10.0),
+                                       Candidate("ensemble", (1, 3), "last", 2)])
+def test_cached_feature_scores_equal_live_scores_and_survive_a_save(tiny_loaded, tiny_pool, tmp_path, candidate, one_thread):
+    detector = detectors.fit(candidate, tiny_pool)
+    cached = detectors.pooled_scores(detector, tiny_pool, candidate)
+    live = detectors.score_prompts(tiny_loaded, detector, HARMFUL + BENIGN, batch_size=3).numpy()
+    assert np.allclose(cached, live, atol=1e-4)
+    detector.save(tmp_path / "d.safetensors", "tiny", threshold=0.5)
+    loaded_back = detectors.load_detector(str(tmp_path / "d.safetensors"))
+    assert loaded_back.layers == candidate.layers and loaded_back.meta["threshold"] == "0.5"
+    assert np.allclose(detectors.score_prompts(tiny_loaded, loaded_back, HARMFUL + BENIGN).numpy(), live, atol=1e-5)
+    if candidate.kind != "dim":  # a probe separates its own training prompts
+        assert cached[:4].min() > cached[4:].max()
+
+
+def test_user_pooling_averages_the_message_and_not_the_template(tiny_loaded):
+    rendered = chat_prompts(tiny_loaded, [[{"role": "user", "content": "lazy dog"}], [{"role": "user", "content": "the quick brown fox jumps"}]])
+    batch = tiny_loaded.tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+    weights = detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "user", 4)
+    head, tail = detectors.template_margins(tiny_loaded)
+    for row in range(2):
+        message_ids = tiny_loaded.tokenizer([["lazy dog", "the quick brown fox jumps"][row]], add_special_tokens=False).input_ids[0]
+        kept = batch["input_ids"][row][weights[row] > 0].tolist()
+        assert kept == message_ids and torch.isclose(weights[row].sum(), torch.tensor(1.0))
+    assert head > 0 and tail > 0
+    last = detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "last", 3)
+    assert (last[:, -3:] > 0).all() and (last[:, :-3] == 0).all()
+    with pytest.raises(SaesteerError, match="unknown pooling"):
+        detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "max", 3)
+
+
+def test_user_messages_are_recovered_from_a_rendering(tiny_loaded):
+    conversation = [{"role": "user", "content": "first ask"}, {"role": "assistant", "content": "a reply"},
+                    {"role": "user", "content": "second ask"}]
+    assert detectors.user_messages(tiny_loaded, chat_prompts(tiny_loaded, [conversation])[0]) == ["first ask", "second ask"]
+    assert detectors.user_messages(tiny_loaded, "not a chat rendering") == []
+
+
+def test_clopper_pearson_and_the_guaranteed_threshold():
+    low, high = detectors.clopper_pearson(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.3085, abs=1e-4)  # 1 - 0.025 ** (1 / 10)
+    assert detectors.upper_bound(0, 150) == pytest.approx(1 - 0.05 ** (1 / 150))
+    scores = {"a": np.arange(150, dtype=float), "b": np.arange(300, dtype=float) / 10}
+    found = detectors.guaranteed_threshold(scores, max_fpr=0.05)
+    for values in scores.values():
+        k = int((values > found["threshold"]).sum())
+        assert detectors.upper_bound(k, len(values)) <= 0.05
+    # one less would break the bound on the source that decides it (a: the highest scores)
+    k_a = int((scores["a"] > found["threshold"]).sum())
+    assert detectors.upper_bound(k_a + 1, 150) > 0.05 and found["infeasible"] == []
+    tiny = detectors.guaranteed_threshold({"small": np.array([1.0, 2.0, 3.0])}, max_fpr=0.05)
+    assert tiny["infeasible"] == ["small"] and tiny["threshold"] == 3.0
+
+
+def _synthetic_pool(seed=0) -> Pool:
+    """Two harmful and two benign sources in 8 dims: harm lives on dim 0; source style on dim 1 (which
+    a probe must not lean on: benign source `styled` shares the harmful sources' style)."""
+    rng = np.random.default_rng(seed)
+    groups = {"advbench": (3, 2), "xstest_unsafe": (3, 2), "xstest_safe": (0, 0), "benign:benign_twins": (0, 2)}
+    sources, labels, feats = [], [], []
+    for name, (harm, style) in groups.items():
+        x = rng.normal(size=(120, 8))
+        x[:, 0] += harm
+        x[:, 1] += style
+        sources += [name] * 120
+        labels += [int(harm > 0)] * 120
+        feats.append(x)
+    pool = Pool(sources, np.array(labels), [f"p{i}" for i in range(len(sources))])
+    pool.features[(0, "user", 0, None)] = np.concatenate(feats).astype(np.float32)
+    return pool
+
+
+def test_leave_one_source_out_reports_each_left_out_source_and_the_worst_fold():
+    pool = _synthetic_pool()
+    config = GateConfig(candidates=(), max_fpr=0.1, folds=3)
+    result = detectors.leave_one_source_out(Candidate("probe", (0,), "user", c=1.0), pool, None, config)
+    assert set(result["folds"]) == set(pool.sources)
+    assert {f["label"] for s, f in result["folds"].items() if s in ("advbench", "xstest_unsafe")} == {"harmful"}
+    assert all(f["n"] == 120 for f in result["folds"].values())
+    assert result["worst_recall"] == min(f["rate"] for f in result["folds"].values() if f["label"] == "harmful")
+    assert result["worst_fpr"] == max(f["rate"] for f in result["folds"].values() if f["label"] == "benign")
+    assert result["worst_recall"] > 0.8  # harm on dim 0 transfers across harmful sources
+    # without the twins in training, style separates the classes as well as harm does: the twins fold is worst
+    assert result["worst_fpr_source"] == "benign:benign_twins" and result["worst_fpr"] > 2 * result["folds"]["xstest_safe"]["rate"]
+
+
+def test_candidates_rank_by_their_worst_fold():
+    safe = {"worst_fpr": 0.02, "worst_recall": 0.6}
+    recalls_more_but_over_refuses = {"worst_fpr": 0.2, "worst_recall": 0.95}
+    safe_and_better = {"worst_fpr": 0.03, "worst_recall": 0.7}
+    ranked = sorted([safe, recalls_more_but_over_refuses, safe_and_better], key=lambda r: detectors.rank_key(r, 0.03), reverse=True)
+    assert ranked == [safe_and_better, safe, recalls_more_but_over_refuses]
+
+
+def test_source_weights_give_each_class_and_source_equal_mass():
+    pool = Pool(["a"] * 10 + ["b"] * 30 + ["c"] * 5, np.array([1] * 40 + [0] * 5), [""] * 45)
+    weights = detectors._source_weights(pool)
+    assert weights[:10].sum() == pytest.approx(weights[10:40].sum()) == pytest.approx(weights[40:].sum() / 2)
+
+
+def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_unsteered(tiny_loaded, tmp_path, one_thread):
+    harmful_turn, benign_turn = "the quick brown fox jumps", "lazy dog"
+    pool = detectors.build_pool({"advbench": [harmful_turn], "xstest_safe": [benign_turn]}, {"advbench"})
+    detectors.extract_features(tiny_loaded, pool, [(1, "user", 0, None)])
+    detector = detectors.fit(Candidate("dim", (1,), "user"), pool)
+    path = tmp_path / "gate.safetensors"
+    detector.save(path, "tiny")
+    flagged = [{"role": "user", "content": harmful_turn}, {"role": "assistant", "content": "sure"}, {"role": "user", "content": benign_turn}]
+    clean = [{"role": "user", "content": benign_turn}, {"role": "assistant", "content": "sure"}, {"role": "user", "content": benign_turn}]
+    whole = detector.scores(tiny_loaded, *_ids(tiny_loaded, [flagged]))  # the conversation alone, no per-turn max
+    turn = detectors.score_prompts(tiny_loaded, detector, [harmful_turn])
+    gated = detectors.score_prompts(tiny_loaded, detector, [flagged, clean])
+    assert turn[0] > whole[0]  # the precondition: the last-turn-diluted score misses the harmful turn
+    assert gated[0] == pytest.approx(float(turn[0]), abs=1e-4) and gated[1] < gated[0]
+    threshold = float((whole[0] + turn[0]) / 2)
+    assert gated[1] < threshold
+    direction = tmp_path / "push.safetensors"
+    save_direction(direction, torch.randn(64, generator=torch.Generator().manual_seed(1)), layer=1, model="tiny")
+    steering = Conditional(steering={"method": "actadd", "direction": str(direction), "alpha": 40.0}, detector=str(path), threshold=threshold)
+    prompts = chat_prompts(tiny_loaded, [flagged, clean])
+    plain = generate(tiny_loaded, prompts, max_new_tokens=6)
+    with steering.applied(tiny_loaded):
+        steered = generate(tiny_loaded, prompts, max_new_tokens=6)
+    assert steered[1] == plain[1] and steered[0] != plain[0]
+
+
+def _ids(loaded, conversations):
+    batch = loaded.tokenizer(chat_prompts(loaded, conversations), return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def test_direction_files_still_load_as_dim_detectors(tiny_loaded, tmp_path):
+    save_direction(tmp_path / "old.safetensors", torch.ones(64) * 3, layer=2, model="tiny")
+    old = detectors.load_detector(str(tmp_path / "old.safetensors"))
+    assert old.kind == "dim" and old.layers == (2,) and old.pooling == "last" and torch.isclose(old.weight.norm(), torch.tensor(1.0))
+    with pytest.raises(SaesteerError, match="cannot read detector file"):
+        detectors.load_detector(str(tmp_path / "missing.safetensors"))
+    Detector("probe", (1,), torch.zeros(1, 32)).save(tmp_path / "narrow.safetensors", "tiny")
+    with pytest.raises(SaesteerError, match="width 32"):
+        detectors.score_prompts(tiny_loaded, detectors.load_detector(str(tmp_path / "narrow.safetensors")), ["hi"])
