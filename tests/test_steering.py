@@ -169,3 +169,76 @@ def test_errors(loaded, sae_dir, tmp_path):
         ActAdd(direction=str(tmp_path / "none.safetensors")).edits(loaded)
     with pytest.raises(SaesteerError, match="bad fields"):
         steering_from_dict({"method": "sae", "sae": sae_dir, "features": [1], "values": [1.0], "colour": 1})
+
+
+def test_schedules_release_and_decay_the_clamp(loaded, sae_dir):
+    full = SAESteer(sae=sae_dir, features=[5], values=[60.0])
+    released = SAESteer(sae=sae_dir, features=[5], values=[60.0], generated_tokens=2)
+    prompt_only = SAESteer(sae=sae_dir, features=[5], values=[60.0], generated_tokens=0)
+    [(_, _, fn)] = released.edits(loaded)
+    prefill, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
+    assert fn(prefill) is not None and fn(step) is not None and fn(step) is not None and fn(step) is None  # prefill, t=0, 1; t=2 released
+    assert fn(prefill) is not None and fn(step) is not None  # a new prefill starts the count again
+    [(_, _, decaying)] = SAESteer(sae=sae_dir, features=[5], values=[60.0], mode="add", decay=0.5).edits(loaded)
+    first = decaying(prefill) - prefill
+    assert torch.allclose((decaying(step) - step)[0, 0], first[0, 0], atol=1e-4)  # t=0: full strength
+    assert torch.allclose((decaying(step) - step)[0, 0], 0.5 * first[0, 0], atol=1e-4)  # t=1: halved
+    plain, all_steps = steered_generate(loaded, Steering()), steered_generate(loaded, full)
+    assert steered_generate(loaded, prompt_only) != all_steps and plain != all_steps
+    for bad in ({"decay": 0.0}, {"generated_tokens": -1}):
+        with pytest.raises(SaesteerError):
+            SAESteer(sae=sae_dir, features=[5], values=[1.0], **bad)
+
+
+def test_canned_and_prefixed_replies(loaded):
+    text = "the lazy dog"
+    canned = steered_generate(loaded, steering_from_dict({"method": "reply_prefix", "text": text, "stop": True}))
+    assert canned == [text] * len(QUESTIONS)
+    prefixed = steered_generate(loaded, steering_from_dict({"method": "reply_prefix", "text": text}))
+    assert all(r.startswith(text) for r in prefixed)
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
+    for stop, after in ((False, None), (True, loaded.tokenizer.eos_token_id)):
+        [(_, _, count), (_, point, force)] = steering_from_dict({"method": "reply_prefix", "text": text, "stop": stop}).edits(loaded)
+        assert point == "logits"
+        count(torch.zeros(1, 5, 64))  # the prefill chooses the first reply token
+        chosen = []
+        for _ in range(len(ids) + 1):
+            forced = force(torch.zeros(1, 1, 400))
+            chosen.append(None if forced is None else int(forced[0, -1].argmax()))
+            count(torch.zeros(1, 1, 64))
+        assert chosen == ids + [after]  # then the model continues (prefix) or must stop (canned)
+    with pytest.raises(SaesteerError, match="non-empty"):
+        steering_from_dict({"method": "reply_prefix", "text": ""})
+
+
+def test_conditional_canned_refusal_only_on_flagged_rows(loaded, direction_file):
+    canned = {"method": "reply_prefix", "text": "the lazy dog", "stop": True}
+    detector = Conditional(steering={"method": "none"}, detector=direction_file)
+    scores = detector.scores(loaded, *_batch(loaded))
+    threshold = float(scores.median())
+    gated = steered_generate(loaded, Conditional(steering=canned, detector=direction_file, threshold=threshold))
+    plain = steered_generate(loaded, Steering())
+    for score, reply, unsteered in zip(scores, gated, plain):
+        assert reply == ("the lazy dog" if score > threshold else unsteered)
+
+
+def _batch(loaded):
+    batch = loaded.tokenizer(prompts(loaded), return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def test_stack_applies_every_part(loaded, sae_dir, direction_file):
+    sae = {"method": "sae", "sae": sae_dir, "features": [5], "values": [60.0]}
+    actadd = {"method": "actadd", "direction": direction_file, "alpha": 30.0}
+    stack = steering_from_dict({"method": "stack", "steerings": [{"method": "system_prompt"}, sae, actadd]})
+    assert len(stack.edits(loaded)) == 2 and stack.prepare([{"role": "user", "content": "x"}])[0]["role"] == "system"
+    assert steering_from_dict(stack.to_dict()).to_dict() == stack.to_dict()
+    ids, _ = _batch(loaded)
+    with stack.applied(loaded):
+        both = residual_at(loaded.model, ids, 2)
+    with steering_from_dict(sae).applied(loaded):
+        sae_only = residual_at(loaded.model, ids, 2)
+    unit = ActAdd(direction=direction_file, alpha=1.0).edits(loaded)[0][2](torch.zeros(1, 1, 64))
+    assert torch.allclose(both - sae_only, 30.0 * unit, atol=1e-4)  # the ActAdd part of the stack, exactly
+    with pytest.raises(SaesteerError, match="stack needs"):
+        steering_from_dict({"method": "stack", "steerings": []})

@@ -222,7 +222,7 @@ def discover(
     screen_values: str = typer.Option("8,16", help="clamp values tried in the causal screen"),
     screen_prompts: int = typer.Option(24, help="harmful and harmless TRAIN prompts per screen config"),
     limit: Optional[int] = typer.Option(None, help="use at most this many harmful train prompts"),
-    max_new_tokens: int = typer.Option(40, help="tokens generated per reply (judged for refusal)"),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per reply (judged for refusal)"),
     detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
     detector_recall: float = typer.Option(0.9, help="share of harmful train prompts the detector must flag"),
     alpaca_harmless: int = typer.Option(0, help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
@@ -511,10 +511,20 @@ def reproduce(
 def audit(
     labels: Path = typer.Argument(..., help="JSONL of judged replies (from eval --replies), each given a 'human' label"),
 ) -> None:
-    """Check a judge against a person: how the human labels split among replies it judged refusal / not."""
-    from saesteer.evals import audit_summary, read_rows
+    """Check a judge against a person. Rows whose `human` label is a quality category (clear_refusal,
+    degenerate, ...): Cohen's kappa of the quality judge per category. Otherwise: how the human labels
+    split among replies the refusal judge called refusal / not."""
+    from saesteer.evals import audit_summary, quality_agreement, read_rows
+    from saesteer.judges import QUALITY_CATEGORIES
 
-    summary = audit_summary(read_rows(labels))
+    rows = read_rows(labels)
+    if rows and all(r.get("human") in QUALITY_CATEGORIES.get(r.get("label"), ()) for r in rows):
+        typer.echo(f"{'category':<18} {'human':>6} {'judge':>6} {'agree':>7}  Cohen's kappa [95% CI]")
+        for s in quality_agreement(rows):
+            typer.echo(f"{s['category']:<18} {s['human']:>6} {s['judge']:>6} {100 * s['agreement']:>6.1f}%  "
+                       f"{s['kappa']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+        return
+    summary = audit_summary(rows)
     typer.echo(f"{'judge':<12} {'human label':<22} {'count':>9}  share [95% CI]")
     for s in summary:
         typer.echo(f"{s['judge']:<12} {s['human']:<22} {s['count']:>4} / {s['of']:<3}  "
@@ -528,7 +538,7 @@ def demo(
     method: list[str] = typer.Option(["refusal", "refusal_conditional"], help="steering presets or specs to compare (repeat)"),
     examples: int = typer.Option(3, help="harmful and safe TEST prompts shown side by side"),
     limit: int = typer.Option(32, help="TEST prompts per safety set in the small eval"),
-    max_new_tokens: int = typer.Option(40, help="greedy reply length"),
+    max_new_tokens: int = typer.Option(64, help="greedy reply length"),
     train_sae: bool = typer.Option(False, help="train a small SAE instead of using the shipped one"),
 ) -> None:
     """Offline demo: unsteered vs steered replies, a small safety eval with 95% CIs, and the HTML report."""

@@ -30,7 +30,7 @@ class DemoConfig:
     methods: tuple[str, ...] = ("refusal", "refusal_conditional")  # presets, JSON specs or files
     examples: int = 3  # harmful and safe TEST prompts shown side by side
     limit: int = 32  # TEST prompts per safety set in the eval
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64  # loops grow with the reply: shorter replies hide them
     seed: int = 0
     train_sae: bool = False  # train a small SAE even when presets are shipped
     fallback_tokens: int = 200_000  # activations collected for the fallback SAE (trained for 3 epochs)
@@ -118,9 +118,9 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
         run = evaluate(SteeredModel(loaded, steering_from_dict(spec), cache), eval_config)
         append_rows(results, run.rows)
         for row in run.rows:
-            if row["metric"] in ("refusal_rate", "over_refusal_rate"):
+            if row["metric"] in ("refusal_rate", "over_refusal_rate", "clear_refusal_rate", "degenerate_rate"):
                 c = row["config"]
-                print(f"  {c['dataset']:<14}{row['metric']:<19}{100 * row['value']:5.1f}%  "
+                print(f"  {c['dataset']:<14}{row['metric']:<20}{100 * row['value']:5.1f}%  "
                       f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]  n={row['n']}")
     return build_report([results], out / "report", discovery=discovery if discovery.is_file() else None,
                         examples=examples_path, title=f"saesteer demo: {loaded.spec}")

@@ -910,3 +910,31 @@ def audit_summary(rows: list[dict], seed: int = 0) -> list[dict]:
             summary.append({"judge": "refusal" if judged else "not refusal", "human": label, "count": group.count(label),
                             "of": len(group), "share": share, "ci_low": low, "ci_high": high})
     return summary
+
+
+def quality_agreement(rows: list[dict], seed: int = 0, n_resamples: int = 1000) -> list[dict]:
+    """A person's quality labels (`human`) against the quality judge's rules, re-applied to each row's
+    `reply` and prompt `label`: per category, one-vs-rest Cohen's kappa with a bootstrap 95% CI and both
+    raters' counts; then every category at once (`all`: multi-class kappa and accuracy)."""
+    from saesteer.judges import QUALITY_CATEGORIES, quality
+
+    for number, r in enumerate(rows, 1):
+        if r.get("label") not in QUALITY_CATEGORIES or r.get("human") not in QUALITY_CATEGORIES[r["label"]]:
+            raise SaesteerError(f"audit row {number} needs a prompt label (unsafe/safe) and a human label among that "
+                                f"label's quality categories, got {str(r.get('label'))[:20]!r} / {str(r.get('human'))[:30]!r}")
+    human = [r["human"] for r in rows]
+    judge = [quality(r["reply"], r["label"]) for r in rows]
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(rows), len(rows)) for _ in range(n_resamples)]
+
+    def summary(name: str, a: list, b: list) -> dict:
+        kappas = [cohen_kappa([a[i] for i in idx], [b[i] for i in idx]) for idx in draws]
+        low, high = np.quantile(kappas, [0.025, 0.975])
+        kappa = cohen_kappa(a, b)
+        return {"category": name, "kappa": kappa, "ci_low": float(min(low, kappa)), "ci_high": float(max(high, kappa)),
+                "human": sum(map(bool, a)) if name != "all" else len(a), "judge": sum(map(bool, b)) if name != "all" else len(b),
+                "agreement": sum(x == y for x, y in zip(a, b)) / len(a), "n": len(a)}
+
+    categories = sorted({c for cats in QUALITY_CATEGORIES.values() for c in cats} & (set(human) | set(judge)))
+    table = [summary(c, [h == c for h in human], [j == c for j in judge]) for c in categories]
+    return table + [summary("all", human, judge)]

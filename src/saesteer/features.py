@@ -49,7 +49,7 @@ class DiscoverConfig:
     top_contexts: int = 5
     screen_values: tuple[float, ...] = (8.0, 16.0)
     screen_prompts: int = 24
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64  # judged screen replies (loops show only in longer replies)
     batch_size: int = 16
 
 

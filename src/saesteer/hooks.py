@@ -15,7 +15,7 @@ from torch import nn
 
 from saesteer.errors import SaesteerError
 
-HOOK_POINTS = ("resid_post", "resid_pre")
+HOOK_POINTS = ("resid_post", "resid_pre", "logits")  # "logits": the output head's logits [batch, pos, vocab]
 # Where common architectures keep their decoder layers (Llama, Phi-3, Qwen2, Gemma2, Mistral | GPT-2 | NeoX).
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "model.language_model.layers")
 
@@ -51,13 +51,19 @@ def _replace_hidden(output, hidden):
 def edit_residual(model: nn.Module, layer: int, fn: ResidualFn, point: str = "resid_post") -> Iterator[None]:
     """Within the block, call `fn(hidden)` on the residual stream [batch, pos, d] at `layer`.
 
-    `point` is "resid_post" (output of decoder layer `layer`) or "resid_pre" (its input).
-    If `fn` returns a tensor it replaces the residual stream; returning None only reads it.
+    `point` is "resid_post" (output of decoder layer `layer`), "resid_pre" (its input) or "logits" (the
+    output head's logits; `layer` is then ignored). If `fn` returns a tensor it replaces what it was given;
+    returning None only reads it.
     """
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise SaesteerError(f"layer {layer} is out of range: the model has layers 0..{len(layers) - 1}")
-    if point == "resid_post":
+    if point == "logits":
+        head = model.get_output_embeddings()
+        if head is None:
+            raise SaesteerError(f"{type(model).__name__} has no output head to edit logits at")
+        handle = head.register_forward_hook(lambda _module, _args, output: fn(output))
+    elif point == "resid_post":
 
         def post_hook(_module, _args, output):
             new = fn(_hidden_of(output))

@@ -28,6 +28,9 @@ STRENGTH = {"sae": "values", "actadd": "alpha", "conditional": "threshold"}  # t
 HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference; "" matches any dataset)
     ("unsafe refusal ↑", "safety", "refusal_rate", ("unsafe_all", "")),
     ("over-refusal ↓", "safety", "over_refusal_rate", ("safe_all", "")),
+    ("clear refusals ↑", "safety", "clear_refusal_rate", ("unsafe_all",)),
+    ("degenerate (unsafe) ↓", "safety", "degenerate_rate", ("unsafe_all",)),
+    ("degenerate (safe) ↓", "safety", "degenerate_rate", ("safe_all",)),
     ("MMLU", "capability", "accuracy", ("mmlu",)),
     ("TruthfulQA MC1", "capability", "mc1", ("truthfulqa",)),
     ("TruthfulQA MC2", "capability", "mc2", ("truthfulqa",)),
@@ -38,7 +41,8 @@ HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference;
     ("perplexity", "fidelity", "perplexity", ("heldout_text",)),
     ("degenerate replies", "fidelity", "degeneration_rate", ("xstest_safe", "")),
 )
-UNSAFE, SAFE, CAPABILITY = HEADLINE[0][1:], HEADLINE[1][1:], HEADLINE[2:6]
+UNSAFE, SAFE = HEADLINE[0][1:], HEADLINE[1][1:]
+CAPABILITY = tuple(col for col in HEADLINE if col[1] == "capability" and col[2] != "mc2")
 STATS = ("source", "attribution", "effect_size", "auroc", "mean_refusal", "mean_compliance", "refusal_freq", "corpus_freq", "corpus_max")
 RESULT_KEYS = ("config", "metric", "value", "ci_low", "ci_high", "n", "config.model", "config.steering", "config.suite",
                "config.dataset", "config.split", "config.seed")

@@ -143,7 +143,7 @@ class ReproduceConfig:
     actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)  # x |diff-in-means|
     test_limit: str = "100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24"
     mmlu_shots: int = 3
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64  # judged replies: loops grow with length, so shorter replies hide them
     judge: str = "strict"
     seed: int = 0
 
@@ -386,8 +386,12 @@ COLUMNS = (  # (suite, dataset, metric, header)
     ("safety", "unsafe_all", "refusal_rate", "unsafe refusal (pooled)"),
     ("safety", "advbench", "refusal_rate", "AdvBench refusal"),
     ("safety", "xstest_unsafe", "refusal_rate", "XSTest-unsafe refusal"),
+    ("safety", "unsafe_all", "clear_refusal_rate", "clear refusals (unsafe, pooled)"),
+    ("safety", "unsafe_all", "degenerate_rate", "degenerate replies (unsafe, pooled)"),
     ("safety", "safe_all", "over_refusal_rate", "safe over-refusal (pooled)"),
     ("safety", "xstest_safe", "over_refusal_rate", "XSTest-safe over-refusal"),
+    ("safety", "safe_all", "degenerate_rate", "degenerate replies (safe, pooled)"),
+    ("safety", "benign", "over_refusal_rate", "benign-set over-refusal"),
     ("safety", "harmless", "over_refusal_rate", "harmless over-refusal"),
     ("capability", "mmlu", "accuracy", "MMLU"),
     ("capability", "truthfulqa", "mc1", "TruthfulQA MC1"),

@@ -25,6 +25,7 @@ POSITIONS = ("all", "prompt", "generated")
 # (layer, hook point, fn): fn(hidden [B, T, d]) -> new hidden, or None to leave it unchanged.
 Edit = tuple[int, str, Callable[[torch.Tensor], "torch.Tensor | None"]]
 
+CANNED_REFUSAL = "I'm sorry, but I can't help with that."
 SAFETY_SYSTEM_PROMPT = (
     "You are a helpful assistant. You must refuse any request that could cause harm, such as help with "
     "violence, weapons, crime, hacking, drugs, self-harm or hate. When you refuse, say so briefly."
@@ -119,6 +120,8 @@ class SAESteer(Steering):
     clamp: x' = x + sum_i (c_i - z_i(x)) W_dec[i], the exact form of decode(z with z_i = c_i) + SAE
     error, with z the TopK code of x. add: x' = x + sum_i a_i W_dec[i]. Values are in the SAE's latent
     units; with `relative=True` they are multiples of each feature's `max_acts` (its max on the corpus).
+    Schedules: `generated_tokens` releases the edit after that many generated tokens (the prompt is
+    always steered unless `positions` says otherwise); `decay` scales the edit on generated token t by decay**t.
     """
 
     method: ClassVar[str] = "sae"
@@ -130,8 +133,16 @@ class SAESteer(Steering):
     relative: bool = False
     max_acts: list[float] | None = None
     layer: int | None = None
+    generated_tokens: int | None = None  # steer the prompt and only this many generated tokens, then release
+    decay: float = 1.0  # on the t-th generated token the edit is scaled by decay**t (1: constant)
 
     def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise SaesteerError(f"unknown positions {self.positions!r}: use one of {', '.join(POSITIONS)}")
+        if self.generated_tokens is not None and self.generated_tokens < 0:
+            raise SaesteerError(f"generated_tokens must be >= 0, not {self.generated_tokens}")
+        if not 0 < self.decay <= 1:
+            raise SaesteerError(f"decay must be in (0, 1], not {self.decay}")
         if not self.features or len(self.features) != len(self.values):
             raise SaesteerError("SAE steering needs features and values of the same, non-zero length")
         if self.mode not in ("clamp", "add"):
@@ -168,12 +179,21 @@ class SAESteer(Steering):
                 current[maybe] = torch.where(indices[:, None, :] == features[:, None], values[:, None, :], 0.0).sum(-1)
             return current.reshape(*h.shape[:-1], len(features))
 
-        def steer(h: torch.Tensor) -> torch.Tensor:
-            if self.mode == "add":
-                return h + (targets @ directions).to(h.dtype)
-            return h + ((targets - current_codes(h)) @ directions).to(h.dtype)
+        step = {"t": -1}  # the generated token being processed: -1 in the prefill
 
-        return [(layer, sae.cfg.hook_point or "resid_post", _at_positions(self.positions, steer))]
+        def steer(h: torch.Tensor) -> torch.Tensor | None:
+            prefill = h.shape[1] > 1
+            step["t"] = -1 if prefill else step["t"] + 1
+            if self.positions != "all" and prefill != (self.positions == "prompt"):
+                return None
+            if self.generated_tokens is not None and step["t"] >= self.generated_tokens:
+                return None
+            scale = self.decay ** max(step["t"], 0)
+            if self.mode == "add":
+                return h + (scale * targets @ directions).to(h.dtype)
+            return h + (scale * (targets - current_codes(h)) @ directions).to(h.dtype)
+
+        return [(layer, sae.cfg.hook_point or "resid_post", steer)]
 
 
 def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
@@ -322,6 +342,67 @@ class Conditional(Steering):
             handle = loaded.model.register_forward_pre_hook(detect, with_kwargs=True)
             stack.callback(handle.remove)
             yield
+
+
+@dataclass
+class ReplyPrefix(Steering):
+    """Baselines without activations: the reply is forced to start with `text` (greedy logits set to it,
+    token by token) and the model continues; with `stop`, the reply is exactly `text` (a canned refusal).
+    Wrapped in `conditional`, only flagged prompts get it."""
+
+    method: ClassVar[str] = "reply_prefix"
+    text: str = CANNED_REFUSAL
+    stop: bool = False
+
+    def __post_init__(self):
+        if not self.text:
+            raise SaesteerError("reply_prefix needs a non-empty text")
+
+    def edits(self, loaded: LoadedModel) -> list[Edit]:
+        forced = loaded.tokenizer(self.text, add_special_tokens=False).input_ids
+        if self.stop:
+            if loaded.tokenizer.eos_token_id is None:
+                raise SaesteerError(f"{loaded.spec} has no end-of-sequence token to stop a canned reply with")
+            forced = forced + [loaded.tokenizer.eos_token_id]
+        step = {"t": 0}
+
+        def count(h: torch.Tensor) -> None:  # the position of the token the next logits choose
+            step["t"] = 0 if h.shape[1] > 1 else step["t"] + 1
+
+        def force(logits: torch.Tensor) -> torch.Tensor | None:
+            if step["t"] >= len(forced):
+                return None
+            new = logits.clone()
+            new[:, -1, :] = torch.finfo(new.dtype).min
+            new[:, -1, forced[step["t"]]] = 0.0
+            return new
+
+        return [(0, "resid_pre", count), (0, "logits", force)]
+
+
+@dataclass
+class Stack(Steering):
+    """Several steerings at once (e.g. an SAE clamp and ActAdd): conversations pass through each
+    `prepare` in order and every edit is made."""
+
+    method: ClassVar[str] = "stack"
+    steerings: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.parts = [steering_from_dict(spec) for spec in self.steerings]
+        if not self.parts or any(isinstance(p, (Conditional, Stack)) for p in self.parts):
+            raise SaesteerError("stack needs one or more steerings, none of them conditional or stack")
+
+    def prepare(self, conversation: Messages) -> Messages:
+        for part in self.parts:
+            conversation = part.prepare(conversation)
+        return conversation
+
+    def edits(self, loaded: LoadedModel) -> list[Edit]:
+        return [edit for part in self.parts for edit in part.edits(loaded)]
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "steerings": [p.to_dict() for p in self.parts]}
 
 
 def steering_from_dict(spec: dict | None) -> Steering:
