@@ -110,12 +110,21 @@ def test_leave_one_source_out_reports_each_left_out_source_and_the_worst_fold():
     assert result["worst_fpr_source"] == "benign:benign_twins" and result["worst_fpr"] > 2 * result["folds"]["xstest_safe"]["rate"]
 
 
-def test_candidates_rank_by_their_worst_fold():
-    safe = {"worst_fpr": 0.02, "worst_recall": 0.6}
-    recalls_more_but_over_refuses = {"worst_fpr": 0.2, "worst_recall": 0.95}
-    safe_and_better = {"worst_fpr": 0.03, "worst_recall": 0.7}
-    ranked = sorted([safe, recalls_more_but_over_refuses, safe_and_better], key=lambda r: detectors.rank_key(r, 0.03), reverse=True)
-    assert ranked == [safe_and_better, safe, recalls_more_but_over_refuses]
+def _result(recalls, fprs):
+    folds = {f"h{i}": {"label": "harmful", "rate": r} for i, r in enumerate(recalls)}
+    folds.update({f"b{i}": {"label": "benign", "rate": f} for i, f in enumerate(fprs)})
+    return {"folds": folds, "worst_recall": min(recalls), "worst_fpr": max(fprs)}
+
+
+def test_candidates_rank_by_their_worst_fold_then_the_next_worst():
+    meets = _result([0.7, 0.9], [0.03, 0.0])
+    floor_but_better_next = _result([0.0, 0.6], [0.1, 0.0])
+    floor = _result([0.0, 0.5], [0.1, 0.0])
+    recalls_more_but_over_refuses = _result([0.95, 0.99], [0.4, 0.0])
+    ranked = sorted([floor, recalls_more_but_over_refuses, floor_but_better_next, meets],
+                    key=lambda r: detectors.rank_key(r, 0.03, 0.7), reverse=True)
+    # worst successes: meets 0.7 (and meets both targets), over-refuser 0.6, the floors 0.0 (then 0.6 > 0.5)
+    assert ranked == [meets, recalls_more_but_over_refuses, floor_but_better_next, floor]
 
 
 def test_source_weights_give_each_class_and_source_equal_mass():
@@ -164,3 +173,33 @@ def test_direction_files_still_load_as_dim_detectors(tiny_loaded, tmp_path):
     Detector("probe", (1,), torch.zeros(1, 32)).save(tmp_path / "narrow.safetensors", "tiny")
     with pytest.raises(SaesteerError, match="width 32"):
         detectors.score_prompts(tiny_loaded, detectors.load_detector(str(tmp_path / "narrow.safetensors")), ["hi"])
+
+
+def test_gate_cli_trains_validates_and_saves_a_usable_detector(monkeypatch, capsys, tiny_model_dir, tmp_path, one_thread):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "gate"
+    code, captured = run_cli(monkeypatch, capsys, "gate", "--model", str(tiny_model_dir), "--sae", "", "--limit", "6", "--out", str(out))
+    assert code == 0, captured.err
+    summary = json.loads((out / "gate.json").read_text())
+    vendored = set(detectors.HARMFUL_SOURCES) | set(detectors.BENIGN_SOURCES)
+    assert all(set(r["folds"]) == vendored for r in summary["loso"]) and len(summary["loso"]) >= 5
+    assert summary["chosen"] == summary["ranking"][0] and "| candidate | worst recall |" in (out / "gate.md").read_text()
+    kinds = {r["candidate"]["kind"] for r in summary["loso"]}
+    assert kinds == {"dim", "probe", "ensemble"} and all(max(r["candidate"]["layers"]) < 4 for r in summary["loso"])  # no SAE: no sae_probe
+    assert set(summary["test"]["chosen"]) >= vendored and all(r["n"] <= 6 for r in summary["test"]["chosen"].values())
+    gate = Conditional(steering={"method": "none"}, detector=str(out / "detector.safetensors"), threshold=summary["threshold"]["threshold"])
+    assert gate.scores(*_loaded_batch(tiny_model_dir)).shape == (2,)
+    code, captured = run_cli(monkeypatch, capsys, "gate", "--model", str(tiny_model_dir), "--max-fpr", "2")
+    assert code == 2 and "--max-fpr" in captured.err and "Traceback" not in captured.err
+
+
+def _loaded_batch(model_dir):
+    from saesteer.models import load_model
+
+    loaded = load_model(str(model_dir))
+    batch = loaded.tokenizer(chat_prompts(loaded, [[{"role": "user", "content": t}] for t in ("hi", "lazy dog")]),
+                             return_tensors="pt", padding=True, add_special_tokens=False)
+    return loaded, batch["input_ids"], batch["attention_mask"]

@@ -276,13 +276,15 @@ def gate(
     limit: Optional[int] = typer.Option(None, help="development prompts per source (default: all)"),
     baseline: Optional[str] = typer.Option(None, help="a conditional steering (preset, JSON or file) whose detector and threshold "
                                            "are scored beside the new one, e.g. refusal_conditional"),
+    ship: bool = typer.Option(False, help="install the chosen gate in the shipped `refusal_conditional` preset (the replaced "
+                              "preset stays as refusal_conditional_previous)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 ) -> None:
     """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
     the best worst fold, set its threshold with a 95% false-positive guarantee, and score it on TEST."""
-    from saesteer.detectors import GateConfig, run_gate
+    from saesteer.detectors import GateConfig, run_gate, ship_gate
     from saesteer.models import load_model
-    from saesteer.steering import Conditional, parse_steering
+    from saesteer.steering import Conditional, parse_steering, shipped_dir
 
     if not 0 < max_fpr < 1:
         raise SaesteerError(f"--max-fpr must be between 0 and 1, not {max_fpr}")
@@ -296,6 +298,9 @@ def gate(
     summary = run_gate(loaded, GateConfig(sae=sae or None, max_fpr=max_fpr, limit=limit), out, old)
     typer.echo((out / "gate.md").read_text())
     typer.echo(f"chosen {summary['chosen']}: wrote {out / 'detector.safetensors'} (threshold {summary['threshold']['threshold']:.4g})")
+    if ship:
+        preset = ship_gate(out / "detector.safetensors", summary["threshold"]["threshold"], shipped_dir())
+        typer.echo(f"refusal_conditional now gates with {preset['detector']} at threshold {preset['threshold']:.4g}")
 
 
 def _eval_config(model: str, steering: Optional[str], suite: str, limit: str, split: str, seed: int,

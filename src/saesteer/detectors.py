@@ -21,7 +21,7 @@ Validation (`leave_one_source_out`) uses development prompts only (train + valid
 vendored source in turn: train on the other sources, set the threshold on them, and report the left-out
 source's recall (harmful) or false-positive rate (benign) with a Clopper-Pearson 95% CI. Sets that are
 not shipped (`harmful_mix`, the Alpaca `harmless` set) are never trained on; when ../shared is present
-they are scored in every fold as extra held-out sources. Candidates are ranked by their worst fold.
+they are scored in every fold as extra held-out sources.
 
 Threshold (`guaranteed_threshold`): the lowest threshold at which the one-sided 95% Clopper-Pearson upper
 bound of the false-positive rate of EACH benign source is at most `max_fpr`, computed on cross-fitted
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,8 @@ from saesteer.models import LoadedModel, Messages, chat_prompts
 KINDS = ("dim", "probe", "ensemble", "sae_probe")
 POOLINGS = ("last", "user")
 HARMFUL_SOURCES = ("advbench", "xstest_unsafe", "hh_rlhf_harmful")
-BENIGN_SOURCES = ("xstest_safe", "benign:truthfulqa", "benign:mmlu", "benign:gsm8k", "benign:written", "benign:benign_twins")
+BENIGN_SOURCES = ("xstest_safe", "hh_rlhf_benign", "benign:truthfulqa", "benign:mmlu", "benign:gsm8k", "benign:written",
+                  "benign:benign_twins")
 HELD_OUT_SOURCES = ("harmful_mix", "harmless")  # not shipped: never trained on, scored when ../shared is present
 HARMFUL_HELD_OUT = ("harmful_mix",)
 DEV_SPLITS = ("train", "validation")
@@ -60,7 +61,7 @@ class Candidate:
     """One detector recipe tried in leave-one-source-out validation."""
 
     kind: str
-    layers: tuple[int, ...]
+    layers: tuple  # decoder layers; a float in (0, 1) is a fraction of the model's depth
     pooling: str = "user"
     tokens: int = 4  # positions averaged by `last` pooling
     c: float = 0.1  # inverse regularisation strength of the logistic probes
@@ -76,19 +77,21 @@ class Candidate:
 class GateConfig:
     """What `saesteer gate` trains and how it chooses."""
 
+    # layers as fractions of the model's depth (0.6 = layer 18 of 30); a `sae_probe` reads the SAE's own layer
     candidates: tuple[Candidate, ...] = (
-        Candidate("dim", (18,), "last", 4),  # the old detector: the baseline row
-        Candidate("dim", (18,), "user"),
-        Candidate("probe", (12,), "last", 4), Candidate("probe", (18,), "last", 4),
-        Candidate("probe", (6,), "user"), Candidate("probe", (12,), "user"), Candidate("probe", (18,), "user"),
-        Candidate("probe", (24,), "user"),
-        Candidate("ensemble", (6, 12, 18, 24), "user"), Candidate("ensemble", (6, 12, 18, 24), "last", 4),
-        Candidate("probe", (12,), "user", c=0.01), Candidate("probe", (12,), "user", c=1.0),
-        Candidate("sae_probe", (6,), "user", c=0.05),
+        Candidate("dim", (0.6,), "last", 4),  # the old detector: the baseline row
+        Candidate("dim", (0.6,), "user"),
+        Candidate("probe", (0.4,), "last", 4), Candidate("probe", (0.6,), "last", 4),
+        Candidate("probe", (0.2,), "user"), Candidate("probe", (0.4,), "user"), Candidate("probe", (0.6,), "user"),
+        Candidate("probe", (0.8,), "user"),
+        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "user"), Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "last", 4),
+        Candidate("probe", (0.4,), "user", c=0.01), Candidate("probe", (0.4,), "user", c=1.0),
+        Candidate("sae_probe", (), "user", c=0.05),
     )
-    sae: str | None = "builtin:sae"  # SAE for `sae_probe` candidates (skipped when its layer or width does not fit)
+    sae: str | None = "builtin:sae"  # SAE for `sae_probe` candidates (skipped when its width does not fit the model)
     max_fpr: float = 0.05  # bound on the 95% upper confidence bound of each benign source's false-positive rate
     target_fpr: float = 0.03  # a candidate meets the bar when its worst left-out benign source stays at or below this
+    target_recall: float = 0.7  # ... and its worst left-out harmful source reaches this
     folds: int = 3  # cross-fitting folds for the out-of-fold threshold scores
     limit: int | None = None  # development prompts per source (None: all)
     batch_size: int = 16
@@ -446,26 +449,33 @@ def leave_one_source_out(candidate: Candidate, dev: Pool, held_out: Pool | None,
             "worst_fpr": benign[worst_fpr]["rate"], "worst_fpr_source": worst_fpr, "held_out": worst_extra}
 
 
-def rank_key(result: dict, target_fpr: float) -> tuple:
-    """Worst case first: meeting the false-positive bar on every left-out benign source, then the worst
-    left-out harmful recall, then the worst false-positive rate."""
-    return (result["worst_fpr"] <= target_fpr, result["worst_recall"], -result["worst_fpr"])
+def rank_key(result: dict, target_fpr: float, target_recall: float) -> tuple:
+    """Worst case first: meeting both targets on every left-out source; then leximin over the folds'
+    successes (recall of each harmful fold, 1 - FPR of each benign fold, sorted ascending), so the worst
+    fold decides and the next worst breaks ties."""
+    meets = result["worst_fpr"] <= target_fpr and result["worst_recall"] >= target_recall
+    successes = sorted(f["rate"] if f["label"] == "harmful" else 1 - f["rate"] for f in result["folds"].values())
+    return (meets, *successes)
 
 
 # ---------------------------------------------------------------- the whole procedure
 
 
-def sae_fits(loaded: LoadedModel, sae: str | None, layers: tuple[int, ...]) -> bool:
-    """Whether `sae` reads the residual stream of `loaded` at the (single) layer of a `sae_probe`."""
-    if sae is None or len(layers) != 1:
-        return False
-    from saesteer.steering import load_sae
+def resolve_layers(candidate: Candidate, loaded: LoadedModel, sae: str | None) -> Candidate | None:
+    """The candidate with absolute layers (fractions of depth rounded; a `sae_probe` at its SAE's layer),
+    or None when it cannot run on this model."""
+    if candidate.kind == "sae_probe":
+        from saesteer.steering import load_sae
 
-    try:
-        cfg = load_sae(sae).cfg
-    except SaesteerError:
-        return False
-    return cfg.d_in == loaded.d_model and cfg.layer == layers[0]
+        try:
+            cfg = load_sae(sae).cfg if sae else None
+        except SaesteerError:
+            cfg = None
+        fits = cfg is not None and cfg.d_in == loaded.d_model and cfg.layer is not None and 0 <= cfg.layer < loaded.n_layers
+        return replace(candidate, layers=(cfg.layer,)) if fits else None
+    layers = tuple(dict.fromkeys(min(loaded.n_layers - 1, round(x * loaded.n_layers)) if isinstance(x, float) else x
+                                 for x in candidate.layers))
+    return replace(candidate, layers=layers) if all(0 <= x < loaded.n_layers for x in layers) else None
 
 
 def prompt_sets(config: GateConfig, splits: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -513,8 +523,13 @@ def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple
     the threshold fixed, its recall and false-positive rate per source on TEST prompts. `baseline` (a
     detector file and its threshold, e.g. the old shipped detector) is scored beside it on dev and test."""
     out.mkdir(parents=True, exist_ok=True)
-    candidates = [c for c in config.candidates if c.kind != "sae_probe" or sae_fits(loaded, config.sae, c.layers)]
-    candidates = [c for c in candidates if all(0 <= layer < loaded.n_layers for layer in c.layers)]
+    done = out / "gate.json"
+    if done.is_file():  # an earlier run with the same settings: nothing to redo
+        earlier = json.loads(done.read_text())
+        same = json.loads(json.dumps(asdict(config))) == earlier["config"] and earlier["model"] == loaded.spec
+        if same and (baseline is None or earlier.get("baseline", {}).get("detector") == baseline[0]):
+            return earlier
+    candidates = list(dict.fromkeys(c for c in (resolve_layers(c, loaded, config.sae) for c in config.candidates) if c))
     if not candidates:
         raise SaesteerError(f"no gate candidate fits {loaded.spec} ({loaded.n_layers} layers)")
     keys = feature_keys(tuple(candidates), config.sae)
@@ -522,7 +537,7 @@ def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple
     dev = _features(loaded, vendored, keys, out / "features-dev.safetensors", config)
     held_pool = _features(loaded, held, keys, out / "features-held-out.safetensors", config) if held else None
     results = [leave_one_source_out(c, dev, held_pool, config) for c in tqdm(candidates, desc="leave-one-source-out")]
-    ranked = sorted(results, key=lambda r: rank_key(r, config.target_fpr), reverse=True)
+    ranked = sorted(results, key=lambda r: rank_key(r, config.target_fpr, config.target_recall), reverse=True)
     chosen = next(c for c in candidates if c.name == ranked[0]["name"])
     detector, gate = train_with_threshold(chosen, dev, config)
     detector.save(out / "detector.safetensors", loaded.spec, threshold=gate["threshold"], candidate=chosen.name)
@@ -543,6 +558,29 @@ def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple
     (out / "gate.json").write_text(json.dumps(summary, indent=2))
     (out / "gate.md").write_text(gate_markdown(summary))
     return summary
+
+
+def ship_gate(detector: Path, threshold: float, dest: Path) -> dict:
+    """Install a gate in the shipped presets at `dest` (assets/shipped): the detector becomes
+    `harm-gate.safetensors` and `refusal_conditional` gates its steering with it; the preset it replaces is
+    kept as `refusal_conditional_previous` (once). Returns the new preset."""
+    import shutil
+
+    path = dest / "steering.json"
+    if not path.is_file():
+        raise SaesteerError(f"no shipped presets at {path}: run `saesteer reproduce --ship {dest}` first")
+    shipped = json.loads(path.read_text())
+    presets = shipped["presets"]
+    if "refusal_conditional" not in presets:
+        raise SaesteerError(f"{path} has no refusal_conditional preset to gate")
+    shutil.copyfile(detector, dest / "harm-gate.safetensors")
+    old = presets["refusal_conditional"]
+    if old.get("detector") != "builtin:harm-gate.safetensors":
+        presets["refusal_conditional_previous"] = old
+    presets["refusal_conditional"] = {**old, "detector": "builtin:harm-gate.safetensors", "threshold": threshold,
+                                      "layer": None, "tokens": 4}
+    path.write_text(json.dumps(shipped, indent=2))
+    return presets["refusal_conditional"]
 
 
 def _cell(r: dict) -> str:

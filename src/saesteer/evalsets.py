@@ -17,7 +17,7 @@ discovery and clamp choice use train/validation only; reports use test.
 | xstest_unsafe, xstest_safe | unsafe / safe | 40/20/40 by hash within each of the 18 XSTest types |
 | harmless | safe | refusal_direction's own harmless_train / harmless_val / harmless_test (shared only; CC BY-NC, optional) |
 | benign | safe | the shippable benign set: TruthfulQA, MMLU and GSM8K questions, requests the project wrote and benign twins of harmful train prompts; 40/20/40 by hash per source (`category`) |
-| hh_rlhf_harmful | unsafe | first human turns of hh-rlhf red-team dialogues that the project labelled harmful; split with their dialogue (as `hh_rlhf`) |
+| hh_rlhf_harmful, hh_rlhf_benign | unsafe / safe | first human turns of hh-rlhf red-team dialogues that the project labelled harmful / benign; split with their dialogue (as `hh_rlhf`) |
 | mmlu | - | validation = official val (10 per subject), test = official test (25 per subject, seeded); few-shot from dev |
 | truthfulqa | - | classic v1 (817 questions): 30% validation / 70% test by hash (no train split) |
 | gsm8k | - | validation = 200 seeded official-train problems, test = official test (1319) (no train split) |
@@ -48,7 +48,7 @@ SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.4, 0.2, 0.4)
 LABELS = ("unsafe", "safe")
 SAFETY_SETS = {"advbench": "unsafe", "harmful_mix": "unsafe", "xstest_unsafe": "unsafe", "hh_rlhf_harmful": "unsafe",
-               "xstest_safe": "safe", "benign": "safe", "harmless": "safe"}
+               "xstest_safe": "safe", "benign": "safe", "hh_rlhf_benign": "safe", "harmless": "safe"}
 SHARED_ONLY = ("harmful_mix", "harmless")
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "text", "question", "behavior", "query")
 T = TypeVar("T")
@@ -175,9 +175,10 @@ def safety_prompts(dataset: str, split: str = "test") -> list[Prompt]:
     if dataset == "benign":
         chosen = split_items(_asset("benign.jsonl.gz"), split, lambda r: r["prompt"], group=lambda r: r["source"])
         return [Prompt(r["prompt"], "safe", dataset, r["source"]) for r in chosen]
-    if dataset == "hh_rlhf_harmful":
+    if dataset in ("hh_rlhf_harmful", "hh_rlhf_benign"):
+        wanted, label = ("harmful", "unsafe") if dataset == "hh_rlhf_harmful" else ("benign", "safe")
         chosen = split_items(_asset("hh_rlhf_dialogues.jsonl.gz"), split, lambda r: "\n".join(r["human_turns"]))
-        return [Prompt(r["human_turns"][0], "unsafe", dataset) for r in chosen if r["first_turn_label"] == "harmful"]
+        return [Prompt(r["human_turns"][0], label, dataset) for r in chosen if r["first_turn_label"] == wanted]
     if dataset == "harmless":
         name = {"train": "harmless_train", "validation": "harmless_val", "test": "harmless_test"}[split]
         return [Prompt(d["instruction"], "safe", dataset)
