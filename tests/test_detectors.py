@@ -203,3 +203,25 @@ def _loaded_batch(model_dir):
     batch = loaded.tokenizer(chat_prompts(loaded, [[{"role": "user", "content": t}] for t in ("hi", "lazy dog")]),
                              return_tensors="pt", padding=True, add_special_tokens=False)
     return loaded, batch["input_ids"], batch["attention_mask"]
+
+
+def test_ship_gate_installs_the_detector_and_keeps_the_replaced_presets(tmp_path):
+    import json
+
+    dest = tmp_path / "shipped"
+    dest.mkdir()
+    old = {"method": "conditional", "steering": {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [8.0]},
+           "detector": "builtin:harm-detector.safetensors", "threshold": 19.5, "layer": None, "tokens": 4}
+    (dest / "steering.json").write_text(json.dumps({"presets": {"refusal": old["steering"], "refusal_conditional": old}}))
+    (tmp_path / "d.safetensors").write_bytes(b"detector")
+    new_inner = {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [8.0], "generated_tokens": 8}
+    preset = detectors.ship_gate(tmp_path / "d.safetensors", 3.5, dest, new_inner)
+    presets = json.loads((dest / "steering.json").read_text())["presets"]
+    assert preset == presets["refusal_conditional"] and preset["threshold"] == 3.5 and preset["steering"] == new_inner
+    assert presets["refusal"] == new_inner and presets["refusal_previous"] == old["steering"]
+    assert presets["refusal_conditional_previous"] == old and (dest / "harm-gate.safetensors").read_bytes() == b"detector"
+    detectors.ship_gate(tmp_path / "d.safetensors", 4.0, dest)  # again: the first previous presets stay
+    presets = json.loads((dest / "steering.json").read_text())["presets"]
+    assert presets["refusal_conditional_previous"] == old and presets["refusal_conditional"]["steering"] == new_inner
+    with pytest.raises(SaesteerError, match="no shipped presets"):
+        detectors.ship_gate(tmp_path / "d.safetensors", 1.0, tmp_path / "nowhere")

@@ -2,6 +2,7 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import needs_shared
 
 from saesteer import evalsets
 from saesteer.errors import SaesteerError
@@ -58,9 +59,8 @@ def test_shared_only_sets_error_clearly_without_shared(monkeypatch, tmp_path):
         evalsets.safety_prompts("nope", "test")
 
 
+@needs_shared
 def test_shared_sets_load_when_present():
-    if not evalsets.shared_available("harmless"):
-        pytest.skip("../shared/datasets not present")
     assert len(evalsets.safety_prompts("harmless", "test")) == 6266
     mix = {s: evalsets.safety_prompts("harmful_mix", s) for s in evalsets.SPLITS}
     assert sum(len(v) for v in mix.values()) == 200

@@ -102,7 +102,7 @@ def test_sae_data_leaves_out_held_out_text_and_eval_dialogues(tmp_path):
 
 @pytest.mark.slow
 @needs_default_model
-@pytest.mark.skipif(not (SHARED / "corpus").is_dir(), reason="needs ../shared/datasets")
+@pytest.mark.skipif(not (SHARED / "corpus").is_dir(), reason=f"needs the SAE training corpus of the shared datasets, missing at {SHARED}/corpus")
 def test_tiny_reproduce_end_to_end(tmp_path):
     """The whole pipeline on the real default model with tiny n: every stage runs and writes its file."""
     out = tmp_path / "repro"

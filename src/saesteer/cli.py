@@ -276,8 +276,10 @@ def gate(
     limit: Optional[int] = typer.Option(None, help="development prompts per source (default: all)"),
     baseline: Optional[str] = typer.Option(None, help="a conditional steering (preset, JSON or file) whose detector and threshold "
                                            "are scored beside the new one, e.g. refusal_conditional"),
-    ship: bool = typer.Option(False, help="install the chosen gate in the shipped `refusal_conditional` preset (the replaced "
-                              "preset stays as refusal_conditional_previous)"),
+    ship: bool = typer.Option(False, help="install the chosen gate in the shipped `refusal_conditional` preset (replaced "
+                              "presets stay as <name>_previous)"),
+    steering: Optional[str] = typer.Option(None, help="with --ship: the steering the gate turns on, also shipped as `refusal` "
+                                           "(default: keep refusal_conditional's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 ) -> None:
     """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
@@ -299,7 +301,8 @@ def gate(
     typer.echo((out / "gate.md").read_text())
     typer.echo(f"chosen {summary['chosen']}: wrote {out / 'detector.safetensors'} (threshold {summary['threshold']['threshold']:.4g})")
     if ship:
-        preset = ship_gate(out / "detector.safetensors", summary["threshold"]["threshold"], shipped_dir())
+        inner = parse_steering(steering).to_dict() if steering else None
+        preset = ship_gate(out / "detector.safetensors", summary["threshold"]["threshold"], shipped_dir(), inner)
         typer.echo(f"refusal_conditional now gates with {preset['detector']} at threshold {preset['threshold']:.4g}")
 
 

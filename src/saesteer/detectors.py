@@ -560,10 +560,11 @@ def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple
     return summary
 
 
-def ship_gate(detector: Path, threshold: float, dest: Path) -> dict:
+def ship_gate(detector: Path, threshold: float, dest: Path, steering: dict | None = None) -> dict:
     """Install a gate in the shipped presets at `dest` (assets/shipped): the detector becomes
-    `harm-gate.safetensors` and `refusal_conditional` gates its steering with it; the preset it replaces is
-    kept as `refusal_conditional_previous` (once). Returns the new preset."""
+    `harm-gate.safetensors` and `refusal_conditional` gates its steering with it; with `steering`, that
+    steering also becomes `refusal` and the one `refusal_conditional` gates. Replaced presets are kept once
+    as `<name>_previous`. Returns the new `refusal_conditional`."""
     import shutil
 
     path = dest / "steering.json"
@@ -574,11 +575,14 @@ def ship_gate(detector: Path, threshold: float, dest: Path) -> dict:
     if "refusal_conditional" not in presets:
         raise SaesteerError(f"{path} has no refusal_conditional preset to gate")
     shutil.copyfile(detector, dest / "harm-gate.safetensors")
-    old = presets["refusal_conditional"]
-    if old.get("detector") != "builtin:harm-gate.safetensors":
-        presets["refusal_conditional_previous"] = old
-    presets["refusal_conditional"] = {**old, "detector": "builtin:harm-gate.safetensors", "threshold": threshold,
-                                      "layer": None, "tokens": 4}
+    for name in ("refusal", "refusal_conditional"):
+        if name in presets and f"{name}_previous" not in presets:
+            presets[f"{name}_previous"] = presets[name]
+    inner = steering or presets["refusal_conditional"]["steering"]
+    if steering is not None:
+        presets["refusal"] = steering
+    presets["refusal_conditional"] = {"method": "conditional", "steering": inner, "detector": "builtin:harm-gate.safetensors",
+                                      "threshold": threshold, "layer": None, "tokens": 4}
     path.write_text(json.dumps(shipped, indent=2))
     return presets["refusal_conditional"]
 
