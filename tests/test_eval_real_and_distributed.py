@@ -30,7 +30,9 @@ def test_real_model_safety_rows_and_batched_scoring(default, tmp_path):
                               user_prompts=prompts, user_prompts_name="user", bootstrap=200)
     model = evals.SteeredModel(default, Steering(), evals.ResultCache(tmp_path / "c.jsonl"), progress=False)
     run = evals.evaluate(model, config)
-    (row,) = run.rows
+    assert [r["metric"] for r in run.rows] == ["refusal_rate", "clear_refusal_rate", "degenerate_rate", "evasive_rate",
+                                               "apology_then_help_rate"]
+    row = run.rows[0]
     assert row["metric"] == "refusal_rate" and row["n"] == 2 and row["ci_low"] <= row["value"] <= row["ci_high"]
     assert all(reply.strip() for _, reply, _ in run.judged)
     tok = default.tokenizer
