@@ -117,3 +117,14 @@ def tiny_loaded():
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
     return LoadedModel(model=make_model("llama"), tokenizer=tokenizer, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tmp_path_factory):
+    """A random TopK SAE for the tiny Llama's layer 1 (64 -> 128 latents, k 8), saved in SAELens format."""
+    from saesteer.sae import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sae")
+    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=1, model="tiny")).save(folder)
+    return folder

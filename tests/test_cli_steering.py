@@ -2,17 +2,7 @@ import json
 
 import pytest
 from conftest import run_cli
-import torch
 
-from saesteer.sae import SAEConfig, TopKSAE
-
-
-@pytest.fixture(scope="module")
-def tiny_sae(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sae")
-    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=1, model="tiny")).save(folder)
-    return folder
 
 
 def test_steer_prints_both_replies(monkeypatch, capsys, tiny_model_dir, tiny_sae):

@@ -10,9 +10,7 @@ import json
 
 import pytest
 from conftest import run_cli
-import torch
 
-from saesteer.sae import SAEConfig, TopKSAE
 
 
 @pytest.fixture
@@ -21,14 +19,6 @@ def no_shared(monkeypatch, tmp_path):
     empty.mkdir()
     monkeypatch.setenv("SAESTEER_SHARED_DATA", str(empty))
     return empty
-
-
-@pytest.fixture(scope="module")
-def tiny_sae(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sae")
-    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=1, model="tiny")).save(folder)
-    return folder
 
 
 @pytest.mark.slow

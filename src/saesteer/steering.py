@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from saesteer.errors import SaesteerError
-from saesteer.hooks import decoder_layers, edit_residual, residual_at
+from saesteer.hooks import decoder_layers, edit_residual
 from saesteer.models import LoadedModel, Messages
 
 POSITIONS = ("all", "prompt", "generated")
