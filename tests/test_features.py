@@ -106,15 +106,3 @@ def test_threshold_for_recall():
     threshold = threshold_for_recall(scores, 0.6)
     assert (scores > threshold).sum() == 3
     assert (scores > threshold_for_recall(scores, 1.0)).all()
-
-
-def test_prompt_scores_match_conditional_scores(loaded, tmp_path):
-    from saesteer.features import prompt_scores
-    from saesteer.steering import Conditional, save_direction
-
-    path = tmp_path / "d.safetensors"
-    save_direction(path, torch.randn(64), layer=3, model="tiny-llama")
-    detector = Conditional(steering={"method": "none"}, detector=str(path))
-    scores = prompt_scores(loaded, detector, ["the quick brown fox", "dog"], batch_size=1)
-    batch = loaded.tokenizer(chat_prompts(loaded, [[{"role": "user", "content": "dog"}]]), return_tensors="pt", add_special_tokens=False)
-    torch.testing.assert_close(scores[1:], detector.scores(loaded, batch["input_ids"]))

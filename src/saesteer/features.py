@@ -24,7 +24,7 @@ from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError
 from saesteer.hooks import edit_residual, residual_at
 from saesteer.models import LoadedModel, chat_prompts, generate
-from saesteer.steering import Conditional, SAESteer, Steering, SystemPrompt, check_sae_fits, load_sae
+from saesteer.steering import SAESteer, Steering, SystemPrompt, check_sae_fits, load_sae
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
 TEMPLATED_REFUSALS = (
@@ -355,16 +355,6 @@ def diff_in_means(loaded: LoadedModel, harmful: list[str], harmless: list[str], 
 
 
 @torch.inference_mode()
-def prompt_scores(loaded: LoadedModel, detector: Conditional, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
-    """The conditional detector's score for each chat-rendered prompt."""
-    rendered = chat_prompts(loaded, [[{"role": "user", "content": p}] for p in prompts])
-    scores = []
-    for start in range(0, len(rendered), batch_size):
-        batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-        scores.append(detector.scores(loaded, batch["input_ids"], batch["attention_mask"]).cpu())
-    return torch.cat(scores)
-
-
 def threshold_for_recall(harmful_scores: torch.Tensor, recall: float) -> float:
     """The largest threshold that flags (score > threshold) at least `recall` of the harmful prompts."""
     ordered = harmful_scores.sort(descending=True).values
@@ -407,15 +397,17 @@ def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str]
     `detector_harmless` if given) and ready steering specs built from the discovery result, all from TRAIN
     prompts. The unconditional clamp takes the candidate with the best screen score (refusal gain minus
     over-refusal); the conditional one, whose gate keeps safe prompts unsteered, the one that refuses most."""
+    from saesteer.detectors import Detector, score_prompts
     from saesteer.steering import save_direction
 
     loaded.check_layer(detector_layer)
     detector_harmless = detector_harmless or harmless
     actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
     save_direction(actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec)
-    save_direction(detector_path, diff_in_means(loaded, harmful, detector_harmless, detector_layer), detector_layer, loaded.spec)
-    probe = Conditional(steering={"method": "none"}, detector=str(detector_path))
-    harmful_scores, harmless_scores = prompt_scores(loaded, probe, harmful), prompt_scores(loaded, probe, detector_harmless)
+    direction = diff_in_means(loaded, harmful, detector_harmless, detector_layer)
+    save_direction(detector_path, direction, detector_layer, loaded.spec)
+    probe = Detector("dim", (detector_layer,), (direction / direction.norm())[None], pooling="last", tokens=4)
+    harmful_scores, harmless_scores = score_prompts(loaded, probe, harmful), score_prompts(loaded, probe, detector_harmless)
     threshold = threshold_for_recall(harmful_scores, recall)
     specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
     screened = [(c, s) for c in result["candidates"] for s in c["screen"]]
