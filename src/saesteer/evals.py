@@ -413,9 +413,14 @@ class Run:
         self.judged.extend(zip(prompts, replies, verdicts))
         return verdicts
 
+    @functools.cached_property
+    def quality_judge(self):
+        """The config's quality judge, loaded once per run (an LLM judge loads a model)."""
+        return load_quality_judge(self.config.quality_judge)
+
     def quality(self, prompts: list[str], replies: list[str], label: str) -> list[str]:
         """The quality judge's category of each reply to prompts labelled `label`, remembered for `write_judged`."""
-        categories = load_quality_judge(self.config.quality_judge).judge(prompts, replies, [label] * len(replies))
+        categories = self.quality_judge.judge(prompts, replies, [label] * len(replies))
         self.qualities.update({(p, r): (label, c) for p, r, c in zip(prompts, replies, categories)})
         return categories
 
@@ -771,6 +776,19 @@ def summary_table(rows: list[dict], walls: dict[str, float] | None = None) -> st
     return "\n".join(lines)
 
 
+def kappa_ci(a: list, b: list, seed: int = 0, n_resamples: int = 1000) -> tuple[float, float, float]:
+    """Cohen's kappa of two raters' labels and a seeded percentile-bootstrap 95% CI over the items
+    (widened to contain the point estimate)."""
+    rng = np.random.default_rng(seed)
+    kappas = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(a), len(a))
+        kappas.append(cohen_kappa([a[i] for i in idx], [b[i] for i in idx]))
+    kappa = cohen_kappa(a, b)
+    low, high = np.quantile(kappas, [0.025, 0.975])
+    return kappa, float(min(low, kappa)), float(max(high, kappa))
+
+
 def agreement_rows(run: Run, other: Judge, sample: int) -> list[dict]:
     """Agreement (Cohen's kappa, % agreement on refusal vs not) of `other` with the run's judge on a seeded
     sample of the replies judged so far; bootstrap CIs over the sampled replies."""
@@ -779,20 +797,14 @@ def agreement_rows(run: Run, other: Judge, sample: int) -> list[dict]:
     pairs = evalsets.subsample(run.judged, sample, run.config.seed)
     mine = [is_refusal(v) for _, _, v in pairs]
     theirs = [is_refusal(v) for v in other.judge([p for p, _, _ in pairs], [r for _, r, _ in pairs])]
-    rng = np.random.default_rng(run.config.seed)
-    kappas = []
-    for _ in range(run.config.bootstrap):
-        idx = rng.integers(0, len(pairs), len(pairs))
-        kappas.append(cohen_kappa([mine[i] for i in idx], [theirs[i] for i in idx]))
-    kappa = cohen_kappa(mine, theirs)
-    low, high = np.quantile(kappas, [0.025, 0.975])
+    kappa, low, high = kappa_ci(mine, theirs, run.config.seed, run.config.bootstrap)
     base = {"model": run.config.model, "steering": run.model.steering.to_dict(), "suite": "judge",
             "dataset": f"{run.judge.name} vs {other.name}", "split": run.config.split, "limit": sample, "n": len(pairs),
             "decoding": asdict(run.config.decoding), "seed": run.config.seed, "judge": run.judge.name}
     agree = [float(a == b) for a, b in zip(mine, theirs)]
     point, a_low, a_high = bootstrap_ci(agree, seed=run.config.seed, n_resamples=run.config.bootstrap)
-    return [{"config": base, "metric": "cohen_kappa", "value": kappa, "ci_low": float(min(low, kappa)),
-             "ci_high": float(max(high, kappa)), "n": len(pairs), "wall_time_s": 0.0},
+    return [{"config": base, "metric": "cohen_kappa", "value": kappa, "ci_low": low, "ci_high": high, "n": len(pairs),
+             "wall_time_s": 0.0},
             {"config": base, "metric": "percent_agreement", "value": 100 * point, "ci_low": 100 * a_low,
              "ci_high": 100 * a_high, "n": len(pairs), "wall_time_s": 0.0}]
 
@@ -924,14 +936,10 @@ def quality_agreement(rows: list[dict], seed: int = 0, n_resamples: int = 1000) 
                                 f"label's quality categories, got {str(r.get('label'))[:20]!r} / {str(r.get('human'))[:30]!r}")
     human = [r["human"] for r in rows]
     judge = [quality(r["reply"], r["label"]) for r in rows]
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(rows), len(rows)) for _ in range(n_resamples)]
 
     def summary(name: str, a: list, b: list) -> dict:
-        kappas = [cohen_kappa([a[i] for i in idx], [b[i] for i in idx]) for idx in draws]
-        low, high = np.quantile(kappas, [0.025, 0.975])
-        kappa = cohen_kappa(a, b)
-        return {"category": name, "kappa": kappa, "ci_low": float(min(low, kappa)), "ci_high": float(max(high, kappa)),
+        kappa, low, high = kappa_ci(a, b, seed, n_resamples)
+        return {"category": name, "kappa": kappa, "ci_low": low, "ci_high": high,
                 "human": sum(map(bool, a)) if name != "all" else len(a), "judge": sum(map(bool, b)) if name != "all" else len(b),
                 "agreement": sum(x == y for x, y in zip(a, b)) / len(a), "n": len(a)}
 
