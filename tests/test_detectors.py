@@ -225,3 +225,15 @@ def test_ship_gate_installs_the_detector_and_keeps_the_replaced_presets(tmp_path
     assert presets["refusal_conditional_previous"] == old and presets["refusal_conditional"]["steering"] == new_inner
     with pytest.raises(SaesteerError, match="no shipped presets"):
         detectors.ship_gate(tmp_path / "d.safetensors", 1.0, tmp_path / "nowhere")
+
+
+def test_sae_code_probe_scores_equal_live_scores(tiny_loaded, tiny_sae, one_thread):
+    sae = str(tiny_sae)
+    pool = detectors.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
+    candidate = Candidate("sae_probe", (1,), "user", c=10.0)
+    detectors.extract_features(tiny_loaded, pool, detectors.feature_keys((candidate,), sae), batch_size=3)
+    detector = detectors.fit(candidate, pool, sae)
+    assert detector.sae == sae and detector.weight.shape == (1, 128)
+    cached = detectors.pooled_scores(detector, pool, candidate, sae)
+    live = detectors.score_prompts(tiny_loaded, detector, HARMFUL + BENIGN, batch_size=3).numpy()
+    assert np.allclose(cached, live, atol=1e-4)

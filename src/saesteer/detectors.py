@@ -133,17 +133,9 @@ class Detector:
         weights = position_weights(loaded, input_ids, attention_mask, self.pooling, self.tokens)
         total = torch.full((input_ids.shape[0],), self.bias, device=input_ids.device)
         for row, layer in zip(self.weight.to(input_ids.device), self.layers):
-            features = self._encode(hidden[layer].float())
+            features = features_of(hidden[layer].float(), self.sae)
             total += pool(features, weights) @ row
         return total
-
-    def _encode(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.sae is None:
-            return hidden
-        from saesteer.steering import load_sae
-
-        sae = load_sae(self.sae)
-        return sae.encode(hidden.reshape(-1, hidden.shape[-1]).to(sae.W_enc.dtype)).float().reshape(*hidden.shape[:2], -1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -209,6 +201,16 @@ def position_weights(loaded: LoadedModel, input_ids: torch.Tensor, attention_mas
         raise SaesteerError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
     keep = keep.float()
     return keep / keep.sum(1, keepdim=True)
+
+
+def features_of(hidden: torch.Tensor, sae: str | None) -> torch.Tensor:
+    """[batch, pos, d] residual stream -> the detector's per-position features: itself, or its SAE codes."""
+    if sae is None:
+        return hidden
+    from saesteer.steering import load_sae
+
+    model = load_sae(sae)
+    return model.encode(hidden.reshape(-1, hidden.shape[-1]).to(model.W_enc.dtype)).float().reshape(*hidden.shape[:2], -1)
 
 
 def pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -302,7 +304,7 @@ def extract_features(loaded: LoadedModel, pool_: Pool, keys: list[tuple], batch_
         for key in keys:
             layer, pooling, tokens, sae = key
             weights = position_weights(loaded, batch["input_ids"], batch["attention_mask"], pooling, tokens)
-            encoded = Detector("sae_probe", (layer,), torch.zeros(1), sae=sae)._encode(hidden[layer].float())
+            encoded = features_of(hidden[layer].float(), sae)
             parts[key].append(pool(encoded, weights).cpu())
     pool_.features.update({k: torch.cat(v).numpy() for k, v in parts.items()})
 
