@@ -848,8 +848,8 @@ def load_sweep_file(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise SaesteerError(f"no such sweep file: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 

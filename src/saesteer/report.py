@@ -113,7 +113,11 @@ def _read_jsonl(path: Path, required: tuple[str, ...], what: str) -> list[dict]:
     if not Path(path).is_file():
         raise SaesteerError(f"no such {what} file: {path}")
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SaesteerError(f"cannot read {what} file {path}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -492,6 +496,8 @@ def _read_discovery(path: Path) -> dict:
         raise SaesteerError(f"no such discovery file: {path}")
     try:
         found = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SaesteerError(f"cannot read discovery file {path}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise SaesteerError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if not isinstance(found, dict) or "candidates" not in found:

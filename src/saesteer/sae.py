@@ -19,6 +19,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -54,6 +55,14 @@ class SAEConfig:
     training_tokens: int = 0
 
     def __post_init__(self):
+        # cfg.json is user input: a field of the wrong type is one SAEError line, not a TypeError later.
+        for names, kinds, what in ((("d_in", "n_latents", "k", "training_tokens"), Integral, "an integer"),
+                                   (("norm_scale",), Real, "a number"), (("layer",), (Integral, type(None)), "an integer or null"),
+                                   (("model", "hook_point"), str, "a string"), (("training_data",), dict, "a JSON object")):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, kinds) or isinstance(value, bool):
+                    raise SAEError(f"SAE config field {name} must be {what}, got {short(repr(value))}")
         if min(self.d_in, self.n_latents, self.k) < 1 or self.k > self.n_latents:
             raise SAEError(
                 f"need 1 <= k <= n_latents and d_in >= 1, got d_in={self.d_in}, "
@@ -316,15 +325,19 @@ class TopKSAE(nn.Module):
         (sae.safetensors) format."""
         path = Path(path)
         try:
-            raw_cfg = json.loads((path / CFG_FILE).read_text())
+            raw_cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
+            if not isinstance(raw_cfg, dict):
+                raise SAEError(f"{path / CFG_FILE} must hold a JSON object, not {type(raw_cfg).__name__}")
             if (path / SAELENS_WEIGHTS).exists():
                 sae = cls._from_saelens(raw_cfg, load_file(str(path / SAELENS_WEIGHTS)))
             elif (path / SPARSIFY_WEIGHTS).exists():
                 sae = cls._from_sparsify(raw_cfg, load_file(str(path / SPARSIFY_WEIGHTS)))
             else:
                 raise SAEError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
-        except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
             raise SAEError(f"cannot read SAE at {path}: {e}") from e
+        except (TypeError, AttributeError, ValueError) as e:  # a field of the wrong JSON type
+            raise SAEError(f"malformed {CFG_FILE} at {path}: {short(str(e), 200)}") from None
         except KeyError as e:
             raise SAEError(f"SAE at {path} is missing field or tensor {e}") from e
         return sae.to(device) if device is not None else sae

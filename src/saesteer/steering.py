@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from safetensors import safe_open
 
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 from saesteer.hooks import decoder_layers, edit_residual
 from saesteer.models import LoadedModel, Messages
 
@@ -82,7 +82,7 @@ def _at_positions(positions: str, fn: Callable) -> Callable:
     """Restrict an edit to prompt positions (multi-token forward passes: the prefill) or generated ones
     (single-token passes while decoding with a KV cache), or apply it everywhere."""
     if positions not in POSITIONS:
-        raise SaesteerError(f"unknown positions {positions!r}: use one of {', '.join(POSITIONS)}")
+        raise SaesteerError(f"unknown positions {short(positions)!r}: use one of {', '.join(POSITIONS)}")
     if positions == "all":
         return fn
     want_prefill = positions == "prompt"
@@ -108,8 +108,8 @@ def load_sae(path: str):
     """Load (once per path) an SAE saved in SAELens or sparsify format; `builtin:sae` is the shipped one."""
     from saesteer.sae import TopKSAE
 
-    if not Path(resolve(path)).is_dir():
-        raise SaesteerError(f"no SAE folder at {path}")
+    if not _exists(resolve(path), Path.is_dir):
+        raise SaesteerError(f"no SAE folder at {short(path)}")
     return TopKSAE.load(resolve(path)).eval().requires_grad_(False)
 
 
@@ -138,7 +138,7 @@ class SAESteer(Steering):
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
-            raise SaesteerError(f"unknown positions {self.positions!r}: use one of {', '.join(POSITIONS)}")
+            raise SaesteerError(f"unknown positions {short(self.positions)!r}: use one of {', '.join(POSITIONS)}")
         if self.generated_tokens is not None and self.generated_tokens < 0:
             raise SaesteerError(f"generated_tokens must be >= 0, not {self.generated_tokens}")
         if not 0 < self.decay <= 1:
@@ -146,7 +146,7 @@ class SAESteer(Steering):
         if not self.features or len(self.features) != len(self.values):
             raise SaesteerError("SAE steering needs features and values of the same, non-zero length")
         if self.mode not in ("clamp", "add"):
-            raise SaesteerError(f"unknown SAE steering mode {self.mode!r}: use clamp or add")
+            raise SaesteerError(f"unknown SAE steering mode {short(self.mode)!r}: use clamp or add")
         if self.relative and (self.max_acts is None or len(self.max_acts) != len(self.features)):
             raise SaesteerError("relative values need max_acts, one per feature (from `saesteer discover`)")
 
@@ -223,7 +223,7 @@ def load_direction(path: str) -> tuple[torch.Tensor, dict]:
         with safe_open(resolve(path), "pt") as f:
             direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
     except Exception as err:  # missing file, bad header, missing tensor
-        raise SaesteerError(f"cannot read direction file {path}: {err}") from None
+        raise SaesteerError(f"cannot read direction file {short(path)}: {short(str(err), 200)}") from None
     return direction / direction.norm(), meta
 
 
@@ -412,11 +412,11 @@ def steering_from_dict(spec: dict | None) -> Steering:
     fields = dict(spec)
     method = fields.pop("method", None)
     if method not in _METHODS:
-        raise SaesteerError(f"unknown steering method {method!r}: use one of {', '.join(sorted(_METHODS))}")
+        raise SaesteerError(f"unknown steering method {short(method)!r}: use one of {', '.join(sorted(_METHODS))}")
     try:
         return _METHODS[method](**fields)
     except TypeError as err:
-        raise SaesteerError(f"bad fields for steering method {method!r}: {err}") from None
+        raise SaesteerError(f"bad fields for steering method {short(method)!r}: {short(str(err), 200)}") from None
 
 
 def _presets() -> dict[str, dict]:
@@ -434,6 +434,14 @@ def _presets() -> dict[str, dict]:
 PRESETS: dict[str, dict] = _presets()
 
 
+def _exists(path: str, test: Callable[[Path], bool]) -> bool:
+    """`test(Path(path))`, False where the name cannot be a path at all (too long, NUL byte)."""
+    try:
+        return test(Path(path))
+    except (OSError, ValueError):
+        return False
+
+
 def parse_steering(spec: str | None) -> Steering:
     """A steering method from a preset or method name, a JSON object, or a path to a JSON file."""
     import json
@@ -444,11 +452,14 @@ def parse_steering(spec: str | None) -> Steering:
     if not text.startswith("{"):
         if text in PRESETS:
             return steering_from_dict(PRESETS[text])
-        if not (text.endswith(".json") or Path(text).is_file()):
+        if not (text.endswith(".json") or _exists(text, Path.is_file)):
             return steering_from_dict({"method": text})
-        if not Path(text).is_file():
-            raise SaesteerError(f"no such steering file: {text}")
-        text = Path(text).read_text(encoding="utf-8")
+        if not _exists(text, Path.is_file):
+            raise SaesteerError(f"no such steering file: {short(text)}")
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SaesteerError(f"cannot read steering file {short(spec.strip())}: {short(str(err), 200)}") from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as err:

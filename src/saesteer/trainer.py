@@ -74,9 +74,11 @@ class TrainConfig:
     def from_json(cls, path: str | Path, **overrides) -> TrainConfig:
         """A config from a JSON file (keys = field names), with `overrides` on top."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TrainError(f"cannot read training config {path}: {e}") from e
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrainError(f"cannot read training config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise TrainError(f"training config {path} must be a JSON object of TrainConfig fields")
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise TrainError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
