@@ -23,12 +23,26 @@ def one_error_line(code, out, message=""):
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a command loads a model (the checks under test must come first)."""
+    import importlib
+    import pkgutil
+
+    import saesteer
     import saesteer.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was rejected")
 
-    monkeypatch.setattr(saesteer.models, "load_model", refuse)
+    # Import every module first, so none binds the stand-in at import time, and patch every binding.
+    real = saesteer.models.load_model
+    for info in pkgutil.iter_modules(saesteer.__path__):
+        if info.name == "__main__":
+            continue
+        try:
+            module = importlib.import_module(f"saesteer.{info.name}")
+        except ImportError:  # an optional extra (the server) that is not installed
+            continue
+        if getattr(module, "load_model", None) is real:
+            monkeypatch.setattr(module, "load_model", refuse)
 
 
 # ------------------------------------------------------------------------- 1. SAE cfg.json of the wrong shape
@@ -127,3 +141,109 @@ def test_huge_steering_input_is_not_echoed_whole(monkeypatch, capsys, tiny_model
                         "--max-new-tokens", "2", "--device", "cpu")
     line = one_error_line(code, out)
     assert len(line) < 600, len(line)
+
+
+# ------------------------------------------------- 4. --out checked for writability before the expensive work
+
+# verb -> (arguments besides --out, what --out must be)
+OUT_VERBS = {
+    "eval": ([], "file"),
+    "sweep": (["--grid", "GRID"], "file"),
+    "collect": ([], "dir"),
+    "evaluate-sae": (["--sae", "SAE"], "file"),
+    "reproduce": (["--preset", "tiny", "--shared", "SHARED"], "dir"),
+    "train": (["--activations", "ACTS"], "dir"),
+    "discover": (["--sae", "SAE"], "dir"),
+    "gate": ([], "dir"),
+    "report": (["--results", "RESULTS"], "dir"),
+    "demo": ([], "dir"),
+}
+
+
+@pytest.fixture
+def out_args(tmp_path, tiny_sae):
+    (tmp_path / "shared" / "corpus").mkdir(parents=True)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "locked").mkdir()
+    names = {"GRID": tmp_path / "grid.json", "SAE": tiny_sae, "SHARED": tmp_path / "shared", "ACTS": tmp_path / "acts",
+             "RESULTS": tmp_path / "results.jsonl"}
+
+    def args(verb, out):
+        rest, _ = OUT_VERBS[verb]
+        return [verb, *(str(names.get(a, a)) for a in rest), "--out", str(out)]
+
+    return args
+
+
+@pytest.mark.parametrize("verb", sorted(OUT_VERBS))
+@pytest.mark.parametrize("case", ["under a file", "wrong kind", "unwritable"])
+def test_out_is_checked_before_work(monkeypatch, capsys, tmp_path, out_args, no_model, verb, case):
+    import os
+
+    kind = OUT_VERBS[verb][1]
+    if case == "under a file":
+        out, message = tmp_path / "a-file" / "out", "cannot be created: "
+    elif case == "wrong kind":
+        out, message = (tmp_path / "a-folder", "is a folder, not a file") if kind == "file" else (tmp_path / "a-file", "is a file, not a folder")
+    else:  # tests may run as root, for whom every folder is writable: emulate a read-only one
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if "locked" in str(p) else real(p, mode, **kw))
+        out, message = tmp_path / "locked" / "out", "is not writable"
+    code, out_text = run_cli(monkeypatch, capsys, *out_args(verb, out))
+    one_error_line(code, out_text, message)
+
+
+def test_eval_replies_and_cache_are_checked(monkeypatch, capsys, tmp_path, no_model):
+    (tmp_path / "a-file").write_text("x")
+    code, out = run_cli(monkeypatch, capsys, "eval", "--out", str(tmp_path / "e.jsonl"), "--replies", str(tmp_path / "a-file" / "r"))
+    one_error_line(code, out, "--replies")
+    code, out = run_cli(monkeypatch, capsys, "eval", "--out", str(tmp_path / "e.jsonl"), "--cache", str(tmp_path))
+    one_error_line(code, out, "--cache")
+
+
+def test_writable_out_accepts_good_paths(tmp_path):
+    from saesteer.cli import _writable_out
+
+    (tmp_path / "f").write_text("x")
+    for path, kind in [(tmp_path / "new" / "deep" / "out", "dir"), (tmp_path, "dir"), (tmp_path / "f", "file"),
+                       (tmp_path / "new" / "x.jsonl", "file"), (None, "file")]:
+        _writable_out(path, kind)
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# -------------------------------------------------------------- 5./6. numeric options out of their range
+
+
+def usage_error(code, out, option):
+    """typer's own usage error: exit 2, the option named, no traceback."""
+    assert code == 2, (code, out.err[-2000:])
+    text = out.err + out.out
+    assert "Traceback" not in text and "Invalid value" in text and option in text, text[-2000:]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["steer", "--steering", "none", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["steer", "--steering", "none", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["sweep", "--grid", "g.json", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["collect", "--batch-size", "0"], "--batch-size"),
+    (["collect", "--tokens", "-1"], "--tokens"),
+    (["evaluate-sae", "--sae", "x", "--batch-size", "0"], "--batch-size"),
+    (["discover", "--sae", "x", "--limit", "-1"], "--limit"),
+    (["discover", "--sae", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["gate", "--limit", "0"], "--limit"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["serve", "--port", "80000"], "--port"),
+    (["serve", "--port", "0"], "--port"),
+    (["serve", "--port", "-1"], "--port"),
+])
+def test_out_of_range_numbers_are_usage_errors(monkeypatch, capsys, no_model, args, option):
+    code, out = run_cli(monkeypatch, capsys, *args)
+    usage_error(code, out, option)
+
+
+def test_bad_screen_values_is_one_line(monkeypatch, capsys, tmp_path, tiny_sae, no_model):
+    code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--screen-values", "8,abc", "--out", str(tmp_path / "d"))
+    one_error_line(code, out, "bad --screen-values")

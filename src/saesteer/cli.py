@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Steer a chat LLM's refusal behaviour with sparse-autoencoder features.")
@@ -18,6 +20,32 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def _root() -> None:
     """Steer a chat LLM's refusal behaviour with sparse-autoencoder features."""
+
+
+def _writable_out(path: Path | str | None, kind: str = "file", option: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any expensive work (model loading,
+    generation): `kind` "file" must not be a folder, "dir" must not be a file, and the path or its
+    nearest existing ancestor (which must be a folder) must be writable. None passes (no output)."""
+    if path is None:
+        return
+    path, shown = Path(path), short(str(path))
+    try:
+        if path.exists():
+            if kind == "dir" and not path.is_dir():
+                raise SaesteerError(f"{option} {shown} is a file, not a folder")
+            if kind == "file" and path.is_dir():
+                raise SaesteerError(f"{option} {shown} is a folder, not a file")
+            target = path
+        else:
+            target = path.parent
+            while not target.exists() and target != target.parent:
+                target = target.parent
+            if not target.is_dir():
+                raise SaesteerError(f"{option} {shown} cannot be created: {short(str(target))} is a file, not a folder")
+        if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            raise SaesteerError(f"{option} {shown} is not writable (no write permission on {short(str(target))})")
+    except OSError as err:  # a name too long for the file system, ...
+        raise SaesteerError(f"{option} {shown} is not a usable path: {err.strerror or err}") from None
 
 
 def main() -> None:
@@ -40,11 +68,11 @@ def collect(
     data: str = typer.Option("builtin:corpus-slice", help="file/folder of .txt/.jsonl/.json(.gz), or hf:<dataset id>"),
     field: str = typer.Option("text", help="text field of JSON records"),
     chat: Optional[str] = typer.Option(None, help="'prompt_field,response_field': chat-format records with the model's template"),
-    tokens: int = typer.Option(100_000, help="model input tokens to process"),
-    passes: int = typer.Option(1, help="read the data this many times over (if --tokens needs more than one pass)"),
-    ctx: int = typer.Option(256, help="context length (each starts with BOS)"),
-    batch_size: int = typer.Option(8, help="contexts per forward pass"),
-    contexts_per_shard: int = typer.Option(256, help="contexts per safetensors shard"),
+    tokens: int = typer.Option(100_000, min=1, help="model input tokens to process"),
+    passes: int = typer.Option(1, min=1, help="read the data this many times over (if --tokens needs more than one pass)"),
+    ctx: int = typer.Option(256, min=2, help="context length (each starts with BOS)"),
+    batch_size: int = typer.Option(8, min=1, help="contexts per forward pass"),
+    contexts_per_shard: int = typer.Option(256, min=1, help="contexts per safetensors shard"),
     dtype: str = typer.Option("bfloat16", help="cache dtype: bfloat16 or float16"),
     keep_special: bool = typer.Option(False, help="keep BOS/EOS/special-token positions (outlier norms)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
@@ -55,6 +83,7 @@ def collect(
     from saesteer.activations import collect as run_collect
     from saesteer.corpus import TextSource
 
+    _writable_out(out, "dir")
     distributed = _init_distributed()
     config = CollectConfig(model=model, layer=layer, hook_point=hook_point, tokens=tokens, ctx=ctx,
                            data=TextSource(data=data, field=field, chat=chat, passes=passes), batch_size=batch_size,
@@ -129,6 +158,7 @@ def train(
     if resume:
         overrides["resume"] = True
     cfg = TrainConfig.from_json(config, **overrides) if config else TrainConfig(**overrides)
+    _writable_out(cfg.out, "dir")
     distributed = _init_distributed()
     start = time.perf_counter()
     result = run_train(cfg)
@@ -150,9 +180,9 @@ def evaluate_sae(
     sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
     model: Optional[str] = typer.Option(None, help="model to splice into (default: the one the SAE was trained on)"),
     data: Optional[str] = typer.Option(None, help="held-out text source (default: the SAE's training text, after the cached part)"),
-    contexts: int = typer.Option(64, help="held-out contexts to evaluate"),
-    ctx: Optional[int] = typer.Option(None, help="context length (default: the training cache's)"),
-    batch_size: int = typer.Option(8, help="contexts per forward pass"),
+    contexts: int = typer.Option(64, min=1, help="held-out contexts to evaluate"),
+    ctx: Optional[int] = typer.Option(None, min=2, help="context length (default: the training cache's)"),
+    batch_size: int = typer.Option(8, min=1, help="contexts per forward pass"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
     out: Optional[Path] = typer.Option(None, help="also write the metrics to this JSON file"),
 ) -> None:
@@ -162,6 +192,7 @@ def evaluate_sae(
     from saesteer.trainer import evaluate_sae as run_evaluate
     from saesteer.trainer import heldout_contexts
 
+    _writable_out(out, "file")
     loaded_sae = TopKSAE.load(sae)
     loaded = load_model(model or loaded_sae.cfg.model or "smollm2-135m-instruct", device=device)
     if loaded_sae.cfg.layer is not None:
@@ -195,7 +226,7 @@ def steer(
     steering: str = typer.Option(..., help="preset name, JSON spec, or JSON file (see README)"),
     prompt: list[str] = typer.Option(..., help="user prompt (repeat for several)"),
     model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    max_new_tokens: int = typer.Option(60, help="tokens to generate per reply"),
+    max_new_tokens: int = typer.Option(60, min=1, help="tokens to generate per reply"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 ) -> None:
     """Chat with a steered model: unsteered and steered replies side by side."""
@@ -216,15 +247,15 @@ def steer(
 def discover(
     sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
     model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    n_candidates: int = typer.Option(8, help="features ranked best by contrast to screen causally"),
-    n_attribution: int = typer.Option(8, help="... and ranked best by attribution"),
-    attribution_prompts: int = typer.Option(64, help="harmful TRAIN prompts for the attribution gradient"),
+    n_candidates: int = typer.Option(8, min=0, help="features ranked best by contrast to screen causally"),
+    n_attribution: int = typer.Option(8, min=0, help="... and ranked best by attribution"),
+    attribution_prompts: int = typer.Option(64, min=1, help="harmful TRAIN prompts for the attribution gradient"),
     screen_values: str = typer.Option("8,16", help="clamp values tried in the causal screen"),
-    screen_prompts: int = typer.Option(24, help="harmful and harmless TRAIN prompts per screen config"),
-    limit: Optional[int] = typer.Option(None, help="use at most this many harmful train prompts"),
-    max_new_tokens: int = typer.Option(64, help="tokens generated per reply (judged for refusal)"),
+    screen_prompts: int = typer.Option(24, min=1, help="harmful and harmless TRAIN prompts per screen config"),
+    limit: Optional[int] = typer.Option(None, min=1, help="use at most this many harmful train prompts"),
+    max_new_tokens: int = typer.Option(64, min=1, help="tokens generated per reply (judged for refusal)"),
     detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
-    detector_recall: float = typer.Option(0.9, help="share of harmful train prompts the detector must flag"),
+    detector_recall: float = typer.Option(0.9, min=0.0, max=1.0, help="share of harmful train prompts the detector must flag"),
     alpaca_harmless: int = typer.Option(0, help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
                                         "detector's negatives (XSTest-safe and the shipped benign set)"),
     judge: str = typer.Option("strict", help="refusal judge of the screen: strict or string (it judges replies without their prompts)"),
@@ -240,12 +271,19 @@ def discover(
     from saesteer.models import load_model
 
     if judge not in ("strict", "string"):
-        raise SaesteerError(f"unknown screen judge {judge!r}: use strict or string")
+        raise SaesteerError(f"unknown screen judge {short(judge)!r}: use strict or string")
+    _writable_out(out, "dir")
+    try:
+        values = tuple(float(v) for v in screen_values.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise SaesteerError(f"bad --screen-values {short(screen_values)!r}: use finite numbers separated by commas, e.g. 8,16")
     refusal_judge = load_judge(judge)
     harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
     config = DiscoverConfig(n_candidates=n_candidates, n_attribution=n_attribution, attribution_prompts=attribution_prompts, screen_prompts=screen_prompts,
-                            max_new_tokens=max_new_tokens, screen_values=tuple(float(v) for v in screen_values.split(",")))
+                            max_new_tokens=max_new_tokens, screen_values=values)
     loaded = load_model(model, device=device)
     dev = mmlu_dev()
     philosophy = [q.question for q in dev.get("philosophy", [])]
@@ -273,7 +311,7 @@ def gate(
     out: Path = typer.Option(Path("runs/gate"), help="folder for detector.safetensors, gate.json and gate.md"),
     sae: Optional[str] = typer.Option("builtin:sae", help="SAE for the sparse SAE-code probe candidate ('' to skip it)"),
     max_fpr: float = typer.Option(0.05, help="bound on the 95% upper confidence bound of each benign source's false-positive rate"),
-    limit: Optional[int] = typer.Option(None, help="development prompts per source (default: all)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="development prompts per source (default: all)"),
     baseline: Optional[str] = typer.Option(None, help="a conditional steering (preset, JSON or file) whose detector and threshold "
                                            "are scored beside the new one, e.g. refusal_conditional"),
     ship: bool = typer.Option(False, help="install the chosen gate in the shipped `refusal_conditional` preset (replaced "
@@ -290,6 +328,7 @@ def gate(
 
     if not 0 < max_fpr < 1:
         raise SaesteerError(f"--max-fpr must be between 0 and 1, not {max_fpr}")
+    _writable_out(out, "dir")
     old = None
     if baseline is not None:
         spec = parse_steering(baseline)
@@ -331,12 +370,12 @@ _EVAL_OPTIONS = dict(
     label=typer.Option(None, help="label of --prompts: unsafe or safe"),
     column=typer.Option(None, help="prompt column of --prompts (case-insensitive; default: prompt/goal/...)"),
     judge=typer.Option("string", help="string, strict (apology + offer of help = compliance), a local chat model spec, or openai:<base url>/v1:<model>"),
-    agreement_sample=typer.Option(50, help="with an LLM judge: replies re-judged by the string judge for kappa"),
+    agreement_sample=typer.Option(50, min=0, help="with an LLM judge: replies re-judged by the string judge for kappa"),
     seed=typer.Option(0, help="seed of the item samples and bootstrap CIs"),
-    max_new_tokens=typer.Option(64, help="greedy reply length (safety, jailbreak, degeneration)"),
-    batch_size=typer.Option(16, help="generation batch size"),
-    gsm8k_max_new_tokens=typer.Option(256, help="greedy reply length for GSM8K"),
-    mmlu_shots=typer.Option(5, help="MMLU few-shot examples from the dev set"),
+    max_new_tokens=typer.Option(64, min=1, help="greedy reply length (safety, jailbreak, degeneration)"),
+    batch_size=typer.Option(16, min=1, help="generation batch size"),
+    gsm8k_max_new_tokens=typer.Option(256, min=1, help="greedy reply length for GSM8K"),
+    mmlu_shots=typer.Option(5, min=0, help="MMLU few-shot examples from the dev set"),
     cache=typer.Option(None, help="generation cache file (default: <out>.cache.jsonl)"),
     device=typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 )
@@ -358,7 +397,7 @@ def eval_command(
     agreement_sample: int = _EVAL_OPTIONS["agreement_sample"],
     attacker: Optional[str] = typer.Option(None, help="Crescendo attacker: local chat model spec or openai:<url>/v1:<model> "
                                            "(default: the built-in templated escalation)"),
-    jailbreak_turns: int = typer.Option(4, help="user turns per jailbreak conversation (Crescendo always ends on the goal)"),
+    jailbreak_turns: int = typer.Option(4, min=1, help="user turns per jailbreak conversation (Crescendo always ends on the goal)"),
     seed: int = _EVAL_OPTIONS["seed"],
     max_new_tokens: int = _EVAL_OPTIONS["max_new_tokens"],
     batch_size: int = _EVAL_OPTIONS["batch_size"],
@@ -373,6 +412,8 @@ def eval_command(
     from saesteer.models import load_model
     from saesteer.steering import steering_from_dict
 
+    for path in (out, replies, cache or Path(f"{out}.cache.jsonl")):
+        _writable_out(path, "file", "--out" if path == out else "--replies" if path == replies else "--cache")
     _init_distributed()
     config = _eval_config(model, steering, suite, limit, split, seed, max_new_tokens, batch_size,
                           gsm8k_max_new_tokens, mmlu_shots, prompts, label, column)
@@ -421,6 +462,8 @@ def sweep(
     from saesteer.judges import load_judge
     from saesteer.models import load_model
 
+    _writable_out(out, "file")
+    _writable_out(cache or Path(f"{out}.cache.jsonl"), "file", "--cache")
     _init_distributed()
     steerings = load_sweep_file(grid)
     config = _eval_config(model, None, suite, limit, split, seed, max_new_tokens, batch_size,
@@ -448,6 +491,7 @@ def report(
     """HTML + Markdown report: results with 95% CIs, trade-off and capability plots, examples, feature dashboards."""
     from saesteer.report import build_report, screenshot as take_screenshot
 
+    _writable_out(out, "dir")
     html_path, md_path = build_report(results, out, discovery, examples, title)
     typer.echo(f"HTML:     {html_path}\nMarkdown: {md_path}")
     if screenshot:
@@ -458,7 +502,7 @@ def report(
 def serve(
     model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 opens the server to the network)"),
-    port: int = typer.Option(8000, help="TCP port"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port (1-65535, checked before the model loads)"),
     steering: Optional[str] = typer.Option(None, help="default steering for requests that name none: preset, JSON spec or JSON file"),
     max_tokens: int = typer.Option(512, help="largest max_tokens a request may ask for"),
     default_max_tokens: int = typer.Option(128, help="max_tokens of requests that set none"),
@@ -510,6 +554,8 @@ def reproduce(
         config = replace(config, out=str(out))
     if layer is not None:
         config = replace(config, layer=layer, scan=None)
+    _writable_out(config.out, "dir")
+    _writable_out(ship, "dir", "--ship")
     start = time.perf_counter()
     results = run_reproduce(config, ship)
     typer.echo(f"\nwrote {results} and {results.parent / 'tradeoff.png'} in {time.perf_counter() - start:.0f} s")
@@ -544,14 +590,15 @@ def demo(
     model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
     out: Path = typer.Option(Path("runs/demo"), help="folder for results, examples and the HTML report"),
     method: list[str] = typer.Option(["refusal", "refusal_conditional"], help="steering presets or specs to compare (repeat)"),
-    examples: int = typer.Option(3, help="harmful and safe TEST prompts shown side by side"),
-    limit: int = typer.Option(32, help="TEST prompts per safety set in the small eval"),
-    max_new_tokens: int = typer.Option(64, help="greedy reply length"),
+    examples: int = typer.Option(3, min=0, help="harmful and safe TEST prompts shown side by side"),
+    limit: int = typer.Option(32, min=1, help="TEST prompts per safety set in the small eval"),
+    max_new_tokens: int = typer.Option(64, min=1, help="greedy reply length"),
     train_sae: bool = typer.Option(False, help="train a small SAE instead of using the shipped one"),
 ) -> None:
     """Offline demo: unsteered vs steered replies, a small safety eval with 95% CIs, and the HTML report."""
     from saesteer.demo import DemoConfig, run_demo
 
+    _writable_out(out, "dir")
     start = time.perf_counter()
     html_path, md_path = run_demo(DemoConfig(model=model, out=str(out), methods=tuple(method), examples=examples,
                                              limit=limit, max_new_tokens=max_new_tokens, train_sae=train_sae))

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saesteer import evalsets
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP, CLEAR_REFUSAL, COMPLIANCE, DEGENERATE, EVASIVE, PARTIAL_REFUSAL, REFUSAL, REFUSES, ChatBackend, Judge,
     StringMatchJudge, cohen_kappa, has_repetition_loop, is_degenerate, is_refusal, load_quality_judge,
@@ -711,9 +711,9 @@ def parse_limits(text: str) -> tuple[int | None, dict[str, int]]:
             else:
                 default = int(part)
     except ValueError:
-        raise SaesteerError(f"bad --limit {text!r}: use N or N,dataset=M,... (e.g. 50,mmlu=100)") from None
+        raise SaesteerError(f"bad --limit {short(text)!r}: use N or N,dataset=M,... (e.g. 50,mmlu=100)") from None
     if any(v < 0 for v in [*overrides.values(), default or 0]):
-        raise SaesteerError(f"bad --limit {text!r}: limits must be 0 (all) or more")
+        raise SaesteerError(f"bad --limit {short(text)!r}: limits must be 0 (all) or more")
     return default or None, {k: v or 10**9 for k, v in overrides.items()}
 
 
@@ -724,7 +724,7 @@ def parse_suites(text: str) -> tuple[str, ...]:
         return SUITES
     unknown = [s for s in names if s not in SUITES]
     if unknown or not names:
-        raise SaesteerError(f"unknown suite {', '.join(map(repr, unknown)) or repr(text)}: use {', '.join(SUITES)} or all")
+        raise SaesteerError(f"unknown suite {short(', '.join(map(repr, unknown)) or repr(text))}: use {', '.join(SUITES)} or all")
     return tuple(names)
 
 
@@ -828,7 +828,7 @@ def expand_grid(spec) -> list[dict]:
     configs = []
     for entry in entries:
         if not isinstance(entry, dict):
-            raise SaesteerError(f"sweep entries must be steering dicts or {{'grid': {{...}}}}, got {entry!r}")
+            raise SaesteerError(f"sweep entries must be steering dicts or {{'grid': {{...}}}}, got {short(entry)}")
         if "grid" not in entry:
             configs.append(dict(entry))
             continue
