@@ -252,7 +252,7 @@ def test_errors_are_one_line_saesteer_errors(tmp_path):
         sae.encode(torch.randn(3, 17))
     with pytest.raises(SaesteerError, match="k <= n_latents"):
         SAEConfig(d_in=4, n_latents=8, k=9)
-    with pytest.raises(SAEError, match="neither"):
+    with pytest.raises(SAEError, match="none of"):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "cfg.json").write_text("{}")
         TopKSAE.load(tmp_path / "empty")
@@ -261,8 +261,11 @@ def test_errors_are_one_line_saesteer_errors(tmp_path):
     sae.save(tmp_path / "s")
     shutil.copy(tmp_path / "s" / "cfg.json", tmp_path / "cfg.bak")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(SAEError, match="'gated' is not supported"):
+        TopKSAE.load(tmp_path / "s")
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(SAEError, match="only SAELens 'topk'"):
+    with pytest.raises(SAEError, match="needs a threshold"):
         TopKSAE.load(tmp_path / "s")
     foreign = {**cfg, "metadata": {"model_name": "gpt2", "hook_name": "blocks.7.hook_resid_pre"}}
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(foreign))  # an SAELens file saesteer did not write

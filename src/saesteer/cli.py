@@ -177,7 +177,7 @@ def train(
 
 @app.command("evaluate-sae")
 def evaluate_sae(
-    sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
+    sae: str = typer.Option(..., help="SAE folder (SAELens, sparsify, Gemma Scope), .npz file or saelens:<release>/<id>"),
     model: Optional[str] = typer.Option(None, help="model to splice into (default: the one the SAE was trained on)"),
     data: Optional[str] = typer.Option(None, help="held-out text source (default: the SAE's training text, after the cached part)"),
     contexts: int = typer.Option(64, min=1, help="held-out contexts to evaluate"),
@@ -188,12 +188,12 @@ def evaluate_sae(
 ) -> None:
     """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
     from saesteer.models import load_model
-    from saesteer.sae import TopKSAE
+    from saesteer.steering import load_sae
     from saesteer.trainer import evaluate_sae as run_evaluate
     from saesteer.trainer import heldout_contexts
 
     _writable_out(out, "file")
-    loaded_sae = TopKSAE.load(sae)
+    loaded_sae = load_sae(sae)
     loaded = load_model(model or loaded_sae.cfg.model or "smollm2-135m-instruct", device=device)
     if loaded_sae.cfg.layer is not None:
         loaded.check_layer(loaded_sae.cfg.layer)

@@ -1,15 +1,18 @@
-"""TopK sparse autoencoder (Gao et al. 2024) with training kernels that are sparse in k.
+"""Sparse autoencoders: TopK (Gao et al. 2024), BatchTopK, JumpReLU and standard ReLU at inference,
+with training kernels for TopK that are sparse in k.
 
 Conventions:
 - Users pass *raw* activations. The SAE holds a scalar `cfg.norm_scale` (chosen at training
   time so that E|norm_scale * x|^2 = d_in) and applies it inside `encode`/`decode`, so
   `decode(encode(x))` is in raw units.
-- Latent values `z` are in *normalised* units (the SAE's internal space). The SAELens export
-  folds the scale into the weights and gives the same `z` on raw activations.
-- `W_dec` rows are unit-norm directions; the direction is the same in raw and normalised space.
+- Latent values `z` (and JumpReLU thresholds) are in *normalised* units (the SAE's internal space).
+  The SAELens export folds the scale into the weights and gives the same `z` on raw activations.
+- `W_dec` rows are directions, unit-norm for the SAEs saesteer trains but not always for loaded ones;
+  decode(z) = z @ W_dec + b_dec holds either way.
 
-Only the encoder matmul is dense (2*d*n FLOPs per token). The decoder forward/backward and the
-encoder weight gradient touch only the k selected latents per token (plus the AuxK latents).
+Training is TopK only. Only its encoder matmul is dense (2*d*n FLOPs per token). The decoder
+forward/backward and the encoder weight gradient touch only the k selected latents per token (plus
+the AuxK latents).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import json
 import math
 import re
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral, Real
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -34,6 +39,9 @@ from saesteer.errors import SaesteerError, short
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 CFG_FILE = "cfg.json"
+GEMMA_SCOPE_WEIGHTS = "params.npz"
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+SAELENS_ARCHITECTURES = {"topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu", "standard": "relu"}
 
 
 class SAEError(SaesteerError):
@@ -42,30 +50,36 @@ class SAEError(SaesteerError):
 
 @dataclass
 class SAEConfig:
-    """Shape of the SAE plus where it was trained; saved with the weights."""
+    """Shape and architecture of the SAE plus where it was trained; saved with the weights."""
 
-    d_in: int
-    n_latents: int
-    k: int
+    d_in: int  # width of the activations it reads
+    n_latents: int  # number of latents (dictionary size)
+    k: int | None = None  # latents kept per token (topk only)
+    # z = ReLU(TopK(pre)) for "topk"; relu(pre) * (pre > threshold) for "jumprelu" and "batchtopk"
+    # (a BatchTopK SAE at inference, as sae_lens saves it); relu(pre) for "relu"
+    architecture: str = "topk"
     norm_scale: float = 1.0  # raw activations are multiplied by this before encoding
-    model: str = ""
-    layer: int | None = None
-    hook_point: str = "resid_post"
+    model: str = ""  # the model it was trained on
+    layer: int | None = None  # the decoder layer it reads (None: unknown, e.g. Gemma Scope's params.npz)
+    hook_point: str = "resid_post"  # resid_post or resid_pre
     training_data: dict = field(default_factory=dict)  # e.g. {source, sha256, dtype, ctx}
-    training_tokens: int = 0
+    training_tokens: int = 0  # activations it was trained on
 
     def __post_init__(self):
         # cfg.json is user input: a field of the wrong type is one SAEError line, not a TypeError later.
-        for names, kinds, what in ((("d_in", "n_latents", "k", "training_tokens"), Integral, "an integer"),
+        for names, kinds, what in ((("d_in", "n_latents", "training_tokens"), Integral, "an integer"),
+                                   (("k",), (Integral, type(None)), "an integer or null"),
                                    (("norm_scale",), Real, "a number"), (("layer",), (Integral, type(None)), "an integer or null"),
-                                   (("model", "hook_point"), str, "a string"), (("training_data",), dict, "a JSON object")):
+                                   (("model", "hook_point", "architecture"), str, "a string"), (("training_data",), dict, "a JSON object")):
             for name in names:
                 value = getattr(self, name)
                 if not isinstance(value, kinds) or isinstance(value, bool):
                     raise SAEError(f"SAE config field {name} must be {what}, got {short(repr(value))}")
-        if min(self.d_in, self.n_latents, self.k) < 1 or self.k > self.n_latents:
+        if self.architecture not in ARCHITECTURES:
+            raise SAEError(f"unknown SAE architecture {short(self.architecture)!r}: use one of {', '.join(ARCHITECTURES)}")
+        if min(self.d_in, self.n_latents) < 1 or self.architecture == "topk" and not 1 <= (self.k or 0) <= self.n_latents:
             raise SAEError(
-                f"need 1 <= k <= n_latents and d_in >= 1, got d_in={self.d_in}, "
+                f"need d_in, n_latents >= 1 and, for topk, 1 <= k <= n_latents; got d_in={self.d_in}, "
                 f"n_latents={self.n_latents}, k={self.k}"
             )
         if not (math.isfinite(self.norm_scale) and self.norm_scale > 0):
@@ -184,7 +198,8 @@ class TrainOutput(NamedTuple):
 
 
 class TopKSAE(nn.Module):
-    """TopK SAE. Parameters live in normalised space; public encode/decode take raw activations."""
+    """An SAE of any `cfg.architecture` (trainable when TopK). Parameters live in normalised space;
+    public encode/decode take raw activations."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -195,6 +210,9 @@ class TopKSAE(nn.Module):
         self.W_enc = nn.Parameter(W.clone())  # [n, d]: encoder initialised as decoder^T
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
+        # [n] per-latent JumpReLU threshold on the pre-activation (jumprelu, batchtopk); None otherwise
+        gated = cfg.architecture in ("jumprelu", "batchtopk")
+        self.threshold = nn.Parameter(torch.zeros(cfg.n_latents, device=device)) if gated else None
 
     # ---------------------------------------------------------------- inference (raw units)
     def _check(self, x: Tensor) -> Tensor:
@@ -203,7 +221,10 @@ class TopKSAE(nn.Module):
         return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.cfg.norm_scale
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw activations [..., d_in] -> (values, indices) [..., k]; values >= 0, normalised units."""
+        """Raw activations [..., d_in] -> (values, indices) [..., k]; values >= 0, normalised units.
+        TopK SAEs only."""
+        if self.cfg.architecture != "topk":
+            raise SAEError(f"encode_topk needs a topk SAE, this one is {self.cfg.architecture}")
         values, indices, _, _ = _TopKEncode.apply(
             self._check(x), self.W_enc, self.b_enc, self.b_dec, self.cfg.k, None, 0, None
         )
@@ -211,10 +232,36 @@ class TopKSAE(nn.Module):
         return values.view(shape), indices.view(shape)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Raw activations [..., d_in] -> dense latents [..., n_latents] with k non-zeros."""
-        values, indices = self.encode_topk(x)
-        z = values.new_zeros(*values.shape[:-1], self.cfg.n_latents)
-        return z.scatter_(-1, indices, values)
+        """Raw activations [..., d_in] -> dense latents [..., n_latents] (normalised units)."""
+        if self.cfg.architecture == "topk":
+            values, indices = self.encode_topk(x)
+            z = values.new_zeros(*values.shape[:-1], self.cfg.n_latents)
+            return z.scatter_(-1, indices, values)
+        pre = torch.addmm(self.b_enc, self._check(x) - self.b_dec, self.W_enc.T)
+        return self._activate(pre).view(*x.shape[:-1], self.cfg.n_latents)
+
+    def _activate(self, pre: Tensor, latents: Tensor | None = None) -> Tensor:
+        """The non-TopK nonlinearity on pre-activations [N, m] of `latents` [m] (all latents if None)."""
+        z = pre.relu()
+        if self.threshold is None:
+            return z
+        return z * (pre > (self.threshold if latents is None else self.threshold[latents]))
+
+    def latent_codes(self, x: Tensor, latents: Tensor) -> Tensor:
+        """encode(x)[..., latents] -> [..., m] for raw x [..., d_in] and latent ids `latents` [m], without
+        the full encoder where the architecture allows. JumpReLU/BatchTopK/ReLU latents depend only on
+        their own pre-activation. A TopK latent with pre-activation <= 0 is 0 whatever the top-k does, so
+        the full encoder runs only on the (few) tokens where a requested latent is positive."""
+        xc = self._check(x) - self.b_dec
+        pre = xc @ self.W_enc[latents].T + self.b_enc[latents]
+        if self.cfg.architecture != "topk":
+            return self._activate(pre, latents).view(*x.shape[:-1], len(latents))
+        codes = torch.zeros_like(pre)
+        maybe = (pre > 0).any(-1).nonzero().squeeze(-1)
+        if len(maybe):
+            values, indices = self.encode_topk(x.reshape(-1, self.cfg.d_in)[maybe])
+            codes[maybe] = torch.where(indices[:, None, :] == latents[:, None], values[:, None, :], 0.0).sum(-1)
+        return codes.view(*x.shape[:-1], len(latents))
 
     def decode(self, z: Tensor) -> Tensor:
         """Dense latents [..., n_latents] -> reconstruction in raw units [..., d_in]."""
@@ -228,7 +275,9 @@ class TopKSAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Raw activations -> raw reconstruction, in x's dtype."""
-        return self.decode_topk(*self.encode_topk(x)).to(x.dtype)
+        if self.cfg.architecture == "topk":
+            return self.decode_topk(*self.encode_topk(x)).to(x.dtype)
+        return self.decode(self.encode(x)).to(x.dtype)
 
     # ------------------------------------------------------------- training (normalised units)
     def training_loss(
@@ -241,8 +290,10 @@ class TopKSAE(nn.Module):
         top-k_aux (k_aux = d_in/2) of them reconstruct the residual. total_variance: the FVU
         denominator; pass the global value when the batch is sharded across ranks. workspace: an
         optional reusable [B, n_latents] buffer for the pre-activations (a fresh 75 MB allocation
-        per step costs ~10% on CPU, in page faults).
+        per step costs ~10% on CPU, in page faults). TopK SAEs only.
         """
+        if self.cfg.architecture != "topk":
+            raise SAEError(f"only topk SAEs train, this one is {self.cfg.architecture}")
         if total_variance is None:
             total_variance = (x - x.mean(0)).pow(2).sum()
         k_aux = min(self.cfg.d_in // 2, 0 if dead is None else dead.numel())
@@ -285,7 +336,8 @@ class TopKSAE(nn.Module):
     # ---------------------------------------------------------------------------- formats
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         """Write SAELens format (cfg.json + sae_weights.safetensors), normalisation folded in; `dtype`
-        float32 or bfloat16 (half the size, for shipping)."""
+        float32 or bfloat16 (half the size, for shipping). A BatchTopK SAE is written as sae_lens writes one
+        for inference: a JumpReLU (its `architecture` kept in the saesteer metadata)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.cfg.norm_scale
@@ -295,14 +347,15 @@ class TopKSAE(nn.Module):
             "W_dec": (self.W_dec.detach() / s).contiguous(),
             "b_dec": (self.b_dec.detach() / s).contiguous(),
         }
+        if self.threshold is not None:
+            weights["threshold"] = self.threshold.detach().clone()  # pre-activation units: unchanged by the fold
         weights = {name: w.to("cpu", dtype).contiguous() for name, w in weights.items()}
         hook = self.cfg.hook_point if self.cfg.layer is None else f"blocks.{self.cfg.layer}.hook_{self.cfg.hook_point}"
         cfg = {
-            "architecture": "topk",
+            "architecture": {"relu": "standard", "batchtopk": "jumprelu"}.get(self.cfg.architecture, self.cfg.architecture),
             "d_in": self.cfg.d_in,
             "d_sae": self.cfg.n_latents,
-            "k": self.cfg.k,
-            "rescale_acts_by_decoder_norm": False,
+            **({"k": self.cfg.k, "rescale_acts_by_decoder_norm": False} if self.cfg.architecture == "topk" else {}),
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",  # the scale is folded into the weights
             "reshape_activations": "none",
@@ -321,20 +374,23 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> TopKSAE:
-        """Load a directory in SAELens (sae_weights.safetensors) or EleutherAI sparsify
-        (sae.safetensors) format."""
+        """Load a directory in SAELens (cfg.json + sae_weights.safetensors), EleutherAI sparsify
+        (cfg.json + sae.safetensors) or Gemma Scope (params.npz) format, or a Gemma Scope .npz file."""
         path = Path(path)
+        npz = path if path.suffix == ".npz" else path / GEMMA_SCOPE_WEIGHTS
         try:
-            raw_cfg = json.loads((path / CFG_FILE).read_text(encoding="utf-8"))
-            if not isinstance(raw_cfg, dict):
+            if npz.is_file():
+                sae = cls._from_gemma_scope(_read_npz(npz))
+            elif not isinstance(raw_cfg := json.loads((path / CFG_FILE).read_text(encoding="utf-8")), dict):
                 raise SAEError(f"{path / CFG_FILE} must hold a JSON object, not {type(raw_cfg).__name__}")
-            if (path / SAELENS_WEIGHTS).exists():
+            elif (path / SAELENS_WEIGHTS).exists():
                 sae = cls._from_saelens(raw_cfg, load_file(str(path / SAELENS_WEIGHTS)))
             elif (path / SPARSIFY_WEIGHTS).exists():
                 sae = cls._from_sparsify(raw_cfg, load_file(str(path / SPARSIFY_WEIGHTS)))
             else:
-                raise SAEError(f"{path} has neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+                raise SAEError(f"{path} has none of {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_WEIGHTS} (sparsify), "
+                               f"{GEMMA_SCOPE_WEIGHTS} (Gemma Scope)")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, zipfile.BadZipFile) as e:
             raise SAEError(f"cannot read SAE at {path}: {e}") from e
         except (TypeError, AttributeError, ValueError) as e:  # a field of the wrong JSON type
             raise SAEError(f"malformed {CFG_FILE} at {path}: {short(str(e), 200)}") from None
@@ -343,28 +399,57 @@ class TopKSAE(nn.Module):
         return sae.to(device) if device is not None else sae
 
     @classmethod
+    def from_sae_lens(cls, release: str, sae_id: str) -> TopKSAE:
+        """`sae_id` of `release` from sae_lens's pretrained registry (downloads from the Hugging Face hub)."""
+        try:
+            from sae_lens import SAE as SaeLensSAE
+        except ImportError:
+            raise SAEError("loading saelens:<release>/<id> needs the sae-lens package: pip install sae-lens") from None
+        try:
+            theirs = SaeLensSAE.from_pretrained(release, sae_id, device="cpu")
+        except Exception as e:  # unknown release or id, offline, download failure: sae_lens raises many kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SAEError(f"sae_lens cannot load {release}/{sae_id}: {short(first, 200)}") from None
+        return cls._from_saelens(theirs.cfg.to_dict(), {name: t.detach() for name, t in theirs.state_dict().items()})
+
+    @classmethod
     def _from_saelens(cls, c: dict, w: dict[str, Tensor]) -> TopKSAE:
-        if c.get("architecture") != "topk":
-            raise SAEError(f"only SAELens 'topk' SAEs are supported, got architecture={c.get('architecture')!r}")
+        architecture = SAELENS_ARCHITECTURES.get(c.get("architecture"))
+        if architecture is None:
+            raise SAEError(f"SAELens architecture {short(c.get('architecture'))!r} is not supported: "
+                           f"use one of {', '.join(SAELENS_ARCHITECTURES)}")
         if c.get("normalize_activations", "none") not in ("none", False, None):
             raise SAEError(f"SAELens normalize_activations={c['normalize_activations']!r} is not supported; fold it first")
         meta = c.get("metadata") or {}
         k = c.get("k") or (c.get("activation_fn_kwargs") or {}).get("k")
         hook = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_pre|resid_post)", meta.get("hook_name") or "")
-        cfg = SAEConfig.from_dict({
+        saved = meta.get("saesteer") or {}  # the SAEConfig saesteer wrote, if it wrote this file
+        settings = {
             "model": meta.get("model_name") or "",
             **({"layer": int(hook[1]), "hook_point": hook[2]} if hook else {}),
-            **(meta.get("saesteer") or {}), "d_in": c["d_in"], "n_latents": c["d_sae"], "k": k,
-        })
+            **saved, "architecture": architecture, "d_in": c["d_in"], "n_latents": c["d_sae"],
+        }
+        if architecture == "jumprelu" and saved.get("architecture") == "batchtopk":  # see `save`
+            settings["architecture"] = "batchtopk"
+        cfg = SAEConfig.from_dict({**settings, "k": k if settings["architecture"] == "topk" else None})
         W_enc, b_enc, W_dec, b_dec = (w[n].float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
         W_enc = W_enc.T
-        if c.get("rescale_acts_by_decoder_norm", False):  # fold decoder norms (as sae_lens does)
+        if "threshold" in w:
+            threshold = w["threshold"].float()
+        elif "log_threshold" in w:  # older sae_lens JumpReLU checkpoints
+            threshold = w["log_threshold"].float().exp()
+        elif "topk_threshold" in w:  # a sae_lens BatchTopK training checkpoint: one threshold for all latents
+            threshold = w["topk_threshold"].float().expand(cfg.n_latents)
+        else:
+            threshold = None
+        # fold decoder norms (as sae_lens does); a threshold is already in the rescaled pre-activation's units
+        if c.get("rescale_acts_by_decoder_norm", False):
             norms = W_dec.norm(dim=1).clamp_min(1e-8)
             W_dec, W_enc, b_enc = W_dec / norms[:, None], W_enc * norms[:, None], b_enc * norms
         if not c.get("apply_b_dec_to_input", True):
             b_enc = b_enc + W_enc @ b_dec
         s = cfg.norm_scale
-        return cls._with_weights(cfg, W_enc / s, b_enc, W_dec * s, b_dec * s)
+        return cls._with_weights(cfg, W_enc / s, b_enc, W_dec * s, b_dec * s, threshold)
 
     @classmethod
     def _from_sparsify(cls, c: dict, w: dict[str, Tensor]) -> TopKSAE:
@@ -375,16 +460,45 @@ class TopKSAE(nn.Module):
         return cls._with_weights(cfg, w["encoder.weight"], w["encoder.bias"], w["W_dec"], w["b_dec"])
 
     @classmethod
-    def _with_weights(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec) -> TopKSAE:
+    def _from_gemma_scope(cls, w: dict[str, Tensor]) -> TopKSAE:
+        """Gemma Scope's JumpReLU arrays: W_enc [d_in, n], W_dec [n, d_in], b_enc, threshold [n], b_dec [d_in].
+        The file names no model or layer; its encoder reads x itself, not x - b_dec."""
+        if w["W_enc"].ndim != 2:
+            raise SAEError(f"W_enc has shape {tuple(w['W_enc'].shape)}, expected [d_in, n_latents]")
+        d_in, n = w["W_enc"].shape
+        cfg = SAEConfig(d_in=d_in, n_latents=n, architecture="jumprelu")
+        sae = cls._with_weights(cfg, w["W_enc"].T, w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"])
+        with torch.no_grad():
+            sae.b_enc += sae.W_enc @ sae.b_dec
+        return sae
+
+    @classmethod
+    def _with_weights(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> TopKSAE:
+        """An SAE with these normalised-space weights (W_enc and W_dec [n, d_in]), shapes checked."""
         expected = {"W_enc": (cfg.n_latents, cfg.d_in), "b_enc": (cfg.n_latents,),
                     "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}
+        tensors = [W_enc, b_enc, W_dec, b_dec]
         sae = cls(cfg)
+        if sae.threshold is not None:
+            if threshold is None:
+                raise SAEError(f"a {cfg.architecture} SAE needs a threshold tensor")
+            expected["threshold"] = (cfg.n_latents,)
+            tensors.append(threshold)
         with torch.no_grad():
-            for name, t in zip(expected, (W_enc, b_enc, W_dec, b_dec)):
+            for name, t in zip(expected, tensors):
                 if tuple(t.shape) != expected[name]:
                     raise SAEError(f"{name} has shape {tuple(t.shape)}, config says {expected[name]}")
                 getattr(sae, name).copy_(t)
         return sae
+
+
+def _read_npz(path: Path) -> dict[str, Tensor]:
+    """The arrays of an .npz file as float32 tensors (object arrays refused: no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: torch.from_numpy(np.asarray(data[name], dtype=np.float32)) for name in data.files}
+    except ValueError as e:
+        raise SAEError(f"cannot read {path} as plain arrays: {short(str(e), 200)}") from None
 
 
 @torch.no_grad()

@@ -105,11 +105,17 @@ def resolve(path: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def load_sae(path: str):
-    """Load (once per path) an SAE saved in SAELens or sparsify format; `builtin:sae` is the shipped one."""
+    """Load (once per path) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope .npz file,
+    `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry)."""
     from saesteer.sae import TopKSAE
 
-    if not _exists(resolve(path), Path.is_dir):
-        raise SaesteerError(f"no SAE folder at {short(path)}")
+    if path.startswith("saelens:"):
+        release, _, sae_id = path.removeprefix("saelens:").partition("/")
+        if not (release and sae_id):
+            raise SaesteerError(f"{short(path)} is not saelens:<release>/<sae id>")
+        return TopKSAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
+    if not _exists(resolve(path), Path.exists):
+        raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file")
     return TopKSAE.load(resolve(path)).eval().requires_grad_(False)
 
 
@@ -118,8 +124,9 @@ class SAESteer(Steering):
     """Clamp SAE features to values (paper's method) or add their decoder directions.
 
     clamp: x' = x + sum_i (c_i - z_i(x)) W_dec[i], the exact form of decode(z with z_i = c_i) + SAE
-    error, with z the TopK code of x. add: x' = x + sum_i a_i W_dec[i]. Values are in the SAE's latent
-    units; with `relative=True` they are multiples of each feature's `max_acts` (its max on the corpus).
+    error, with z the SAE's code of x (any architecture; W_dec rows need not be unit-norm). add:
+    x' = x + sum_i a_i W_dec[i]. Values are in the SAE's latent units; with `relative=True` they are
+    multiples of each feature's `max_acts` (its max on the corpus).
     Schedules: `generated_tokens` releases the edit after that many generated tokens (the prompt is
     always steered unless `positions` says otherwise); `decay` scales the edit on generated token t by decay**t.
     """
@@ -164,21 +171,6 @@ class SAESteer(Steering):
         features = torch.tensor(self.features, device=loaded.device)
         directions = sae.W_dec[features].float() / sae.cfg.norm_scale  # raw-space delta per latent unit
         targets = self.targets().to(loaded.device)
-
-        enc_rows, enc_bias = sae.W_enc[features].float(), sae.b_enc[features].float()
-
-        def current_codes(h: torch.Tensor) -> torch.Tensor:
-            """z_i of the steered features. A latent with pre-activation <= 0 has z_i = 0 whatever the TopK
-            does, so the full encoder runs only on the (few) tokens where a steered latent is positive."""
-            x = h.float().reshape(-1, h.shape[-1])
-            pre = (x * sae.cfg.norm_scale - sae.b_dec.float()) @ enc_rows.T + enc_bias
-            current = torch.zeros_like(pre)
-            maybe = (pre > 0).any(-1).nonzero().squeeze(-1)
-            if len(maybe):
-                values, indices = sae.encode_topk(x[maybe])
-                current[maybe] = torch.where(indices[:, None, :] == features[:, None], values[:, None, :], 0.0).sum(-1)
-            return current.reshape(*h.shape[:-1], len(features))
-
         step = {"t": -1}  # the generated token being processed: -1 in the prefill
 
         def steer(h: torch.Tensor) -> torch.Tensor | None:
@@ -191,7 +183,8 @@ class SAESteer(Steering):
             scale = self.decay ** max(step["t"], 0)
             if self.mode == "add":
                 return h + (scale * targets @ directions).to(h.dtype)
-            return h + (scale * (targets - current_codes(h)) @ directions).to(h.dtype)
+            current = sae.latent_codes(h.float(), features)  # z_i(x), the steered latents only
+            return h + (scale * (targets - current) @ directions).to(h.dtype)
 
         return [(layer, sae.cfg.hook_point or "resid_post", steer)]
 

@@ -354,10 +354,10 @@ def _load_checkpoint(path: Path, trainer: Trainer) -> None:
 
 # ------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 4096,
+def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 1024,
                            dense_threshold: float = 0.1) -> dict:
     """FVU, mean L0, and the fractions of latents that never fire (dead) or fire on more than
-    `dense_threshold` of tokens (dense), on raw activations [N, d_in]."""
+    `dense_threshold` of tokens (dense), on raw activations [N, d_in]; any SAE architecture."""
     if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
         raise SAEError(f"activations have shape {tuple(acts.shape)}, the SAE expects [N, {sae.cfg.d_in}]")
     device = sae.W_enc.device
@@ -368,10 +368,10 @@ def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 4096,
         x = acts[start : start + batch_size].to(device, torch.float32)
         if not torch.isfinite(x).all():
             raise SAEError(f"activations contain NaN or Inf (rows {start}..{start + x.shape[0] - 1})")
-        values, indices = sae.encode_topk(x)
-        x_hat = sae.decode_topk(values, indices)
-        active = values > 0
-        counts.index_add_(0, indices[active], torch.ones_like(values[active]))
+        z = sae.encode(x)  # [B, n_latents]
+        x_hat = sae.decode(z)
+        active = z > 0
+        counts += active.sum(0)
         l0 += int(active.sum())
         sse += (x - x_hat).double().pow(2).sum().item()
         total = total + x.double().sum(0)
