@@ -170,3 +170,51 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_model_dir, text_
     merged = json.loads((tmp_path / "multi" / "manifest.json").read_text())
     assert [s["rank"] for s in merged["shards"]] == [0, 1, 0, 1, 0]
     assert not list((tmp_path / "multi").glob("manifest.rank*.json"))
+
+
+def garble(path):
+    """Flip the last 64 bytes of a file (tensor data, past the safetensors header): same length, bad content."""
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    path.write_bytes(bytes(data))
+
+
+def test_garbled_shard_is_recollected_on_rerun(tmp_path, tiny_model_dir, text_file, loaded, capsys):
+    config = config_for(tiny_model_dir, text_file)
+    clean = collect(config, tmp_path / "clean", loaded, progress=False)
+    assert all(len(s["sha256"]) == 64 for s in clean["shards"])
+    collect(config, tmp_path / "c", loaded, progress=False)
+    garble(tmp_path / "c" / "shard-00002.safetensors")
+    capsys.readouterr()
+    calls = []
+    real = activations._activations
+    activations._activations = lambda *args: calls.append(1) or real(*args)
+    try:
+        again = collect(config, tmp_path / "c", loaded, progress=False)
+    finally:
+        activations._activations = real
+    warning = capsys.readouterr().err
+    assert "shard-00002.safetensors does not match its sha256" in warning and "collecting it again" in warning
+    assert len(calls) == 1  # only the garbled shard is collected again
+    assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "clean") and again == clean
+
+
+def test_loading_a_garbled_shard_names_it(tmp_path, tiny_model_dir, text_file, loaded):
+    collect(config_for(tiny_model_dir, text_file), tmp_path, loaded, progress=False)
+    store = ActivationStore(tmp_path)
+    store.tensor()  # every shard checks out
+    garble(tmp_path / "shard-00001.safetensors")
+    with pytest.raises(SaesteerError, match=r"shard .*shard-00001\.safetensors does not match its sha256"):
+        ActivationStore(tmp_path).tensor()
+
+
+def test_manifest_without_checksums_gets_them_on_rerun(tmp_path, tiny_model_dir, text_file, loaded):
+    """Caches collected before shards had checksums: their shards are trusted and hashed on the first rerun."""
+    config = config_for(tiny_model_dir, text_file)
+    clean = collect(config, tmp_path, loaded, progress=False)
+    old = json.loads((tmp_path / "manifest.json").read_text())
+    for shard in old["shards"]:
+        del shard["sha256"]
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert ActivationStore(tmp_path).tensor().shape[0] == clean["n_tokens"]  # loads unchecked
+    assert collect(config, tmp_path, loaded, progress=False) == clean

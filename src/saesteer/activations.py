@@ -5,21 +5,29 @@ Cache layout: `manifest.json` plus shards `shard-NNNNN.safetensors`, each one te
 shard), so every shard is a pure function of the config: a rerun after a crash skips the shards
 the manifest lists and produces a cache byte-identical to an uninterrupted run. Under torchrun,
 rank r collects shards g with g % world_size == r and rank 0 merges the per-rank manifests.
+
+The manifest records each shard's sha256. A rerun re-hashes the shards it would skip and collects a
+shard again (with a warning) if its bytes no longer match; `ActivationStore` checks a shard the first
+time it loads it and raises SaesteerError, naming the shard, on a mismatch. Shards of manifests
+written before checksums existed are trusted as they are: the first rerun hashes them and records
+the checksums, and the store loads them unchecked until then.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from tqdm.auto import tqdm
 
 from saesteer.corpus import TextSource, iter_documents, pack_contexts, source_hash
@@ -56,6 +64,14 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -89,14 +105,24 @@ def _check_same_collection(out: Path, expected: dict) -> None:
 
 
 def _done_shards(out: Path) -> dict[int, dict]:
-    """Shards recorded in the merged and per-rank manifests whose files exist."""
+    """Shards recorded in the merged and per-rank manifests whose files exist and match their sha256
+    (a shard that does not is left out, so it is collected again, with a warning; a shard recorded
+    without a checksum, by an older saesteer, gets one computed now)."""
     done: dict[int, dict] = {}
     for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.json"))]:
         if path.is_file():
             for shard in json.loads(path.read_text())["shards"]:
                 if (out / shard["file"]).is_file():
                     done[shard["index"]] = shard
-    return done
+    checked = {}
+    for index, shard in done.items():
+        digest = _sha256(out / shard["file"])
+        if shard.get("sha256", digest) == digest:
+            checked[index] = {**shard, "sha256": digest}
+        else:
+            print(f"saesteer: warning: {out / shard['file']} does not match its sha256 in the manifest "
+                  "(corrupted?); collecting it again", file=sys.stderr)
+    return checked
 
 
 def _distributed() -> tuple[int, int]:
@@ -167,6 +193,7 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
                  "n_tokens": int(acts.shape[0]), "exhausted": len(shard_contexts) < count}
         tmp = out / (entry["file"] + ".tmp")
         save_file({"acts": acts}, str(tmp))
+        entry["sha256"] = _sha256(tmp)
         os.replace(tmp, out / entry["file"])
         recorded[g] = entry
         _write_progress(out, manifest, recorded, rank, world)
@@ -237,6 +264,7 @@ class ActivationStore:
             raise SaesteerError(f"activation cache {self.path} has no shards yet")
         self.manifest = manifest
         self.shards = manifest["shards"]
+        self._verified: set[str] = set()  # shards whose sha256 was checked (once per store)
 
     @property
     def d_model(self) -> int:
@@ -247,10 +275,22 @@ class ActivationStore:
         return self.manifest["n_tokens"]
 
     def load_shard(self, shard: dict) -> torch.Tensor:
+        """A shard's activations; the first load of a shard checks its sha256 (if the manifest has one)."""
+        path = self.path / shard["file"]
         try:
-            return load_file(str(self.path / shard["file"]))["acts"]
+            if shard.get("sha256") and shard["file"] not in self._verified:
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                    raise SaesteerError(f"shard {path} does not match its sha256 in the manifest (corrupted?): "
+                                        "rerun `saesteer collect` with the same arguments to collect it again")
+                acts = load(data)["acts"]
+                self._verified.add(shard["file"])
+                return acts
+            return load_file(str(path))["acts"]
+        except SaesteerError:
+            raise
         except Exception as err:  # safetensors raises its own error types on truncated files
-            raise SaesteerError(f"cannot read shard {self.path / shard['file']}: {err}") from None
+            raise SaesteerError(f"cannot read shard {path}: {err}") from None
 
     def tensor(self, max_tokens: int | None = None) -> torch.Tensor:
         """The cache's first `max_tokens` activations (all if None) as float32."""
