@@ -246,10 +246,17 @@ def _forward_logprobs(loaded: LoadedModel, sequences: list[list[int]], keep: int
     return torch.log_softmax(out.logits.float(), dim=-1)
 
 
-@torch.inference_mode()
 def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]],
                           batch_size: int = 8) -> list[list[float]]:
-    """Sum log-probability of each continuation after its context, for (context ids, [continuation ids]).
+    """Sum log-probability of each continuation after its context, for (context ids, [continuation ids])."""
+    return [[logprob for logprob, _ in request] for request in continuation_scores(loaded, requests, batch_size)]
+
+
+@torch.inference_mode()
+def continuation_scores(loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]],
+                        batch_size: int = 8) -> list[list[tuple[float, bool]]]:
+    """(sum log-probability, whether greedy decoding yields it) of each continuation after its context, for
+    (context ids, [continuation ids]).
 
     When every continuation of a request is one token, one forward pass of the context scores them all.
     Sequences are batched by length with left padding and explicit position ids.
@@ -262,7 +269,7 @@ def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[list[int], l
             jobs.append((context, r, True, list(enumerate(continuations))))
         else:
             jobs.extend((context + c, r, False, [(j, c)]) for j, c in enumerate(continuations))
-    scores = [[0.0] * len(c) for _, c in requests]
+    scores: list[list[tuple[float, bool]]] = [[(0.0, False)] * len(c) for _, c in requests]
     jobs.sort(key=lambda job: len(job[0]))
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
@@ -270,12 +277,14 @@ def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[list[int], l
         logprobs = _forward_logprobs(loaded, [ids for ids, *_ in batch], keep)
         for row, (_, r, single, conts) in enumerate(batch):
             if single:
+                best = int(logprobs[row, -1].argmax())
                 for j, c in conts:
-                    scores[r][j] = float(logprobs[row, -1, c[0]])
+                    scores[r][j] = (float(logprobs[row, -1, c[0]]), best == c[0])
             else:  # positions -len(c)-1 .. -2 predict the continuation tokens
                 j, c = conts[0]
                 span = logprobs[row, keep - len(c) - 1 : keep - 1]
-                scores[r][j] = float(span.gather(-1, torch.tensor(c, device=span.device)[:, None]).sum())
+                target = torch.tensor(c, device=span.device)
+                scores[r][j] = (float(span.gather(-1, target[:, None]).sum()), bool((span.argmax(-1) == target).all()))
     return scores
 
 

@@ -138,8 +138,9 @@ def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str
 
 @torch.inference_mode()
 def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 16,
-             progress: bool = False) -> list[str]:
-    """Greedy continuations of already-rendered prompts, batched with left padding and a KV cache."""
+             progress: bool = False, stop: list[str] | None = None) -> list[str]:
+    """Greedy continuations of already-rendered prompts, batched with left padding and a KV cache; a row
+    stops early once its reply contains one of the `stop` strings (kept in the reply)."""
     from tqdm.auto import tqdm
 
     tokenizer, replies = loaded.tokenizer, []
@@ -148,7 +149,8 @@ def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 40, 
         chunk = [prompts[i] for i in order[start : start + batch_size]]
         batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
         out = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                    top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+                                    top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                    **({"stop_strings": stop, "tokenizer": tokenizer} if stop else {}))
         replies.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
     result = [""] * len(prompts)
     for i, reply in zip(order, replies):
