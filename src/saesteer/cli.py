@@ -44,8 +44,8 @@ def _writable_out(path: Path | str | None, kind: str = "file", option: str = "--
                 raise SaesteerError(f"{option} {shown} cannot be created: {short(str(target))} is a file, not a folder")
         if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
             raise SaesteerError(f"{option} {shown} is not writable (no write permission on {short(str(target))})")
-    except OSError as err:  # a name too long for the file system, ...
-        raise SaesteerError(f"{option} {shown} is not a usable path: {err.strerror or err}") from None
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte, ...
+        raise SaesteerError(f"{option} {shown} is not a usable path: {getattr(err, 'strerror', None) or err}") from None
 
 
 def main() -> None:
