@@ -247,3 +247,17 @@ def test_out_of_range_numbers_are_usage_errors(monkeypatch, capsys, no_model, ar
 def test_bad_screen_values_is_one_line(monkeypatch, capsys, tmp_path, tiny_sae, no_model):
     code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--screen-values", "8,abc", "--out", str(tmp_path / "d"))
     one_error_line(code, out, "bad --screen-values")
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "--judge", "openai:" + "j" * 900_000],
+    ["eval", "--suite", "s" * 900_000],
+    ["eval", "--limit", "l" * 900_000],
+    ["reproduce", "--preset", "p" * 900_000],
+    ["discover", "--sae", "x", "--judge", "j" * 900_000],
+    ["discover", "--sae", "x", "--screen-values", "v" * 900_000],
+])
+def test_huge_option_values_are_not_echoed_whole(monkeypatch, capsys, tmp_path, no_model, args):
+    code, out = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"))
+    line = one_error_line(code, out)
+    assert len(line) < 600, len(line)

@@ -544,10 +544,10 @@ def reproduce(
 
     name = "quick" if quick else preset
     if name not in PRESETS:
-        raise SaesteerError(f"unknown preset {name!r}: use {', '.join(PRESETS)}")
+        raise SaesteerError(f"unknown preset {short(name)!r}: use {', '.join(PRESETS)}")
     shared = shared or shared_dir()
     if not (shared / "corpus").is_dir():
-        raise SaesteerError(f"{shared} has no corpus/ folder: reproduce trains its SAE on a corpus that is not shipped; "
+        raise SaesteerError(f"{short(str(shared))} has no corpus/ folder: reproduce trains its SAE on a corpus that is not shipped; "
                             "pass --shared <folder with corpus/ and hh_rlhf_harmless/> (the project's shared datasets)")
     config = replace(PRESETS[name], shared=str(shared))
     if out is not None:

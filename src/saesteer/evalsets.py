@@ -41,7 +41,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TypeVar
 
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 0
@@ -125,7 +125,7 @@ def _shared_json(relative: str, dataset: str) -> list[dict]:
 def _check_split(split: str, allowed: Iterable[str] = SPLITS) -> str:
     allowed = tuple(allowed)
     if split not in allowed:
-        raise SaesteerError(f"unknown split {split!r}: use one of {', '.join(allowed)}")
+        raise SaesteerError(f"unknown split {short(split)!r}: use one of {', '.join(allowed)}")
     return split
 
 
@@ -183,7 +183,7 @@ def safety_prompts(dataset: str, split: str = "test") -> list[Prompt]:
         name = {"train": "harmless_train", "validation": "harmless_val", "test": "harmless_test"}[split]
         return [Prompt(d["instruction"], "safe", dataset)
                 for d in _shared_json(f"refusal_direction/dataset/splits/{name}.json", dataset)]
-    raise SaesteerError(f"unknown safety set {dataset!r}: use one of {', '.join(SAFETY_SETS)}")
+    raise SaesteerError(f"unknown safety set {short(dataset)!r}: use one of {', '.join(SAFETY_SETS)}")
 
 
 def mmlu(split: str = "test") -> list[MultipleChoice]:
@@ -248,7 +248,7 @@ def _pick_column(columns: list[str], wanted: str | None, path: Path) -> str:
     lower = {c.strip().lower(): c for c in columns}
     if wanted is not None:
         if wanted.strip().lower() not in lower:
-            raise SaesteerError(f"{path} has no column {wanted!r}; columns: {', '.join(columns)}")
+            raise SaesteerError(f"{path} has no column {short(wanted)!r}; columns: {', '.join(columns)}")
         return lower[wanted.strip().lower()]
     for name in PROMPT_COLUMNS:
         if name in lower:
@@ -261,7 +261,7 @@ def load_prompt_file(path: str | Path, label: str, column: str | None = None) ->
     """User prompts from .txt (one per line), .csv (header row) or .jsonl (objects or strings)."""
     path = Path(path)
     if label not in LABELS:
-        raise SaesteerError(f"unknown label {label!r}: use unsafe or safe")
+        raise SaesteerError(f"unknown label {short(label)!r}: use unsafe or safe")
     if not path.is_file():
         raise SaesteerError(f"no such prompts file: {path}")
     try:

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Protocol
 
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel, Messages
 
 COMPLIANCE, REFUSAL, PARTIAL_REFUSAL, EMPTY = "compliance", "refusal", "partial_refusal", "empty"
@@ -268,7 +268,7 @@ def load_chat_backend(spec: str, max_tokens: int, device: str | None = None) -> 
     if spec.startswith("openai:"):
         match = _OPENAI_SPEC.match(spec)
         if not match:
-            raise SaesteerError(f"bad judge/attacker {spec!r}: use openai:<base url ending in /v1>:<model>, "
+            raise SaesteerError(f"bad judge/attacker {short(spec)!r}: use openai:<base url ending in /v1>:<model>, "
                                 "e.g. openai:http://localhost:8000/v1:my-model")
         return OpenAIBackend(match.group(1), match.group(2), os.environ.get("OPENAI_API_KEY"), max_tokens=max_tokens)
     from saesteer.models import load_model
@@ -413,7 +413,7 @@ def _unsafe_category(reply: str) -> str:
 def quality(reply: str, label: str) -> str:
     """The quality category of a reply to a prompt labelled `unsafe` (harmful) or `safe` (benign)."""
     if label not in QUALITY_CATEGORIES:
-        raise SaesteerError(f"unknown prompt label {label!r}: use one of {', '.join(QUALITY_CATEGORIES)}")
+        raise SaesteerError(f"unknown prompt label {short(label)!r}: use one of {', '.join(QUALITY_CATEGORIES)}")
     category = _unsafe_category(reply)
     return category if label == "unsafe" else _ON_SAFE[category]
 
