@@ -19,7 +19,7 @@ import torch
 
 from saesteer.hooks import edit_residual
 from saesteer.models import chat_prompts, load_model
-from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import SAESteer, Steering
 
 PROMPTS = [
@@ -47,7 +47,7 @@ def main() -> None:
     if sae_path is None:
         torch.manual_seed(0)
         sae_path = tempfile.mkdtemp(prefix="bench-sae-")
-        TopKSAE(SAEConfig(d_in=loaded.d_model, n_latents=8 * loaded.d_model, k=32, layer=10, model=args.model)).save(sae_path)
+        SAE(SAEConfig(d_in=loaded.d_model, n_latents=8 * loaded.d_model, k=32, layer=10, model=args.model)).save(sae_path)
     methods = {"unsteered": Steering(), "sae clamp": SAESteer(sae=sae_path, features=[args.feature], values=[args.value])}
     batch = loaded.tokenizer(chat_prompts(loaded, [[{"role": "user", "content": p}] for p in PROMPTS]),
                              return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)

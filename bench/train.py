@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from saesteer.sae import SAEConfig, TopKSAE  # noqa: E402
+from saesteer.sae import SAE, SAEConfig  # noqa: E402
 from saesteer.trainer import TrainConfig, Trainer  # noqa: E402
 
 D, N, K, BATCH = 576, 4608, 32, 4096
@@ -60,7 +60,7 @@ def _timed(fn) -> float:
 def saesteer_step(data: list[torch.Tensor]):
     cfg = TrainConfig(n_latents=N, k=K, batch_size=BATCH, lr=LR, warmup_steps=1, dead_tokens=DEAD_TOKENS)
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=D, n_latents=N, k=K))
+    sae = SAE(SAEConfig(d_in=D, n_latents=N, k=K))
     sae.init_from_sample(torch.cat(data[:2]))
     trainer = Trainer(cfg, sae)
     return lambda x: trainer.step(x.clone())  # step() normalises its input in place

@@ -122,9 +122,9 @@ def tiny_loaded():
 @pytest.fixture(scope="module")
 def tiny_sae(tmp_path_factory):
     """A random TopK SAE for the tiny Llama's layer 1 (64 -> 128 latents, k 8), saved in SAELens format."""
-    from saesteer.sae import SAEConfig, TopKSAE
+    from saesteer.sae import SAE, SAEConfig
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sae")
-    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=1, model="tiny")).save(folder)
+    SAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=1, model="tiny")).save(folder)
     return folder

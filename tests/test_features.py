@@ -7,7 +7,7 @@ from saesteer.features import (
 )
 from saesteer.hooks import residual_at
 from saesteer.models import chat_prompts
-from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import load_sae
 
 
@@ -20,7 +20,7 @@ def loaded(tiny_loaded):
 def sae_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sae")
-    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(folder)
+    SAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(folder)
     load_sae.cache_clear()
     return str(folder)
 

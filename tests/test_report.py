@@ -10,7 +10,8 @@ from saesteer.errors import SaesteerError
 from saesteer.evals import append_rows
 from saesteer.features import DiscoverConfig, activation_histogram, discover, topic_feature
 from saesteer.report import CHROMIUM, build_report, check_not_blank, curves, screenshot, write_examples
-from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.sae import SAE as SparseAutoencoder  # `SAE` below is a steering spec
+from saesteer.sae import SAEConfig
 from saesteer.steering import load_sae
 
 SAE = {"method": "sae", "sae": "runs/sae", "features": [2230], "mode": "clamp"}
@@ -148,7 +149,7 @@ def test_activation_histogram_counts_nonzero_activations():
 
 def test_discover_records_histograms_for_candidates_and_control(tiny_loaded, tmp_path, one_thread):
     torch.manual_seed(0)
-    TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(tmp_path / "sae")
+    SparseAutoencoder(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(tmp_path / "sae")
     load_sae.cache_clear()
     sae = str(tmp_path / "sae")
     control = topic_feature(tiny_loaded, sae, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0)

@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from saesteer.errors import SaesteerError
-from saesteer.sae import SAEConfig, SAEError, TopKSAE, geometric_median
+from saesteer.sae import SAE, SAEConfig, SAEError, geometric_median
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_sae(d=16, n=96, k=5, seed=0, **cfg) -> TopKSAE:
+def random_sae(d=16, n=96, k=5, seed=0, **cfg) -> SAE:
     torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=n, k=k, **cfg))
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k, **cfg))
     with torch.no_grad():
         sae.W_enc.add_(0.3 * torch.randn(n, d))
         sae.b_enc.normal_(0, 0.5)
@@ -28,7 +28,7 @@ def random_sae(d=16, n=96, k=5, seed=0, **cfg) -> TopKSAE:
     return sae
 
 
-def dense_reference(sae: TopKSAE, x, dead, total_variance):
+def dense_reference(sae: SAE, x, dead, total_variance):
     """Plain PyTorch autograd: dense [B, n] latents, masks instead of index tricks."""
     pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
     values, idx = pre.topk(sae.cfg.k)
@@ -112,7 +112,7 @@ def test_decoder_norm_invariant_and_gradient_projection():
 
 
 def test_init_from_sample_sets_scale_and_median():
-    sae = TopKSAE(SAEConfig(d_in=8, n_latents=32, k=2))
+    sae = SAE(SAEConfig(d_in=8, n_latents=32, k=2))
     x = torch.randn(4000, 8) * 7 + 3
     sae.init_from_sample(x)
     assert abs((x * sae.cfg.norm_scale).pow(2).sum(1).mean().item() - 8) < 1e-3
@@ -128,7 +128,7 @@ def test_saelens_round_trip_keeps_weights_encodings_and_metadata(tmp_path):
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 5 and cfg["d_sae"] == 96
     assert cfg["metadata"]["hook_name"] == "blocks.4.hook_resid_post"
-    loaded = TopKSAE.load(tmp_path / "s")
+    loaded = SAE.load(tmp_path / "s")
     assert loaded.cfg == sae.cfg
     for name, p in sae.named_parameters():
         torch.testing.assert_close(getattr(loaded, name), p, rtol=1e-6, atol=1e-6)
@@ -168,7 +168,7 @@ def write_sparsify_dir(path, d=16, n=96, k=5, seed=1):
 
 def test_load_sparsify_format(tmp_path):
     t = write_sparsify_dir(tmp_path / "sp")
-    sae = TopKSAE.load(tmp_path / "sp")
+    sae = SAE.load(tmp_path / "sp")
     assert (sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.k) == (16, 96, 5)
     x = torch.randn(30, 16)
     # sparsify's encode: relu(linear(x - b_dec)) then top-k; decode: sum acts * W_dec rows + b_dec.
@@ -240,7 +240,7 @@ def test_real_sparsify_sae_loads_and_encodes_identically(tmp_path):
     from safetensors.torch import load_file
 
     theirs = load_file(str(tmp_path / "out.safetensors"))
-    sae = TopKSAE.load(tmp_path / "sp")
+    sae = SAE.load(tmp_path / "sp")
     z = torch.zeros(30, 96).scatter(1, theirs["idx"], theirs["acts"])
     torch.testing.assert_close(sae.encode(theirs["x"]), z, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(theirs["x"]), theirs["x_hat"], rtol=1e-5, atol=1e-4)
@@ -255,29 +255,29 @@ def test_errors_are_one_line_saesteer_errors(tmp_path):
     with pytest.raises(SAEError, match="none of"):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "cfg.json").write_text("{}")
-        TopKSAE.load(tmp_path / "empty")
+        SAE.load(tmp_path / "empty")
     with pytest.raises(SAEError, match="cannot read SAE"):
-        TopKSAE.load(tmp_path / "missing")
+        SAE.load(tmp_path / "missing")
     sae.save(tmp_path / "s")
     shutil.copy(tmp_path / "s" / "cfg.json", tmp_path / "cfg.bak")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
     with pytest.raises(SAEError, match="'gated' is not supported"):
-        TopKSAE.load(tmp_path / "s")
+        SAE.load(tmp_path / "s")
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
     with pytest.raises(SAEError, match="needs a threshold"):
-        TopKSAE.load(tmp_path / "s")
+        SAE.load(tmp_path / "s")
     foreign = {**cfg, "metadata": {"model_name": "gpt2", "hook_name": "blocks.7.hook_resid_pre"}}
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(foreign))  # an SAELens file saesteer did not write
-    assert (TopKSAE.load(tmp_path / "s").cfg.layer, TopKSAE.load(tmp_path / "s").cfg.hook_point) == (7, "resid_pre")
+    assert (SAE.load(tmp_path / "s").cfg.layer, SAE.load(tmp_path / "s").cfg.hook_point) == (7, "resid_pre")
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "d_in": 15}))
     with pytest.raises(SAEError, match="shape"):
-        TopKSAE.load(tmp_path / "s")
+        SAE.load(tmp_path / "s")
     shutil.copy(tmp_path / "cfg.bak", tmp_path / "s" / "cfg.json")
     weights = tmp_path / "s" / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(SAEError, match="cannot read SAE"):
-        TopKSAE.load(tmp_path / "s")
+        SAE.load(tmp_path / "s")
 
 
 @pytest.mark.slow
@@ -290,7 +290,7 @@ def test_real_sae_lens_loads_the_shipped_sae(tmp_path):
     if python is None:
         pytest.skip("sae_lens not importable; set SAESTEER_SAELENS_PYTHON to a python that has it")
     path = shipped_dir() / "sae"
-    ours = TopKSAE.load(path)
+    ours = SAE.load(path)
     assert json.loads((path / "cfg.json").read_text())["dtype"] == "bfloat16"
     x = torch.randn(64, ours.cfg.d_in) * 6  # residual norms ~ 140 at d=576
     save_file({"x": x}, str(tmp_path / "x.safetensors"))

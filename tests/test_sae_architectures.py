@@ -1,6 +1,7 @@
 """Every SAE architecture (TopK, BatchTopK, JumpReLU, ReLU) and format (SAELens, sparsify, Gemma Scope
 params.npz): encode/decode against the real sae_lens, and exact clamp steering."""
 
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 from saesteer.errors import SaesteerError
 from saesteer.models import generate
-from saesteer.sae import SAEConfig, SAEError, TopKSAE
+from saesteer.sae import SAE, SAEConfig, SAEError
 from saesteer.steering import SAESteer, load_sae
 from saesteer.trainer import reconstruction_metrics
 
@@ -89,9 +90,9 @@ def write_sparsify(path, seed: int = 5) -> None:
                                                "multi_topk": False, "skip_connection": False, "transcode": False}))
 
 
-def ours(architecture: str, seed: int = 6) -> TopKSAE:
+def ours(architecture: str, seed: int = 6) -> SAE:
     """A saesteer SAE of `architecture` with random weights and a non-trivial norm_scale."""
-    sae = TopKSAE(SAEConfig(d_in=D, n_latents=N, k=8 if architecture == "topk" else None, architecture=architecture,
+    sae = SAE(SAEConfig(d_in=D, n_latents=N, k=8 if architecture == "topk" else None, architecture=architecture,
                             norm_scale=0.37, layer=1, model="tiny"))
     randomize(sae, seed, threshold=sae.threshold is not None)
     return sae
@@ -105,7 +106,7 @@ def inputs(seed: int = 7, shape=(40,)) -> torch.Tensor:
 def test_sae_lens_saved_saes_encode_and_decode_like_sae_lens(tmp_path, theirs_arch, architecture):
     theirs = sae_lens_sae(theirs_arch)
     theirs.save_model(tmp_path)
-    sae = TopKSAE.load(tmp_path)
+    sae = SAE.load(tmp_path)
     assert (sae.cfg.architecture, sae.cfg.layer, sae.cfg.hook_point, sae.cfg.model) == (architecture, 1, "resid_post", "tiny")
     x = inputs()
     with torch.no_grad():
@@ -118,17 +119,17 @@ def test_sae_lens_saved_saes_encode_and_decode_like_sae_lens(tmp_path, theirs_ar
 
 def test_sae_lens_batchtopk_loads_as_it_runs_at_inference(tmp_path):
     """A BatchTopK training checkpoint encodes like the JumpReLU sae_lens ships for inference."""
-    from sae_lens import SAE
+    from sae_lens import SAE as SaeLensSAE
 
     train_dir, inference_dir = sae_lens_batchtopk(tmp_path)
     assert json.loads((inference_dir / "cfg.json").read_text())["architecture"] == "jumprelu"
-    theirs = SAE.load_from_disk(inference_dir)
+    theirs = SaeLensSAE.load_from_disk(inference_dir)
     x = inputs()
     with torch.no_grad():
         z = theirs.encode(x)
     assert 0 < (z > 0).float().mean() < 0.7
     for folder, architecture in ((train_dir, "batchtopk"), (inference_dir, "jumprelu")):
-        sae = TopKSAE.load(folder)
+        sae = SAE.load(folder)
         assert sae.cfg.architecture == architecture and sae.cfg.k is None
         torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.decode(z), theirs.decode(z), rtol=1e-5, atol=1e-5)
@@ -136,12 +137,12 @@ def test_sae_lens_batchtopk_loads_as_it_runs_at_inference(tmp_path):
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "relu"])
 def test_sae_lens_loads_our_saes_and_encodes_identically(tmp_path, architecture):
-    from sae_lens import SAE
+    from sae_lens import SAE as SaeLensSAE
 
     sae = ours(architecture)
     sae.save(tmp_path)
-    theirs = SAE.load_from_disk(tmp_path)
-    again = TopKSAE.load(tmp_path)
+    theirs = SaeLensSAE.load_from_disk(tmp_path)
+    again = SAE.load(tmp_path)
     assert again.cfg == sae.cfg
     x = inputs()
     with torch.no_grad():
@@ -156,7 +157,7 @@ def test_gemma_scope_npz_folder_or_file(tmp_path):
     pre = x @ a["W_enc"] + a["b_enc"]  # Gemma Scope's encoder reads x, not x - b_dec
     z = pre * (pre > a["threshold"])
     for path in (tmp_path / "gs", tmp_path / "gs" / "params.npz"):
-        sae = TopKSAE.load(path)
+        sae = SAE.load(path)
         assert (sae.cfg.architecture, sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.layer) == ("jumprelu", D, N, None)
         torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae(x), z @ a["W_dec"] + a["b_dec"], rtol=1e-5, atol=1e-4)
@@ -165,10 +166,10 @@ def test_gemma_scope_npz_folder_or_file(tmp_path):
 def test_npz_with_pickled_arrays_is_refused(tmp_path):
     np.savez(tmp_path / "params.npz", W_enc=np.array([{"not": "an array"}], dtype=object))
     with pytest.raises(SAEError, match="plain arrays"):
-        TopKSAE.load(tmp_path)
+        SAE.load(tmp_path)
     np.savez(tmp_path / "params.npz", W_enc=np.zeros((D, N), np.float32))
     with pytest.raises(SAEError, match="missing field or tensor 'b_enc'"):
-        TopKSAE.load(tmp_path / "params.npz")
+        SAE.load(tmp_path / "params.npz")
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +227,20 @@ def test_jumprelu_sae_steers_the_tiny_model(tiny_loaded, sae_paths):
         steered = generate(tiny_loaded, prompts, max_new_tokens=6)
     assert steered != plain
     assert generate(tiny_loaded, prompts, max_new_tokens=6) == plain  # released after the block
+
+
+@pytest.mark.parametrize("name", ["sae_lens-batchtopk", "sae_lens-relu", "gemma_scope-jumprelu"])
+def test_discovery_and_probe_features_for_every_architecture(tiny_loaded, sae_paths, name):
+    """Discovery's reply codes and the SAE-probe detector's features are the SAE's codes of the residual."""
+    from saesteer.detectors import features_of
+    from saesteer.features import reply_codes
+
+    h = inputs(shape=(2, 5))
+    torch.testing.assert_close(features_of(h, sae_paths[name]), load_sae(sae_paths[name]).encode(h))
+    sae = copy.deepcopy(load_sae(sae_paths[name]))
+    sae.cfg.layer = 1  # Gemma Scope's file names no layer
+    codes = reply_codes(tiny_loaded, sae, [("the quick brown fox", "jumps over the lazy dog"), ("a", "b")])
+    assert codes.shape == (2, N) and (codes >= 0).all()
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "relu"])

@@ -16,7 +16,7 @@ import uvicorn
 from conftest import run_cli
 
 from saesteer.models import chat_prompts, generate, load_model
-from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.sae import SAE, SAEConfig
 from saesteer.serve import ServeConfig, create_app
 from saesteer.steering import PRESETS, load_sae, save_direction, steering_from_dict
 
@@ -44,7 +44,7 @@ def specs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("steer")
     save_direction(folder / "refusal.safetensors", torch.randn(64, generator=torch.Generator().manual_seed(2)), layer=2, model="tiny")
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))
+    sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.5)
     sae.save(folder / "sae")

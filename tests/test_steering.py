@@ -6,7 +6,7 @@ import torch
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
 from saesteer.models import chat_prompts, generate
-from saesteer.sae import SAEConfig, TopKSAE
+from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import (
     ActAdd, Ablate, Conditional, SAESteer, Steering, SystemPrompt, load_sae, save_direction, steering_from_dict,
 )
@@ -22,7 +22,7 @@ def loaded(tiny_loaded):
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory):
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny-llama"))
+    sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny-llama"))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.5)
         sae.b_dec.normal_(0, 0.2)
@@ -157,7 +157,7 @@ def test_errors(loaded, sae_dir, tmp_path):
         steering_from_dict({"method": "magic"})
     with pytest.raises(SaesteerError, match="feature index 999 is out of range"):
         SAESteer(sae=sae_dir, features=[999], values=[1.0]).edits(loaded)
-    wide = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, layer=1))
+    wide = SAE(SAEConfig(d_in=32, n_latents=64, k=4, layer=1))
     wide.save(tmp_path / "wide")
     with pytest.raises(SaesteerError, match="d_in=32 but tiny-llama has d_model=64"):
         SAESteer(sae=str(tmp_path / "wide"), features=[1], values=[1.0]).edits(loaded)

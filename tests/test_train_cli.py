@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from saesteer.sae import TopKSAE
+from saesteer.sae import SAE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,7 @@ def test_train_then_evaluate(monkeypatch, capsys, cache, tiny_model_dir, tmp_pat
                         str(config), "--n-latents", "128", "--batch-size", "128", "--tokens", "1280", "--device", "cpu")
     assert code in (0, None), res.err
     assert "trained TopK SAE d_in 64 x 128 latents, k 4, 1,280 tokens (10 steps)" in res.out
-    sae = TopKSAE.load(out / "sae")
+    sae = SAE.load(out / "sae")
     assert sae.cfg.layer == 1 and sae.cfg.model == str(tiny_model_dir) and sae.cfg.training_data["n_contexts"] == 40
 
     # Held-out text defaults to the SAE's training source after the contexts its cache used.

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saesteer.sae import SAEConfig, SAEError, TopKSAE
+from saesteer.sae import SAE, SAEConfig, SAEError
 from saesteer.trainer import CHECKPOINT, TensorSource, TrainConfig, TrainError, reconstruction_metrics, spliced_metrics, train
 
 
@@ -44,14 +44,14 @@ def test_dictionary_recovery_and_auxk_revives_dead_latents(tmp_path, monkeypatch
     """Half the latents start crippled (encoder rows x0.05) so they never win the top-k: only
     AuxK gives them gradient. With it they revive and the SAE recovers the true dictionary."""
     atoms, x = sparse_data()
-    original = TopKSAE.init_from_sample
+    original = SAE.init_from_sample
 
     def crippled_init(self, sample):
         original(self, sample)
         with torch.no_grad():
             self.W_enc[: self.cfg.n_latents // 2] *= 0.05
 
-    monkeypatch.setattr(TopKSAE, "init_from_sample", crippled_init)
+    monkeypatch.setattr(SAE, "init_from_sample", crippled_init)
     results = {}
     for auxk_coef in (1 / 32, 0.0):
         cfg = small_config(tmp_path, auxk_coef=auxk_coef, batch_size=512, total_tokens=200_000, dead_tokens=5000,
@@ -77,7 +77,7 @@ def test_training_keeps_decoder_unit_norm_and_records_metadata(tmp_path):
     sae = result.sae
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
     assert result.steps == 30 and len(result.losses) == 30 and result.losses[-1] < result.losses[0]
-    loaded = TopKSAE.load(tmp_path / "run" / "sae")
+    loaded = SAE.load(tmp_path / "run" / "sae")
     assert loaded.cfg.model == "tiny" and loaded.cfg.layer == 3 and loaded.cfg.hook_point == "resid_pre"
     assert loaded.cfg.training_tokens == 30 * 256 and loaded.cfg.training_data["sha256"] == "ff"
     assert loaded.cfg.training_data["n_contexts"] == 10
@@ -207,9 +207,9 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     assert (tmp_path / "ddp" / "sae" / "cfg.json").exists()
 
 
-def exact_sae(d: int) -> TopKSAE:
+def exact_sae(d: int) -> SAE:
     """Latents +e_i and -e_i with k = d reconstruct any activation exactly (no zero coordinates)."""
-    sae = TopKSAE(SAEConfig(d_in=d, n_latents=2 * d, k=d))
+    sae = SAE(SAEConfig(d_in=d, n_latents=2 * d, k=d))
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye]))
@@ -245,7 +245,7 @@ def test_spliced_metrics_on_tiny_model(tiny_model_dir):
     assert perfect["ce_sae"] == pytest.approx(clean, rel=1e-4) and perfect["kl_sae"] < 1e-4
     assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert perfect["ce_zero"] != pytest.approx(clean, rel=1e-3)  # zero-ablation does change the model
-    noisy = TopKSAE(SAEConfig(d_in=64, n_latents=128, k=2))
+    noisy = SAE(SAEConfig(d_in=64, n_latents=128, k=2))
     worse = spliced_metrics(noisy, loaded.model, ids, layer=1, batch_size=4)
     assert worse["kl_sae"] > 1e-3 and worse["ce_clean"] == pytest.approx(perfect["ce_clean"], rel=1e-6)
     assert worse["loss_recovered"] == pytest.approx(

@@ -563,7 +563,7 @@ jailbreak eval's validation/test dialogues left out) and {data_info['advbench_tr
 (MIT) answered with templated refusals. Left out: `gutenberg-001.jsonl` (the fidelity eval's held-out text) and the
 CC BY-NC Alpaca-derived chat set.
 
-Load it with `saesteer.sae.TopKSAE.load(path)` or `sae_lens.SAE.load_from_disk(path)`.
+Load it with `saesteer.sae.SAE.load(path)` or `sae_lens.SAE.load_from_disk(path)`.
 """
 
 
@@ -573,12 +573,12 @@ def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict],
 
     import torch
 
-    from saesteer.sae import TopKSAE
+    from saesteer.sae import SAE
 
     config, out = pipeline.config, pipeline.out
     dest.mkdir(parents=True, exist_ok=True)
     sae_dir = Path(discovery["sae"])
-    sae = TopKSAE.load(sae_dir)
+    sae = SAE.load(sae_dir)
     sae.save(dest / "sae", dtype=torch.bfloat16)
     metrics = json.loads((sae_dir.parent / "metrics.json").read_text())
     data_info = json.loads((out / "sae-data.json").read_text())

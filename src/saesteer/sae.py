@@ -197,7 +197,7 @@ class TrainOutput(NamedTuple):
     auxk: Tensor  # AuxK loss (0 when no latent is dead)
 
 
-class TopKSAE(nn.Module):
+class SAE(nn.Module):
     """An SAE of any `cfg.architecture` (trainable when TopK). Parameters live in normalised space;
     public encode/decode take raw activations."""
 
@@ -373,7 +373,7 @@ class TopKSAE(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str | None = None) -> TopKSAE:
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> SAE:
         """Load a directory in SAELens (cfg.json + sae_weights.safetensors), EleutherAI sparsify
         (cfg.json + sae.safetensors) or Gemma Scope (params.npz) format, or a Gemma Scope .npz file."""
         path = Path(path)
@@ -399,7 +399,7 @@ class TopKSAE(nn.Module):
         return sae.to(device) if device is not None else sae
 
     @classmethod
-    def from_sae_lens(cls, release: str, sae_id: str) -> TopKSAE:
+    def from_sae_lens(cls, release: str, sae_id: str) -> SAE:
         """`sae_id` of `release` from sae_lens's pretrained registry (downloads from the Hugging Face hub)."""
         try:
             from sae_lens import SAE as SaeLensSAE
@@ -413,7 +413,7 @@ class TopKSAE(nn.Module):
         return cls._from_saelens(theirs.cfg.to_dict(), {name: t.detach() for name, t in theirs.state_dict().items()})
 
     @classmethod
-    def _from_saelens(cls, c: dict, w: dict[str, Tensor]) -> TopKSAE:
+    def _from_saelens(cls, c: dict, w: dict[str, Tensor]) -> SAE:
         architecture = SAELENS_ARCHITECTURES.get(c.get("architecture"))
         if architecture is None:
             raise SAEError(f"SAELens architecture {short(c.get('architecture'))!r} is not supported: "
@@ -452,7 +452,7 @@ class TopKSAE(nn.Module):
         return cls._with_weights(cfg, W_enc / s, b_enc, W_dec * s, b_dec * s, threshold)
 
     @classmethod
-    def _from_sparsify(cls, c: dict, w: dict[str, Tensor]) -> TopKSAE:
+    def _from_sparsify(cls, c: dict, w: dict[str, Tensor]) -> SAE:
         if c.get("activation", "topk") != "topk" or c.get("transcode") or c.get("skip_connection"):
             raise SAEError("only sparsify TopK autoencoders (no transcoder, no skip connection) are supported")
         n = c.get("num_latents") or c["d_in"] * c["expansion_factor"]
@@ -460,7 +460,7 @@ class TopKSAE(nn.Module):
         return cls._with_weights(cfg, w["encoder.weight"], w["encoder.bias"], w["W_dec"], w["b_dec"])
 
     @classmethod
-    def _from_gemma_scope(cls, w: dict[str, Tensor]) -> TopKSAE:
+    def _from_gemma_scope(cls, w: dict[str, Tensor]) -> SAE:
         """Gemma Scope's JumpReLU arrays: W_enc [d_in, n], W_dec [n, d_in], b_enc, threshold [n], b_dec [d_in].
         The file names no model or layer; its encoder reads x itself, not x - b_dec."""
         if w["W_enc"].ndim != 2:
@@ -473,7 +473,7 @@ class TopKSAE(nn.Module):
         return sae
 
     @classmethod
-    def _with_weights(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> TopKSAE:
+    def _with_weights(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> SAE:
         """An SAE with these normalised-space weights (W_enc and W_dec [n, d_in]), shapes checked."""
         expected = {"W_enc": (cfg.n_latents, cfg.d_in), "b_enc": (cfg.n_latents,),
                     "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}

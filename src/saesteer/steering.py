@@ -107,16 +107,16 @@ def resolve(path: str) -> str:
 def load_sae(path: str):
     """Load (once per path) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope .npz file,
     `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry)."""
-    from saesteer.sae import TopKSAE
+    from saesteer.sae import SAE
 
     if path.startswith("saelens:"):
         release, _, sae_id = path.removeprefix("saelens:").partition("/")
         if not (release and sae_id):
             raise SaesteerError(f"{short(path)} is not saelens:<release>/<sae id>")
-        return TopKSAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
+        return SAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
     if not _exists(resolve(path), Path.exists):
         raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file")
-    return TopKSAE.load(resolve(path)).eval().requires_grad_(False)
+    return SAE.load(resolve(path)).eval().requires_grad_(False)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saesteer.errors import SaesteerError
-from saesteer.sae import SAEConfig, SAEError, TopKSAE
+from saesteer.sae import SAE, SAEConfig, SAEError
 
 CHECKPOINT = "checkpoint.safetensors"
 # A resumed run must agree with its checkpoint on these (total_tokens may grow).
@@ -130,7 +130,7 @@ class TensorSource:
 
 @dataclass
 class TrainResult:
-    sae: TopKSAE
+    sae: SAE
     losses: list[float] = field(default_factory=list)  # fvu + auxk_coef * auxk per step run here
     steps: int = 0  # total steps done (including before a resume)
 
@@ -186,7 +186,7 @@ class StepStats(NamedTuple):
 class Trainer:
     """An SAE with its Adam state and latent firing counters; `step` is one optimizer step."""
 
-    def __init__(self, cfg: TrainConfig, sae: TopKSAE):
+    def __init__(self, cfg: TrainConfig, sae: SAE):
         self.cfg, self.sae = cfg, sae
         device = sae.W_enc.device
         self.params = dict(sae.named_parameters())
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = 
                         k=cfg.k, model=meta.get("model", ""), layer=meta.get("layer"),
                         hook_point=meta.get("hook_point", "resid_post"), training_data=_data_record(meta))
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, TopKSAE(sae_cfg, device=device))
+    trainer = Trainer(cfg, SAE(sae_cfg, device=device))
     sae = trainer.sae
     if cfg.resume and ckpt_path.exists():
         _load_checkpoint(ckpt_path, trainer)
@@ -354,7 +354,7 @@ def _load_checkpoint(path: Path, trainer: Trainer) -> None:
 
 # ------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 1024,
+def reconstruction_metrics(sae: SAE, acts: Tensor, batch_size: int = 1024,
                            dense_threshold: float = 0.1) -> dict:
     """FVU, mean L0, and the fractions of latents that never fire (dead) or fire on more than
     `dense_threshold` of tokens (dense), on raw activations [N, d_in]; any SAE architecture."""
@@ -385,7 +385,7 @@ def reconstruction_metrics(sae: TopKSAE, acts: Tensor, batch_size: int = 1024,
 
 
 @torch.no_grad()
-def spliced_metrics(sae: TopKSAE, model: torch.nn.Module, contexts: Tensor, layer: int,
+def spliced_metrics(sae: SAE, model: torch.nn.Module, contexts: Tensor, layer: int,
                     point: str = "resid_post", batch_size: int = 8, skip_ids: list[int] | None = None) -> dict:
     """Next-token CE of the clean model, with the SAE reconstruction spliced in at (`layer`,
     `point`), and with the residual stream zero-ablated there; loss recovered and KL(clean || SAE).
@@ -423,7 +423,7 @@ def spliced_metrics(sae: TopKSAE, model: torch.nn.Module, contexts: Tensor, laye
             "kl_sae": sums["kl"] / n_pred, "predictions": n_pred}
 
 
-def heldout_contexts(sae: TopKSAE, tokenizer, n_contexts: int, data: str | None = None,
+def heldout_contexts(sae: SAE, tokenizer, n_contexts: int, data: str | None = None,
                      ctx: int | None = None) -> Tensor:
     """`n_contexts` token contexts [n, ctx] the SAE was not trained on: from `data` if given, else
     from its training text source, skipping the contexts its activation cache used."""
@@ -445,7 +445,7 @@ def heldout_contexts(sae: TopKSAE, tokenizer, n_contexts: int, data: str | None 
     return torch.tensor(contexts)
 
 
-def evaluate_sae(sae: TopKSAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
+def evaluate_sae(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
     """Reconstruction metrics on the contexts' activations (special-token positions dropped, as in
     training caches) plus the spliced-model metrics, at the SAE's layer and hook point."""
     from saesteer.hooks import residual_at
