@@ -161,6 +161,8 @@ def test_gemma_scope_npz_folder_or_file(tmp_path):
         assert (sae.cfg.architecture, sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.layer) == ("jumprelu", D, N, None)
         torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae(x), z @ a["W_dec"] + a["b_dec"], rtol=1e-5, atol=1e-4)
+    write_gemma_scope(tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82")
+    assert SAE.load(tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82").cfg.layer == 12
 
 
 def test_npz_with_pickled_arrays_is_refused(tmp_path):

@@ -380,7 +380,7 @@ class SAE(nn.Module):
         npz = path if path.suffix == ".npz" else path / GEMMA_SCOPE_WEIGHTS
         try:
             if npz.is_file():
-                sae = cls._from_gemma_scope(_read_npz(npz))
+                sae = cls._from_gemma_scope(_read_npz(npz), npz)
             elif not isinstance(raw_cfg := json.loads((path / CFG_FILE).read_text(encoding="utf-8")), dict):
                 raise SAEError(f"{path / CFG_FILE} must hold a JSON object, not {type(raw_cfg).__name__}")
             elif (path / SAELENS_WEIGHTS).exists():
@@ -460,13 +460,15 @@ class SAE(nn.Module):
         return cls._with_weights(cfg, w["encoder.weight"], w["encoder.bias"], w["W_dec"], w["b_dec"])
 
     @classmethod
-    def _from_gemma_scope(cls, w: dict[str, Tensor]) -> SAE:
+    def _from_gemma_scope(cls, w: dict[str, Tensor], path: Path) -> SAE:
         """Gemma Scope's JumpReLU arrays: W_enc [d_in, n], W_dec [n, d_in], b_enc, threshold [n], b_dec [d_in].
-        The file names no model or layer; its encoder reads x itself, not x - b_dec."""
+        Its encoder reads x itself, not x - b_dec. The file names no model or layer: the layer comes from a
+        `layer_<n>` folder in `path` (Gemma Scope's repository layout), if any."""
         if w["W_enc"].ndim != 2:
             raise SAEError(f"W_enc has shape {tuple(w['W_enc'].shape)}, expected [d_in, n_latents]")
         d_in, n = w["W_enc"].shape
-        cfg = SAEConfig(d_in=d_in, n_latents=n, architecture="jumprelu")
+        layers = [int(part[6:]) for part in path.parts if re.fullmatch(r"layer_\d+", part)]
+        cfg = SAEConfig(d_in=d_in, n_latents=n, architecture="jumprelu", layer=layers[-1] if layers else None)
         sae = cls._with_weights(cfg, w["W_enc"].T, w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"])
         with torch.no_grad():
             sae.b_enc += sae.W_enc @ sae.b_dec
