@@ -68,9 +68,10 @@ class SAEConfig:
     def __post_init__(self):
         # cfg.json is user input: a field of the wrong type is one SAEError line, not a TypeError later.
         for names, kinds, what in ((("d_in", "n_latents", "training_tokens"), Integral, "an integer"),
-                                   (("k",), (Integral, type(None)), "an integer or null"),
-                                   (("norm_scale",), Real, "a number"), (("layer",), (Integral, type(None)), "an integer or null"),
-                                   (("model", "hook_point", "architecture"), str, "a string"), (("training_data",), dict, "a JSON object")):
+                                   (("k", "layer"), (Integral, type(None)), "an integer or null"),
+                                   (("norm_scale",), Real, "a number"),
+                                   (("model", "hook_point", "architecture"), str, "a string"),
+                                   (("training_data",), dict, "a JSON object")):
             for name in names:
                 value = getattr(self, name)
                 if not isinstance(value, kinds) or isinstance(value, bool):
