@@ -125,7 +125,7 @@ def test_conditional_steering_gates_each_row_on_its_context(plain, tiny_model_di
     contexts = ["The quick brown fox", "Sparse autoencoders steer", "jumps over the lazy dog and the quick", "dog"]
     pairs = [(c, x) for c in contexts for x in (" models", " the lazy dog")]
     probe = Conditional(steering=sae_clamp(tiny_sae), detector=str(direction))
-    scores = torch.cat([probe.scores(plain.loaded, torch.tensor([plain.tok_encode(c)])) for c in contexts])  # one row each
+    scores = torch.cat([probe.scores(plain.loaded, torch.tensor([plain.tok_encode(c)])) for c in contexts])  # unpadded
     threshold = float(scores.median())
     gated = SaesteerLM(model=str(tiny_model_dir), batch_size=3, steering={**probe.to_dict(), "threshold": threshold})
     flagged = [bool(s > threshold) for s in scores]
@@ -134,7 +134,8 @@ def test_conditional_steering_gates_each_row_on_its_context(plain, tiny_model_di
     requests = instances("loglikelihood", pairs)
     mixed, on, off = (m.loglikelihood(requests) for m in (gated, steered, plain))
     expected = [on[i] if flagged[i // 2] else off[i] for i in range(len(pairs))]
-    torch.testing.assert_close(torch.tensor([s for s, _ in mixed]), torch.tensor([s for s, _ in expected]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor([s for s, _ in mixed]), torch.tensor([s for s, _ in expected]),
+                               atol=1e-4, rtol=0)
     assert [g for _, g in mixed] == [g for _, g in expected]
 
 
@@ -155,12 +156,14 @@ def test_loglikelihood_rolling_is_the_sum_of_token_logprobs(plain, tiny_model_di
 def test_generate_until_respects_until_and_max_gen_toks(plain, one_thread):
     prompts = ["The quick brown", "Sparse autoencoders steer models over the"]
     raw = generate(plain.loaded, prompts, max_new_tokens=8)
-    capped = plain.generate_until(instances("generate_until", [(p, {"until": ["\x00"], "max_gen_toks": 3}) for p in prompts]))
+    capped = plain.generate_until(instances("generate_until",
+                                            [(p, {"until": ["\x00"], "max_gen_toks": 3}) for p in prompts]))
     assert capped == generate(plain.loaded, prompts, max_new_tokens=3)
     assert all(len(c) < len(r) for c, r in zip(capped, raw))
     stops = [r[len(r) // 2 : len(r) // 2 + 2] for r in raw]
     assert all(stops)
-    cut = plain.generate_until(instances("generate_until", [(p, {"until": [s], "max_gen_toks": 8}) for p, s in zip(prompts, stops)]))
+    cut = plain.generate_until(instances("generate_until",
+                                         [(p, {"until": [s], "max_gen_toks": 8}) for p, s in zip(prompts, stops)]))
     assert cut == [r.split(s)[0] for r, s in zip(raw, stops)]
     with pytest.raises(SaesteerError, match="decodes greedily"):
         plain.generate_until(instances("generate_until", [("The", {"do_sample": True})]))
@@ -179,4 +182,5 @@ def test_lm_eval_command_line_finds_the_saesteer_model(tiny_model_dir, task_dir,
     bad = subprocess.run([str(cli), "--model", "saesteer", "--model_args", f"model={tiny_model_dir},steering=nope",
                           "--tasks", "saesteer_mc", "--include_path", str(task_dir), "--limit", "1"],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("saesteer-lm-eval: error: unknown steering")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("saesteer-lm-eval: error: unknown steering method 'nope'")

@@ -3,11 +3,12 @@
     saesteer-lm-eval --model saesteer --model_args model=smollm2-135m-instruct,steering=refusal --tasks mmlu
 
 model_args: model (a `load_model` spec), steering (preset, method name, JSON object or JSON file, as
-`--steering`; default unsteered), dtype, max_length; lm-eval's --batch_size and --device apply. Log-likelihoods come from
-`evals.continuation_scores` (the capability suite's scorer) and replies from `models.generate` (greedy),
-with the steering applied. A conditional steering decides per request on its context (for rolling
-log-likelihoods, on the document), as it decides on the prompt before generating. Log-likelihoods are
-prefill passes, so edits limited to generated tokens (`positions: generated`) leave them unchanged.
+`--steering`; default unsteered), dtype, max_length; lm-eval's --batch_size and --device apply.
+Log-likelihoods come from `evals.continuation_scores` (the capability suite's scorer) and replies from
+`models.generate` (greedy), with the steering applied. A conditional steering decides per request on
+its context (for rolling log-likelihoods, on the document), as it decides on the prompt before
+generating. Log-likelihoods are prefill passes, so edits limited to generated tokens (`positions:
+generated`) leave them unchanged.
 
 lm-eval 0.4 discovers no models outside its own source tree, so `saesteer-lm-eval` is lm-eval's
 command line with this module imported (which registers the model); in Python, import this module and
@@ -47,7 +48,7 @@ class SaesteerLM(TemplateLM):
             raise SaesteerError(f"batch_size must be a positive integer, not {short(str(batch_size))!r}")
         self.steering = steering_from_dict(steering) if isinstance(steering, dict) else parse_steering(steering)
         if device and device.startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default is cuda:0
-            logging.getLogger(__name__).warning("no CUDA device: the saesteer model picks cpu or mps instead of %s", device)
+            logging.getLogger(__name__).warning("no CUDA: the saesteer model picks cpu or mps, not %s", device)
             device = None
         self.loaded = load_model(str(model), device, dtype)
         self.tokenizer = self.loaded.tokenizer
@@ -91,7 +92,7 @@ class SaesteerLM(TemplateLM):
         """Drop the oldest context tokens so that context + continuation fits in `max_length`."""
         room = self.max_length - len(continuation)
         if room < 1:
-            raise SaesteerError(f"a continuation of {len(continuation)} tokens does not fit max_length {self.max_length}")
+            raise SaesteerError(f"a continuation of {len(continuation)} tokens exceeds max_length {self.max_length}")
         return context[-room:], continuation
 
     @torch.inference_mode()
