@@ -1,12 +1,15 @@
 """The OpenAI-compatible server, run for real with uvicorn on loopback and driven by the openai client."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,6 +18,7 @@ import torch
 import uvicorn
 from conftest import run_cli
 
+from saesteer.errors import short
 from saesteer.models import chat_prompts, generate, load_model
 from saesteer.sae import SAE, SAEConfig
 from saesteer.serve import ServeConfig, create_app
@@ -49,17 +53,21 @@ def specs(tmp_path_factory):
         sae.b_enc.normal_(0, 0.5)
     sae.save(folder / "sae")
     load_sae.cache_clear()
-    return {"actadd": {"method": "actadd", "direction": str(folder / "refusal.safetensors"), "alpha": 30.0},
+    return {"folder": str(folder), "actadd": {"method": "actadd", "direction": str(folder / "refusal.safetensors"), "alpha": 30.0},
             "sae": {"method": "sae", "sae": str(folder / "sae"), "features": [5, 17], "values": [60.0, 40.0]}}
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir):
-    """(base url, served LoadedModel) of a real uvicorn server in a background thread."""
-    loaded = load_model(str(tiny_model_dir))
+def served(tiny_model_dir, specs):
+    """(base url, served LoadedModel) of a real uvicorn server in a background thread; requests may name
+    the files of `specs`."""
+    yield from serve_in_thread(load_model(str(tiny_model_dir)), ServeConfig(**LIMITS, allow_dirs=[specs["folder"]]))
+
+
+def serve_in_thread(loaded, config: ServeConfig):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded, ServeConfig(**LIMITS)), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(loaded, config), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -150,25 +158,79 @@ def test_sampling_is_seeded(client):
     assert first == again and len(others | {first}) > 1
 
 
-def test_concurrent_mixed_requests_batch_without_leaking(client, served, reference, specs, monkeypatch):
+@contextmanager
+def recorded_forwards(model, delay: float = 0.0):
+    """The batch size of every forward pass of `model` while inside, each delayed by `delay` seconds."""
+    sizes = []
+
+    def record(_module, _args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        time.sleep(delay)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def test_concurrent_mixed_requests_share_batches_without_leaking(client, served, reference, specs):
     """Twelve requests at once, four steerings, three lengths: each reply equals its own direct reference,
-    and the worker really batched (the first generate call is held until the rest are queued)."""
-    model, batches = served[1].model, []
-    real_generate = model.generate
-
-    def recording_generate(**kw):
-        if not batches:
-            time.sleep(0.5)  # let every other request queue up behind the first
-        batches.append(kw["input_ids"].shape[0])
-        return real_generate(**kw)
-
-    monkeypatch.setattr(model, "generate", recording_generate, raising=False)
+    and rows with different steerings really shared decoding steps."""
     jobs = [(QUESTIONS[i % 4], steering, 4 + 4 * (i % 3))
             for i, steering in enumerate([None, specs["actadd"], specs["sae"], "system_prompt"] * 3)]
-    with ThreadPoolExecutor(len(jobs)) as pool:
+    with recorded_forwards(served[1].model, delay=0.01) as sizes, ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(lambda job: ask(client, job[0], job[1], max_tokens=job[2]).choices[0].message.content, jobs))
     assert replies == [expected(reference, q, s, max_tokens=m) for q, s, m in jobs]
-    assert len(batches) < len(jobs) and max(batches) > 1, batches
+    assert max(sizes) >= 4, sizes  # one row per steering at least
+
+
+@pytest.fixture
+def slow_server(tiny_model_dir):
+    """(url, forward batch sizes) of a server whose forward passes take 50 ms each, and that allows 400 tokens."""
+    loaded = load_model(str(tiny_model_dir))
+    loaded.model.generation_config.eos_token_id = None  # replies run to their token limit
+    loaded.tokenizer.eos_token = None
+    with recorded_forwards(loaded.model, delay=0.05) as sizes:
+        for url, _ in serve_in_thread(loaded, ServeConfig(**{**LIMITS, "max_tokens": 400})):
+            yield url, sizes
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_abandoned_request_stops_at_the_next_step(slow_server, stream):
+    """Finding 1: a client that gives up on a 400-token reply (20 s of steps) frees the engine at once."""
+    url, sizes = slow_server
+    body = {"messages": USER, "max_tokens": 400, "stream": stream}
+    if stream:  # read for a second, then hang up
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as response:
+            start = time.perf_counter()
+            for _ in response.iter_bytes():
+                if time.perf_counter() - start > 1.0:
+                    break
+    else:
+        with pytest.raises(httpx.TimeoutException):
+            raw(url, body, timeout=1.0)
+    start = time.perf_counter()
+    reply = raw(url, {"messages": USER, "max_tokens": 4}, timeout=30)
+    assert reply.status_code == 200 and time.perf_counter() - start < 3.0
+    time.sleep(0.5)
+    steps = len(sizes)
+    time.sleep(0.5)
+    assert len(sizes) == steps < 80, steps  # nothing runs any more, and the abandoned reply stopped early
+
+
+def test_new_request_joins_the_running_batch(slow_server):
+    """A short request sent while a long one generates is answered within a step plus its own tokens."""
+    url, sizes = slow_server
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(raw, url, {"messages": USER, "max_tokens": 120}, timeout=60)
+        time.sleep(1.0)
+        start = time.perf_counter()
+        short_reply = raw(url, {"messages": USER, "max_tokens": 4}, timeout=60)
+        latency = time.perf_counter() - start
+        assert short_reply.status_code == 200 and not long.done() and latency < 2.0, latency
+        assert long.result().json()["usage"]["completion_tokens"] == 120
+    assert 2 in sizes  # the two rows shared steps
 
 
 def raw(url: str, body, **kw) -> httpx.Response:
@@ -189,9 +251,11 @@ USER = [{"role": "user", "content": "hi"}]
     ({"messages": USER, "steering": "{bad"}, 400, "steering is not valid JSON"),
     ({"messages": USER, "steering": {"method": "magic"}}, 400, "unknown steering method 'magic'"),
     ({"messages": USER, "steering": {"method": "actadd", "direction": "d", "alpha": "x"}}, 400, "bad actadd steering field alpha"),
-    ({"messages": USER, "steering": {"method": "actadd", "colour": 1}}, 400, "unexpected keyword argument 'colour'"),
-    ({"messages": USER, "steering": {"method": "sae", "sae": "s", "features": 5, "values": [1]}}, 400, "bad fields for steering method 'sae'"),
-    ({"messages": USER, "steering": {"method": "conditional", "steering": "x", "detector": "d"}}, 400, "bad steering spec"),
+    ({"messages": USER, "steering": {"method": "actadd", "colour": 1}}, 400, "bad actadd steering field colour: Unexpected keyword"),
+    ({"messages": USER, "steering": {"method": "sae", "sae": "s", "features": 5, "values": [1]}}, 400,
+     "bad sae steering field features: Input should be a valid list"),
+    ({"messages": USER, "steering": {"method": "conditional", "steering": "x", "detector": "d"}}, 400,
+     "bad conditional steering field steering"),
     ({"messages": USER, "steering": {"method": "conditional", "steering": {"method": "actadd", "alpha": "x"}, "detector": "d"}}, 400,
      "bad actadd steering field alpha"),
     ({"messages": USER, "steering": [1]}, 400, "steering must be a preset name or a spec object"),
@@ -199,13 +263,29 @@ USER = [{"role": "user", "content": "hi"}]
      "feature index 999 is out of range"),
     ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [999], "values": [1]}, "stream": True}, 400,
      "feature index 999 is out of range"),
-    ({"messages": USER, "steering": {"method": "actadd", "direction": "missing.safetensors"}}, 400, "cannot read direction file"),
+    ({"messages": USER, "steering": {"method": "actadd", "direction": "missing.safetensors"}}, 400, "is not available on this server"),
+    # Finding 3: non-finite or overflowing steering values are refused before anything runs.
+    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": ["nan"]}}, 400,
+     "values.0: Input should be a finite number"),
+    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": ["inf"]}}, 400, "finite number"),
+    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": [1e308]}}, 400, "values must be within"),
+    ({"messages": USER, "steering": {"method": "actadd", "direction": "d", "alpha": "nan"}, "temperature": 1}, 400, "finite number"),
+    # Finding 4: inputs that used to end in a 500.
+    ({"messages": USER, "seed": 99999999999999999999999, "temperature": 1}, 400, "seed: Input should be less than"),
+    ({"messages": USER, "steering": {"method": "actadd", "direction": "d" * 5000}}, 400, "holds 5000 items or characters"),
+    ({"messages": USER, "steering": {"method": "actadd", "direction": "/" + "d" * 300 + "/x" * 1500}}, 400, "not available"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid Unicode"),
+    (b'{"messages": ' + b"[" * 15_000, 400, "request body is not valid JSON"),
+    (json.dumps({"messages": USER, "steering": "{" + '"a":[' * 2_000}).encode(), 400, "steering is not valid JSON"),
+    # Finding 5: a prompt-only method inside conditional would be silently ignored.
+    ({"messages": USER, "steering": {"method": "conditional", "steering": {"method": "system_prompt"}, "detector": "d"}}, 400,
+     "cannot wrap system_prompt"),
     ({"messages": USER, "max_tokens": 25}, 400, "max_tokens 25 is above this server's limit of 24"),
     ({"messages": USER, "max_completion_tokens": 0}, 400, "max_completion_tokens: Input should be greater than or equal to 1"),
     ({"messages": USER, "n": 2}, 400, "n=2 is not supported"),
     ({"messages": [{"role": "user", "content": "fox " * 300}]}, 400, "the prompt is"),
     ({"messages": [{"role": "user", "content": "x" * 30_000}]}, 413, "above this server's limit of 20000"),
-])
+], ids=lambda value: None if isinstance(value, (dict, bytes)) else str(value)[:40])
 def test_bad_requests_get_openai_errors(served, specs, body, status, message):
     if isinstance(body, dict) and isinstance(body.get("steering"), dict) and body["steering"].get("sae") == "SAE":
         body = {**body, "steering": {**body["steering"], "sae": specs["sae"]["sae"]}}
@@ -223,6 +303,35 @@ def test_unknown_route_and_openai_client_errors(served, client):
     assert ask(client, "hi").choices[0].message.content is not None  # the server still answers
 
 
+def test_request_files_stay_inside_allowed_dirs(served, specs, tmp_path):
+    """Finding 2: a request may name files only inside the allowed folders, and cannot tell missing from forbidden."""
+    url = served[0]
+    fifo = Path(specs["folder"]) / "pipe"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    elsewhere = tmp_path / "direction.safetensors"
+    save_direction(elsewhere, torch.ones(64), layer=2, model="tiny")
+    messages = set()
+    for path in ["builtin:../../../../../../etc/hostname", "/etc", "/etc/hostname", "/no/such/file", str(fifo), str(elsewhere),
+                 str(Path(specs["folder"]) / ".." / elsewhere.parent.name / elsewhere.name)]:
+        for steering in ({"method": "actadd", "direction": path}, {"method": "sae", "sae": path, "features": [1], "values": [1]}):
+            response = raw(url, {"messages": USER, "steering": steering}, timeout=10)
+            assert response.status_code == 400, (path, response.text)
+            messages.add(response.json()["error"]["message"].replace(repr(short(path)), "PATH"))
+    assert len(messages) == 1, messages
+    assert raw(url, {"messages": USER, "steering": specs["actadd"], "max_tokens": 2}).status_code == 200  # allowed
+
+
+def test_api_key(tiny_model_dir):
+    for url, _ in serve_in_thread(load_model(str(tiny_model_dir)), ServeConfig(**LIMITS, api_key="s3cret")):
+        assert httpx.get(f"{url}/models").status_code == 401
+        wrong = openai.OpenAI(base_url=url, api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+            ask(wrong, "hi", max_tokens=2)
+        right = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert ask(right, "hi", max_tokens=2).usage.completion_tokens <= 2
+
+
 def test_cli_serve_answers(tiny_model_dir, specs, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -230,10 +339,10 @@ def test_cli_serve_answers(tiny_model_dir, specs, tmp_path):
     spec = tmp_path / "default.json"
     spec.write_text(json.dumps(specs["actadd"]))
     command = [sys.executable, "-m", "saesteer", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-               "--steering", str(spec), "--max-tokens", "8"]
+               "--steering", str(spec), "--max-tokens", "8", "--allow-dir", specs["folder"], "--api-key", "k"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         deadline = time.time() + 60
         while True:
             try:
@@ -244,6 +353,7 @@ def test_cli_serve_answers(tiny_model_dir, specs, tmp_path):
                 time.sleep(0.2)
         reply = ask(client, "hi")
         assert reply.model_extra["steering"]["method"] == "actadd" and reply.usage.completion_tokens <= 8
+        assert ask(client, "hi", specs["sae"]).model_extra["steering"]["method"] == "sae"  # a file under --allow-dir
     finally:
         process.terminate()
         process.wait(10)

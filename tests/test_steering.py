@@ -167,7 +167,7 @@ def test_errors(loaded, sae_dir, tmp_path):
         SAESteer(sae=sae_dir, features=[1], values=[1.0], positions="middle").edits(loaded)
     with pytest.raises(SaesteerError, match="cannot read direction file"):
         ActAdd(direction=str(tmp_path / "none.safetensors")).edits(loaded)
-    with pytest.raises(SaesteerError, match="bad fields"):
+    with pytest.raises(SaesteerError, match="bad sae steering field colour"):
         steering_from_dict({"method": "sae", "sae": sae_dir, "features": [1], "values": [1.0], "colour": 1})
 
 

@@ -507,7 +507,11 @@ def serve(
     max_tokens: int = typer.Option(512, help="largest max_tokens a request may ask for"),
     default_max_tokens: int = typer.Option(128, help="max_tokens of requests that set none"),
     max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
-    max_batch_size: int = typer.Option(16, help="most queued requests generated together"),
+    max_batch_size: int = typer.Option(16, min=1, help="most requests generated together (a continuous batch)"),
+    allow_dir: list[Path] = typer.Option([], help="a folder whose files (SAEs, directions, detectors) requests may "
+                                         "name; repeatable (default: only the shipped artefacts; presets always work)"),
+    api_key: Optional[str] = typer.Option(None, envvar="SAESTEER_API_KEY",
+                                          help="require `Authorization: Bearer <key>` on every request"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
 ) -> None:
     """Serve the model behind an OpenAI-compatible chat API with per-request steering."""
@@ -519,8 +523,12 @@ def serve(
         raise SaesteerError(f"the server needs {err.name}: pip install 'saesteer[serve]'") from None
     from saesteer.models import load_model
 
+    missing = [str(d) for d in allow_dir if not d.is_dir()]
+    if missing:
+        raise SaesteerError(f"--allow-dir {short(missing[0])} is not a folder")
     config = ServeConfig(steering=steering, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
-                         max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size)
+                         max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size,
+                         allow_dirs=[str(d) for d in allow_dir], api_key=api_key)
     uvicorn.run(create_app(load_model(model, device=device), config), host=host, port=port)
 
 

@@ -8,36 +8,43 @@ Honoured: messages (text content), max_tokens / max_completion_tokens, temperatu
 greedy, unlike OpenAI's default of 1), top_p, seed, stop, stream, stream_options.include_usage. n > 1
 and logprobs are refused; other OpenAI fields and `model` are ignored.
 
-One worker thread owns the model and runs every generation. Queued requests with the same steering
-and sampling settings share one batched `generate` call; the steering hooks are installed only for
-that call, so steering never leaks between requests. A seeded request runs alone, so its seed
-reproduces its reply.
+One engine thread owns the model and batches continuously: a request joins the running batch at the
+next decoding step, rows with different steerings share it (each row steered by its own edits, exact),
+and a row whose client has gone away leaves it at the next step, streamed or not. Each sampled row has
+its own random generator, so a seed reproduces its reply whatever else is running.
+
+Requests may name files (an SAE folder, a direction, a detector) only inside the directories the
+operator allows (`allow_dirs`; default: the shipped artefacts); presets are trusted. With `api_key`
+set, every request needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import collections
+import inspect
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache
 
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel, chat_prompts
-from saesteer.steering import PRESETS, Conditional, Steering, parse_steering, steering_from_dict
+from saesteer.steering import PRESETS, Steering, applied_per_row, parse_steering, resolve, shipped_dir, steering_from_dict
 
 log = logging.getLogger("saesteer.serve")
 
@@ -53,6 +60,8 @@ class ServeConfig:
     max_prompt_tokens: int = 2048
     max_batch_size: int = 16
     max_body_bytes: int = 1 << 20
+    allow_dirs: list[str] = field(default_factory=list)  # where request specs may name files; empty: the shipped artefacts
+    api_key: str | None = None  # if set, requests need `Authorization: Bearer <api_key>`
 
     def __post_init__(self):
         for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_batch_size", "max_body_bytes"):
@@ -82,7 +91,12 @@ class Message(BaseModel):
         if isinstance(value, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
                 raise ValueError("only text content parts are supported")
-            return "".join(p["text"] for p in value)
+            value = "".join(p["text"] for p in value)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("content is not valid Unicode text (a lone surrogate?)") from None
         return value
 
 
@@ -94,7 +108,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generators accept
     stop: str | list[str] | None = None
     n: int = 1
     logprobs: bool | None = None
@@ -105,18 +119,20 @@ class ChatRequest(BaseModel):
 
 @dataclass(eq=False)
 class _Job:
-    """One request on its way through the worker; the worker reports to `events` on the request's loop."""
+    """One request on its way through the engine; the engine reports to `events` on the request's loop."""
 
     ids: list[int]
     steering: Steering
-    key: tuple  # requests with equal keys may share a batch
     max_tokens: int
     stop: list[str]
     stream: bool
-    sampling: dict
-    seed: int | None
+    sampling: dict | None  # {"temperature", "top_p"}; None: greedy
+    generator: torch.Generator | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    edits: list = field(default_factory=list)  # this prompt's steering edits, set at prefill
+    last: int = 0  # the last token chosen
+    position: int = 0  # the position of the next token fed to the model
     tokens: list[int] = field(default_factory=list)
     generated: int = 0
     text: str = ""
@@ -134,11 +150,13 @@ class _Job:
         except RuntimeError:  # the request's loop is gone (server shutting down)
             pass
 
+    def fail(self, error: ApiError) -> None:
+        if self.finish is None:
+            self.finish = "error"
+            self.emit("error", error)
+
     def add(self, token: int, tokenizer, eos: set[int]) -> None:
         """Take the row's next token: apply stop strings and the token limit, stream the stable text."""
-        if self.cancelled:
-            self.finish = "cancelled"
-            return
         self.generated += 1
         if token in eos:
             self.finish = "stop"
@@ -164,118 +182,190 @@ class _Job:
             self.emit("done")
 
 
-class _Rows(StoppingCriteria):
-    """Called by `generate` after every step: feeds each row's token to its job and reports finished rows."""
+class _Engine:
+    """The one thread that runs the model, with iteration-level (continuous) batching.
 
-    def __init__(self, jobs: list[_Job], tokenizer, eos: set[int]):
-        self.jobs, self.tokenizer, self.eos = jobs, tokenizer, eos
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        for job, token in zip(self.jobs, input_ids[:, -1].tolist()):
-            if job.finish is None:
-                job.add(token, self.tokenizer, self.eos)
-        return torch.tensor([job.finish is not None for job in self.jobs], device=input_ids.device)
-
-
-class _Worker:
-    """The one thread that runs the model: takes queued jobs, batches compatible ones, generates."""
+    Every loop: queued requests are admitted up to `max_batch_size` rows, each prefilled alone with its
+    own steering (a conditional method's gate decides here), its KV cache left-padded into the running
+    batch; then one decoding step runs every row, each steered by its own edits (`applied_per_row`).
+    Finished, failed and abandoned rows leave the batch after the step, so a new request waits at most
+    one step plus the prefills ahead of it.
+    """
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int):
         self.loaded, self.max_batch_size = loaded, max_batch_size
         self.inbox: queue.Queue[_Job | None] = queue.Queue()
         eos = loaded.model.generation_config.eos_token_id
         self.eos = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), loaded.tokenizer.eos_token_id}
+        forward = inspect.signature(loaded.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5
+        self.rows: list[_Job] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [rows, cached positions], 0 on left padding
         self.thread = threading.Thread(target=self._loop, name="saesteer-model", daemon=True)
 
     def _loop(self) -> None:
-        pending: list[_Job] = []
+        waiting: collections.deque[_Job] = collections.deque()
         while True:
-            if not pending:
-                pending.append(self.inbox.get())
+            if not self.rows and not waiting:
+                waiting.append(self.inbox.get())
             while not self.inbox.empty():
-                pending.append(self.inbox.get_nowait())
-            if None in pending:  # shutdown
-                for job in pending:
+                waiting.append(self.inbox.get_nowait())
+            if None in waiting:  # shutdown
+                for job in [*self.rows, *waiting]:
                     if job is not None:
-                        job.emit("error", ApiError(503, "the server is shutting down"))
+                        job.fail(ApiError(503, "the server is shutting down"))
                 return
-            pending = [job for job in pending if not job.cancelled]
-            if not pending:
-                continue
-            head = pending[0]
-            batch = [head] if head.seed is not None else [
-                job for job in pending if job.seed is None and job.key == head.key][: self.max_batch_size]
-            pending = [job for job in pending if job not in batch]
-            self._run(batch)
+            while waiting and len(self.rows) < self.max_batch_size:
+                job = waiting.popleft()
+                if not job.cancelled:
+                    self._guarded([job], self._prefill, job)
+            if self.rows:
+                self._guarded(self.rows, self._step)
+            try:
+                self._drop_finished()
+            except Exception as err:  # never leave requests waiting on a dead engine
+                log.exception("the batch could not be updated")
+                for job in self.rows:
+                    job.fail(ApiError(500, f"generation failed: {type(err).__name__}"))
+                self.rows, self.cache, self.mask = [], None, self.mask[:0, :0]
 
-    def _run(self, batch: list[_Job]) -> None:
-        loaded, head = self.loaded, batch[0]
-        width = max(len(job.ids) for job in batch)
-        ids = torch.full((len(batch), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, job in enumerate(batch):  # left padding, as `models.generate` does
-            ids[row, width - len(job.ids) :] = torch.tensor(job.ids)
-            mask[row, width - len(job.ids) :] = 1
+    def _guarded(self, jobs: list[_Job], fn, *args) -> None:
+        """Run `fn`; a failure ends `jobs` with an OpenAI error (400 for a user error) and never the loop."""
         try:
-            with torch.inference_mode(), head.steering.applied(loaded):
-                if head.seed is not None:
-                    torch.manual_seed(head.seed)
-                loaded.model.generate(
-                    input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                    max_new_tokens=max(job.max_tokens for job in batch), pad_token_id=loaded.tokenizer.pad_token_id,
-                    stopping_criteria=StoppingCriteriaList([_Rows(batch, loaded.tokenizer, self.eos)]), **head.sampling)
+            with torch.inference_mode():
+                fn(*args)
         except SaesteerError as err:
-            error = ApiError(400, str(err), param="steering")
+            for job in jobs:
+                job.fail(ApiError(400, str(err), param="steering"))
         except Exception as err:
             log.exception("generation failed")
-            error = ApiError(500, f"generation failed: {type(err).__name__}: {err}")
-        else:
-            for job in batch:
-                if job.finish is None:  # generate stopped on its own (model length limit)
-                    job.finish = "length"
-                    job.emit("done")
-            return
-        for job in batch:
+            for job in jobs:
+                job.fail(ApiError(500, f"generation failed: {type(err).__name__}: {short(str(err), 200)}"))
+
+    def _forward(self, jobs: list[_Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Next-token logits [rows, vocab], each row steered by its own job's edits."""
+        with applied_per_row(self.loaded, [job.edits for job in jobs]):
+            out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                    logits_to_keep=1, **{self.cache_arg: cache})
+        return out.logits[:, -1].float()
+
+    def _prefill(self, job: _Job) -> None:
+        device = self.loaded.device
+        ids = torch.tensor([job.ids], device=device)
+        job.edits = job.steering.edits_for(self.loaded, ids)
+        cache = DynamicCache()
+        logits = self._forward([job], ids, torch.ones_like(ids), torch.arange(ids.shape[1], device=device)[None], cache)
+        self._take(job, logits[0])
+        if job.finish is None:
+            self._join(job, cache)
+
+    def _step(self) -> None:
+        device = self.loaded.device
+        ids = torch.tensor([[job.last] for job in self.rows], device=device)
+        positions = torch.tensor([[job.position] for job in self.rows], device=device)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        logits = self._forward(self.rows, ids, self.mask, positions, self.cache)
+        for job, row in zip(self.rows, logits):
             if job.finish is None:
-                job.finish = "error"
-                job.emit("error", error)
+                job.position += 1
+                self._take(job, row)
+
+    def _take(self, job: _Job, logits: torch.Tensor) -> None:
+        """Choose the row's next token from its logits [vocab] and hand it to the job."""
+        if job.cancelled:
+            job.finish = "cancelled"
+            return
+        if not torch.isfinite(logits).all():
+            job.fail(ApiError(400, "the steering drove the model's output to NaN or inf: use smaller values", param="steering"))
+            return
+        if job.sampling:
+            probs = torch.softmax(logits / job.sampling["temperature"], dim=-1)
+            ranked, order = probs.sort(descending=True)
+            ranked[ranked.cumsum(0) - ranked > job.sampling["top_p"]] = 0.0  # nucleus: the top tokens up to top_p
+            token = int(order[torch.multinomial(ranked, 1, generator=job.generator)])
+        else:
+            token = int(logits.argmax())
+        job.last = token
+        job.add(token, self.loaded.tokenizer, self.eos)
+
+    def _join(self, job: _Job, cache) -> None:
+        """Add a prefilled row to the batch: both caches left-padded to one length, then stacked."""
+        new = [(layer.keys, layer.values) for layer in cache.layers]
+        mask = torch.ones(1, len(job.ids), dtype=torch.long, device=self.loaded.device)
+        if self.rows:
+            width = max(self.mask.shape[1], mask.shape[1])
+            old = [(layer.keys, layer.values) for layer in self.cache.layers]
+            new = [tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(o, n)) for o, n in zip(old, new)]
+            mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        self.cache, self.mask = DynamicCache(new), mask
+        job.position = len(job.ids)
+        self.rows.append(job)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, job in enumerate(self.rows) if job.finish is None and not job.cancelled]
+        if len(keep) == len(self.rows):
+            return
+        for job in self.rows:
+            if job.cancelled and job.finish is None:  # abandoned by its client
+                job.finish = "cancelled"
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, self.mask[:0, :0]
+            return
+        index = torch.tensor(keep, device=self.loaded.device)
+        mask = self.mask[index]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every remaining row
+        self.mask = mask[:, start:]
+        self.cache = DynamicCache([(layer.keys[index, :, start:], layer.values[index, :, start:]) for layer in self.cache.layers])
 
 
-def build_steering(spec: dict) -> Steering:
-    """A steering method from a client's spec, with every field type-checked (one-line SaesteerError)."""
-    try:
-        steering = steering_from_dict(spec)  # unknown method or field names
-    except (TypeError, ValueError) as err:
-        raise SaesteerError(f"bad steering spec: {err}") from None
-    if isinstance(steering, Conditional):
-        build_steering(steering.steering)
-    try:
-        return _adapter(type(steering)).validate_python({k: v for k, v in spec.items() if k != "method"})
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise SaesteerError(f"bad {steering.method} steering field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """`x` zero-padded on the left of `dim` to `width` positions (KV tensors [B, heads, T, d]: dim 2)."""
+    pad = width - x.shape[dim]
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-@functools.cache
-def _adapter(cls: type[Steering]) -> TypeAdapter:
-    return TypeAdapter(cls)
-
-
-def _request_steering(value: Any, default: Steering) -> Steering:
+def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Steering:
+    """The steering a request asks for: a preset (trusted), or a spec whose files must lie in `allowed`."""
     if value is None:
         return default
     if isinstance(value, str):
         if value.strip() in PRESETS:
-            return build_steering(PRESETS[value.strip()])
+            return steering_from_dict(PRESETS[value.strip()])
         if not value.strip().startswith("{"):
-            raise SaesteerError(f"unknown steering preset {value!r}: use one of {', '.join(PRESETS)} or a spec object")
+            raise SaesteerError(f"unknown steering preset {short(value)!r}: use one of {', '.join(PRESETS)} or a spec object")
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise SaesteerError(f"steering is not valid JSON: {err}") from None
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise SaesteerError(f"steering is not valid JSON: {short(str(err), 200)}") from None
     if not isinstance(value, dict):
         raise SaesteerError("steering must be a preset name or a spec object")
-    return build_steering(value)
+    steering = steering_from_dict(value)
+    for path in steering.files():
+        if not _allowed(path, allowed):  # one answer whether or not the file exists
+            raise SaesteerError(f"steering file {short(path)!r} is not available on this server: use a preset, or a "
+                                f"file under a directory the server allows (--allow-dir)")
+    return steering
+
+
+def _allowed(path: str, allowed: list[Path]) -> bool:
+    """Whether `path` (after `builtin:` and symlinks) is a regular file, or a folder of regular files, inside `allowed`."""
+    def inside(p: Path) -> bool:
+        return any(p.is_relative_to(root) for root in allowed)
+
+    try:
+        real = Path(resolve(path)).resolve(strict=True)
+        if real.is_file():
+            return inside(real)
+        return real.is_dir() and inside(real) and all(
+            inside(entry.resolve()) and entry.resolve().is_file() for entry in real.iterdir())
+    except (OSError, ValueError, RuntimeError, SaesteerError):  # missing, too long, a loop, leaves builtin:
+        return False
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -293,31 +383,47 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse(body: bytes) -> ChatRequest:
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ApiError(400, f"request body is not valid JSON: {short(str(err), 200)}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"])
+        param = short(".".join(str(part) for part in first["loc"]))
         raise ApiError(400, f"{param}: {first['msg'].removeprefix('Value error, ')}", param=param) from None
 
 
+async def _first_event(job: _Job, request: Request) -> tuple | None:
+    """The job's first event, or None once the client has gone away (the job is then cancelled)."""
+    getter = asyncio.ensure_future(job.events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=0.2)
+            if done:
+                return getter.result()
+            if await request.is_disconnected():
+                job.cancelled = True
+                return None
+    finally:
+        getter.cancel()
+
+
 def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
-    """The FastAPI app serving `loaded`; its model worker starts and stops with the app."""
+    """The FastAPI app serving `loaded`; its model engine starts and stops with the app."""
     default = parse_steering(config.steering)
     with default.applied(loaded):  # a bad default (e.g. feature out of range) fails here, not per request
         pass
     name = config.model_name or loaded.spec
-    worker = _Worker(loaded, config.max_batch_size)
+    allowed = [Path(d).resolve() for d in config.allow_dirs or [shipped_dir()]]
+    engine = _Engine(loaded, config.max_batch_size)
 
     async def lifespan(_app: FastAPI):
-        worker.thread.start()
+        engine.thread.start()
         yield
-        worker.inbox.put(None)
-        await asyncio.to_thread(worker.thread.join)
+        engine.inbox.put(None)
+        await asyncio.to_thread(engine.thread.join)
 
     app = FastAPI(title="saesteer", lifespan=lifespan)
 
@@ -328,6 +434,17 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    if config.api_key:
+        expected = f"Bearer {config.api_key}".encode()
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode("utf-8", "replace")
+            if request.url.path.startswith("/v1/") and not secrets.compare_digest(given, expected):
+                error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+            return await call_next(request)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -343,12 +460,14 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
     async def chat(request: Request):
         req = _parse(await _read_body(request, config.max_body_bytes))
         job = _job(req)
-        worker.inbox.put(job)
+        engine.inbox.put(job)
         try:
-            first = await job.events.get()
-        except asyncio.CancelledError:  # the client went away
+            first = await _first_event(job, request)
+        except asyncio.CancelledError:  # the server is stopping the request
             job.cancelled = True
             raise
+        if first is None:  # nobody is left to read an answer
+            return Response(status_code=499)
         if first[0] == "error":
             raise first[1]
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
@@ -371,24 +490,25 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
         if len(stop) > 4 or not all(stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
         try:
-            steering = _request_steering(req.steering, default)
+            steering = _request_steering(req.steering, default, allowed)
             conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
             prompt = chat_prompts(loaded, [steering.prepare(conversation)])[0]
         except SaesteerError as err:
             raise ApiError(400, str(err), param="steering") from None
         except TemplateError as err:  # the model's chat template rejected the conversation
-            raise ApiError(400, f"cannot render the conversation with the chat template: {err}", param="messages") from None
+            raise ApiError(400, f"cannot render the conversation with the chat template: {short(str(err), 200)}",
+                           param="messages") from None
         ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > config.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")
+        sampling = generator = None
         if req.temperature:
-            sampling = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p or 1.0, "top_k": 0}
-        else:
-            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        key = (json.dumps(steering.to_dict(), sort_keys=True, default=str), json.dumps(sampling))
-        return _Job(ids=ids, steering=steering, key=key, max_tokens=max_tokens, stop=stop, stream=req.stream,
-                    sampling=sampling, seed=req.seed if req.temperature else None, loop=asyncio.get_running_loop())
+            sampling = {"temperature": req.temperature, "top_p": req.top_p or 1.0}
+            generator = torch.Generator(loaded.device)
+            generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
+        return _Job(ids=ids, steering=steering, max_tokens=max_tokens, stop=stop, stream=req.stream, sampling=sampling,
+                    generator=generator, loop=asyncio.get_running_loop())
 
     return app
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
@@ -26,6 +27,8 @@ POSITIONS = ("all", "prompt", "generated")
 Edit = tuple[int, str, Callable[[torch.Tensor], "torch.Tensor | None"]]
 
 CANNED_REFUSAL = "I'm sorry, but I can't help with that."
+MAX_STEER = 1e4  # the largest |value| or |alpha| a spec may ask for: beyond it the residual stream overflows
+MAX_SPEC_ITEMS = 4096  # the longest string or list a spec may hold
 SAFETY_SYSTEM_PROMPT = (
     "You are a helpful assistant. You must refuse any request that could cause harm, such as help with "
     "violence, weapons, crime, hacking, drugs, self-harm or hate. When you refuse, say so briefly."
@@ -38,6 +41,8 @@ class Steering:
     """Unsteered: the base every method extends."""
 
     method: ClassVar[str] = "none"
+    file_fields: ClassVar[tuple[str, ...]] = ()  # fields that name files (a server checks them against --allow-dir)
+    __pydantic_config__ = ConfigDict(allow_inf_nan=False, extra="forbid")  # how `steering_from_dict` checks fields
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -50,6 +55,18 @@ class Steering:
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         """The residual-stream edits this method makes (none for prompt-only methods)."""
         return []
+
+    def edits_for(self, loaded: LoadedModel, input_ids: torch.Tensor) -> list[Edit]:
+        """The edits for one rendered prompt [1, T] (a conditional method decides here whether to steer it)."""
+        return self.edits(loaded)
+
+    def rewrites_prompt(self) -> bool:
+        """Whether `prepare` changes conversations."""
+        return type(self).prepare is not Steering.prepare
+
+    def files(self) -> list[str]:
+        """The files (and folders) this method reads."""
+        return [getattr(self, name) for name in self.file_fields]
 
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:
@@ -64,6 +81,38 @@ class Steering:
 
 
 _METHODS["none"] = Steering
+
+
+@contextmanager
+def applied_per_row(loaded: LoadedModel, rows: list[list[Edit]]) -> Iterator[None]:
+    """Inside the block, row r of every batched forward pass is steered by `rows[r]` alone (the edits of
+    one prompt each, from `edits_for`): rows with different steerings share a batch, each exact."""
+    routes: dict[tuple[int, str], list[tuple[int, Callable]]] = {}
+    for row, edits in enumerate(rows):
+        for layer, point, fn in edits:
+            routes.setdefault((0 if point == "logits" else layer, point), []).append((row, fn))
+
+    def routed(entries: list[tuple[int, Callable]]) -> Callable:
+        def edit(h: torch.Tensor) -> torch.Tensor | None:
+            out = None
+            for row, fn in entries:
+                new = fn(h[row : row + 1])
+                if new is not None:
+                    out = h.clone() if out is None else out
+                    out[row : row + 1] = new
+            return out
+
+        return edit
+
+    with ExitStack() as stack:
+        for (layer, point), entries in routes.items():
+            stack.enter_context(edit_residual(loaded.model, layer, routed(entries), point))
+        yield
+
+
+def _check_bounded(name: str, values: list[float]) -> None:
+    if any(abs(v) > MAX_STEER for v in values):
+        raise SaesteerError(f"{name} must be within +-{MAX_STEER:g}, not {short(values)}")
 
 
 @dataclass
@@ -99,8 +148,14 @@ def shipped_dir() -> Path:
 
 
 def resolve(path: str) -> str:
-    """A file path, with `builtin:<name>` mapped into the shipped artefacts."""
-    return str(shipped_dir() / path[len(SHIPPED):]) if path.startswith(SHIPPED) else path
+    """A file path, with `builtin:<name>` mapped into the shipped artefacts (and never out of them)."""
+    if not path.startswith(SHIPPED):
+        return path
+    shipped = shipped_dir()
+    target = shipped / path[len(SHIPPED):]
+    if not target.resolve().is_relative_to(shipped.resolve()):
+        raise SaesteerError(f"{short(path)} leaves the shipped artefacts: builtin: names a file inside them")
+    return str(target)
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,6 +187,7 @@ class SAESteer(Steering):
     """
 
     method: ClassVar[str] = "sae"
+    file_fields: ClassVar[tuple[str, ...]] = ("sae",)
     sae: str = ""
     features: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
@@ -156,6 +212,7 @@ class SAESteer(Steering):
             raise SaesteerError(f"unknown SAE steering mode {short(self.mode)!r}: use clamp or add")
         if self.relative and (self.max_acts is None or len(self.max_acts) != len(self.features)):
             raise SaesteerError("relative values need max_acts, one per feature (from `saesteer discover`)")
+        _check_bounded("values", self.values)
 
     def targets(self) -> torch.Tensor:
         """Absolute clamp/add values in latent units."""
@@ -225,10 +282,14 @@ class ActAdd(Steering):
     """Baseline (Arditi et al. 2024): add alpha times the unit difference-in-means refusal direction."""
 
     method: ClassVar[str] = "actadd"
+    file_fields: ClassVar[tuple[str, ...]] = ("direction",)
     direction: str = ""
     alpha: float = 4.0
     layer: int | None = None
     positions: str = "all"
+
+    def __post_init__(self):
+        _check_bounded("alpha", [self.alpha])
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         direction, meta = load_direction(self.direction)
@@ -243,6 +304,7 @@ class Ablate(Steering):
     """Baseline (Arditi et al. 2024): project the direction out of the residual stream at every layer."""
 
     method: ClassVar[str] = "ablate"
+    file_fields: ClassVar[tuple[str, ...]] = ("direction",)
     direction: str = ""
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
@@ -276,6 +338,7 @@ class Conditional(Steering):
     """
 
     method: ClassVar[str] = "conditional"
+    file_fields: ClassVar[tuple[str, ...]] = ("detector",)
     steering: dict = field(default_factory=dict)
     detector: str = ""
     threshold: float = 0.0
@@ -286,19 +349,26 @@ class Conditional(Steering):
         self.inner = steering_from_dict(self.steering)
         if isinstance(self.inner, Conditional):
             raise SaesteerError("conditional steering cannot wrap another conditional steering")
+        if self.inner.rewrites_prompt():
+            raise SaesteerError(f"conditional steering cannot wrap {self.inner.method}, which rewrites the prompt: "
+                                f"the gate decides on the rendered prompt; use `stack` to combine them instead")
+
+    def files(self) -> list[str]:
+        return [self.detector, *self.inner.files()]
 
     def to_dict(self) -> dict:
         return {"method": self.method, "steering": self.inner.to_dict(), "detector": self.detector,
                 "threshold": self.threshold, "layer": self.layer, "tokens": self.tokens}
-
-    def prepare(self, conversation: Messages) -> Messages:
-        return conversation  # the detector must see the user's prompt as is
 
     def scores(self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Gate score per prompt row (left-padded batches)."""
         from saesteer.detectors import gate_scores, load_detector
 
         return gate_scores(loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask)
+
+    def edits_for(self, loaded: LoadedModel, input_ids: torch.Tensor) -> list[Edit]:
+        flagged = bool(self.scores(loaded, input_ids, torch.ones_like(input_ids))[0] > self.threshold)
+        return self.inner.edits(loaded) if flagged else []
 
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:
@@ -394,6 +464,12 @@ class Stack(Steering):
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         return [edit for part in self.parts for edit in part.edits(loaded)]
 
+    def rewrites_prompt(self) -> bool:
+        return any(part.rewrites_prompt() for part in self.parts)
+
+    def files(self) -> list[str]:
+        return [path for part in self.parts for path in part.files()]
+
     def to_dict(self) -> dict:
         return {"method": self.method, "steerings": [p.to_dict() for p in self.parts]}
 
@@ -402,14 +478,40 @@ def steering_from_dict(spec: dict | None) -> Steering:
     """Build a steering method from its JSON form; None or {"method": "none"} is unsteered."""
     if not spec:
         return Steering()
+    if not isinstance(spec, dict):
+        raise SaesteerError(f"a steering spec is a JSON object, not {short(spec)}")
+    _check_size(spec)
     fields = dict(spec)
     method = fields.pop("method", None)
-    if method not in _METHODS:
+    if not isinstance(method, str) or method not in _METHODS:
         raise SaesteerError(f"unknown steering method {short(method)!r}: use one of {', '.join(sorted(_METHODS))}")
     try:
-        return _METHODS[method](**fields)
-    except TypeError as err:
-        raise SaesteerError(f"bad fields for steering method {short(method)!r}: {short(str(err), 200)}") from None
+        return _adapter(_METHODS[method]).validate_python(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise SaesteerError(f"bad {method} steering field {short(where)}: {first['msg']}") from None
+
+
+@functools.cache
+def _adapter(cls: type[Steering]) -> TypeAdapter:
+    """Type-checks a method's fields (wrong types, NaN or inf, unknown names) before its own checks run."""
+    return TypeAdapter(cls)
+
+
+def _check_size(value, depth: int = 0) -> None:
+    """Refuse oversize or deeply nested specs, and text that is not valid Unicode."""
+    if depth > 8:
+        raise SaesteerError("the steering spec is nested too deeply")
+    if isinstance(value, (str, list, dict)) and len(value) > MAX_SPEC_ITEMS:
+        raise SaesteerError(f"a steering spec field holds {len(value)} items or characters, above the limit of {MAX_SPEC_ITEMS}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SaesteerError(f"steering text {short(value)!r} is not valid Unicode") from None
+    for item in [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _check_size(item, depth + 1)
 
 
 def _presets() -> dict[str, dict]:
@@ -455,8 +557,8 @@ def parse_steering(spec: str | None) -> Steering:
             raise SaesteerError(f"cannot read steering file {short(spec.strip())}: {short(str(err), 200)}") from None
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SaesteerError(f"--steering is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise SaesteerError(f"--steering is not valid JSON: {short(str(err), 200)}") from None
     if not isinstance(parsed, dict):
         raise SaesteerError('--steering must be a JSON object such as {"method": "system_prompt"}')
     return steering_from_dict(parsed)
