@@ -53,15 +53,25 @@ log = logging.getLogger("saesteer.serve")
 class ServeConfig:
     """Server settings; `steering` is the default for requests that name none (preset, JSON or file)."""
 
-    model_name: str | None = None  # reported in the API; default: the model spec
+    model_name: str | None = None
+    """model name reported in the API (default: the model spec)"""
     steering: str | None = None
-    max_tokens: int = 512  # the most a request may ask for
-    default_max_tokens: int = 128  # for requests that set none (capped at max_tokens)
+    """default steering for requests that name none: preset, JSON spec or JSON file"""
+    max_tokens: int = 512
+    """largest max_tokens a request may ask for"""
+    default_max_tokens: int = 128
+    """max_tokens of requests that set none (capped at max_tokens)"""
     max_prompt_tokens: int = 2048
+    """longest prompt accepted, in tokens"""
     max_batch_size: int = 16
+    """most requests generated together (a continuous batch)"""
     max_body_bytes: int = 1 << 20
-    allow_dirs: list[str] = field(default_factory=list)  # where request specs may name files; empty: the shipped artefacts
-    api_key: str | None = None  # if set, requests need `Authorization: Bearer <api_key>`
+    """largest request body accepted, in bytes"""
+    allow_dirs: list[str] = field(default_factory=list)
+    """folders whose files (SAEs, directions, detectors) requests may name (default: only the shipped artefacts;
+    presets always work)"""
+    api_key: str | None = None
+    """require `Authorization: Bearer <api_key>` on every request"""
 
     def __post_init__(self):
         for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_batch_size", "max_body_bytes"):
@@ -216,19 +226,22 @@ class _Engine:
                     if job is not None:
                         job.fail(ApiError(503, "the server is shutting down"))
                 return
-            while waiting and len(self.rows) < self.max_batch_size:
+            admitted = []
+            while waiting and len(self.rows) + len(admitted) < self.max_batch_size:
                 job = waiting.popleft()
                 if not job.cancelled:
-                    self._guarded([job], self._prefill, job)
+                    self._guarded([job], self._prepare, job)
+                    admitted += [job] if job.finish is None else []
+            if admitted:
+                self._guarded(admitted, self._prefill, admitted)
+                self._drop_finished()
             if self.rows:
                 self._guarded(self.rows, self._step)
-            try:
                 self._drop_finished()
-            except Exception as err:  # never leave requests waiting on a dead engine
-                log.exception("the batch could not be updated")
-                for job in self.rows:
-                    job.fail(ApiError(500, f"generation failed: {type(err).__name__}"))
-                self.rows, self.cache, self.mask = [], None, self.mask[:0, :0]
+
+    def _prepare(self, job: _Job) -> None:
+        """The job's steering edits for its prompt (a conditional method's gate decides here)."""
+        job.edits = job.steering.edits_for(self.loaded, torch.tensor([job.ids], device=self.loaded.device))
 
     def _guarded(self, jobs: list[_Job], fn, *args) -> None:
         """Run `fn`; a failure ends `jobs` with an OpenAI error (400 for a user error) and never the loop."""
@@ -250,15 +263,18 @@ class _Engine:
                                     logits_to_keep=1, **{self.cache_arg: cache})
         return out.logits[:, -1].float()
 
-    def _prefill(self, job: _Job) -> None:
-        device = self.loaded.device
-        ids = torch.tensor([job.ids], device=device)
-        job.edits = job.steering.edits_for(self.loaded, ids)
+    def _prefill(self, jobs: list[_Job]) -> None:
+        """Run the new prompts (left-padded, each row with its own edits), choose their first tokens, join the batch."""
+        width = max(len(job.ids) for job in jobs)
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(job.ids)) + job.ids for job in jobs], device=self.loaded.device)
+        mask = torch.tensor([[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in jobs], device=self.loaded.device)
         cache = DynamicCache()
-        logits = self._forward([job], ids, torch.ones_like(ids), torch.arange(ids.shape[1], device=device)[None], cache)
-        self._take(job, logits[0])
-        if job.finish is None:
-            self._join(job, cache)
+        logits = self._forward(jobs, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
+        for job, row in zip(jobs, logits):
+            job.position = len(job.ids)
+            self._take(job, row)
+        self._join(jobs, cache, mask)
 
     def _step(self) -> None:
         device = self.loaded.device
@@ -289,20 +305,28 @@ class _Engine:
         job.last = token
         job.add(token, self.loaded.tokenizer, self.eos)
 
-    def _join(self, job: _Job, cache) -> None:
-        """Add a prefilled row to the batch: both caches left-padded to one length, then stacked."""
+    def _join(self, jobs: list[_Job], cache, mask: torch.Tensor) -> None:
+        """Add prefilled rows (their cache and mask [rows, T]) to the batch: left-padded to one length, stacked."""
         new = [(layer.keys, layer.values) for layer in cache.layers]
-        mask = torch.ones(1, len(job.ids), dtype=torch.long, device=self.loaded.device)
         if self.rows:
             width = max(self.mask.shape[1], mask.shape[1])
             old = [(layer.keys, layer.values) for layer in self.cache.layers]
             new = [tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(o, n)) for o, n in zip(old, new)]
             mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self.cache, self.mask = DynamicCache(new), mask
-        job.position = len(job.ids)
-        self.rows.append(job)
+        self.rows += jobs
 
     def _drop_finished(self) -> None:
+        try:
+            self._drop_rows()
+        except Exception as err:  # never leave requests waiting on a dead engine
+            log.exception("the batch could not be updated")
+            for job in self.rows:
+                job.fail(ApiError(500, f"generation failed: {type(err).__name__}"))
+            self.rows, self.cache, self.mask = [], None, self.mask[:0, :0]
+
+    def _drop_rows(self) -> None:
+        """Remove finished, failed and abandoned rows, and cache columns that are padding in every row left."""
         keep = [i for i, job in enumerate(self.rows) if job.finish is None and not job.cancelled]
         if len(keep) == len(self.rows):
             return
@@ -395,6 +419,13 @@ def _parse(body: bytes) -> ChatRequest:
         raise ApiError(400, f"{param}: {first['msg'].removeprefix('Value error, ')}", param=param) from None
 
 
+def _request_schema() -> dict:
+    """The OpenAPI request body of chat completions (the handler reads the raw body to bound its size)."""
+    schema = ChatRequest.model_json_schema()
+    schema["properties"]["messages"]["items"] = schema.pop("$defs")["Message"]
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 async def _first_event(job: _Job, request: Request) -> tuple | None:
     """The job's first event, or None once the client has gone away (the job is then cancelled)."""
     getter = asyncio.ensure_future(job.events.get())
@@ -456,7 +487,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
         return {"object": "list", "default": default.to_dict(),
                 "data": [{"name": preset, "spec": spec} for preset, spec in PRESETS.items()]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_request_schema())
     async def chat(request: Request):
         req = _parse(await _read_body(request, config.max_body_bytes))
         job = _job(req)
