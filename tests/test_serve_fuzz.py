@@ -1,17 +1,18 @@
-"""Schemathesis against the server's own OpenAPI schema: generated requests never get a 5xx."""
+"""Schemathesis against the server's own OpenAPI schema: generated requests never get a 5xx.
+
+The cases come from schemathesis's hypothesis strategy for the whole schema (its pytest plugin does not
+run under pytest 9), one bounded run per test."""
 
 import httpx
 import pytest
 import schemathesis
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from test_serve import LIMITS, serve_in_thread
 
 from saesteer.models import load_model
 from saesteer.serve import ServeConfig
-
-SENT: list[int] = []  # status of every generated request
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +22,20 @@ def base_url(tiny_model_dir):
         yield url.removesuffix("/v1")
 
 
-@pytest.fixture(scope="module")
-def api_schema(base_url):
-    return schemathesis.openapi.from_dict(httpx.get(f"{base_url}/openapi.json").json())
+def test_generated_requests_get_no_server_errors(base_url):
+    torch.set_flush_denormal(False)  # an imported library may have set flush-to-zero; hypothesis needs subnormal floats
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{base_url}/openapi.json").json())
+    sent = []
 
+    @given(case=schema.as_strategy())
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        response = case.call(base_url=base_url, timeout=30)
+        sent.append((case.operation.label, response.status_code))
+        case.validate_response(response, checks=[not_a_server_error])
 
-schema = schemathesis.pytest.from_fixture("api_schema")
-
-
-@schema.parametrize()
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case, base_url):
-    response = case.call(base_url=base_url, timeout=30)
-    SENT.append(response.status_code)
-    case.validate_response(response, checks=[not_a_server_error])
-
-
-def test_fuzzing_really_sent_requests(base_url):
-    assert len(SENT) >= 150 and all(status < 500 for status in SENT), SENT
-    print(f"schemathesis: {len(SENT)} requests, statuses {sorted(set(SENT))}, {sum(s >= 500 for s in SENT)} server errors")
+    check()
+    chat = [status for label, status in sent if "chat/completions" in label]
+    print(f"schemathesis: {len(sent)} requests ({len(chat)} chat completions), statuses {sorted({s for _, s in sent})}, "
+          f"{sum(s >= 500 for _, s in sent)} server errors")
+    assert len(chat) >= 100 and {200, 400} <= set(chat)  # generated requests both pass and fail validation
