@@ -2,13 +2,15 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
 from saesteer.models import chat_prompts, generate
 from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import (
-    ActAdd, Ablate, Conditional, SAESteer, Steering, SystemPrompt, load_sae, save_direction, steering_from_dict,
+    _METHODS, ActAdd, Ablate, Conditional, SAESteer, Steering, SystemPrompt, load_sae, save_direction, steering_from_dict,
 )
 
 QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps"]
@@ -242,3 +244,28 @@ def test_stack_applies_every_part(loaded, sae_dir, direction_file):
     assert torch.allclose(both - sae_only, 30.0 * unit, atol=1e-4)  # the ActAdd part of the stack, exactly
     with pytest.raises(SaesteerError, match="stack needs"):
         steering_from_dict({"method": "stack", "steerings": []})
+
+
+FIELD_NAMES = ["method", "sae", "features", "values", "mode", "positions", "relative", "max_acts", "layer", "generated_tokens",
+               "decay", "direction", "alpha", "steering", "detector", "threshold", "tokens", "text", "stop", "steerings",
+               "prompt", "colour"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_subnormal=False) | st.text(max_size=20)
+    | st.sampled_from(sorted(_METHODS)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4),
+    max_leaves=12)
+
+
+@given(spec=st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6)
+       | st.fixed_dictionaries({"method": st.sampled_from(sorted(_METHODS))},
+                               optional={name: json_values for name in FIELD_NAMES[1:]}))
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_spec_is_a_steering_or_one_line_error(spec):
+    """One validation path: whatever JSON a user sends, the result is a method that round-trips through its
+    JSON form, or a one-line SaesteerError, never another exception."""
+    try:
+        steering = steering_from_dict(spec)
+    except SaesteerError as err:
+        assert "\n" not in str(err) and len(str(err)) < 400, str(err)
+        return
+    assert steering_from_dict(steering.to_dict()).to_dict() == steering.to_dict()
