@@ -276,7 +276,7 @@ USER = [{"role": "user", "content": "hi"}]
     ({"messages": USER, "steering": {"method": "actadd", "direction": "/" + "d" * 300 + "/x" * 1500}}, 400, "not available"),
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid Unicode"),
     (b'{"messages": ' + b"[" * 15_000, 400, "request body is not valid JSON"),
-    (json.dumps({"messages": USER, "steering": "{" + '"a":[' * 2_000}).encode(), 400, "steering is not valid JSON"),
+    (json.dumps({"messages": USER, "steering": '{"a":' + "[" * 5_000}).encode(), 400, "steering is not valid JSON"),
     # Finding 5: a prompt-only method inside conditional would be silently ignored.
     ({"messages": USER, "steering": {"method": "conditional", "steering": {"method": "system_prompt"}, "detector": "d"}}, 400,
      "cannot wrap system_prompt"),
