@@ -9,7 +9,8 @@ from conftest import run_cli
 from saesteer.errors import SaesteerError
 from saesteer.evals import append_rows
 from saesteer.features import DiscoverConfig, activation_histogram, discover, topic_feature
-from saesteer.report import CHROMIUM, build_report, check_not_blank, curves, screenshot, write_examples
+from saesteer.report import (CHROMIUM, build_report, check_not_blank, config_label, curves, markdown_table, png, screenshot, strength,
+                              strength_field, trade_off_plot, write_examples)
 from saesteer.sae import SAE as SparseAutoencoder  # `SAE` below is a steering spec
 from saesteer.sae import SAEConfig
 from saesteer.steering import load_sae
@@ -46,8 +47,9 @@ def synthetic_rows():
     rows += capability({**SAE, "values": [8.0]}, 0.27, 0.1)
     rows += [row({**SAE, "values": [8.0]}, "fidelity", "heldout_text", "kl_to_unsteered", 0.042, width=0.01)]
     rows += safety(ACTADD, 0.9, 0.45)  # one point only
-    for threshold, unsafe, safe in ((0.5, 0.8, 0.08), (1.5, 0.7, 0.06)):
-        rows += safety({**CONDITIONAL, "threshold": threshold}, unsafe, safe)
+    for value, unsafe, safe in ((4.0, 0.6, 0.06), (8.0, 0.8, 0.08)):  # a clamp sweep under one gate threshold
+        rows += safety({**CONDITIONAL, "steering": {**SAE, "values": [value]}, "threshold": 0.5}, unsafe, safe)
+    rows += safety({**CONDITIONAL, "threshold": 1.5}, 0.7, 0.06)  # another threshold: another curve
     return rows
 
 
@@ -80,13 +82,28 @@ def inputs(tmp_path):
 def test_curves_group_a_sweep_by_method_with_unsteered_first():
     found = curves(synthetic_rows())
     labels = [c.label for c in found]
-    assert labels == ["unsteered", "system prompt", "SAE clamp f2230", "ActAdd (refusal-direction)", "conditional SAE clamp f2230 @ 8"]
+    assert labels == ["unsteered", "system prompt", "SAE clamp f2230", "ActAdd (refusal-direction)",
+                      "conditional SAE clamp f2230 (threshold 0.5)", "conditional SAE clamp f2230 (threshold 1.5)"]
     assert [p.strength[1] for p in found[2].points] == ["4", "8", "16"]
-    assert [p.strength[0] for p in found[4].points] == [0.5, 1.5]
+    # conditional steering's strength is its inner clamp value; the threshold is part of the curve, not a strength
+    assert [p.strength for p in found[4].points] == [(4.0, "4"), (8.0, "8")] and found[5].points[0].strength_text == "8"
+    assert found[4].spec["threshold"] == 0.5 and "values" not in found[4].spec["steering"]
+    named = curves(safety({**SAE, "values": [8.0]}, 0.9, 0.1), name=lambda spec: spec["method"])
+    assert [c.label for c in named] == ["sae: SAE clamp f2230"]
     other_sae = curves(safety({**SAE, "values": [8.0]}, 0.9, 0.1) + safety({**SAE, "sae": "other", "values": [8.0]}, 0.8, 0.1))
     assert [c.label for c in other_sae] == ["SAE clamp f2230 #1", "SAE clamp f2230 #2"]
     two_splits = curves([row({"method": "none"}, "safety", "unsafe_all", "refusal_rate", 0.5, split=s) for s in ("test", "validation")])
     assert [c.label for c in two_splits] == ["unsteered [split test]", "unsteered [split validation]"]
+
+
+def test_strength_of_each_method():
+    assert strength({**SAE, "values": [8.0, 4.0]}) == (8.0, "8/4") and strength_field(SAE) == "values"
+    assert strength(ACTADD) == (8.0, "8") and strength_field(ACTADD) == "alpha"
+    assert strength({**CONDITIONAL, "threshold": 0.5}) == (8.0, "8") and strength_field(CONDITIONAL) == "steering.values"
+    assert strength({"method": "none"}) is None and strength_field({"method": "system_prompt", "prompt": "x"}) is None
+    assert strength({**SAE, "values": []}) is None
+    assert config_label({**CONDITIONAL, "threshold": 0.5}) == "conditional SAE clamp f2230 (threshold 0.5) @ 8"
+    assert config_label(CONDITIONAL) == "conditional SAE clamp f2230 (threshold 0) @ 8"  # Conditional's default threshold
 
 
 def test_report_is_self_contained_with_plots_tables_examples_and_dashboards(inputs, tmp_path):
@@ -104,8 +121,28 @@ def test_report_is_self_contained_with_plots_tables_examples_and_dashboards(inpu
     assert "| unsafe refusal ↑ | over-refusal ↓ |" in markdown
     assert "| 16 | 0.970 [0.870, 1.000] n=32 | 0.600 [0.500, 0.700] n=32 |" in markdown
     assert "&lt;script&gt;" in markdown and "<script>" not in markdown
+    assert "| steering.values | unsafe refusal ↑ | over-refusal ↓ |\n| --- | --- | --- |\n| 4 | 0.600 [0.500, 0.700] n=32 |" in markdown
+    assert "with steering.values per row" in markdown
     for name in ("trade_off.png", "capability.png", "feature_2230_histogram.png"):
         assert f"]({name})" in markdown and (tmp_path / "report" / name).stat().st_size > 1000
+
+
+def test_trade_off_plot_marks_points_in_the_colour_of_their_curve():
+    found = curves(synthetic_rows())
+    marked = curves(safety({**SAE, "values": [8.0]}, 0.8, 0.2) + safety({"method": "none"}, 0.6, 0.05))
+    fig = trade_off_plot(found, marked=marked, marked_as="test")
+    ax = fig.axes[0]
+    colour = {c.get_label(): c.lines[0].get_color() for c in ax.containers}
+    assert colour["_SAE clamp f2230 (test)"] == colour["SAE clamp f2230"] != colour["ActAdd (refusal-direction)"]
+    assert colour["_unsteered (test)"] == colour["unsteered"] == "black"
+    assert ax.get_legend_handles_labels()[1][-1] == "test"  # one legend entry for all marked points
+    assert png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert trade_off_plot(curves([row({"method": "none"}, "capability", "mmlu", "accuracy", 0.3)])) is None
+
+
+def test_markdown_table_uses_the_report_cells():
+    table = markdown_table(["what", "value"], [["a_b", row({"method": "none"}, "safety", "unsafe_all", "refusal_rate", 0.5)], [None, 2.5]])
+    assert table.splitlines() == ["| what | value |", "| --- | --- |", "| a\\_b | 0.500 [0.400, 0.600] n=32 |", "| – | 2.5 |"]
 
 
 def test_missing_inputs_leave_sections_out(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from conftest import SHARED, needs_default_model
 
 from saesteer import reproduce
+from saesteer.report import markdown_cell, strength
 from saesteer.evalsets import hh_rlhf_dialogues
 
 SAE = {"method": "sae", "sae": "s", "features": [7], "values": [8.0]}
@@ -34,9 +35,10 @@ def test_method_names_and_strength():
     assert reproduce.method_name(CONTROL, DISCOVERY) == "control_clamp"
     cond = {"method": "conditional", "steering": {**SAE, "values": [12.0]}, "detector": "d", "threshold": 1.0}
     assert reproduce.method_name(cond, DISCOVERY) == "conditional_sae"
-    assert reproduce.strength(cond) == 12.0
-    assert reproduce.strength({"method": "actadd", "direction": "d", "alpha": 30.0}) == 30.0
-    assert reproduce.strength({"method": "none"}) is None
+    # one strength, the report's: a conditional steering's is the clamp value it gates with, not its threshold
+    assert strength(cond) == (12.0, "12")
+    assert strength({"method": "actadd", "direction": "d", "alpha": 30.0}) == (30.0, "30")
+    assert strength({"method": "none"}) is None
 
 
 def test_choose_maximises_refusal_minus_over_refusal_and_copies_the_value_to_the_control():
@@ -57,6 +59,26 @@ def test_choose_breaks_ties_towards_weaker_steering():
     assert reproduce.choose(rows, DISCOVERY)["sae_clamp"]["values"] == [6.0]
 
 
+def test_choose_sweeps_a_conditional_clamp_under_a_fixed_threshold():
+    cond = {"method": "conditional", "steering": SAE, "detector": "d", "threshold": 2.0}
+    rows = [r for value, unsafe in ((4.0, 0.3), (8.0, 0.6), (12.0, 0.6))
+            for r in _safety({**cond, "steering": {**SAE, "values": [value]}}, unsafe, 0.02)]
+    assert reproduce.choose(rows, DISCOVERY)["conditional_sae"]["steering"]["values"] == [8.0]  # tie with 12: the weaker
+
+
+def test_results_tables_use_the_report_labels_cells_and_strength():
+    cond = {"method": "conditional", "steering": SAE, "detector": "d", "threshold": 2.5}
+    rows = _safety({"method": "none"}, 0.05, 0.02) + _safety(SAE, 0.5, 0.1) + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
+    rows += _safety(cond, 0.45, 0.03) + [_row(SAE, "safety", "advbench", "refusal_rate", 0.7)]
+    lines = reproduce.results_table(rows, DISCOVERY, reproduce.TEST_COLUMNS).splitlines()
+    assert lines[0] == "| method | steering | strength | unsafe refusal ↑ | over-refusal ↓ | AdvBench refusal ↑ |"
+    assert lines[2] == f"| none | unsteered | – | {markdown_cell(rows[0])} | {markdown_cell(rows[1])} | – |"
+    assert [line.split(" | ")[:3] for line in lines[3:]] == [
+        ["| sae\\_clamp", "SAE clamp f7", "8"], ["| sae\\_clamp", "SAE clamp f7", "12"],
+        ["| conditional\\_sae", "conditional SAE clamp f7 (threshold 2.5)", "8"]]
+    assert "0.500 [0.450, 0.550] n=40" in lines[3]  # the report's cell: a fraction with its CI and n
+
+
 def _capability(steering: dict, mmlu: float) -> list[dict]:
     return [_row(steering, "capability", "mmlu", "accuracy", mmlu),
             _row(steering, "safety", "xstest_safe", "over_refusal_rate", 0.02)]
@@ -75,7 +97,9 @@ def test_goal_check_states_gain_over_refusal_and_capability():
 
 
 def test_tradeoff_plot_is_written(tmp_path):
+    cond = {"method": "conditional", "steering": SAE, "detector": "d", "threshold": 2.5}
     validation = _safety({"method": "none"}, 0.05, 0.02) + _safety(SAE, 0.5, 0.1) + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
+    validation += _safety(cond, 0.4, 0.03) + _safety({**cond, "steering": {**SAE, "values": [12.0]}}, 0.6, 0.05)
     reproduce.plot_tradeoff(validation, _safety(SAE, 0.45, 0.12), DISCOVERY, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

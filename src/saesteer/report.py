@@ -4,6 +4,9 @@ bars, example generations side by side and a dashboard per discovered feature.
 `build_report` reads result rows (JSONL from `evals.append_rows`), optionally a `discovery.json` and an
 examples JSONL (`write_examples`), and writes `report.html` (self-contained: inline CSS, plots as
 base64 PNGs, no scripts, no external requests) and `report.md` with the PNGs next to it.
+
+The pieces are public so that `saesteer reproduce` writes its results.md and trade-off plot with the same
+labels (`steering_label`), strength (`strength`), cells (`markdown_table`) and plot (`trade_off_plot`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from matplotlib.figure import Figure
 
 from saesteer.errors import SaesteerError
 
-STRENGTH = {"sae": "values", "actadd": "alpha", "conditional": "threshold"}  # the field a sweep varies
+STRENGTH = {"sae": "values", "actadd": "alpha"}  # the field a sweep varies (conditional steering: `strength_field`)
 HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference; "" matches any dataset)
     ("unsafe refusal ↑", "safety", "refusal_rate", ("unsafe_all", "")),
     ("over-refusal ↓", "safety", "over_refusal_rate", ("safe_all", "")),
@@ -67,13 +71,39 @@ details{margin:.3em 0 1em}.wide{overflow-x:auto}summary{cursor:pointer;color:#34
 """
 
 
-def _strength(spec: dict) -> tuple[float, str] | None:
-    """(number to sort and plot by, text) of a spec's swept field: clamp values, ActAdd alpha, threshold."""
-    value = spec.get(STRENGTH.get(spec.get("method", "none"), ""))
-    if value is None:
-        return None
+def strength_field(spec: dict) -> str | None:
+    """The (dotted) field of a spec that a sweep varies, its strength: SAE clamp `values`, ActAdd `alpha`; None for
+    methods without one. Conditional steering's strength is its inner steering's (`steering.values`,
+    `steering.alpha`): the gate threshold is a property of the detector, chosen once (`saesteer gate`) rather than
+    swept, so it is part of the curve's identity and shown in its label (`steering_label`), not as a strength."""
+    if spec.get("method") == "conditional":
+        inner = strength_field(spec["steering"]) if isinstance(spec.get("steering"), dict) else None
+        return f"steering.{inner}" if inner else None
+    return STRENGTH.get(spec.get("method", "none"))
+
+
+def strength(spec: dict) -> tuple[float, str] | None:
+    """(number to sort and plot by, text) of a spec's strength (`strength_field`): clamp values, ActAdd alpha,
+    and for conditional steering the clamp value or alpha of the steering it gates."""
+    value = _get(spec, strength_field(spec) or "")
     values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
     return float(values[0]), "/".join(f"{v:g}" for v in values)
+
+
+def _get(spec: dict, dotted: str):
+    """The value of a (nested, dot-separated) key, or None."""
+    for key in dotted.split("."):
+        spec = spec.get(key) if isinstance(spec, dict) else None
+    return spec
+
+
+def _without_strength(spec: dict) -> dict:
+    """The spec without its strength field: what stays fixed along a curve."""
+    if spec.get("method") == "conditional" and isinstance(spec.get("steering"), dict):
+        return {**spec, "steering": _without_strength(spec["steering"])}
+    return {k: v for k, v in spec.items() if k != STRENGTH.get(spec.get("method", "none"))}
 
 
 @dataclass
@@ -86,7 +116,16 @@ class Point:
 
     @property
     def strength(self) -> tuple[float, str] | None:
-        return _strength(self.spec)
+        return strength(self.spec)
+
+    @property
+    def strength_text(self) -> str | None:
+        """The strength as shown in tables and on the plot, e.g. '8' or '8/4' (two clamped features)."""
+        return self.strength[1] if self.strength else None
+
+    def cells(self, columns) -> list[dict | None]:
+        """The result row of each column (HEADLINE's format), None where this config has none."""
+        return [self.headline(*col[1:]) for col in columns]
 
     def headline(self, suite: str, metric: str, prefixes: tuple[str, ...]) -> dict | None:
         for prefix in prefixes:
@@ -169,18 +208,22 @@ def steering_label(spec: dict) -> str:
     if method in ("actadd", "ablate"):
         return f"{'ActAdd' if method == 'actadd' else 'ablate'} ({Path(spec.get('direction', '')).stem})"
     if method == "conditional":
-        return f"conditional {config_label(spec.get('steering', {}))}"
+        inner, threshold = spec.get("steering"), spec.get("threshold", 0.0)  # 0.0: Conditional's default
+        threshold = f"{threshold:g}" if isinstance(threshold, (int, float)) else str(threshold)
+        return f"conditional {steering_label(inner) if isinstance(inner, dict) else '?'} (threshold {threshold})"
     return method
 
 
 def config_label(spec: dict) -> str:
-    """The display name with the strength, e.g. 'SAE clamp f2230 @ 8'."""
-    return steering_label(spec) + (f" @ {_strength(spec)[1]}" if _strength(spec) else "")
+    """The display name with the strength, e.g. 'SAE clamp f2230 @ 8', 'conditional SAE clamp f2230 (threshold 0.5) @ 8'."""
+    return steering_label(spec) + (f" @ {strength(spec)[1]}" if strength(spec) else "")
 
 
-def curves(rows: list[dict]) -> list[Curve]:
-    """Group result rows into points (one per steering config) and points into curves (one per method);
-    unsteered first. Labels say split, seed, model or judge where those differ between rows."""
+def curves(rows: list[dict], name: Callable[[dict], str] | None = None) -> list[Curve]:
+    """Group result rows into points (one per steering config) and points into curves (one per method and
+    everything else in its spec but the strength; a conditional steering's threshold is fixed along a curve);
+    unsteered first. Labels say split, seed, model or judge where those differ between rows; `name` (of a
+    steering spec), when given, goes before each label, e.g. 'control_clamp: SAE clamp f308'."""
     points: dict[str, Point] = {}
     for row in rows:
         c = row["config"]
@@ -190,10 +233,10 @@ def curves(rows: list[dict]) -> list[Curve]:
     varying = [k for k in ("split", "seed", "model", "judge") if len({json.dumps(p.config.get(k)) for p in points.values()}) > 1]
     grouped: dict[str, Curve] = {}
     for point in points.values():
-        fixed = {k: v for k, v in point.spec.items() if k != STRENGTH.get(point.spec.get("method", "none"))}
+        fixed = _without_strength(point.spec)
         key = json.dumps([fixed, [point.config.get(k) for k in varying]], sort_keys=True)
-        suffix = "".join(f" [{k} {point.config.get(k)}]" for k in varying)
-        grouped.setdefault(key, Curve(steering_label(point.spec) + suffix, fixed, [])).points.append(point)
+        label = steering_label(point.spec) + "".join(f" [{k} {point.config.get(k)}]" for k in varying)
+        grouped.setdefault(key, Curve(f"{name(point.spec)}: {label}" if name else label, fixed, [])).points.append(point)
     found = sorted(grouped.values(), key=lambda cv: cv.spec.get("method", "none") != "none")
     labels = [c.label for c in found]
     for i, curve in enumerate(found):
@@ -215,24 +258,33 @@ def _errors(rows: list[dict]) -> np.ndarray:
     return np.array([[r["value"] - r["ci_low"] for r in rows], [r["ci_high"] - r["value"] for r in rows]]).clip(min=0)
 
 
-def trade_off_plot(found: list[Curve]) -> Figure | None:
-    """Unsafe refusal (y) vs safe over-refusal (x) per method across strengths, with 95% CI bars."""
+def trade_off_plot(found: list[Curve], marked: list[Curve] = (), marked_as: str = "test") -> Figure | None:
+    """Unsafe refusal (y) vs safe over-refusal (x) per method across strengths (`strength`), with 95% CI bars,
+    each point labelled with its strength. `marked`: further points drawn as large diamonds in the colour of
+    the curve with the same spec (one legend entry, `marked_as`): e.g. the configs chosen on a validation
+    sweep (`found`), evaluated on test."""
     fig, ax = _figure(9.5, 5.4)
     colours = iter(f"C{i}" for i in range(100))
-    drawn, top = False, [0.0, 0.0]  # largest CI bound on x and y, to zoom in on small rates
-    for curve in found:
+    by_spec: dict[str, str] = {}  # colour of the first curve of each spec, for the marked points
+    drawn, top = [], [0.0, 0.0]  # whether each drawn curve was marked; largest CI bound on x and y, to zoom in on small rates
+    for curve, is_marked in [*((c, False) for c in found), *((c, True) for c in marked)]:
         kept = [(p, p.headline(*UNSAFE), p.headline(*SAFE)) for p in curve.points]
         kept = [k for k in kept if k[1] and k[2]]
         if not kept:
             continue
-        drawn = True
+        drawn.append(is_marked)
         points, unsafe, safe = zip(*kept)
         x, y = [r["value"] for r in safe], [r["value"] for r in unsafe]
         top = [max(top[0], *(r["ci_high"] for r in safe)), max(top[1], *(r["ci_high"] for r in unsafe))]
-        unsteered = curve.spec.get("method", "none") == "none"
-        bars = ax.errorbar(x, y, xerr=_errors(safe), yerr=_errors(unsafe), fmt="*" if unsteered else ("o-" if len(kept) > 1 else "s"),
-                           ms=13 if unsteered else 5, color="black" if unsteered else next(colours), capsize=2, lw=1.2,
-                           elinewidth=0.7, label=curve.label)
+        unsteered, spec = curve.spec.get("method", "none") == "none", json.dumps(curve.spec, sort_keys=True)
+        if is_marked:
+            colour = by_spec.get(spec) or ("black" if unsteered else next(colours))
+            style = {"fmt": "D", "ms": 8, "mec": "black", "mew": 0.8, "label": f"_{curve.label} ({marked_as})"}  # _: no legend entry
+        else:
+            colour = "black" if unsteered else next(colours)
+            by_spec.setdefault(spec, colour)
+            style = {"fmt": "*" if unsteered else ("o-" if len(kept) > 1 else "s"), "ms": 13 if unsteered else 5, "label": curve.label}
+        bars = ax.errorbar(x, y, xerr=_errors(safe), yerr=_errors(unsafe), color=colour, capsize=2, lw=1.2, elinewidth=0.7, **style)
         for lines in bars[2]:
             lines.set_alpha(0.45)  # CI bars lighter than the curve
         for p, xi, yi in zip(points, x, y):
@@ -240,6 +292,8 @@ def trade_off_plot(found: list[Curve]) -> Figure | None:
                 ax.annotate(p.strength[1], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7, color="#444")
     if not drawn:
         return None
+    if any(drawn):
+        ax.errorbar([], [], fmt="D", ms=8, color="white", mec="black", mew=0.8, label=marked_as)  # after the curves
     x_max, y_max = (min(1.0, 1.15 * t + 0.02) for t in top)
     ax.set(xlim=(-0.03 * x_max, x_max * 1.03), ylim=(-0.03 * y_max, y_max * 1.03), xlabel="over-refusal rate on safe prompts (lower is better)",
            ylabel="refusal rate on unsafe prompts (higher is better)", title="Refusal trade-off (95% CIs; labels: strength)")
@@ -252,7 +306,7 @@ def capability_plot(found: list[Curve]) -> Figure | None:
     """Grouped bars of the capability metrics per steering config, with 95% CI bars."""
     bars = [(c.label + (f" @ {p.strength[1]}" if p.strength else ""), p) for c in found for p in c.points
             if any(p.headline(*col[1:]) for col in CAPABILITY)]
-    metrics = [col for col in CAPABILITY if any(p.headline(*col[1:]) for _, p in bars)]
+    metrics = present_columns(CAPABILITY, [p for _, p in bars])
     if not bars:
         return None
     fig, ax = _figure(8.0, 3.8)
@@ -308,11 +362,10 @@ class _Doc:
         """The figure as an <img> (also saved as name.png for the Markdown); '' when there is no figure."""
         if fig is None:
             return ""
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        (self.out / f"{name}.png").write_bytes(buffer.getvalue())
+        data = png(fig)
+        (self.out / f"{name}.png").write_bytes(data)
         self.md.append(f"\n![{alt}]({name}.png)\n")
-        return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" alt="{html.escape(alt)}">'
+        return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{html.escape(alt)}">'
 
     def table(self, headers: list[str], rows: list[list], css: str = "") -> None:
         """Cells are result rows (value, CI and n), numbers, None (missing) or text."""
@@ -325,16 +378,35 @@ class _Doc:
                 return f"<td>{'–' if c is None else f'{c:g}'}</td>"
             return f'<td class="l">{html.escape(c)}</td>'
 
-        def cell_md(c) -> str:
-            if isinstance(c, dict):
-                return f'{_num(c["value"])} [{_num(c["ci_low"])}, {_num(c["ci_high"])}] n={c["n"]}'
-            return "–" if c is None else f"{c:g}" if isinstance(c, (int, float)) else _md(c)
-
         head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
         body = "".join("<tr>" + "".join(cell_html(c) for c in row) + "</tr>" for row in rows)
         self.html.append(f'<div class="wide"><table class="{css}"><tr>{head}</tr>{body}</table></div>')
-        md_rows = [headers, ["---"] * len(headers), *[[cell_md(c).replace("\n", " ") for c in row] for row in rows]]
-        self.md.append("\n" + "\n".join("| " + " | ".join(r) + " |" for r in md_rows) + "\n")
+        self.md.append("\n" + markdown_table(headers, rows) + "\n")
+
+
+def png(fig: Figure) -> bytes:
+    """A figure as PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def markdown_cell(c) -> str:
+    """A table cell in Markdown: a result row as 'value [CI low, CI high] n=N', a number, '–' for None, or text."""
+    if isinstance(c, dict):
+        return f'{_num(c["value"])} [{_num(c["ci_low"])}, {_num(c["ci_high"])}] n={c["n"]}'
+    return "–" if c is None else f"{c:g}" if isinstance(c, (int, float)) else _md(c)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (no surrounding blank lines) of `markdown_cell`s; headers are written as they are."""
+    md_rows = [headers, ["---"] * len(headers), *[[markdown_cell(c).replace("\n", " ") for c in row] for row in rows]]
+    return "\n".join("| " + " | ".join(r) + " |" for r in md_rows)
+
+
+def present_columns(columns, points: list[Point]) -> list:
+    """The columns (HEADLINE's format) for which at least one of `points` has a result."""
+    return [col for col in columns if any(p.headline(*col[1:]) for p in points)]
 
 
 def _num(value) -> str:
@@ -361,13 +433,13 @@ def _config_caption(curve: Curve) -> str:
     parts = [f"model {c.get('model')}", f"split {c.get('split')}", f"seed {c.get('seed')}", f"judge {c.get('judge', '-')}"]
     if decodings:
         parts.append("max_new_tokens " + "/".join(map(str, sorted(decodings))))
-    swept = STRENGTH.get(curve.spec.get("method", "none"))
+    swept = strength_field(curve.spec)
     return " · ".join(parts) + f" · steering {json.dumps(curve.spec)}" + (f" with {swept} per row" if swept else "")
 
 
 def _lead(point: Point, swept: str | None) -> list:
     """The strength cell of a table row, if the method has a strength."""
-    return [point.strength[1] if point.strength else None] if swept else []
+    return [point.strength_text] if swept else []
 
 
 def _results_section(doc: _Doc, found: list[Curve]) -> None:
@@ -378,12 +450,11 @@ def _results_section(doc: _Doc, found: list[Curve]) -> None:
         if img := doc.figure(fig, name, name.replace("_", "-")):
             doc.html.append(f"<p>{img}</p>")
     for curve in found:
-        columns = [col for col in HEADLINE if any(p.headline(*col[1:]) for p in curve.points)]
-        swept = STRENGTH.get(curve.spec.get("method", "none"))
+        columns, swept = present_columns(HEADLINE, curve.points), strength_field(curve.spec)
         doc.heading(3, curve.label)
         doc.add(f'<p class="caption">{html.escape(_config_caption(curve))}</p>', f"\n{_md(_config_caption(curve))}\n")
         doc.table(([swept] if swept else []) + [col[0] for col in columns],
-                  [_lead(p, swept) + [p.headline(*col[1:]) for col in columns] for p in curve.points])
+                  [_lead(p, swept) + p.cells(columns) for p in curve.points])
         doc.add("<details><summary>all rows</summary>", "\nAll rows:\n")
         doc.table(([swept] if swept else []) + ["suite", "dataset", "metric", "value [95% CI] n", "split", "seed", "limit", "wall s"],
                   [_lead(p, swept) + [*key, r, r["config"]["split"], r["config"]["seed"], r["config"].get("limit"), r.get("wall_time_s")]

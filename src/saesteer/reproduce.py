@@ -3,7 +3,7 @@
 Stages: layer scan (where does a diff-in-means refusal direction steer best?) -> SAE training data ->
 collect -> train -> evaluate-sae -> discover (train splits) -> harm gate (`saesteer gate`: detectors chosen
 leave-one-source-out on development prompts) -> choose clamp values (validation splits) -> evaluate every
-method (test splits) -> RESULTS.md and plot.
+method (test splits) -> results.md and trade-off plot (built with `saesteer.report`'s labels, cells and plot).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from saesteer.evalsets import safety_prompts
 from saesteer.features import diff_in_means
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import LoadedModel, chat_prompts, generate
+from saesteer.report import (HEADLINE, SAFE, UNSAFE, Point, curves, markdown_table, png, present_columns, steering_label,
+                             trade_off_plot)
 from saesteer.steering import ActAdd, Steering, save_direction
 
 
@@ -292,39 +294,25 @@ def method_name(spec: dict, discovery: dict) -> str:
     return {"conditional": "conditional_sae"}.get(spec["method"], spec["method"])
 
 
-def strength(spec: dict) -> float | None:
-    """The knob a curve varies: clamp value or ActAdd alpha."""
-    if spec["method"] == "sae":
-        return spec["values"][0]
-    if spec["method"] == "actadd":
-        return spec["alpha"]
-    if spec["method"] == "conditional":
-        return strength(spec["steering"])
-    return None
-
-
-def safety_points(rows: list[dict]) -> dict[str, dict]:
-    """Per steering config (JSON key): pooled unsafe refusal and safe over-refusal rows."""
-    points: dict[str, dict] = {}
-    for row in rows:
-        c = row["config"]
-        if c["suite"] == "safety" and c["dataset"] in ("unsafe_all", "safe_all"):
-            key = json.dumps(c["steering"], sort_keys=True)
-            points.setdefault(key, {"steering": c["steering"]})[c["dataset"]] = row
-    return {k: p for k, p in points.items() if "unsafe_all" in p and "safe_all" in p}
+def named_points(rows: list[dict], discovery: dict) -> list[tuple[str, Point]]:
+    """(method name, point) per steering config of result rows (`report.curves`), in METHOD_ORDER, then by strength."""
+    named = [(method_name(p.spec, discovery), p) for curve in curves(rows) for p in curve.points]
+    order = {name: i for i, name in enumerate(METHOD_ORDER)}
+    return sorted(named, key=lambda item: (order.get(item[0], len(order)), item[1].strength[0] if item[1].strength else 0.0))
 
 
 def choose(rows: list[dict], discovery: dict) -> dict[str, dict]:
-    """Per method, the VALIDATION config with the highest unsafe refusal minus safe over-refusal (ties:
-    weaker steering). The control feature gets the SAE clamp's chosen value, as in the paper."""
+    """Per method, the VALIDATION config with the highest unsafe refusal minus safe over-refusal (the report's
+    pooled rates, as plotted; ties: weaker steering, `report.strength`). The control feature gets the SAE
+    clamp's chosen value, as in the paper."""
     best: dict[str, tuple] = {}
-    for point in safety_points(rows).values():
-        spec = point["steering"]
-        name = method_name(spec, discovery)
-        score = point["unsafe_all"]["value"] - point["safe_all"]["value"]
-        rank = (score, -(strength(spec) or 0.0))
+    for name, point in named_points(rows, discovery):
+        unsafe, safe = point.headline(*UNSAFE), point.headline(*SAFE)
+        if not (unsafe and safe):
+            continue
+        rank = (unsafe["value"] - safe["value"], -(point.strength[0] if point.strength else 0.0))
         if name not in best or rank > best[name][0]:
-            best[name] = (rank, spec)
+            best[name] = (rank, point.spec)
     chosen = {name: spec for name, (_, spec) in best.items()}
     if "sae_clamp" in chosen and "control_clamp" in chosen:
         chosen["control_clamp"] = {**chosen["control_clamp"], "values": chosen["sae_clamp"]["values"]}
@@ -382,43 +370,28 @@ def reproduce(config: ReproduceConfig, ship: Path | None = None) -> Path:
 
 
 METHOD_ORDER = ("none", "system_prompt", "actadd", "sae_clamp", "control_clamp", "conditional_sae")
-COLUMNS = (  # (suite, dataset, metric, header)
-    ("safety", "unsafe_all", "refusal_rate", "unsafe refusal (pooled)"),
-    ("safety", "advbench", "refusal_rate", "AdvBench refusal"),
-    ("safety", "xstest_unsafe", "refusal_rate", "XSTest-unsafe refusal"),
-    ("safety", "unsafe_all", "clear_refusal_rate", "clear refusals (unsafe, pooled)"),
-    ("safety", "unsafe_all", "degenerate_rate", "degenerate replies (unsafe, pooled)"),
-    ("safety", "safe_all", "over_refusal_rate", "safe over-refusal (pooled)"),
-    ("safety", "xstest_safe", "over_refusal_rate", "XSTest-safe over-refusal"),
-    ("safety", "safe_all", "degenerate_rate", "degenerate replies (safe, pooled)"),
-    ("safety", "benign", "over_refusal_rate", "benign-set over-refusal"),
-    ("safety", "harmless", "over_refusal_rate", "harmless over-refusal"),
-    ("capability", "mmlu", "accuracy", "MMLU"),
-    ("capability", "truthfulqa", "mc1", "TruthfulQA MC1"),
-    ("capability", "gsm8k", "exact_match", "GSM8K"),
-    ("jailbreak", "hh_rlhf", "attack_success_rate", "hh-rlhf multi-turn ASR"),
-    ("jailbreak", "crescendo_advbench", "attack_success_rate", "Crescendo ASR"),
-    ("fidelity", "heldout_text", "kl_to_unsteered", "KL to unsteered (nats/token)"),
-    ("fidelity", "heldout_text", "perplexity", "perplexity"),
-    ("fidelity", "xstest_safe", "degeneration_rate", "degenerate replies (XSTest safe)"),
+PER_SET = (  # safety columns per set, beside the report's pooled ones (HEADLINE's format)
+    ("AdvBench refusal ↑", "safety", "refusal_rate", ("advbench",)),
+    ("XSTest-unsafe refusal ↑", "safety", "refusal_rate", ("xstest_unsafe",)),
+    ("XSTest-safe over-refusal ↓", "safety", "over_refusal_rate", ("xstest_safe",)),
+    ("benign-set over-refusal ↓", "safety", "over_refusal_rate", ("benign",)),
+    ("harmless over-refusal ↓", "safety", "over_refusal_rate", ("harmless",)),
 )
+TEST_COLUMNS = (*HEADLINE[:2], *PER_SET, *HEADLINE[2:])
 
 
 def by_method(rows: list[dict], discovery: dict) -> dict[str, dict[tuple, dict]]:
-    table: dict[str, dict[tuple, dict]] = {}
-    for row in rows:
-        c = row["config"]
-        table.setdefault(method_name(c["steering"], discovery), {})[(c["suite"], c["dataset"], row["metric"])] = row
-    return table
+    """Result rows per method name, keyed by (suite, dataset, metric); one config per method (test rows)."""
+    return {name: point.rows for name, point in named_points(rows, discovery)}
 
 
-def _cell(row: dict | None, percent: bool) -> str:
-    """'value [CI] n=N', in % for rates."""
-    if row is None:
-        return "-"
-    if percent:
-        return f"{100 * row['value']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] n={row['n']}"
-    return f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']}"
+def results_table(rows: list[dict], discovery: dict, columns) -> str:
+    """A Markdown table, a row per steering config: method name, the report's label (a conditional
+    steering's threshold in it) and strength, then the report's cells of the columns any config has."""
+    named = named_points(rows, discovery)
+    shown = present_columns(columns, [point for _, point in named])
+    return markdown_table(["method", "steering", "strength", *(col[0] for col in shown)],
+                          [[name, steering_label(point.spec), point.strength_text, *point.cells(shown)] for name, point in named])
 
 
 def goal_check(table: dict[str, dict[tuple, dict]]) -> list[str]:
@@ -445,44 +418,12 @@ def goal_check(table: dict[str, dict[tuple, dict]]) -> list[str]:
 
 
 def plot_tradeoff(validation: list[dict], test: list[dict], discovery: dict, path: Path) -> None:
-    """Unsafe refusal vs safe over-refusal: one curve per method over its strength (VALIDATION sweep),
-    and the chosen configs on TEST as stars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    colours = dict(zip(METHOD_ORDER, ("black", "tab:gray", "tab:green", "tab:red", "tab:purple", "tab:blue")))
-    curves: dict[str, list] = {}
-    for point in safety_points(validation).values():
-        curves.setdefault(method_name(point["steering"], discovery), []).append(point)
-    for name, points in curves.items():
-        points.sort(key=lambda p: strength(p["steering"]) or 0.0)
-        xs = [100 * p["safe_all"]["value"] for p in points]
-        ys = [100 * p["unsafe_all"]["value"] for p in points]
-        ax.plot(xs, ys, "o-", color=colours.get(name), label=f"{name} (validation)", alpha=0.7)
-        for p, x, y in zip(points, xs, ys):
-            if strength(p["steering"]) is not None:
-                ax.annotate(f"{strength(p['steering']):g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for point in safety_points(test).values():
-        name = method_name(point["steering"], discovery)
-        u, s = point["unsafe_all"], point["safe_all"]
-        ax.errorbar(100 * s["value"], 100 * u["value"], xerr=[[100 * (s["value"] - s["ci_low"])], [100 * (s["ci_high"] - s["value"])]],
-                    yerr=[[100 * (u["value"] - u["ci_low"])], [100 * (u["ci_high"] - u["value"])]], fmt="*", markersize=14,
-                    color=colours.get(name), label=f"{name} (test, 95% CI)")
-    ax.set_xlabel("safe prompts refused (%)  - over-refusal")
-    ax.set_ylabel("unsafe prompts refused (%)")
-    ax.set_title("Refusal trade-off (numbers: clamp value / ActAdd alpha)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _format_strength(value: float | None) -> str:
-    return "" if value is None else f"{value:g}"
+    """The report's trade-off plot: a curve per method over its strength (VALIDATION sweep), the chosen configs
+    on TEST marked; labels start with the method name."""
+    name = functools.partial(method_name, discovery=discovery)
+    fig = trade_off_plot(curves(validation, name), marked=curves(test, name), marked_as="chosen, on test")
+    if fig is not None:
+        path.write_bytes(png(fig))
 
 
 def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) -> Path:
@@ -494,7 +435,9 @@ def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) 
     plot_tradeoff(validation_rows, test_rows, discovery, out / "tradeoff.png")
     lines = [f"# Reproduction results ({config.out})", "",
              f"Model {config.model}; judge `{config.judge}`; greedy, {config.max_new_tokens} new tokens; seed {config.seed}. "
-             "Cells: value [95% bootstrap CI] n=items; rates in %.", ""]
+             "Cells as in `saesteer report`: value [95% bootstrap CI] n=items, rates as fractions. Strength: clamp value, "
+             "ActAdd alpha, and for conditional steering the clamp value of the steering it gates (its gate threshold is in "
+             "the steering label).", ""]
     sae_dir = Path(discovery["sae"]).parent
     if (sae_dir / "metrics.json").is_file():
         m = json.loads((sae_dir / "metrics.json").read_text())
@@ -504,22 +447,10 @@ def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) 
     for path, title in ((main, f"Test splits, judge `{config.judge}`"), (other, "Test splits, judge `string` (same generations)")):
         if not path.is_file():
             continue
-        table = by_method(read_rows(path), discovery)
-        present = [c for c in COLUMNS if any(c[:3] in rows for rows in table.values())]
-        lines += [f"## {title}", "", "| method | " + " | ".join(c[3] for c in present) + " |",
-                  "|---|" + "---|" * len(present)]
-        for name in METHOD_ORDER:
-            if name in table:
-                lines.append(f"| {name} | " + " | ".join(_cell(table[name].get(c[:3]), c[0] != "fidelity" or "rate" in c[2])
-                                                       for c in present) + " |")
-        lines += ["", "### Goal check", "", *goal_check(table), ""]
-    lines += ["## Validation sweep, judge `" + config.judge + "`", "", "| method | strength | unsafe refused (pooled) | safe refused (pooled) |",
-              "|---|---|---|---|"]
-    points = sorted(safety_points(validation_rows).values(),
-                    key=lambda p: (METHOD_ORDER.index(method_name(p["steering"], discovery)), strength(p["steering"]) or 0.0))
-    for point in points:
-        lines.append(f"| {method_name(point['steering'], discovery)} | {_format_strength(strength(point['steering']))} | "
-                     f"{_cell(point['unsafe_all'], True)} | {_cell(point['safe_all'], True)} |")
+        rows = read_rows(path)
+        lines += [f"## {title}", "", results_table(rows, discovery, TEST_COLUMNS), "", "### Goal check", "",
+                  *goal_check(by_method(rows, discovery)), ""]
+    lines += [f"## Validation sweep, judge `{config.judge}`", "", results_table(validation_rows, discovery, HEADLINE[:2])]
     chosen = json.loads((out / "chosen.json").read_text())
     lines += ["", "## Chosen on validation", "", "```json", json.dumps(chosen, indent=1), "```", "",
               "![trade-off](tradeoff.png)", "", "## Stage timings (s)", "",
