@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load, load_file, save_file
 from tqdm.auto import tqdm
 
+from saesteer import dist
 from saesteer.corpus import TextSource, iter_documents, pack_contexts, source_hash
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
@@ -125,12 +126,6 @@ def _done_shards(out: Path) -> dict[int, dict]:
     return checked
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _special_mask(input_ids: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
     return torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype))
 
@@ -144,7 +139,7 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SaesteerError(f"--out {out} exists and is not a folder")
-    rank, world = _distributed()
+    rank, world = dist.rank_world()
     data_hash = source_hash(config.data.data)
     loaded = loaded or load_model(config.model, device=config.device)
     loaded.check_layer(config.layer)
@@ -202,10 +197,10 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
     bar.close()
     _write_progress(out, manifest, recorded, rank, world)
     if world > 1:
-        torch.distributed.barrier()
+        dist.barrier()
         if rank == 0:
             _merge_rank_manifests(out, manifest, world)
-        torch.distributed.barrier()
+        dist.barrier()
     return json.loads((out / MANIFEST).read_text())
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saesteer import evalsets
+from saesteer import dist, evalsets
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP, CLEAR_REFUSAL, COMPLIANCE, DEGENERATE, EVASIVE, PARTIAL_REFUSAL, REFUSAL, REFUSES, ChatBackend, Judge,
@@ -192,40 +192,13 @@ class ResultCache:
 
     def put_many(self, items: dict[str, object]) -> None:
         self.entries.update(items)
-        if not self.path or not _is_rank_zero():
+        if not self.path or not dist.is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items()))
             f.flush()
             os.fsync(f.fileno())
-
-
-# ---------------------------------------------------------------------------------- distributed helpers
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _is_rank_zero() -> bool:
-    return _world()[0] == 0
-
-
-def _sharded(fn: Callable[[list], list], items: list) -> list:
-    """fn over items; under torchrun each rank takes items i % world == rank and all ranks get the merged list."""
-    rank, world = _world()
-    if world == 1:
-        return fn(items)
-    mine = fn(items[rank::world])
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    merged = [None] * len(items)
-    for r, part in enumerate(gathered):
-        merged[r::world] = part
-    return merged
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -344,7 +317,7 @@ class SteeredModel:
         missing = sorted({p for p, k in zip(prompts, keys) if found[k] is None}, key=lambda p: (len(p), p))
         if missing:
             chunks = [missing[i : i + decoding.batch_size] for i in range(0, len(missing), decoding.batch_size)]
-            bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not _is_rank_zero())
+            bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not dist.is_main())
 
             def run(chunk_list: list[list[str]]) -> list[list[str]]:
                 done = []
@@ -352,18 +325,18 @@ class SteeredModel:
                     with self.steering.applied(self.loaded):
                         out = self.generate_fn(self.loaded, chunk, max_new_tokens=decoding.max_new_tokens,
                                                batch_size=decoding.batch_size)
-                    if _world()[1] == 1:  # single process: save as we go (crash-safe resume)
+                    if dist.world_size() == 1:  # single process: save as we go (crash-safe resume)
                         self.cache.put_many({self._key(kind="generate", prompt=p, decoding=asdict(decoding)): r
                                              for p, r in zip(chunk, out)})
                     bar.update(len(chunk))
                     done.append(out)
                 return done
 
-            outputs = _sharded(run, chunks)
+            outputs = dist.sharded(run, chunks)
             bar.close()
             new = {self._key(kind="generate", prompt=p, decoding=asdict(decoding)): r
                    for chunk, out in zip(chunks, outputs) for p, r in zip(chunk, out)}
-            if _world()[1] > 1:
+            if dist.world_size() > 1:
                 self.cache.put_many(new)
             found.update(new)
         return [found[k] for k in keys]
@@ -377,7 +350,7 @@ class SteeredModel:
         if todo:
             chunk_size = max(batch_size * 4, 16)
             chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
-            bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not _is_rank_zero())
+            bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not dist.is_main())
 
             def run(chunk_list: list) -> list:
                 done = []
@@ -386,16 +359,16 @@ class SteeredModel:
                                 [tok(x, add_special_tokens=False)["input_ids"] for x in conts]) for _, (c, conts) in chunk]
                     with self.steering.applied(self.loaded):
                         out = continuation_logprobs(self.loaded, encoded, batch_size)
-                    if _world()[1] == 1:
+                    if dist.world_size() == 1:
                         self.cache.put_many({k: v for (k, _), v in zip(chunk, out)})
                     bar.update(len(chunk))
                     done.append(out)
                 return done
 
-            outputs = _sharded(run, chunks)
+            outputs = dist.sharded(run, chunks)
             bar.close()
             new = {k: v for chunk, out in zip(chunks, outputs) for (k, _), v in zip(chunk, out)}
-            if _world()[1] > 1:
+            if dist.world_size() > 1:
                 self.cache.put_many(new)
             found.update(new)
         return [found[k] for k in keys]
@@ -667,7 +640,7 @@ def text_fidelity(loaded: LoadedModel, steering: Steering, texts: list[str], max
         raise SaesteerError("fidelity texts need at least two tokens each")
     kl, nll, count = np.zeros(len(texts)), np.zeros(len(texts)), np.zeros(len(texts))
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc="fidelity", disable=not _is_rank_zero()):
+    for start in tqdm(range(0, len(order), batch_size), desc="fidelity", disable=not dist.is_main()):
         rows = order[start : start + batch_size]
         seqs = [encoded[i] for i in rows]
         base = _forward_logprobs(loaded, seqs, 0)
@@ -750,7 +723,7 @@ def evaluate(model: SteeredModel, config: EvalConfig, judge: Judge | None = None
 
 def append_rows(path: str | Path, rows: list[dict]) -> None:
     """Append result rows to a JSONL file (rank 0 only), flushed to disk."""
-    if not _is_rank_zero() or not rows:
+    if not dist.is_main() or not rows:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -886,7 +859,7 @@ def sweep(loaded: LoadedModel, steerings: list[dict], config: EvalConfig, out: s
     for row in read_rows(out):
         done.setdefault(_done_key(row["config"]), []).append((row["config"]["dataset"], row["config"]["limit"]))
     all_rows = []
-    for spec in tqdm(steerings, desc="sweep", disable=not _is_rank_zero()):
+    for spec in tqdm(steerings, desc="sweep", disable=not dist.is_main()):
         steering = steering_from_dict(spec)
         todo = []
         for suite in config.suites:

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saesteer import dist
 from saesteer.errors import SaesteerError
 from saesteer.sae import SAE, SAEConfig, SAEError
 
@@ -135,12 +135,6 @@ class TrainResult:
     steps: int = 0  # total steps done (including before a resume)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device:
         return torch.device(cfg.device)
@@ -149,17 +143,11 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(t: Tensor) -> Tensor:
-    if _world()[1] > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def _global_total_variance(x: Tensor) -> Tensor:
     """sum |x - mean|^2 over the global batch, from all-reduced float64 moments."""
     n = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
     sq = torch.linalg.vector_norm(x).square()[None]
-    moments = _all_reduce(torch.cat([n, x.sum(0), sq]).double())
+    moments = dist.all_reduce(torch.cat([n, x.sum(0), sq]).double())
     count, total, sq = moments[0], moments[1:-1], moments[-1]
     return (sq - total.pow(2).sum() / count).to(x.dtype)
 
@@ -216,14 +204,14 @@ class Trainer:
         # One all-reduce for the metrics and the firing mask, one per gradient.
         active = outputs.values > 0
         fired = torch.zeros(n, device=x.device).index_fill_(0, outputs.indices[active], 1.0)
-        stats = _all_reduce(torch.cat([fired, torch.stack([outputs.fvu.detach(), outputs.auxk.detach(),
+        stats = dist.all_reduce(torch.cat([fired, torch.stack([outputs.fvu.detach(), outputs.auxk.detach(),
                                                            active.sum().to(fired.dtype)])]))
         result = StepStats(stats[n].item(), stats[n + 1].item(), stats[n + 2].item() / cfg.batch_size)
         if not math.isfinite(result.fvu + result.auxk):
             raise TrainError(f"loss became {result.fvu + result.auxk} at step {self.step_count} "
                              f"(fvu {result.fvu}, auxk {result.auxk}); lower the learning rate?")
         for p in self.params.values():
-            _all_reduce(p.grad)
+            dist.all_reduce(p.grad)
 
         sae.remove_parallel_grads_()
         if cfg.grad_clip > 0:
@@ -246,7 +234,7 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = 
         from saesteer.activations import ActivationStore
 
         source = ActivationStore(cfg.activations)
-    rank, world = _world()
+    rank, world = dist.rank_world()
     if cfg.batch_size % world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
     if cfg.steps == 0:
@@ -294,8 +282,7 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             if rank == 0:
                 _save_checkpoint(ckpt_path, trainer)
-            if world > 1:
-                dist.barrier()
+            dist.barrier()
     bar.close()
     if rank == 0:
         sae.save(Path(cfg.out) / "sae")
