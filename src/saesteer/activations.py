@@ -47,16 +47,27 @@ class CollectConfig:
     """What to collect. `tokens` counts model input tokens (n_tokens in the manifest is what was kept)."""
 
     model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
     layer: int = 10
+    """decoder layer whose residual stream is collected"""
     hook_point: str = "resid_post"
+    """resid_post (layer output) or resid_pre (layer input)"""
     data: TextSource = field(default_factory=TextSource)
+    """where the text comes from and how records become text"""
     tokens: int = 100_000
+    """model input tokens to process"""
     ctx: int = 256
+    """context length (each starts with BOS)"""
     batch_size: int = 8
+    """contexts per forward pass"""
     contexts_per_shard: int = 256
+    """contexts per safetensors shard"""
     dtype: str = "bfloat16"
+    """cache dtype: bfloat16 or float16"""
     drop_special: bool = True
+    """drop BOS/EOS/special-token positions (their norms are outliers)"""
     device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -11,10 +11,56 @@ from typing import Optional
 
 import typer
 
+from saesteer.configdoc import MISSING, field_docs
 from saesteer.errors import SaesteerError, short
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Steer a chat LLM's refusal behaviour with sparse-autoencoder features.")
+
+# The config dataclasses whose fields the options below come from ("module:Class" under saesteer; read from
+# the source, so importing the CLI loads neither torch nor the server's optional dependencies).
+COLLECT, SOURCE, TRAIN = "activations:CollectConfig", "corpus:TextSource", "trainer:TrainConfig"
+DISCOVER, GATE, REPRODUCE = "features:DiscoverConfig", "detectors:GateConfig", "reproduce:ReproduceConfig"
+EVAL, DECODING, SERVE, DEMO = "evals:EvalConfig", "evals:Decoding", "serve:ServeConfig", "demo:DemoConfig"
+
+
+def _shown(value) -> str:
+    """A default as help text shows it: 20,000,000; 8,16 for (8.0, 16.0)."""
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) and value >= 100_000 else str(value)
+
+
+def field_default(config: str, name: str):
+    """The default of field `name` of config dataclass `config` ("module:Class")."""
+    module, cls = config.split(":")
+    default = field_docs(f"saesteer.{module}", cls)[name].default
+    if default is MISSING:
+        raise LookupError(f"{config}.{name} has no plain default")
+    return default
+
+
+def opt(config: str, name: str, *param_decls: str, default=MISSING, help: str | None = None, more: str = "",
+        unset: bool = False, **kwargs):
+    """A typer.Option whose default and help text come from field `name` of config dataclass `config`
+    ("module:Class"), where each field's docstring documents it. `default` or `help` replace the field's;
+    `more` is added to the help; `unset=True` makes the option default to None (not given: a config file or
+    the dataclass decides) and names the dataclass default in the help instead."""
+    module, cls = config.split(":")
+    doc = field_docs(f"saesteer.{module}", cls)[name]
+    text = " ".join(t for t in (doc.help if help is None else help, more) if t)
+    if unset:
+        value = None
+        if doc.default is not None and doc.default is not MISSING:
+            text += f" (default: {_shown(doc.default)})"
+    else:
+        value = field_default(config, name) if default is MISSING else default
+        value = list(value) if isinstance(value, tuple) else value
+    return typer.Option(value, *param_decls, help=text, **kwargs)
+
+
+# Commands without a config dataclass of their own mean what CollectConfig means by these.
+_MODEL, _DEVICE = opt(COLLECT, "model"), opt(COLLECT, "device")
 
 
 @app.callback()
@@ -62,21 +108,22 @@ def main() -> None:
 
 @app.command()
 def collect(
-    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    layer: int = typer.Option(10, help="decoder layer whose residual stream is collected"),
-    hook_point: str = typer.Option("resid_post", help="resid_post (layer output) or resid_pre (layer input)"),
-    data: str = typer.Option("builtin:corpus-slice", help="file/folder of .txt/.jsonl/.json(.gz), or hf:<dataset id>"),
-    field: str = typer.Option("text", help="text field of JSON records"),
-    chat: Optional[str] = typer.Option(None, help="'prompt_field,response_field': chat-format records with the model's template"),
-    tokens: int = typer.Option(100_000, min=1, help="model input tokens to process"),
-    passes: int = typer.Option(1, min=1, help="read the data this many times over (if --tokens needs more than one pass)"),
-    ctx: int = typer.Option(256, min=2, help="context length (each starts with BOS)"),
-    batch_size: int = typer.Option(8, min=1, help="contexts per forward pass"),
-    contexts_per_shard: int = typer.Option(256, min=1, help="contexts per safetensors shard"),
-    dtype: str = typer.Option("bfloat16", help="cache dtype: bfloat16 or float16"),
-    keep_special: bool = typer.Option(False, help="keep BOS/EOS/special-token positions (outlier norms)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
-    out: Path = typer.Option(Path("runs/activations"), help="cache folder (rerun to resume)"),
+    model: str = opt(COLLECT, "model"),
+    layer: int = opt(COLLECT, "layer"),
+    hook_point: str = opt(COLLECT, "hook_point"),
+    data: str = opt(SOURCE, "data"),
+    field: str = opt(SOURCE, "field"),
+    chat: Optional[str] = opt(SOURCE, "chat"),
+    tokens: int = opt(COLLECT, "tokens", min=1),
+    passes: int = opt(SOURCE, "passes", min=1),
+    ctx: int = opt(COLLECT, "ctx", min=2),
+    batch_size: int = opt(COLLECT, "batch_size", min=1),
+    contexts_per_shard: int = opt(COLLECT, "contexts_per_shard", min=1),
+    dtype: str = opt(COLLECT, "dtype"),
+    keep_special: bool = typer.Option(not field_default(COLLECT, "drop_special"),
+                                      help="keep BOS/EOS/special-token positions (outlier norms)"),
+    device: Optional[str] = opt(COLLECT, "device"),
+    out: Path = opt(TRAIN, "activations", help="cache folder (rerun to resume)"),
 ) -> None:
     """Collect residual-stream activations into a resumable safetensors cache."""
     from saesteer.activations import ActivationStore, CollectConfig
@@ -130,22 +177,22 @@ def _is_rank_zero() -> bool:
 
 @app.command()
 def train(
-    activations: Optional[Path] = typer.Option(None, help="activation cache folder (saesteer collect)"),
-    out: Optional[Path] = typer.Option(None, help="output folder: checkpoint.safetensors and sae/ (SAELens format)"),
+    activations: Optional[Path] = opt(TRAIN, "activations", unset=True),
+    out: Optional[Path] = opt(TRAIN, "out", unset=True),
     config: Optional[Path] = typer.Option(None, help="JSON file of TrainConfig fields; flags given here override it"),
-    n_latents: Optional[int] = typer.Option(None, help="SAE width (default expansion_factor * d_model)"),
-    expansion_factor: Optional[int] = typer.Option(None, help="latents per model dimension (default 8)"),
-    k: Optional[int] = typer.Option(None, help="active latents per token (default 32)"),
-    batch_size: Optional[int] = typer.Option(None, help="tokens per step over all ranks (default 4096)"),
-    tokens: Optional[int] = typer.Option(None, help="total training tokens (default 20M)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 2e-4 / sqrt(n_latents / 2^14))"),
-    warmup_steps: Optional[int] = typer.Option(None, help="linear warmup steps (default 100)"),
-    auxk_coef: Optional[float] = typer.Option(None, help="AuxK loss coefficient (default 1/32)"),
-    dead_tokens: Optional[int] = typer.Option(None, help="tokens without firing before a latent counts as dead (default 10M)"),
-    seed: Optional[int] = typer.Option(None, help="initialisation and data-order seed (default 0)"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints (default 500)"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoint.safetensors if it exists"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda:LOCAL_RANK if available)"),
+    n_latents: Optional[int] = opt(TRAIN, "n_latents", unset=True),
+    expansion_factor: Optional[int] = opt(TRAIN, "expansion_factor", unset=True),
+    k: Optional[int] = opt(TRAIN, "k", unset=True),
+    batch_size: Optional[int] = opt(TRAIN, "batch_size", unset=True),
+    tokens: Optional[int] = opt(TRAIN, "total_tokens", unset=True),
+    lr: Optional[float] = opt(TRAIN, "lr", unset=True),
+    warmup_steps: Optional[int] = opt(TRAIN, "warmup_steps", unset=True),
+    auxk_coef: Optional[float] = opt(TRAIN, "auxk_coef", unset=True),
+    dead_tokens: Optional[int] = opt(TRAIN, "dead_tokens", unset=True),
+    seed: Optional[int] = opt(TRAIN, "seed", unset=True),
+    checkpoint_every: Optional[int] = opt(TRAIN, "checkpoint_every", unset=True),
+    resume: bool = opt(TRAIN, "resume"),
+    device: Optional[str] = opt(TRAIN, "device", unset=True),
 ) -> None:
     """Train a TopK SAE on cached activations (run under torchrun for data parallelism)."""
     from saesteer.trainer import TrainConfig
@@ -183,7 +230,7 @@ def evaluate_sae(
     contexts: int = typer.Option(64, min=1, help="held-out contexts to evaluate"),
     ctx: Optional[int] = typer.Option(None, min=2, help="context length (default: the training cache's)"),
     batch_size: int = typer.Option(8, min=1, help="contexts per forward pass"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    device: Optional[str] = _DEVICE,
     out: Optional[Path] = typer.Option(None, help="also write the metrics to this JSON file"),
 ) -> None:
     """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
@@ -225,9 +272,9 @@ def evaluate_sae(
 def steer(
     steering: str = typer.Option(..., help="preset name, JSON spec, or JSON file (see README)"),
     prompt: list[str] = typer.Option(..., help="user prompt (repeat for several)"),
-    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    model: str = _MODEL,
     max_new_tokens: int = typer.Option(60, min=1, help="tokens to generate per reply"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    device: Optional[str] = _DEVICE,
 ) -> None:
     """Chat with a steered model: unsteered and steered replies side by side."""
     from saesteer.models import chat_prompts, generate, load_model
@@ -246,21 +293,22 @@ def steer(
 @app.command()
 def discover(
     sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
-    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    n_candidates: int = typer.Option(8, min=0, help="features ranked best by contrast to screen causally"),
-    n_attribution: int = typer.Option(8, min=0, help="... and ranked best by attribution"),
-    attribution_prompts: int = typer.Option(64, min=1, help="harmful TRAIN prompts for the attribution gradient"),
-    screen_values: str = typer.Option("8,16", help="clamp values tried in the causal screen"),
-    screen_prompts: int = typer.Option(24, min=1, help="harmful and harmless TRAIN prompts per screen config"),
+    model: str = _MODEL,
+    n_candidates: int = opt(DISCOVER, "n_candidates", min=0),
+    n_attribution: int = opt(DISCOVER, "n_attribution", min=0),
+    attribution_prompts: int = opt(DISCOVER, "attribution_prompts", min=1),
+    screen_values: str = opt(DISCOVER, "screen_values", default=_shown(field_default(DISCOVER, "screen_values")),
+                             more="(comma-separated)"),
+    screen_prompts: int = opt(DISCOVER, "screen_prompts", min=1),
     limit: Optional[int] = typer.Option(None, min=1, help="use at most this many harmful train prompts"),
-    max_new_tokens: int = typer.Option(64, min=1, help="tokens generated per reply (judged for refusal)"),
-    detector_layer: int = typer.Option(18, help="layer of the conditional-steering harm detector"),
+    max_new_tokens: int = opt(DISCOVER, "max_new_tokens", min=1),
+    detector_layer: int = opt(REPRODUCE, "detector_layer"),
     detector_recall: float = typer.Option(0.9, min=0.0, max=1.0, help="share of harmful train prompts the detector must flag"),
     alpaca_harmless: int = typer.Option(0, help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
                                         "detector's negatives (XSTest-safe and the shipped benign set)"),
     judge: str = typer.Option("strict", help="refusal judge of the screen: strict or string (it judges replies without their prompts)"),
     out: Path = typer.Option(Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    device: Optional[str] = _DEVICE,
 ) -> None:
     """Find refusal features (AdvBench + XSTest TRAIN splits only) and an unrelated control feature."""
     import json
@@ -307,18 +355,18 @@ def discover(
 
 @app.command()
 def gate(
-    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    model: str = _MODEL,
     out: Path = typer.Option(Path("runs/gate"), help="folder for detector.safetensors, gate.json and gate.md"),
-    sae: Optional[str] = typer.Option("builtin:sae", help="SAE for the sparse SAE-code probe candidate ('' to skip it)"),
-    max_fpr: float = typer.Option(0.05, help="bound on the 95% upper confidence bound of each benign source's false-positive rate"),
-    limit: Optional[int] = typer.Option(None, min=1, help="development prompts per source (default: all)"),
+    sae: Optional[str] = opt(GATE, "sae"),
+    max_fpr: float = opt(GATE, "max_fpr"),
+    limit: Optional[int] = opt(GATE, "limit", min=1),
     baseline: Optional[str] = typer.Option(None, help="a conditional steering (preset, JSON or file) whose detector and threshold "
                                            "are scored beside the new one, e.g. refusal_conditional"),
     ship: bool = typer.Option(False, help="install the chosen gate in the shipped `refusal_conditional` preset (replaced "
                               "presets stay as <name>_previous)"),
     steering: Optional[str] = typer.Option(None, help="with --ship: the steering the gate turns on, also shipped as `refusal` "
                                            "(default: keep refusal_conditional's)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    device: Optional[str] = _DEVICE,
 ) -> None:
     """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
     the best worst fold, set its threshold with a 95% false-positive guarantee, and score it on TEST."""
@@ -362,22 +410,24 @@ def _eval_config(model: str, steering: Optional[str], suite: str, limit: str, sp
 
 
 _EVAL_OPTIONS = dict(
-    model=typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    suite=typer.Option("safety", help="safety, capability, jailbreak, fidelity, all, or a comma-separated list"),
-    limit=typer.Option("100", help="items per dataset (seeded sample), 0 = all; per-dataset: 50,mmlu=100,gsm8k=20"),
-    split=typer.Option("test", help="train, validation or test (report on test; tune on train/validation)"),
+    model=opt(EVAL, "model"),
+    suite=opt(EVAL, "suites", default=_shown(field_default(EVAL, "suites")),
+              help="safety, capability, jailbreak, fidelity, all, or a comma-separated list"),
+    limit=opt(EVAL, "limit", default=str(field_default(EVAL, "limit")),
+              help="items per dataset (seeded sample), 0 = all; per-dataset: 50,mmlu=100,gsm8k=20"),
+    split=opt(EVAL, "split"),
     prompts=typer.Option(None, help="your own prompts (.csv, .jsonl or .txt) instead of the built-in safety sets"),
     label=typer.Option(None, help="label of --prompts: unsafe or safe"),
     column=typer.Option(None, help="prompt column of --prompts (case-insensitive; default: prompt/goal/...)"),
     judge=typer.Option("string", help="string, strict (apology + offer of help = compliance), a local chat model spec, or openai:<base url>/v1:<model>"),
     agreement_sample=typer.Option(50, min=0, help="with an LLM judge: replies re-judged by the string judge for kappa"),
-    seed=typer.Option(0, help="seed of the item samples and bootstrap CIs"),
-    max_new_tokens=typer.Option(64, min=1, help="greedy reply length (safety, jailbreak, degeneration)"),
-    batch_size=typer.Option(16, min=1, help="generation batch size"),
-    gsm8k_max_new_tokens=typer.Option(256, min=1, help="greedy reply length for GSM8K"),
-    mmlu_shots=typer.Option(5, min=0, help="MMLU few-shot examples from the dev set"),
+    seed=opt(EVAL, "seed"),
+    max_new_tokens=opt(DECODING, "max_new_tokens", min=1),
+    batch_size=opt(DECODING, "batch_size", min=1),
+    gsm8k_max_new_tokens=opt(EVAL, "gsm8k_max_new_tokens", min=1),
+    mmlu_shots=opt(EVAL, "mmlu_shots", min=0),
     cache=typer.Option(None, help="generation cache file (default: <out>.cache.jsonl)"),
-    device=typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    device=_DEVICE,
 )
 
 
@@ -397,7 +447,7 @@ def eval_command(
     agreement_sample: int = _EVAL_OPTIONS["agreement_sample"],
     attacker: Optional[str] = typer.Option(None, help="Crescendo attacker: local chat model spec or openai:<url>/v1:<model> "
                                            "(default: the built-in templated escalation)"),
-    jailbreak_turns: int = typer.Option(4, min=1, help="user turns per jailbreak conversation (Crescendo always ends on the goal)"),
+    jailbreak_turns: int = opt(EVAL, "jailbreak_turns", min=1),
     seed: int = _EVAL_OPTIONS["seed"],
     max_new_tokens: int = _EVAL_OPTIONS["max_new_tokens"],
     batch_size: int = _EVAL_OPTIONS["batch_size"],
@@ -500,19 +550,17 @@ def report(
 
 @app.command()
 def serve(
-    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
+    model: str = _MODEL,
     host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 opens the server to the network)"),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port (1-65535, checked before the model loads)"),
-    steering: Optional[str] = typer.Option(None, help="default steering for requests that name none: preset, JSON spec or JSON file"),
-    max_tokens: int = typer.Option(512, help="largest max_tokens a request may ask for"),
-    default_max_tokens: int = typer.Option(128, help="max_tokens of requests that set none"),
-    max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
-    max_batch_size: int = typer.Option(16, min=1, help="most requests generated together (a continuous batch)"),
-    allow_dir: list[Path] = typer.Option([], help="a folder whose files (SAEs, directions, detectors) requests may "
-                                         "name; repeatable (default: only the shipped artefacts; presets always work)"),
-    api_key: Optional[str] = typer.Option(None, envvar="SAESTEER_API_KEY",
-                                          help="require `Authorization: Bearer <key>` on every request"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    steering: Optional[str] = opt(SERVE, "steering"),
+    max_tokens: int = opt(SERVE, "max_tokens"),
+    default_max_tokens: int = opt(SERVE, "default_max_tokens"),
+    max_prompt_tokens: int = opt(SERVE, "max_prompt_tokens"),
+    max_batch_size: int = opt(SERVE, "max_batch_size", min=1),
+    allow_dir: list[Path] = opt(SERVE, "allow_dirs", more="(repeatable)"),
+    api_key: Optional[str] = opt(SERVE, "api_key", envvar="SAESTEER_API_KEY"),
+    device: Optional[str] = _DEVICE,
 ) -> None:
     """Serve the model behind an OpenAI-compatible chat API with per-request steering."""
     try:
@@ -534,11 +582,11 @@ def serve(
 
 @app.command()
 def reproduce(
-    preset: str = typer.Option("full", help="full (the reported run, ~1.75 h on 2 cores), quick (small n; 27 min measured) or tiny (CI smoke, ~10 min)"),
+    preset: str = typer.Option("full", help="full (the reported run), quick (smaller n) or tiny (CI smoke test)"),
     quick: bool = typer.Option(False, "--quick", help="shorthand for --preset quick"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: runs/reproduce[-quick|-tiny])"),
-    shared: Optional[Path] = typer.Option(None, help="the shared datasets folder with the SAE training corpus, which is not "
-                                          "shipped (default: $SAESTEER_SHARED_DATA, else ../shared/datasets)"),
+    shared: Optional[Path] = opt(REPRODUCE, "shared", default=None,
+                                 more="(default: $SAESTEER_SHARED_DATA, else the repo's ../shared/datasets)"),
     layer: Optional[int] = typer.Option(None, help="skip the layer scan and use this layer"),
     ship: Optional[Path] = typer.Option(None, help="also export the SAE, directions and chosen presets to this folder "
                                         "(src/saesteer/assets/shipped to update the shipped artefacts)"),
@@ -595,13 +643,13 @@ def audit(
 
 @app.command()
 def demo(
-    model: str = typer.Option("smollm2-135m-instruct", help="default alias, hub id, local folder or .gguf file"),
-    out: Path = typer.Option(Path("runs/demo"), help="folder for results, examples and the HTML report"),
-    method: list[str] = typer.Option(["refusal", "refusal_conditional"], help="steering presets or specs to compare (repeat)"),
-    examples: int = typer.Option(3, min=0, help="harmful and safe TEST prompts shown side by side"),
-    limit: int = typer.Option(32, min=1, help="TEST prompts per safety set in the small eval"),
-    max_new_tokens: int = typer.Option(64, min=1, help="greedy reply length"),
-    train_sae: bool = typer.Option(False, help="train a small SAE instead of using the shipped one"),
+    model: str = opt(DEMO, "model"),
+    out: Path = opt(DEMO, "out"),
+    method: list[str] = opt(DEMO, "methods", more="(repeat)"),
+    examples: int = opt(DEMO, "examples", min=0),
+    limit: int = opt(DEMO, "limit", min=1),
+    max_new_tokens: int = opt(DEMO, "max_new_tokens", min=1),
+    train_sae: bool = opt(DEMO, "train_sae"),
 ) -> None:
     """Offline demo: unsteered vs steered replies, a small safety eval with 95% CIs, and the HTML report."""
     from saesteer.demo import DemoConfig, run_demo

@@ -26,19 +26,22 @@ _SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
 class TextSource:
     """Where documents come from and how to turn a record into text.
 
-    `field` names the text field of JSON records. `chat` = "prompt_field,response_field" renders each
-    record as a user/assistant exchange with the model's chat template; `chat` = "transcript" reads
-    `field` as a "Human: ... Assistant: ..." dialogue (hh-rlhf style) and renders it the same way;
-    records holding a `messages` list are always chat-formatted. A folder's files are read
-    round-robin, one record from each in turn, so any prefix of the stream mixes all of them.
-    `passes` > 1 reads the whole source again (packing offsets differ between passes).
+    Records holding a `messages` list are always chat-formatted. A folder's files are read round-robin,
+    one record from each in turn, so any prefix of the stream mixes all of them.
     """
 
     data: str = DEFAULT_DATA
+    """file/folder of .txt/.jsonl/.json(.gz), hf:<dataset id>, or builtin:corpus-slice (shipped)"""
     field: str = "text"
+    """text field of JSON records"""
     chat: str | None = None
+    """'prompt_field,response_field': chat-format records with the model's template; 'transcript': `field` is a
+    'Human: ... Assistant: ...' dialogue (hh-rlhf style), rendered the same way"""
     split: str = "train"
+    """split of an hf: dataset"""
     passes: int = 1
+    """read the data this many times over (if more tokens are needed than one pass holds; packing offsets differ
+    between passes)"""
 
 
 def builtin_path(name: str) -> Path:

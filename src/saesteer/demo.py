@@ -23,18 +23,28 @@ DEMO_SETS = ("advbench", "xstest_unsafe", "xstest_safe")  # vendored: no ../shar
 
 @dataclass
 class DemoConfig:
-    """What the demo runs; sizes keep it under 10 minutes on 2 cores."""
+    """What the demo runs; the sizes keep it short on a CPU."""
 
     model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
     out: str = "runs/demo"
-    methods: tuple[str, ...] = ("refusal", "refusal_conditional")  # presets, JSON specs or files
-    examples: int = 3  # harmful and safe TEST prompts shown side by side
-    limit: int = 32  # TEST prompts per safety set in the eval
-    max_new_tokens: int = 64  # loops grow with the reply: shorter replies hide them
+    """folder for results, examples and the HTML report"""
+    methods: tuple[str, ...] = ("refusal", "refusal_conditional")
+    """steering presets, JSON specs or files to compare"""
+    examples: int = 3
+    """harmful and safe TEST prompts shown side by side"""
+    limit: int = 32
+    """TEST prompts per safety set in the small eval"""
+    max_new_tokens: int = 64
+    """greedy reply length (loops grow with the reply: shorter replies hide them)"""
     seed: int = 0
-    train_sae: bool = False  # train a small SAE even when presets are shipped
-    fallback_tokens: int = 200_000  # activations collected for the fallback SAE (trained for 3 epochs)
-    fallback_prompts: int = 48  # harmful and harmless TRAIN prompts for the fallback discovery
+    """seed of the eval's prompt samples and bootstrap CIs"""
+    train_sae: bool = False
+    """train a small SAE instead of using the shipped one (even when presets are shipped)"""
+    fallback_tokens: int = 200_000
+    """activations collected for the fallback SAE (trained for 3 epochs)"""
+    fallback_prompts: int = 48
+    """harmful and harmless TRAIN prompts for the fallback discovery"""
 
 
 def fallback_presets(loaded: LoadedModel, out: Path, tokens: int, n_prompts: int) -> tuple[dict[str, dict], Path]:

@@ -61,10 +61,15 @@ class Candidate:
     """One detector recipe tried in leave-one-source-out validation."""
 
     kind: str
-    layers: tuple  # decoder layers; a float in (0, 1) is a fraction of the model's depth
+    """dim (difference of means), probe (logistic), ensemble (a probe per layer, averaged) or sae_probe (SAE codes)"""
+    layers: tuple
+    """decoder layers; a float in (0, 1) is a fraction of the model's depth"""
     pooling: str = "user"
-    tokens: int = 4  # positions averaged by `last` pooling
-    c: float = 0.1  # inverse regularisation strength of the logistic probes
+    """user (mean over the user's message) or last (mean over the last `tokens` positions)"""
+    tokens: int = 4
+    """positions averaged by `last` pooling"""
+    c: float = 0.1
+    """inverse regularisation strength of the logistic probes"""
 
     @property
     def name(self) -> str:
@@ -77,7 +82,6 @@ class Candidate:
 class GateConfig:
     """What `saesteer gate` trains and how it chooses."""
 
-    # layers as fractions of the model's depth (0.6 = layer 18 of 30); a `sae_probe` reads the SAE's own layer
     candidates: tuple[Candidate, ...] = (
         Candidate("dim", (0.6,), "last", 4),  # the old detector: the baseline row
         Candidate("dim", (0.6,), "user"),
@@ -88,14 +92,24 @@ class GateConfig:
         Candidate("probe", (0.4,), "user", c=0.01), Candidate("probe", (0.4,), "user", c=1.0),
         Candidate("sae_probe", (), "user", c=0.05),
     )
-    sae: str | None = "builtin:sae"  # SAE for `sae_probe` candidates (skipped when its width does not fit the model)
-    max_fpr: float = 0.05  # bound on the 95% upper confidence bound of each benign source's false-positive rate
-    target_fpr: float = 0.03  # a candidate meets the bar when its worst left-out benign source stays at or below this
-    target_recall: float = 0.7  # ... and its worst left-out harmful source reaches this
-    folds: int = 3  # cross-fitting folds for the out-of-fold threshold scores
-    limit: int | None = None  # development prompts per source (None: all)
+    """detector recipes compared; layers as fractions of the model's depth (0.6 = layer 18 of 30), a `sae_probe`
+    reads the SAE's own layer"""
+    sae: str | None = "builtin:sae"
+    """SAE for the sparse SAE-code probe candidates (skipped if empty or its width does not fit the model)"""
+    max_fpr: float = 0.05
+    """bound on the 95% upper confidence bound of each benign source's false-positive rate"""
+    target_fpr: float = 0.03
+    """a candidate meets the bar when its worst left-out benign source stays at or below this"""
+    target_recall: float = 0.7
+    """... and its worst left-out harmful source reaches this"""
+    folds: int = 3
+    """cross-fitting folds for the out-of-fold threshold scores"""
+    limit: int | None = None
+    """development prompts per source (default: all)"""
     batch_size: int = 16
+    """prompts per forward pass"""
     seed: int = 0
+    """seed of the prompt samples, folds and probe fits"""
 
 
 # ---------------------------------------------------------------- scoring a prompt

@@ -40,17 +40,28 @@ Judge = Callable[[str], bool]
 class DiscoverConfig:
     """Sizes and thresholds of the discovery run; every prompt list it reads is a TRAIN split."""
 
-    n_candidates: int = 8  # best by contrast
-    n_attribution: int = 8  # ... plus best by attribution (a feature in both is screened once)
-    attribution_prompts: int = 64  # harmful TRAIN prompts (with a compliant reply) for the attribution gradient
-    max_corpus_freq: float = 0.05  # drop features firing on more than this fraction of corpus tokens
-    min_refusal_freq: float = 0.2  # ... or on fewer than this fraction of refusal replies
+    n_candidates: int = 8
+    """features ranked best by contrast to screen causally"""
+    n_attribution: int = 8
+    """... and ranked best by attribution (a feature in both is screened once)"""
+    attribution_prompts: int = 64
+    """harmful TRAIN prompts (with a compliant reply) for the attribution gradient"""
+    max_corpus_freq: float = 0.05
+    """drop features firing on more than this fraction of corpus tokens"""
+    min_refusal_freq: float = 0.2
+    """... or on fewer than this fraction of refusal replies"""
     corpus_tokens: int = 16_384
+    """corpus tokens encoded for feature frequencies and top contexts"""
     top_contexts: int = 5
+    """top-activating corpus contexts kept per feature"""
     screen_values: tuple[float, ...] = (8.0, 16.0)
+    """clamp values tried in the causal screen"""
     screen_prompts: int = 24
-    max_new_tokens: int = 64  # judged screen replies (loops show only in longer replies)
+    """harmful and harmless TRAIN prompts per screen config"""
+    max_new_tokens: int = 64
+    """tokens generated per reply, judged for refusal (loops show only in longer replies)"""
     batch_size: int = 16
+    """prompts per generation or forward batch"""
 
 
 @dataclass

@@ -52,18 +52,27 @@ class SAEError(SaesteerError):
 class SAEConfig:
     """Shape and architecture of the SAE plus where it was trained; saved with the weights."""
 
-    d_in: int  # width of the activations it reads
-    n_latents: int  # number of latents (dictionary size)
-    k: int | None = None  # latents kept per token (topk only)
-    # z = ReLU(TopK(pre)) for "topk"; relu(pre) * (pre > threshold) for "jumprelu" and "batchtopk"
-    # (a BatchTopK SAE at inference, as sae_lens saves it); relu(pre) for "relu"
+    d_in: int
+    """width of the activations it reads"""
+    n_latents: int
+    """number of latents (dictionary size)"""
+    k: int | None = None
+    """latents kept per token (topk only)"""
     architecture: str = "topk"
-    norm_scale: float = 1.0  # raw activations are multiplied by this before encoding
-    model: str = ""  # the model it was trained on
-    layer: int | None = None  # the decoder layer it reads (None: unknown, e.g. Gemma Scope's params.npz)
-    hook_point: str = "resid_post"  # resid_post or resid_pre
-    training_data: dict = field(default_factory=dict)  # e.g. {source, sha256, dtype, ctx}
-    training_tokens: int = 0  # activations it was trained on
+    """z = ReLU(TopK(pre)) for topk; relu(pre) * (pre > threshold) for jumprelu and batchtopk (a BatchTopK SAE
+    at inference, as sae_lens saves it); relu(pre) for relu"""
+    norm_scale: float = 1.0
+    """raw activations are multiplied by this before encoding"""
+    model: str = ""
+    """the model it was trained on"""
+    layer: int | None = None
+    """the decoder layer it reads (None: unknown, e.g. Gemma Scope's params.npz)"""
+    hook_point: str = "resid_post"
+    """resid_post or resid_pre"""
+    training_data: dict = field(default_factory=dict)
+    """e.g. {source, sha256, dtype, ctx}"""
+    training_tokens: int = 0
+    """activations it was trained on"""
 
     def __post_init__(self):
         # cfg.json is user input: a field of the wrong type is one SAEError line, not a TypeError later.

@@ -43,26 +43,46 @@ class TrainError(SaesteerError):
 class TrainConfig:
     """Everything that determines a training run."""
 
-    activations: str = "runs/activations"  # activation cache folder (saesteer collect)
-    out: str = "runs/sae"  # checkpoint.safetensors and the final SAE (SAELens format) in sae/
-    n_latents: int | None = None  # default: expansion_factor * d_model
+    activations: str = "runs/activations"
+    """activation cache folder (saesteer collect)"""
+    out: str = "runs/sae"
+    """output folder: checkpoint.safetensors and sae/ (the final SAE, SAELens format)"""
+    n_latents: int | None = None
+    """SAE width (default: expansion_factor * d_model)"""
     expansion_factor: int = 8
+    """latents per model dimension"""
     k: int = 32
-    batch_size: int = 4096  # tokens per optimizer step, over all ranks
+    """active latents per token"""
+    batch_size: int = 4096
+    """tokens per optimizer step, over all ranks"""
     total_tokens: int = 20_000_000
-    lr: float | None = None  # default: Gao et al.'s 2e-4 / sqrt(n_latents / 2**14)
+    """total training tokens"""
+    lr: float | None = None
+    """learning rate (default: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14))"""
     warmup_steps: int = 100
+    """linear learning-rate warmup steps"""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1 and beta2"""
     adam_eps: float = 6.25e-10
+    """Adam's epsilon"""
     grad_clip: float = 1.0
+    """gradient norm clipping bound (0: no clipping)"""
     auxk_coef: float = 1 / 32
-    dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead
-    init_tokens: int = 65_536  # sample for the normalisation scale and b_dec's geometric median
+    """AuxK loss coefficient"""
+    dead_tokens: int = 10_000_000
+    """tokens without firing before a latent counts as dead"""
+    init_tokens: int = 65_536
+    """sample for the normalisation scale and b_dec's geometric median"""
     seed: int = 0
-    checkpoint_every: int = 500  # steps
-    log_every: int = 20  # steps
+    """initialisation and data-order seed"""
+    checkpoint_every: int = 500
+    """steps between checkpoints"""
+    log_every: int = 20
+    """steps between progress-bar loss updates"""
     resume: bool = False
-    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
+    """continue from out/checkpoint.safetensors if it exists"""
+    device: str | None = None
+    """cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)"""
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
