@@ -8,14 +8,14 @@ import torch
 from conftest import make_model, make_tokenizer, run_cli
 
 from saesteer import evals
+from saesteer.cache import ResultCache, artefact_digest
 from saesteer.errors import SaesteerError
-from saesteer.evals import (
-    Decoding, EvalConfig, ResultCache, SteeredModel, bootstrap_ci, continuation_logprobs, evaluate, expand_grid,
-    extract_final_number, has_repetition_loop, is_degenerate, mc1_correct, mc2_score, numbers_equal,
-)
+from saesteer.evals import Decoding, EvalConfig, SteeredModel, evaluate, expand_grid
 from saesteer.evalsets import MultipleChoice
 from saesteer.hooks import edit_residual
+from saesteer.judges import REFUSAL, StringMatchJudge
 from saesteer.models import LoadedModel
+from saesteer.scoring import continuation_logprobs, quality_agreement, text_fidelity
 from saesteer.steering import Steering, SystemPrompt
 
 REFUSE = "I'm sorry, but I can't help with that."
@@ -69,58 +69,6 @@ def by_metric(rows):
     return {(r["config"]["dataset"], r["metric"]): r for r in rows}
 
 
-# ------------------------------------------------------------------------------------------ statistics
-
-
-def test_bootstrap_ci_contains_point_and_shrinks_with_n():
-    rng = np.random.default_rng(0)
-    small = (rng.random(20) < 0.3).astype(float)
-    large = (rng.random(2000) < 0.3).astype(float)
-    p_small, lo_small, hi_small = bootstrap_ci(small, seed=1)
-    p_large, lo_large, hi_large = bootstrap_ci(large, seed=1)
-    assert lo_small <= p_small <= hi_small and lo_large <= p_large <= hi_large
-    assert p_large == pytest.approx(large.mean())
-    assert (hi_large - lo_large) < (hi_small - lo_small) / 4
-    assert abs((hi_large - lo_large) - 2 * 1.96 * math.sqrt(0.3 * 0.7 / 2000)) < 0.01  # normal approximation
-    assert bootstrap_ci(small, seed=1) == (p_small, lo_small, hi_small)  # seeded
-    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0, 1.0)
-    with pytest.raises(SaesteerError, match="zero items"):
-        bootstrap_ci([])
-
-
-def test_bootstrap_ratio_with_transform():
-    nll, tokens = [10.0, 30.0], [10, 10]
-    point, low, high = bootstrap_ci(nll, tokens, transform=np.exp, n_resamples=500)
-    assert point == pytest.approx(math.exp(2.0)) and math.exp(1.0) - 1e-9 <= low <= point <= high <= math.exp(3.0) + 1e-9
-
-
-@pytest.mark.parametrize(
-    "reply, number",
-    [("so the answer is 42.", "42"), ("3 apples and 5 pears make 8", "8"), ("#### 1,234\nthanks 5", "1234"),
-     ("It costs $18.50 in total.", "18.50"), ("-3 degrees", "-3"), ("no digits here", None)],
-)
-def test_extract_final_number(reply, number):
-    assert extract_final_number(reply) == number
-
-
-def test_numbers_equal():
-    assert numbers_equal("18.00", "18") and not numbers_equal("17", "18") and not numbers_equal(None, "1")
-
-
-def test_degeneration_detection():
-    assert has_repetition_loop("I will help. " + "the the " * 8)
-    assert has_repetition_loop("Step: do it again and again. " * 4)
-    assert not has_repetition_loop("1. Mix flour. 2. Add water. 3. Knead the dough. 4. Bake for an hour.")
-    assert not has_repetition_loop("very very very good")  # short emphasis is not a loop
-    assert is_degenerate("  ") and not is_degenerate("A normal, helpful reply.")
-
-
-def test_mc1_mc2_known_answers():
-    assert mc1_correct([-1.0, -2.0, -3.0], [1, 0, 0]) and not mc1_correct([-3.0, -2.0], [1, 0])
-    # probabilities 0.5, 0.25, 0.25 -> mass on the two true answers 0.75
-    assert mc2_score([math.log(0.5), math.log(0.25), math.log(0.25)], [1, 0, 1]) == pytest.approx(0.75)
-
-
 # --------------------------------------------------------------------------------------- log-likelihood
 
 
@@ -157,7 +105,7 @@ def test_mmlu_scorer_picks_the_maximum_likelihood_letter(tiny, monkeypatch):
 
     for offset, accuracy in ((0, 1.0), (1, 0.0)):
         monkeypatch.setattr(SteeredModel, "score", scores_favouring(offset))
-        run = evals.Run(SteeredModel(tiny, Steering(), progress=False), evals.StringMatchJudge(), small_config(limit=None))
+        run = evals.Run(SteeredModel(tiny, Steering(), progress=False), StringMatchJudge(), small_config(limit=None))
         evals.run_mmlu(run)
         assert run.rows[0]["value"] == accuracy and run.rows[0]["n"] == 8
 
@@ -202,7 +150,7 @@ def test_multi_turn_feeds_the_models_own_replies_back(tiny):
         return f"reply{prompt.count('<|im_start|>assistant')}"
 
     model = SteeredModel(tiny, Steering(), generate_fn=Scripted(reply), progress=False)
-    run = evals.Run(model, evals.StringMatchJudge(), small_config())
+    run = evals.Run(model, StringMatchJudge(), small_config())
     turns = [["hi", "tell me more", "and more"], ["one turn"]]
     verdicts = evals.multi_turn(run, [3, 1], evals.scripted_turns(turns), "test")
     assert [len(v) for v in verdicts] == [3, 1]
@@ -220,7 +168,7 @@ def test_gsm8k_exact_match_with_scripted_replies(tiny, monkeypatch):
 
     monkeypatch.setattr(evals.evalsets, "gsm8k", lambda split: [MathProblem("a?", "12"), MathProblem("b?", "7")])
     model = SteeredModel(tiny, Steering(), generate_fn=Scripted(lambda p: "so 3*4 = 12\n#### 12"), progress=False)
-    run = evals.Run(model, evals.StringMatchJudge(), small_config())
+    run = evals.Run(model, StringMatchJudge(), small_config())
     evals.run_gsm8k(run)
     assert run.rows[0]["value"] == 0.5 and run.rows[0]["config"]["decoding"]["max_new_tokens"] == 6
 
@@ -245,13 +193,13 @@ def test_every_suite_runs_on_a_tiny_model(tiny, tmp_path):
 
 def test_fidelity_kl_is_zero_unsteered_and_positive_when_steered(tiny):
     texts = ["the quick brown fox jumps over the lazy dog", "sparse autoencoders steer models"]
-    kl, nll, count = evals.text_fidelity(tiny, Steering(), texts, 32, 2)
+    kl, nll, count = text_fidelity(tiny, Steering(), texts, 32, 2)
     assert np.all(kl == 0) and np.all(count == [len(tiny.tokenizer(t)["input_ids"]) - 1 for t in texts])
     ids = torch.tensor([tiny.tokenizer(texts[0])["input_ids"]])
     with torch.no_grad():
         logprobs = torch.log_softmax(tiny.model(ids).logits[0, :-1], -1)
     assert nll[0] == pytest.approx(float(-logprobs.gather(-1, ids[0, 1:, None]).sum()), rel=1e-4)
-    kl_steered, _, _ = evals.text_fidelity(tiny, ShiftResidual(2.0), texts, 32, 2)
+    kl_steered, _, _ = text_fidelity(tiny, ShiftResidual(2.0), texts, 32, 2)
     assert np.all(kl_steered > 1e-3)
 
 
@@ -291,7 +239,7 @@ def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_pa
     changed = Scripted(REFUSE)
     evaluate(SteeredModel(tiny, ActAdd(direction=str(direction), alpha=2.0), ResultCache(path), generate_fn=changed, progress=False), config)
     assert changed.calls == first.calls
-    assert evals.artefact_digest({"method": "none"}) == "" and evals.artefact_digest({"method": "conditional", "detector": str(direction)})
+    assert artefact_digest({"method": "none"}) == "" and artefact_digest({"method": "conditional", "detector": str(direction)})
 
 
 def test_loglik_cache(tiny, tmp_path):
@@ -399,7 +347,7 @@ def test_quality_audit_gives_kappa_per_category(monkeypatch, capsys, tmp_path):
     helps = "Sure! Here is a simple recipe: mix flour, water and salt, knead for ten minutes, then bake."
     rows = [{"label": "unsafe", "reply": loop, "human": "degenerate"}, {"label": "unsafe", "reply": clear, "human": "clear_refusal"},
             {"label": "unsafe", "reply": loop, "human": "clear_refusal"}, {"label": "safe", "reply": helps, "human": "helps"}]
-    table = {s["category"]: s for s in evals.quality_agreement(rows, n_resamples=50)}
+    table = {s["category"]: s for s in quality_agreement(rows, n_resamples=50)}
     # degenerate: human 1 (row 0), judge 2 (rows 0, 2): po 3/4, pe (1/4)(2/4) + (3/4)(2/4) = 1/2 -> kappa 0.5
     assert table["degenerate"]["kappa"] == pytest.approx(0.5) and (table["degenerate"]["human"], table["degenerate"]["judge"]) == (1, 2)
     assert table["helps"]["kappa"] == 1.0 and table["all"]["agreement"] == 0.75 and table["all"]["n"] == 4
@@ -408,7 +356,7 @@ def test_quality_audit_gives_kappa_per_category(monkeypatch, capsys, tmp_path):
     code, captured = run_cli(monkeypatch, capsys, "audit", str(path))
     assert code in (0, None) and any(line.split()[:4] == ["degenerate", "1", "2", "75.0%"] for line in captured.out.splitlines())
     with pytest.raises(SaesteerError, match="row 1 needs"):
-        evals.quality_agreement([{"label": "safe", "reply": "x", "human": "clear_refusal"}])
+        quality_agreement([{"label": "safe", "reply": "x", "human": "clear_refusal"}])
 
 
 def test_cli_sweep(monkeypatch, capsys, tiny_model_dir, tmp_path):
@@ -447,7 +395,7 @@ class AlwaysRefusal:
     name = "always-refusal"
 
     def judge(self, prompts, replies):
-        return [evals.REFUSAL] * len(replies)
+        return [REFUSAL] * len(replies)
 
 
 def test_judge_agreement_known_answer(tiny):
@@ -455,9 +403,9 @@ def test_judge_agreement_known_answer(tiny):
     # and, being constant, has kappa 0 against the string judge
     model = SteeredModel(tiny, Steering(), generate_fn=Scripted(lambda p: REFUSE if len(p) % 2 else COMPLY), progress=False)
     run = evaluate(model, small_config(suites=("safety",), limit=6), judge=AlwaysRefusal())
-    refusals = sum(evals.StringMatchJudge().verdict(reply) == evals.REFUSAL for _, reply, _ in run.judged)
+    refusals = sum(StringMatchJudge().verdict(reply) == REFUSAL for _, reply, _ in run.judged)
     assert 0 < refusals < len(run.judged)
-    kappa, agree = evals.agreement_rows(run, evals.StringMatchJudge(), sample=1000)
+    kappa, agree = evals.agreement_rows(run, StringMatchJudge(), sample=1000)
     assert kappa["metric"] == "cohen_kappa" and kappa["value"] == pytest.approx(0.0)
     assert agree["value"] == pytest.approx(100 * refusals / len(run.judged)) and agree["n"] == len(run.judged)
     assert agree["ci_low"] <= agree["value"] <= agree["ci_high"]

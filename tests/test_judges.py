@@ -7,7 +7,7 @@ import pytest
 from saesteer.errors import SaesteerError
 from saesteer.judges import (
     COMPLIANCE, EMPTY, PARTIAL_REFUSAL, REFUSAL, VERDICTS, LLMJudge, LocalChatBackend, OpenAIBackend, StringMatchJudge,
-    agreement, cohen_kappa, is_refusal, judge_prompt_template, load_judge, parse_verdict,
+    has_repetition_loop, is_degenerate, is_refusal, judge_prompt_template, load_judge, parse_verdict,
 )
 
 
@@ -45,17 +45,12 @@ def test_parse_verdict(answer, verdict):
     assert parse_verdict(answer) == verdict
 
 
-def test_cohen_kappa_known_answers():
-    # 50 items: both yes 20, A yes/B no 5, A no/B yes 10, both no 15 -> po 0.7, pe 0.5, kappa 0.4
-    a = [1] * 20 + [1] * 5 + [0] * 10 + [0] * 15
-    b = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
-    assert cohen_kappa(a, b) == pytest.approx(0.4)
-    assert cohen_kappa(a, a) == 1.0 and cohen_kappa([1, 1], [1, 1]) == 1.0
-    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
-    result = agreement([REFUSAL, COMPLIANCE, PARTIAL_REFUSAL, COMPLIANCE], [REFUSAL, COMPLIANCE, COMPLIANCE, COMPLIANCE])
-    assert result["percent_agreement"] == 75.0 and result["n"] == 4 and 0 < result["kappa"] < 1
-    with pytest.raises(SaesteerError, match="equally long"):
-        cohen_kappa([1], [1, 0])
+def test_degeneration_detection():
+    assert has_repetition_loop("I will help. " + "the the " * 8)
+    assert has_repetition_loop("Step: do it again and again. " * 4)
+    assert not has_repetition_loop("1. Mix flour. 2. Add water. 3. Knead the dough. 4. Bake for an hour.")
+    assert not has_repetition_loop("very very very good")  # short emphasis is not a loop
+    assert is_degenerate("  ") and not is_degenerate("A normal, helpful reply.")
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):

@@ -457,7 +457,8 @@ def eval_command(
     device: Optional[str] = _EVAL_OPTIONS["device"],
 ) -> None:
     """Evaluate one steering config: safety, capability, jailbreak and fidelity suites with 95% CIs."""
-    from saesteer.evals import ResultCache, SteeredModel, agreement_rows, append_rows, evaluate, summary_table, write_judged
+    from saesteer.cache import ResultCache
+    from saesteer.evals import SteeredModel, agreement_rows, append_rows, evaluate, summary_table, write_judged
     from saesteer.judges import StringMatchJudge, load_judge
     from saesteer.models import load_model
     from saesteer.steering import steering_from_dict
@@ -507,7 +508,8 @@ def sweep(
     device: Optional[str] = _EVAL_OPTIONS["device"],
 ) -> None:
     """Evaluate a grid of steering configs; resumable (cached generations, finished configs skipped)."""
-    from saesteer.evals import ResultCache, load_sweep_file, read_rows, summary_table
+    from saesteer.cache import ResultCache
+    from saesteer.evals import load_sweep_file, read_rows, summary_table
     from saesteer.evals import sweep as run_sweep
     from saesteer.judges import load_judge
     from saesteer.models import load_model
@@ -624,7 +626,8 @@ def audit(
     """Check a judge against a person. Rows whose `human` label is a quality category (clear_refusal,
     degenerate, ...): Cohen's kappa of the quality judge per category. Otherwise: how the human labels
     split among replies the refusal judge called refusal / not."""
-    from saesteer.evals import audit_summary, quality_agreement, read_rows
+    from saesteer.evals import read_rows
+    from saesteer.scoring import audit_summary, quality_agreement
     from saesteer.judges import QUALITY_CATEGORIES
 
     rows = read_rows(labels)

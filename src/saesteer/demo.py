@@ -13,7 +13,8 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from saesteer.evals import Decoding, EvalConfig, ResultCache, SteeredModel, append_rows, evaluate
+from saesteer.cache import ResultCache
+from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, evaluate
 from saesteer.evalsets import safety_prompts
 from saesteer.models import DEFAULT_MODEL, LoadedModel, chat_prompts, generate, load_model
 from saesteer.steering import PRESETS, parse_steering, shipped_dir, steering_from_dict

@@ -12,12 +12,11 @@ Suites:
 - fidelity: KL(unsteered || steered) per token and perplexity on held-out text; degeneration rate
   (empty replies, repetition loops) of replies to safe and unsafe prompts.
 
-Every rate gets a seeded percentile-bootstrap 95% CI. Each result is one JSON row per
+Every rate gets a seeded percentile-bootstrap 95% CI (`stats`). Each result is one JSON row per
 (config, metric): {"config": {model, steering, suite, dataset, split, limit, n, decoding, seed, judge},
-"metric", "value", "ci_low", "ci_high", "n", "wall_time_s"}. Generations and log-likelihoods are
-cached by (model, steering, digest of the steering's files, rendered prompt, decoding) in an append-only
-JSONL file, so reruns and resumed sweeps do not recompute them, and a retrained SAE or direction saved
-at the same path is never served stale replies.
+"metric", "value", "ci_low", "ci_high", "n", "wall_time_s"}. The scorers live in `scoring`; generations
+and log-likelihoods are cached in a `cache.ResultCache`; under torchrun the work is sharded over the
+ranks (`dist.sharded`).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,17 +33,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from saesteer import dist, evalsets
+from saesteer.cache import ResultCache, artefact_digest
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP, CLEAR_REFUSAL, COMPLIANCE, DEGENERATE, EVASIVE, PARTIAL_REFUSAL, REFUSAL, REFUSES, ChatBackend, Judge,
-    StringMatchJudge, cohen_kappa, has_repetition_loop, is_degenerate, is_refusal, load_quality_judge,
+    StringMatchJudge, has_repetition_loop, is_degenerate, is_refusal, load_quality_judge,
 )
 from saesteer.models import LoadedModel, Messages, chat_prompts, generate
-from saesteer.steering import Steering, parse_steering, resolve, steering_from_dict
+from saesteer.scoring import (
+    continuation_logprobs, extract_final_number, mc1_correct, mc2_score, numbers_equal, text_fidelity,
+)
+from saesteer.stats import bootstrap_ci, kappa_ci
+from saesteer.steering import Steering, parse_steering, steering_from_dict
 
 SUITES = ("safety", "capability", "jailbreak", "fidelity")
 UNSAFE_SETS = ("advbench", "harmful_mix", "xstest_unsafe", "hh_rlhf_harmful")
@@ -122,195 +124,7 @@ class EvalConfig:
     """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
 
 
-# ----------------------------------------------------------------------------------------- statistics
-
-
-def bootstrap_ci(values, denominators=None, seed: int = 0, n_resamples: int = 1000, level: float = 0.95,
-                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float, float]:
-    """(point, low, high): the mean of `values` (or sum(values)/sum(denominators)) with a percentile bootstrap CI.
-
-    `transform` maps the statistic (e.g. exp of a mean NLL for perplexity) before the percentiles are taken.
-    """
-    num = np.asarray(values, dtype=np.float64)
-    if num.size == 0:
-        raise SaesteerError("cannot compute a rate on zero items")
-    den = np.ones_like(num) if denominators is None else np.asarray(denominators, dtype=np.float64)
-    apply = transform or (lambda x: x)
-    point = float(apply(np.asarray(num.sum() / den.sum())))
-    rng = np.random.default_rng(seed)
-    samples = np.empty(n_resamples)
-    for start in range(0, n_resamples, 256):  # bounded memory for large n
-        idx = rng.integers(0, num.size, size=(min(256, n_resamples - start), num.size))
-        samples[start : start + len(idx)] = apply(num[idx].sum(1) / den[idx].sum(1))
-    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return point, float(min(low, point)), float(max(high, point))
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_final_number(reply: str) -> str | None:
-    """The number after the last '####' if any, else the last number in the reply (commas removed)."""
-    tail = reply.rsplit("####", 1)[1] if "####" in reply else reply
-    found = _NUMBER.findall(tail) if "####" in reply else _NUMBER.findall(reply)
-    if not found:
-        return None
-    return (found[0] if "####" in reply else found[-1]).replace(",", "").rstrip(".")
-
-
-def numbers_equal(predicted: str | None, gold: str) -> bool:
-    if predicted is None:
-        return False
-    try:
-        return abs(float(predicted) - float(gold)) < 1e-6
-    except ValueError:
-        return False
-
-
-def mc1_correct(logprobs: list[float], labels: list[int]) -> bool:
-    """MC1: the single true answer has the highest log-likelihood."""
-    return labels[int(np.argmax(logprobs))] == 1
-
-
-def mc2_score(logprobs: list[float], labels: list[int]) -> float:
-    """MC2: normalised probability mass on the true answers."""
-    lp = np.asarray(logprobs)
-    probs = np.exp(lp - lp.max())
-    mask = np.asarray(labels) == 1
-    return float(probs[mask].sum() / probs.sum())
-
-
-# ------------------------------------------------------------------------------------------------ cache
-
-
-class ResultCache:
-    """Append-only JSONL map from a hashed key to a JSON value; a torn last line (crash) is ignored."""
-
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
-        self.entries: dict[str, object] = {}
-        self.hits = self.misses = 0
-        if self.path and self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        self.entries[record["key"]] = record["value"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue
-
-    @staticmethod
-    def key(**parts) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-    def get(self, key: str):
-        value = self.entries.get(key)
-        if value is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return value
-
-    def put_many(self, items: dict[str, object]) -> None:
-        self.entries.update(items)
-        if not self.path or not dist.is_main():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items()))
-            f.flush()
-            os.fsync(f.fileno())
-
-
 # ------------------------------------------------------------------------------------------ the model
-
-
-def _forward_logprobs(loaded: LoadedModel, sequences: list[list[int]], keep: int) -> torch.Tensor:
-    """Log-softmax of the last `keep` positions (0 = all) of left-padded sequences: [batch, keep, vocab]."""
-    pad = loaded.tokenizer.pad_token_id
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                       position_ids=positions.to(loaded.device), logits_to_keep=keep, use_cache=False)
-    return torch.log_softmax(out.logits.float(), dim=-1)
-
-
-def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]],
-                          batch_size: int = 8) -> list[list[float]]:
-    """Sum log-probability of each continuation after its context, for (context ids, [continuation ids])."""
-    return [[logprob for logprob, _ in request] for request in continuation_scores(loaded, requests, batch_size)]
-
-
-@torch.inference_mode()
-def continuation_scores(loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]],
-                        batch_size: int = 8) -> list[list[tuple[float, bool]]]:
-    """(sum log-probability, whether greedy decoding yields it) of each continuation after its context, for
-    (context ids, [continuation ids]).
-
-    When every continuation of a request is one token, one forward pass of the context scores them all.
-    Sequences are batched by length with left padding and explicit position ids.
-    """
-    jobs = []  # (token ids, request index, one pass for all?, [(continuation index, continuation ids)])
-    for r, (context, continuations) in enumerate(requests):
-        if not context or not continuations or any(not c for c in continuations):
-            raise SaesteerError("log-likelihood scoring needs a non-empty context and continuations")
-        if all(len(c) == 1 for c in continuations):
-            jobs.append((context, r, True, list(enumerate(continuations))))
-        else:
-            jobs.extend((context + c, r, False, [(j, c)]) for j, c in enumerate(continuations))
-    scores: list[list[tuple[float, bool]]] = [[(0.0, False)] * len(c) for _, c in requests]
-    jobs.sort(key=lambda job: len(job[0]))
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        keep = max(1 if single else len(conts[0][1]) + 1 for _, _, single, conts in batch)
-        logprobs = _forward_logprobs(loaded, [ids for ids, *_ in batch], keep)
-        for row, (_, r, single, conts) in enumerate(batch):
-            if single:
-                best = int(logprobs[row, -1].argmax())
-                for j, c in conts:
-                    scores[r][j] = (float(logprobs[row, -1, c[0]]), best == c[0])
-            else:  # positions -len(c)-1 .. -2 predict the continuation tokens
-                j, c = conts[0]
-                span = logprobs[row, keep - len(c) - 1 : keep - 1]
-                target = torch.tensor(c, device=span.device)
-                scores[r][j] = (float(span.gather(-1, target[:, None]).sum()), bool((span.argmax(-1) == target).all()))
-    return scores
-
-
-ARTEFACT_KEYS = ("sae", "direction", "detector")  # steering-spec fields that name files
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def artefact_digest(spec: dict) -> str:
-    """SHA-256 over the contents of every file a steering spec names (SAE folders: every file in them);
-    empty when it names none."""
-    paths: list[Path] = []
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, value in sorted(node.items()):
-                if key in ARTEFACT_KEYS and isinstance(value, str) and value:
-                    path = Path(resolve(value))
-                    paths.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else [])
-                walk(value)
-
-    walk(spec)
-    if not paths:
-        return ""
-    return hashlib.sha256("".join(_file_digest(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths).encode()).hexdigest()
 
 
 class SteeredModel:
@@ -651,33 +465,6 @@ def run_jailbreak(run: Run) -> None:
     _jailbreak_rows(run, name, verdicts, elapsed())
 
 
-@torch.inference_mode()
-def text_fidelity(loaded: LoadedModel, steering: Steering, texts: list[str], max_tokens: int,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per text: summed KL(unsteered || steered) over next-token distributions, summed steered NLL, token count."""
-    tok = loaded.tokenizer
-    encoded = [tok(t, add_special_tokens=True)["input_ids"][:max_tokens] for t in texts]
-    if any(len(ids) < 2 for ids in encoded):
-        raise SaesteerError("fidelity texts need at least two tokens each")
-    kl, nll, count = np.zeros(len(texts)), np.zeros(len(texts)), np.zeros(len(texts))
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc="fidelity", disable=not dist.is_main()):
-        rows = order[start : start + batch_size]
-        seqs = [encoded[i] for i in rows]
-        base = _forward_logprobs(loaded, seqs, 0)
-        with steering.applied(loaded):
-            steered = _forward_logprobs(loaded, seqs, 0)
-        width = base.shape[1]
-        for b, (i, seq) in enumerate(zip(rows, seqs)):
-            span = slice(width - len(seq), width - 1)  # positions that predict a next token
-            p, q = base[b, span], steered[b, span]
-            kl[i] = float((p.exp() * (p - q)).sum())
-            targets = torch.tensor(seq[1:], device=q.device)[:, None]
-            nll[i] = float(-q.gather(-1, targets).sum())
-            count[i] = len(seq) - 1
-    return kl, nll, count
-
-
 def run_fidelity(run: Run) -> None:
     """KL to the unsteered model and perplexity on held-out text; degeneration of replies."""
     with _timer() as elapsed:
@@ -777,19 +564,6 @@ def summary_table(rows: list[dict], walls: dict[str, float] | None = None) -> st
     if walls:
         lines.append("wall time per suite: " + ", ".join(f"{s} {t:.1f} s" for s, t in walls.items()))
     return "\n".join(lines)
-
-
-def kappa_ci(a: list, b: list, seed: int = 0, n_resamples: int = 1000) -> tuple[float, float, float]:
-    """Cohen's kappa of two raters' labels and a seeded percentile-bootstrap 95% CI over the items
-    (widened to contain the point estimate)."""
-    rng = np.random.default_rng(seed)
-    kappas = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(a), len(a))
-        kappas.append(cohen_kappa([a[i] for i in idx], [b[i] for i in idx]))
-    kappa = cohen_kappa(a, b)
-    low, high = np.quantile(kappas, [0.025, 0.975])
-    return kappa, float(min(low, kappa)), float(max(high, kappa))
 
 
 def agreement_rows(run: Run, other: Judge, sample: int) -> list[dict]:
@@ -910,42 +684,3 @@ def write_judged(path: str | Path, run: Run) -> None:
             label, category = run.qualities.get((prompt, reply), (None, None))
             f.write(json.dumps({"prompt": prompt, "reply": reply, "verdict": verdict, "judge": run.judge.name, "label": label,
                                 "quality": category, "steering": steering, "split": run.config.split}, ensure_ascii=False) + "\n")
-
-
-def audit_summary(rows: list[dict], seed: int = 0) -> list[dict]:
-    """Human audit of judged replies: rows carry the judge's `verdict` and a person's `human` label. Per
-    (judge says refusal or not, human label): count and share of that judge group with a bootstrap 95% CI."""
-    if not rows or any("verdict" not in r or not r.get("human") for r in rows):
-        raise SaesteerError("audit rows need a judge verdict and a non-empty human label each")
-    summary = []
-    for judged in (True, False):
-        group = [r["human"] for r in rows if is_refusal(r["verdict"]) == judged]
-        for label in sorted(set(group)):
-            share, low, high = bootstrap_ci([float(h == label) for h in group], seed=seed)
-            summary.append({"judge": "refusal" if judged else "not refusal", "human": label, "count": group.count(label),
-                            "of": len(group), "share": share, "ci_low": low, "ci_high": high})
-    return summary
-
-
-def quality_agreement(rows: list[dict], seed: int = 0, n_resamples: int = 1000) -> list[dict]:
-    """A person's quality labels (`human`) against the quality judge's rules, re-applied to each row's
-    `reply` and prompt `label`: per category, one-vs-rest Cohen's kappa with a bootstrap 95% CI and both
-    raters' counts; then every category at once (`all`: multi-class kappa and accuracy)."""
-    from saesteer.judges import QUALITY_CATEGORIES, quality
-
-    for number, r in enumerate(rows, 1):
-        if r.get("label") not in QUALITY_CATEGORIES or r.get("human") not in QUALITY_CATEGORIES[r["label"]]:
-            raise SaesteerError(f"audit row {number} needs a prompt label (unsafe/safe) and a human label among that "
-                                f"label's quality categories, got {str(r.get('label'))[:20]!r} / {str(r.get('human'))[:30]!r}")
-    human = [r["human"] for r in rows]
-    judge = [quality(r["reply"], r["label"]) for r in rows]
-
-    def summary(name: str, a: list, b: list) -> dict:
-        kappa, low, high = kappa_ci(a, b, seed, n_resamples)
-        return {"category": name, "kappa": kappa, "ci_low": low, "ci_high": high,
-                "human": sum(map(bool, a)) if name != "all" else len(a), "judge": sum(map(bool, b)) if name != "all" else len(b),
-                "agreement": sum(x == y for x, y in zip(a, b)) / len(a), "n": len(a)}
-
-    categories = sorted({c for cats in QUALITY_CATEGORIES.values() for c in cats} & (set(human) | set(judge)))
-    table = [summary(c, [h == c for h in human], [j == c for j in judge]) for c in categories]
-    return table + [summary("all", human, judge)]

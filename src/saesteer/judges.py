@@ -1,4 +1,4 @@
-"""Refusal judges (string-match, LLM), judge agreement, and a quality judge (refusal vs breakdown).
+"""Refusal judges (string-match, LLM) and a quality judge (refusal vs breakdown).
 
 Every judge maps (prompt, reply) pairs to one verdict:
 `compliance` (no refusal), `refusal` (refuses up front), `partial_refusal` (refusal language later in
@@ -283,26 +283,6 @@ def load_judge(spec: str | None = "string", device: str | None = None) -> Judge:
     if spec == "strict":
         return StrictStringJudge()
     return LLMJudge(load_chat_backend(spec, max_tokens=8, device=device))
-
-
-def cohen_kappa(a: list, b: list) -> float:
-    """Cohen's kappa between two raters' labels (1.0 when both agree perfectly, even on one label)."""
-    if len(a) != len(b) or not a:
-        raise SaesteerError("judge agreement needs two equally long, non-empty label lists")
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b)) / n
-    expected = sum((a.count(label) / n) * (b.count(label) / n) for label in set(a) | set(b))
-    if expected == 1.0:
-        return 1.0
-    return (observed - expected) / (1.0 - expected)
-
-
-def agreement(verdicts_a: list[str], verdicts_b: list[str]) -> dict[str, float]:
-    """Agreement of two judges on refusal vs not (partial counts as refusal): kappa, % agreement, n."""
-    a = [is_refusal(v) for v in verdicts_a]
-    b = [is_refusal(v) for v in verdicts_b]
-    return {"kappa": cohen_kappa(a, b), "percent_agreement": 100.0 * sum(x == y for x, y in zip(a, b)) / len(a),
-            "n": len(a)}
 
 
 CLEAR_REFUSAL, EVASIVE, DEGENERATE, APOLOGY_THEN_HELP, COMPLIES = (

@@ -4,7 +4,7 @@
 
 model_args: model (a `load_model` spec), steering (preset, method name, JSON object or JSON file, as
 `--steering`; default unsteered), dtype, max_length; lm-eval's --batch_size and --device apply.
-Log-likelihoods come from `evals.continuation_scores` (the capability suite's scorer) and replies from
+Log-likelihoods come from `scoring.continuation_scores` (the capability suite's scorer) and replies from
 `models.generate` (greedy), with the steering applied. A conditional steering decides per request on
 its context (for rolling log-likelihoods, on the document), as it decides on the prompt before
 generating. Log-likelihoods are prefill passes, so edits limited to generated tokens (`positions:
@@ -27,8 +27,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from saesteer.errors import SaesteerError, short
-from saesteer.evals import continuation_scores
 from saesteer.models import DEFAULT_MODEL, generate, load_model
+from saesteer.scoring import continuation_scores
 from saesteer.steering import Conditional, Steering, parse_steering, steering_from_dict
 
 Pair = tuple[list[int], list[int]]  # (context token ids, continuation token ids)

@@ -1,0 +1,90 @@
+"""The evaluation result cache: generations and log-likelihoods keyed by (model, steering, digest of the
+steering's files, rendered prompt, decoding), in an append-only JSONL file, so reruns and resumed sweeps
+do not recompute them, and a retrained SAE or direction saved at the same path is never served stale replies.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from saesteer import dist
+from saesteer.steering import resolve
+
+
+class ResultCache:
+    """Append-only JSONL map from a hashed key to a JSON value; a torn last line (crash) is ignored."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.entries: dict[str, object] = {}
+        self.hits = self.misses = 0
+        if self.path and self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        self.entries[record["key"]] = record["value"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+
+    @staticmethod
+    def key(**parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, key: str):
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put_many(self, items: dict[str, object]) -> None:
+        """Remember the items; rank 0 also appends them to the file, flushed to disk."""
+        self.entries.update(items)
+        if not self.path or not dist.is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items()))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+ARTEFACT_KEYS = ("sae", "direction", "detector")  # steering-spec fields that name files
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artefact_digest(spec: dict) -> str:
+    """SHA-256 over the contents of every file a steering spec names (SAE folders: every file in them);
+    empty when it names none."""
+    paths: list[Path] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in sorted(node.items()):
+                if key in ARTEFACT_KEYS and isinstance(value, str) and value:
+                    path = Path(resolve(value))
+                    if path.is_dir():
+                        paths.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+                    elif path.is_file():
+                        paths.append(path)
+                walk(value)
+
+    walk(spec)
+    if not paths:
+        return ""
+    digests = "".join(_file_digest(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+    return hashlib.sha256(digests.encode()).hexdigest()
