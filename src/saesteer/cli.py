@@ -277,15 +277,13 @@ def steer(
     device: Optional[str] = _DEVICE,
 ) -> None:
     """Chat with a steered model: unsteered and steered replies side by side."""
-    from saesteer.models import chat_prompts, generate, load_model
-    from saesteer.steering import parse_steering
+    from saesteer.models import load_model
+    from saesteer.steering import generate, parse_steering
 
     method = parse_steering(steering)
     loaded = load_model(model, device=device)
-    conversations = [[{"role": "user", "content": p}] for p in prompt]
-    plain = generate(loaded, chat_prompts(loaded, conversations), max_new_tokens)
-    with method.applied(loaded):
-        steered = generate(loaded, chat_prompts(loaded, [method.prepare(c) for c in conversations]), max_new_tokens)
+    plain = generate(loaded, prompt, None, max_new_tokens)
+    steered = generate(loaded, prompt, method, max_new_tokens)
     for question, before, after in zip(prompt, plain, steered):
         typer.echo(f"\n>>> {question}\n--- unsteered ---\n{before.strip()}\n--- steered ({method.method}) ---\n{after.strip()}")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from saesteer.cache import ResultCache
 from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, evaluate
 from saesteer.evalsets import safety_prompts
-from saesteer.models import DEFAULT_MODEL, LoadedModel, chat_prompts, generate, load_model
-from saesteer.steering import PRESETS, parse_steering, shipped_dir, steering_from_dict
+from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model
+from saesteer.steering import PRESETS, generate, parse_steering, shipped_dir, steering_from_dict
 
 DEMO_SETS = ("advbench", "xstest_unsafe", "xstest_safe")  # vendored: no ../shared needed
 
@@ -83,9 +83,7 @@ def side_by_side(loaded: LoadedModel, methods: dict[str, dict], prompts: list, m
     rows = []
     for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
         steering = steering_from_dict(spec)
-        conversations = [steering.prepare([{"role": "user", "content": p.text}]) for p in prompts]
-        with steering.applied(loaded):
-            replies = generate(loaded, chat_prompts(loaded, conversations), max_new_tokens)
+        replies = generate(loaded, [p.text for p in prompts], steering, max_new_tokens)
         rows += [{"prompt": p.text, "label": p.label, "method": name, "steering": spec, "reply": r.strip()}
                  for p, r in zip(prompts, replies)]
     return rows

@@ -42,12 +42,12 @@ from saesteer.judges import (
     APOLOGY_THEN_HELP, CLEAR_REFUSAL, COMPLIANCE, DEGENERATE, EVASIVE, PARTIAL_REFUSAL, REFUSAL, REFUSES, ChatBackend, Judge,
     StringMatchJudge, has_repetition_loop, is_degenerate, is_refusal, load_quality_judge,
 )
-from saesteer.models import LoadedModel, Messages, chat_prompts, generate
+from saesteer.models import LoadedModel, Messages, generate
 from saesteer.scoring import (
     continuation_logprobs, extract_final_number, mc1_correct, mc2_score, numbers_equal, text_fidelity,
 )
 from saesteer.stats import bootstrap_ci, kappa_ci
-from saesteer.steering import Steering, parse_steering, steering_from_dict
+from saesteer.steering import Steering, parse_steering, render, steering_from_dict
 
 SUITES = ("safety", "capability", "jailbreak", "fidelity")
 UNSAFE_SETS = ("advbench", "harmful_mix", "xstest_unsafe", "hh_rlhf_harmful")
@@ -139,7 +139,7 @@ class SteeredModel:
         self._files = {"files": files} if files else {}  # unchanged keys for steerings that name no files
 
     def render(self, conversations: list[Messages]) -> list[str]:
-        return chat_prompts(self.loaded, [self.steering.prepare(c) for c in conversations])
+        return render(self.loaded, conversations, self.steering)
 
     def _key(self, **parts) -> str:
         return ResultCache.key(model=self.loaded.spec, steering=self.steering.to_dict(), **self._files, **parts)

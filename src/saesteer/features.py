@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError
 from saesteer.hooks import edit_residual, residual_at
-from saesteer.models import LoadedModel, chat_prompts, generate
-from saesteer.steering import SAESteer, Steering, SystemPrompt, check_sae_fits, load_sae
+from saesteer.models import LoadedModel, chat_prompts
+from saesteer.steering import SAESteer, Steering, SystemPrompt, check_sae_fits, generate, load_sae
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
 TEMPLATED_REFUSALS = (
@@ -237,9 +237,7 @@ def logit_lens(loaded: LoadedModel, direction: torch.Tensor, k: int = 10) -> lis
 
 def refusal_rate(loaded: LoadedModel, steering: Steering, prompts: list[str], judge: Judge, config: DiscoverConfig) -> tuple[float, list[str]]:
     """Fraction of prompts the steered model refuses, and its replies."""
-    rendered = chat_prompts(loaded, [steering.prepare([{"role": "user", "content": p}]) for p in prompts])
-    with steering.applied(loaded):
-        replies = generate(loaded, rendered, config.max_new_tokens, config.batch_size)
+    replies = generate(loaded, prompts, steering, config.max_new_tokens, config.batch_size)
     return sum(map(judge, replies)) / max(1, len(replies)), replies
 
 

@@ -97,7 +97,11 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load `spec` (default alias, hub id, local folder or .gguf) in eval mode on the chosen device."""
+    """Load `spec` (the default alias `smollm2-135m-instruct`, a hub id, a local folder or a .gguf file) in
+    eval mode with frozen weights. device: "cpu", "cuda", "mps" (default: cuda, else mps, else cpu); dtype:
+    "float32", "bfloat16" or "float16" (default: bfloat16 on GPUs that support it, else float32). Returns a
+    `LoadedModel` (model, tokenizer with left padding, spec, device, dtype; `n_layers`, `d_model`).
+    Raises SaesteerError when the model cannot be found or read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -22,10 +22,10 @@ from saesteer.errors import SaesteerError
 from saesteer.evalsets import safety_prompts
 from saesteer.features import diff_in_means
 from saesteer.judges import StringMatchJudge, is_refusal
-from saesteer.models import LoadedModel, chat_prompts, generate
+from saesteer.models import LoadedModel
 from saesteer.report import (HEADLINE, SAFE, UNSAFE, Point, curves, markdown_table, png, present_columns, steering_label,
                              trade_off_plot)
-from saesteer.steering import ActAdd, Steering, save_direction
+from saesteer.steering import ActAdd, Steering, generate, save_direction
 
 
 @dataclass
@@ -48,9 +48,7 @@ class LayerScanConfig:
 def refusal_share(loaded: LoadedModel, steering: Steering, prompts: list[str], max_new_tokens: int) -> tuple[float, list[str]]:
     """Share of `prompts` whose steered reply the string judge calls a refusal, and the replies."""
     judge = StringMatchJudge()
-    conversations = [steering.prepare([{"role": "user", "content": p}]) for p in prompts]
-    with steering.applied(loaded):
-        replies = generate(loaded, chat_prompts(loaded, conversations), max_new_tokens)
+    replies = generate(loaded, prompts, steering, max_new_tokens)
     return sum(is_refusal(judge.verdict(r)) for r in replies) / len(replies), replies
 
 

@@ -20,7 +20,8 @@ from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import decoder_layers, edit_residual
-from saesteer.models import LoadedModel, Messages
+from saesteer.models import LoadedModel, Messages, chat_prompts
+from saesteer.models import generate as generate_rendered
 
 POSITIONS = ("all", "prompt", "generated")
 # (layer, hook point, fn): fn(hidden [B, T, d]) -> new hidden, or None to leave it unchanged.
@@ -160,8 +161,13 @@ def resolve(path: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def load_sae(path: str):
-    """Load (once per path) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope .npz file,
-    `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry)."""
+    """Load (once per path, then cached) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope
+    .npz file, `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry).
+
+    Returns a `saesteer.sae.SAE` in eval mode with frozen weights: `encode` maps raw residual activations
+    [..., d_in] to latent codes [..., n_latents] in the SAE's latent units (the units of an `sae` steering's
+    `values`), `decode` maps codes back to raw activations [..., d_in]; `cfg` holds d_in, n_latents, k,
+    layer and hook_point. Raises SaesteerError when the path holds no SAE."""
     from saesteer.sae import SAE
 
     if path.startswith("saelens:"):
@@ -537,10 +543,17 @@ def _exists(path: str, test: Callable[[Path], bool]) -> bool:
         return False
 
 
-def parse_steering(spec: str | None) -> Steering:
-    """A steering method from a preset or method name, a JSON object, or a path to a JSON file."""
+def parse_steering(spec: str | dict | Steering | None) -> Steering:
+    """A steering method from a preset or method name, a JSON object (as a string or a dict), or a path to
+    a JSON file; a `Steering` is returned as is, None or "" is unsteered."""
     import json
 
+    if isinstance(spec, Steering):
+        return spec
+    if isinstance(spec, dict):
+        return steering_from_dict(spec)
+    if spec is not None and not isinstance(spec, str):
+        raise SaesteerError(f"a steering is a preset name, a JSON string or file, a dict or a Steering, not {short(spec)}")
     if not spec or not spec.strip():
         return Steering()
     text = spec.strip()
@@ -562,3 +575,46 @@ def parse_steering(spec: str | None) -> Steering:
     if not isinstance(parsed, dict):
         raise SaesteerError('--steering must be a JSON object such as {"method": "system_prompt"}')
     return steering_from_dict(parsed)
+
+
+def render(loaded: LoadedModel, conversations: list[Messages], steering: Steering | None = None) -> list[str]:
+    """N conversations (lists of {"role", "content"} messages) as the N prompt strings the model sees:
+    each passed through `steering.prepare` (which may add a system prompt), rendered with the chat
+    template and ending with the assistant's turn."""
+    method = Steering() if steering is None else steering
+    return chat_prompts(loaded, [method.prepare(c) for c in conversations])
+
+
+def generate(loaded: LoadedModel, prompts: str | list[str | Messages], steering: str | dict | Steering | None = None,
+             max_new_tokens: int = 64, batch_size: int = 16, progress: bool = False,
+             stop: list[str] | None = None) -> str | list[str]:
+    """Greedy replies of `loaded` (from `load_model`) to N prompts under a steering: the public one-call path.
+
+    prompts: N items, each a string (a one-turn user message) or a conversation (a list of
+    {"role", "content"} messages); a single string gives a single reply string instead of a list.
+    steering: a `Steering`, a preset name (`refusal`, `refusal_conditional`, ...), a JSON string, a JSON
+    file path or a spec dict such as {"method": "sae", "sae": "builtin:sae", "features": [5730],
+    "values": [8.0]} (values in the SAE's latent units); None is unsteered.
+    Each conversation goes through `steering.prepare`, is rendered with the chat template, and the
+    model generates with the steering's residual-stream edits in place. max_new_tokens: the most
+    tokens per reply; batch_size: prompts per forward batch (prompts of similar length batched together,
+    left-padded); stop: strings that end a reply early (kept in it).
+    Returns the N decoded replies (special tokens dropped, not stripped), in the order of `prompts`.
+    """
+    single = isinstance(prompts, str)
+    conversations = []
+    for prompt in [prompts] if single else prompts:
+        if isinstance(prompt, str):
+            conversations.append([{"role": "user", "content": prompt}])
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            conversations.append(list(prompt) if isinstance(prompt, tuple) else prompt)
+        else:
+            hint = " (to send one conversation, wrap its messages in a list: [messages])" * isinstance(prompt, dict)
+            raise SaesteerError(f"a prompt is a string or a non-empty list of {{role, content}} messages, "
+                                f"not {short(prompt)}{hint}")
+    method = parse_steering(steering)
+    rendered = render(loaded, conversations, method)
+    with method.applied(loaded):
+        replies = generate_rendered(loaded, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    progress=progress, stop=stop)
+    return replies[0] if single else replies
