@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from saesteer.errors import SaesteerError
-from saesteer.sae import SAE, SAEConfig, SAEError, geometric_median
+from saesteer.sae import SAE, SAEConfig, SAEError, geometric_median, reconstruction_metrics, spliced_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -311,3 +311,51 @@ def test_real_sae_lens_loads_the_shipped_sae(tmp_path):
 
     theirs = load_file(str(tmp_path / "out.safetensors"))["z"]
     torch.testing.assert_close(theirs, ours.encode(x), rtol=1e-4, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def exact_sae(d: int) -> SAE:
+    """Latents +e_i and -e_i with k = d reconstruct any activation exactly (no zero coordinates)."""
+    sae = SAE(SAEConfig(d_in=d, n_latents=2 * d, k=d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_reconstruction_metrics():
+    sae = exact_sae(4)
+    x = torch.tensor([[1.0, 2, 3, 4], [2, 3, 4, 5], [1, 1, 1, 1], [3, 1, 2, 2]])
+    m = reconstruction_metrics(sae, x, batch_size=3)
+    assert m["fvu"] < 1e-10 and m["l0"] == 4 and m["tokens"] == 4
+    assert m["dead_frac"] == 0.5  # the -e_i latents never fire on positive data
+    assert m["dense_frac"] == 0.5  # each +e_i fires on every token
+    with pytest.raises(SAEError, match="NaN"):
+        reconstruction_metrics(sae, torch.full((2, 4), float("nan")))
+    with pytest.raises(SAEError, match="expects"):
+        reconstruction_metrics(sae, torch.ones(2, 5))
+
+
+def test_spliced_metrics_on_tiny_model(tiny_model_dir):
+    from saesteer.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    ids = torch.randint(3, 400, (4, 16))
+    ids[:, 0] = loaded.tokenizer.bos_token_id
+    perfect = spliced_metrics(exact_sae(64), loaded.model, ids, layer=1, batch_size=3,
+                              skip_ids=[loaded.tokenizer.bos_token_id])
+    clean = loaded.model(input_ids=ids, labels=ids).loss.item()
+    assert perfect["ce_clean"] == pytest.approx(clean, rel=1e-5)
+    assert perfect["ce_sae"] == pytest.approx(clean, rel=1e-4) and perfect["kl_sae"] < 1e-4
+    assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert perfect["ce_zero"] != pytest.approx(clean, rel=1e-3)  # zero-ablation does change the model
+    noisy = SAE(SAEConfig(d_in=64, n_latents=128, k=2))
+    worse = spliced_metrics(noisy, loaded.model, ids, layer=1, batch_size=4)
+    assert worse["kl_sae"] > 1e-3 and worse["ce_clean"] == pytest.approx(perfect["ce_clean"], rel=1e-6)
+    assert worse["loss_recovered"] == pytest.approx(
+        (worse["ce_zero"] - worse["ce_sae"]) / (worse["ce_zero"] - worse["ce_clean"]))

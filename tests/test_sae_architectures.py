@@ -11,9 +11,8 @@ from safetensors.torch import save_file
 
 from saesteer.errors import SaesteerError
 from saesteer.models import generate
-from saesteer.sae import SAE, SAEConfig, SAEError
+from saesteer.sae import SAE, SAEConfig, SAEError, reconstruction_metrics
 from saesteer.steering import SAESteer, load_sae
-from saesteer.trainer import reconstruction_metrics
 
 sae_lens = pytest.importorskip("sae_lens")  # test extra; importing it takes ~8 s
 

@@ -235,9 +235,9 @@ def evaluate_sae(
 ) -> None:
     """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
     from saesteer.models import load_model
+    from saesteer.sae import evaluate_sae as run_evaluate
+    from saesteer.sae import heldout_contexts
     from saesteer.steering import load_sae
-    from saesteer.trainer import evaluate_sae as run_evaluate
-    from saesteer.trainer import heldout_contexts
 
     _writable_out(out, "file")
     loaded_sae = load_sae(sae)

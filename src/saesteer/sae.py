@@ -10,6 +10,10 @@ Conventions:
 - `W_dec` rows are directions, unit-norm for the SAEs saesteer trains but not always for loaded ones;
   decode(z) = z @ W_dec + b_dec holds either way.
 
+Evaluation (`evaluate_sae`, `saesteer evaluate-sae`): FVU, L0 and dead/dense latent fractions on
+activations (`reconstruction_metrics`, any architecture), and next-token CE with the SAE spliced into
+the model, loss recovered and KL (`spliced_metrics`), on held-out contexts (`heldout_contexts`).
+
 Training is TopK only. Only its encoder matmul is dense (2*d*n FLOPs per token). The decoder
 forward/backward and the encoder weight gradient touch only the k selected latents per token (plus
 the AuxK latents).
@@ -526,3 +530,118 @@ def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
         if done:
             break
     return median.float()
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, acts: Tensor, batch_size: int = 1024,
+                           dense_threshold: float = 0.1) -> dict:
+    """FVU, mean L0, and the fractions of latents that never fire (dead) or fire on more than
+    `dense_threshold` of tokens (dense), on raw activations [N, d_in]; any SAE architecture."""
+    if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
+        raise SAEError(f"activations have shape {tuple(acts.shape)}, the SAE expects [N, {sae.cfg.d_in}]")
+    device = sae.W_enc.device
+    sse = total = sq = 0.0
+    l0 = 0
+    counts = torch.zeros(sae.cfg.n_latents, device=device)
+    for start in range(0, acts.shape[0], batch_size):
+        x = acts[start : start + batch_size].to(device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise SAEError(f"activations contain NaN or Inf (rows {start}..{start + x.shape[0] - 1})")
+        z = sae.encode(x)  # [B, n_latents]
+        x_hat = sae.decode(z)
+        active = z > 0
+        counts += active.sum(0)
+        l0 += int(active.sum())
+        sse += (x - x_hat).double().pow(2).sum().item()
+        total = total + x.double().sum(0)
+        sq += x.double().pow(2).sum().item()
+    n_tok = acts.shape[0]
+    variance = sq - (total.pow(2).sum().item() / n_tok)
+    freq = counts / n_tok
+    return {"tokens": n_tok, "fvu": sse / variance, "l0": l0 / n_tok,
+            "dead_frac": (counts == 0).float().mean().item(),
+            "dense_frac": (freq > dense_threshold).float().mean().item()}
+
+
+@torch.no_grad()
+def spliced_metrics(sae: SAE, model: torch.nn.Module, contexts: Tensor, layer: int,
+                    point: str = "resid_post", batch_size: int = 8, skip_ids: list[int] | None = None) -> dict:
+    """Next-token CE of the clean model, with the SAE reconstruction spliced in at (`layer`,
+    `point`), and with the residual stream zero-ablated there; loss recovered and KL(clean || SAE).
+
+    Positions holding `skip_ids` (BOS/EOS/special tokens, which training caches drop) keep their
+    clean activations in both interventions.
+    """
+    from saesteer.hooks import edit_residual
+
+    device = next(model.parameters()).device
+    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    n_pred = 0
+    for start in range(0, contexts.shape[0], batch_size):
+        ids = contexts[start : start + batch_size].to(device)
+        keep = torch.isin(ids, torch.tensor(skip_ids or [], dtype=ids.dtype, device=device))
+
+        def splice(h, replace):
+            new = replace(h)
+            return torch.where(keep[..., None], h, new.to(h.dtype))
+
+        targets = ids[:, 1:].reshape(-1)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        clean_logp = logits.log_softmax(-1).reshape(-1, logits.shape[-1])
+        with edit_residual(model, layer, lambda h: splice(h, sae), point):
+            sae_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+        with edit_residual(model, layer, lambda h: splice(h, torch.zeros_like), point):
+            zero_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+        for name, logp in (("clean", clean_logp), ("sae", sae_logp), ("zero", zero_logp)):
+            sums[name] += F.nll_loss(logp, targets, reduction="sum").item()
+        sums["kl"] += F.kl_div(sae_logp, clean_logp, log_target=True, reduction="sum").item()
+        n_pred += targets.numel()
+    ce = {name: sums[name] / n_pred for name in ("clean", "sae", "zero")}
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+            "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+            "kl_sae": sums["kl"] / n_pred, "predictions": n_pred}
+
+
+def heldout_contexts(sae: SAE, tokenizer, n_contexts: int, data: str | None = None,
+                     ctx: int | None = None) -> Tensor:
+    """`n_contexts` token contexts [n, ctx] the SAE was not trained on: from `data` if given, else
+    from its training text source, skipping the contexts its activation cache used."""
+    import itertools
+
+    from saesteer.corpus import TextSource, iter_documents, pack_contexts
+
+    record = sae.cfg.training_data
+    if data is None and not record.get("data"):
+        raise SAEError("the SAE does not record its training text; pass --data")
+    source = TextSource(data=data) if data else TextSource(
+        **{k: record[k] for k in ("data", "field", "chat", "split") if k in record})
+    ctx = ctx or record.get("ctx") or 128
+    skip = 0 if data else record.get("n_contexts", 0)
+    packed = pack_contexts(iter_documents(source, tokenizer), tokenizer, ctx)
+    contexts = list(itertools.islice(packed, skip, skip + n_contexts))
+    if not contexts:
+        raise SAEError(f"no held-out text in {source.data} beyond the {skip} contexts used for training; pass --data")
+    return torch.tensor(contexts)
+
+
+def evaluate_sae(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
+    """Reconstruction metrics on the contexts' activations (special-token positions dropped, as in
+    training caches) plus the spliced-model metrics, at the SAE's layer and hook point."""
+    from saesteer.hooks import residual_at
+
+    if sae.cfg.layer is None:
+        raise SAEError("the SAE does not record its layer; cannot splice it into the model")
+    point = sae.cfg.hook_point
+    device = next(model.parameters()).device
+    special = sorted(set(tokenizer.all_special_ids))
+    acts = []
+    for start in range(0, contexts.shape[0], batch_size):
+        ids = contexts[start : start + batch_size]
+        hidden = residual_at(model, ids.to(device), sae.cfg.layer, point).float().cpu()
+        keep = ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))
+        acts.append(hidden[keep])
+    return {**reconstruction_metrics(sae, torch.cat(acts)),
+            **spliced_metrics(sae, model, contexts, sae.cfg.layer, point, batch_size, special)}
