@@ -387,7 +387,7 @@ def summary_markdown(result: dict) -> str:
     for c in result["candidates"]:
         best = max(c["screen"], key=lambda s: s["score"]) if c["screen"] else {"value": "-", "harmful_refusal": float("nan"), "harmless_refusal": float("nan")}
         lens = " ".join(f"`{t.strip() or repr(t)}`" for t in c["logit_lens"][:6])
-        lines.append(f"| {c['feature']} | {c.get('source', 'contrast')} | {c.get('attribution', float('nan')):.2f} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
+        lines.append(f"| {c['feature']} | {c['source']} | {c['attribution']:.2f} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
                      f"{best['harmful_refusal']:.0%} | {best['harmless_refusal']:.0%} | {lens} |")
     for c in result["candidates"][:3]:
         lines += ["", f"## Feature {c['feature']}", "", "Top corpus contexts (peak token in **bold**):", ""]
