@@ -43,8 +43,10 @@ from starlette.exceptions import HTTPException
 from transformers import DynamicCache
 
 from saesteer.errors import SaesteerError, short
-from saesteer.models import LoadedModel, chat_prompts
-from saesteer.steering import PRESETS, Steering, applied_per_row, parse_steering, resolve, shipped_dir, steering_from_dict
+from saesteer.models import LoadedModel
+from saesteer.steering import (
+    PRESETS, Steering, applied_per_row, parse_steering, render, resolve, shipped_dir, steering_from_dict,
+)
 
 log = logging.getLogger("saesteer.serve")
 
@@ -523,7 +525,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
         try:
             steering = _request_steering(req.steering, default, allowed)
             conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
-            prompt = chat_prompts(loaded, [steering.prepare(conversation)])[0]
+            prompt = render(loaded, [conversation], steering)[0]
         except SaesteerError as err:
             raise ApiError(400, str(err), param="steering") from None
         except TemplateError as err:  # the model's chat template rejected the conversation
