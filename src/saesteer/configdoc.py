@@ -72,7 +72,7 @@ def _find(module: str, name: str, depth: int = 0) -> tuple[str, ast.AST]:
             return module, node
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return module, node.value
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name and node.value:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name and node.value:
             return module, node.value
         if isinstance(node, ast.ImportFrom):
             for alias in node.names:
