@@ -19,7 +19,9 @@ from saesteer.models import load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--ctx", type=int, default=256)
@@ -49,8 +51,10 @@ def main() -> None:
         print(f"{name:>12}: {tokens / spent:8,.0f} tok/s  ({tokens:,} tokens, {spent:.1f} s)")
     ratio = seconds["full forward"] / seconds["early exit"]
     target = 0.8 * loaded.n_layers / (args.layer + 1)
-    print(f"speedup: {ratio:.2f}x (target >= {target:.2f}x = 0.8 x {loaded.n_layers}/{args.layer + 1}, "
-          f"torch threads {torch.get_num_threads()}) -> {'PASS' if ratio >= target else 'MISS'}")
+    print(
+        f"speedup: {ratio:.2f}x (target >= {target:.2f}x = 0.8 x {loaded.n_layers}/{args.layer + 1}, "
+        f"torch threads {torch.get_num_threads()}) -> {'PASS' if ratio >= target else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,17 +37,26 @@ LONG_PROMPT = "Write a long, detailed essay on the history of the Roman Empire, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=None, help="base URL of a running server (e.g. http://127.0.0.1:8000/v1)")
-    parser.add_argument("--compare", default=None, help="git ref whose server runs the same scenarios (the 'before')")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url", default=None, help="base URL of a running server (e.g. http://127.0.0.1:8000/v1)"
+    )
+    parser.add_argument(
+        "--compare", default=None, help="git ref whose server runs the same scenarios (the 'before')"
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model the started servers load")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-batch-size", type=int, default=16, help="of the started servers")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--steering-mix", default="none,refusal,refusal_conditional",
-                        help="comma-separated presets the requests cycle through")
+    parser.add_argument(
+        "--steering-mix",
+        default="none,refusal,refusal_conditional",
+        help="comma-separated presets the requests cycle through",
+    )
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--scenarios", default="load,abandon", help="comma-separated: load, abandon")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
@@ -57,7 +66,9 @@ def main() -> None:
     with ExitStack() as stack:
         servers = {"this tree": args.url or stack.enter_context(started_server(args, REPO / "src"))}
         if args.compare:
-            servers[args.compare] = stack.enter_context(started_server(args, stack.enter_context(worktree(args.compare)) / "src"))
+            servers[args.compare] = stack.enter_context(
+                started_server(args, stack.enter_context(worktree(args.compare)) / "src")
+            )
         for scenario in args.scenarios.split(","):
             for name, url in servers.items():
                 print(f"== {scenario} on {name}", flush=True)
@@ -79,14 +90,21 @@ def load(args, url: str) -> bool:
         """(latency s, time to first token s, generated tokens) of one request."""
         start = time.perf_counter()
         messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        kw = dict(model=model, messages=messages, max_tokens=args.max_tokens, temperature=0,
-                  extra_body={"steering": mix[i % len(mix)]})
+        kw = dict(
+            model=model,
+            messages=messages,
+            max_tokens=args.max_tokens,
+            temperature=0,
+            extra_body={"steering": mix[i % len(mix)]},
+        )
         if not args.stream:
             reply = client.chat.completions.create(**kw)
             latency = time.perf_counter() - start
             return latency, latency, reply.usage.completion_tokens
         first, tokens = None, 0
-        for chunk in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        for chunk in client.chat.completions.create(
+            **kw, stream=True, stream_options={"include_usage": True}
+        ):
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
             tokens = chunk.usage.completion_tokens if chunk.usage else tokens
@@ -108,12 +126,18 @@ def load(args, url: str) -> bool:
     wall = time.perf_counter() - start
     latencies = sorted(r[0] for r in results)
     tokens = sum(r[2] for r in results)
-    print(f"  {args.requests} requests from {args.clients} clients ({'streamed, ' if args.stream else ''}max_tokens "
-          f"{args.max_tokens}, steering mix {','.join(mix)}) in {wall:.1f} s")
-    print(f"  throughput  {len(results) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s ({tokens} tokens)")
+    print(
+        f"  {args.requests} requests from {args.clients} clients ({'streamed, ' if args.stream else ''}max_tokens "
+        f"{args.max_tokens}, steering mix {','.join(mix)}) in {wall:.1f} s"
+    )
+    print(
+        f"  throughput  {len(results) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s ({tokens} tokens)"
+    )
     if len(latencies) >= 2:
         cuts = statistics.quantiles(latencies, n=20)
-        print(f"  latency     p50 {statistics.median(latencies):.2f} s, p95 {cuts[18]:.2f} s, max {latencies[-1]:.2f} s")
+        print(
+            f"  latency     p50 {statistics.median(latencies):.2f} s, p95 {cuts[18]:.2f} s, max {latencies[-1]:.2f} s"
+        )
     if args.stream and len(results) >= 2:
         print(f"  first token p50 {statistics.median(r[1] for r in results):.2f} s")
     print(f"  errors      {len(errors)}" + (f" (first: {errors[0]})" if errors else ""), flush=True)
@@ -134,14 +158,18 @@ def abandon(args, url: str) -> bool:
     idle = statistics.median(timed() for _ in range(5))
     quitter, _ = client_for(url, timeout=2.0)
     try:
-        quitter.chat.completions.create(model=model, messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=512,
-                                        temperature=0)
+        quitter.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=512, temperature=0
+        )
         print("  the 512-token request finished within the client's 2 s timeout: no abandonment measured")
     except openai.APITimeoutError:
         pass
     after = timed()
-    print(f"  4-token request: idle {idle:.2f} s, right after an abandoned 512-token request {after:.2f} s "
-          f"({after / idle:.1f}x)", flush=True)
+    print(
+        f"  4-token request: idle {idle:.2f} s, right after an abandoned 512-token request {after:.2f} s "
+        f"({after / idle:.1f}x)",
+        flush=True,
+    )
     return False
 
 
@@ -149,11 +177,17 @@ def abandon(args, url: str) -> bool:
 def worktree(ref: str):
     """A temporary detached git worktree of `ref`, removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="saesteer-bench-")) / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), ref], check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), ref],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield folder
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True
+        )
 
 
 @contextmanager
@@ -162,12 +196,28 @@ def started_server(args, source: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "saesteer", "serve", "--model", args.model, "--port", str(port),
-               "--max-batch-size", str(args.max_batch_size), "--max-tokens", str(max(args.max_tokens, 512))]
+    command = [
+        sys.executable,
+        "-m",
+        "saesteer",
+        "serve",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-tokens",
+        str(max(args.max_tokens, 512)),
+    ]
     log = tempfile.TemporaryFile("w+")  # read back only if the server fails to start
     env = {**os.environ, "PYTHONPATH": str(source)}
-    server = subprocess.Popen(command + (["--device", args.device] if args.device else []), stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(
+        command + (["--device", args.device] if args.device else []),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url, deadline = f"http://127.0.0.1:{port}/v1", time.time() + args.startup_timeout
     try:
         while time.time() < deadline and server.poll() is None:

@@ -39,7 +39,9 @@ def synthetic_activations(n_tokens: int, seed: int = 0) -> torch.Tensor:
     which = torch.multinomial(zipf, n_tokens * 48, replacement=True, generator=g).view(n_tokens, 48)
     scale = torch.exp(torch.randn(n_tokens, 48, generator=g) * 0.5)
     mean = torch.randn(D, generator=g) * 2
-    x = torch.cat([torch.bmm(s[:, None, :], atoms[w]).squeeze(1) for s, w in zip(scale.split(512), which.split(512))])
+    x = torch.cat(
+        [torch.bmm(s[:, None, :], atoms[w]).squeeze(1) for s, w in zip(scale.split(512), which.split(512))]
+    )
     return x + mean + 0.1 * torch.randn(n_tokens, D, generator=g)
 
 
@@ -99,10 +101,19 @@ def saelens_step(data: list[torch.Tensor]):
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(0)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, aux_loss_coefficient=1 / 32,
-                                                dtype="float32", device="cpu"))
-    cfg = SAETrainerConfig(total_training_samples=BATCH * 10**6, train_batch_size_samples=BATCH, lr=LR, lr_end=LR,
-                           device="cpu", dead_feature_window=10**9)
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=D, d_sae=N, k=K, aux_loss_coefficient=1 / 32, dtype="float32", device="cpu"
+        )
+    )
+    cfg = SAETrainerConfig(
+        total_training_samples=BATCH * 10**6,
+        train_batch_size_samples=BATCH,
+        lr=LR,
+        lr_end=LR,
+        device="cpu",
+        dead_feature_window=10**9,
+    )
     trainer = SAETrainer(cfg, sae, data_provider=iter(data))
     return lambda x: trainer._train_step(sae, x)
 
@@ -122,14 +133,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D} n={N} k={K} batch={BATCH}, Adam lr={LR:.2e}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D} n={N} k={K} batch={BATCH}, Adam lr={LR:.2e}"
+    )
     data = [x for x in synthetic_activations(4 * BATCH).split(BATCH)]
     steps, skipped = {}, {}
     for name in args.only or FRAMEWORKS:
         try:
             steps[name] = FRAMEWORKS[name](data)
         except ImportError as e:
-            skipped[name] = f"not importable ({e}); pip install {'eai-sparsify' if name == 'sparsify' else 'sae-lens'}"
+            skipped[name] = (
+                f"not importable ({e}); pip install {'eai-sparsify' if name == 'sparsify' else 'sae-lens'}"
+            )
     best: dict[str, float] = {}
     peak = 0.0
     for r in range(args.rounds):
@@ -142,7 +157,9 @@ def main() -> None:
             best[name] = max(best.get(name, 0.0), tok_s)
             print(f"  round {r + 1}: {name:9s} {tok_s:9,.0f} tok/s")
     roofline = peak / (2 * D * N)
-    print(f"\ndense fp32 matmul peak [{BATCH},{D}]x[{D},{N}]: {peak / 1e9:.1f} GFLOP/s -> roofline {roofline:,.0f} tok/s")
+    print(
+        f"\ndense fp32 matmul peak [{BATCH},{D}]x[{D},{N}]: {peak / 1e9:.1f} GFLOP/s -> roofline {roofline:,.0f} tok/s"
+    )
     for name, tok_s in best.items():
         print(f"{name:9s} {tok_s:9,.0f} tok/s  ({tok_s / roofline:.0%} of roofline)")
     for name, reason in skipped.items():

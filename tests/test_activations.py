@@ -22,8 +22,15 @@ def loaded(tiny_model_dir):
 
 
 def config_for(tiny_model_dir, text_file, **overrides):
-    fields = dict(model=str(tiny_model_dir), layer=2, data=TextSource(str(text_file)), tokens=32 * 20, ctx=32,
-                  batch_size=3, contexts_per_shard=4)
+    fields = dict(
+        model=str(tiny_model_dir),
+        layer=2,
+        data=TextSource(str(text_file)),
+        tokens=32 * 20,
+        ctx=32,
+        batch_size=3,
+        contexts_per_shard=4,
+    )
     return CollectConfig(**{**fields, **overrides})
 
 
@@ -93,9 +100,19 @@ def test_empty_dataset_and_bad_layer(tmp_path, tiny_model_dir, loaded):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(SaesteerError, match="no text found"):
-        collect(CollectConfig(model=str(tiny_model_dir), layer=1, data=TextSource(str(empty))), tmp_path / "o", loaded, progress=False)
+        collect(
+            CollectConfig(model=str(tiny_model_dir), layer=1, data=TextSource(str(empty))),
+            tmp_path / "o",
+            loaded,
+            progress=False,
+        )
     with pytest.raises(SaesteerError, match="layer 9 is out of range"):
-        collect(CollectConfig(model=str(tiny_model_dir), layer=9, data=TextSource(str(empty))), tmp_path / "o", loaded, progress=False)
+        collect(
+            CollectConfig(model=str(tiny_model_dir), layer=9, data=TextSource(str(empty))),
+            tmp_path / "o",
+            loaded,
+            progress=False,
+        )
 
 
 def indexed_cache(folder, sizes):
@@ -105,7 +122,10 @@ def indexed_cache(folder, sizes):
     folder.mkdir()
     shards, offset = [], 0
     for i, n in enumerate(sizes):
-        save_file({"acts": torch.arange(offset, offset + n).repeat(2, 1).T.contiguous().to(torch.bfloat16)}, str(folder / f"s{i}.safetensors"))
+        save_file(
+            {"acts": torch.arange(offset, offset + n).repeat(2, 1).T.contiguous().to(torch.bfloat16)},
+            str(folder / f"s{i}.safetensors"),
+        )
         shards.append({"index": i, "file": f"s{i}.safetensors", "n_tokens": n, "n_contexts": 1, "rank": 0})
         offset += n
     (folder / "manifest.json").write_text(json.dumps({"d_model": 2, "shards": shards, "n_tokens": offset}))
@@ -114,7 +134,10 @@ def indexed_cache(folder, sizes):
 
 def test_store_batches_are_deterministic_resumable_and_rank_sliced(tmp_path):
     store = indexed_cache(tmp_path / "c", [40, 50, 30, 20, 60])  # bf16 holds these integers exactly
-    take = lambda n, **kw: [b[:, 0].long() for _, b in zip(range(n), store.batches(16, seed=3, shards_per_group=2, **kw))]
+
+    def take(n, **kw):
+        return [b[:, 0].long() for _, b in zip(range(n), store.batches(16, seed=3, shards_per_group=2, **kw))]
+
     first = take(30)
     assert all(torch.equal(a, b) for a, b in zip(first, take(30)))
     assert all(torch.equal(a, b) for a, b in zip(first[7:], take(23, start_batch=7)))
@@ -124,7 +147,10 @@ def test_store_batches_are_deterministic_resumable_and_rank_sliced(tmp_path):
     assert torch.unique(epoch).numel() == epoch.numel() == per_epoch * 16
     assert not torch.equal(torch.cat(first[per_epoch : 2 * per_epoch]), epoch), "epochs are reshuffled"
     # Two ranks split each global batch of 32 rows into halves.
-    ranks = [[b for _, b in zip(range(4), store.batches(8, seed=3, rank=r, world_size=2, shards_per_group=2))] for r in (0, 1)]
+    ranks = [
+        [b for _, b in zip(range(4), store.batches(8, seed=3, rank=r, world_size=2, shards_per_group=2))]
+        for r in (0, 1)
+    ]
     whole = [b for _, b in zip(range(4), store.batches(16, seed=3, shards_per_group=2))]
     for step in range(4):
         torch.testing.assert_close(torch.cat([ranks[0][step], ranks[1][step]]), whole[step], rtol=0, atol=0)
@@ -141,13 +167,31 @@ def _cli(args, env=None):
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, text_file):
-    args = ["--model", str(tiny_model_dir), "--layer", "2", "--data", str(text_file), "--tokens", str(32 * 40),
-            "--ctx", "32", "--batch-size", "1", "--contexts-per-shard", "2"]
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--layer",
+        "2",
+        "--data",
+        str(text_file),
+        "--tokens",
+        str(32 * 40),
+        "--ctx",
+        "32",
+        "--batch-size",
+        "1",
+        "--contexts-per-shard",
+        "2",
+    ]
     subprocess.run(_cli([*args, "--out", str(tmp_path / "straight")]), check=True, capture_output=True)
-    proc = subprocess.Popen(_cli([*args, "--out", str(tmp_path / "killed")]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli([*args, "--out", str(tmp_path / "killed")]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     manifest = tmp_path / "killed" / "manifest.json"
     deadline = time.time() + 120
-    while time.time() < deadline and not (manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 3):
+    while time.time() < deadline and not (
+        manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 3
+    ):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -160,11 +204,42 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, text_file
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_single_process(tmp_path, tiny_model_dir, text_file):
-    args = ["--model", str(tiny_model_dir), "--layer", "2", "--data", str(text_file), "--tokens", str(32 * 20),
-            "--ctx", "32", "--batch-size", "4", "--contexts-per-shard", "4"]
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--layer",
+        "2",
+        "--data",
+        str(text_file),
+        "--tokens",
+        str(32 * 20),
+        "--ctx",
+        "32",
+        "--batch-size",
+        "4",
+        "--contexts-per-shard",
+        "4",
+    ]
     subprocess.run(_cli([*args, "--out", str(tmp_path / "single")]), check=True, capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
-                          "-m", "saesteer", "collect", *args, "--out", str(tmp_path / "multi")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29617",
+            "-m",
+            "saesteer",
+            "collect",
+            *args,
+            "--out",
+            str(tmp_path / "multi"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert shard_bytes(tmp_path / "multi") == shard_bytes(tmp_path / "single")
     merged = json.loads((tmp_path / "multi" / "manifest.json").read_text())

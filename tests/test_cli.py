@@ -1,12 +1,22 @@
-
 import pytest
 from conftest import run_cli
 
 
-
 @pytest.fixture
 def base(tiny_model_dir, text_file, tmp_path):
-    return ["collect", "--model", str(tiny_model_dir), "--layer", "1", "--data", str(text_file), "--tokens", "64", "--ctx", "32"]
+    return [
+        "collect",
+        "--model",
+        str(tiny_model_dir),
+        "--layer",
+        "1",
+        "--data",
+        str(text_file),
+        "--tokens",
+        "64",
+        "--ctx",
+        "32",
+    ]
 
 
 def test_collect_prints_summary(monkeypatch, capsys, base, tmp_path):
@@ -30,7 +40,9 @@ def test_bad_input_is_one_line(monkeypatch, capsys, base, tmp_path, change, mess
     (tmp_path / "unreadable.txt").write_bytes(b"\xff\xfe\x00bad utf8 \xff")
     args = list(base)
     for flag, value in change.items():
-        value = {"EMPTY": str(tmp_path / "empty.jsonl"), "UNREADABLE": str(tmp_path / "unreadable.txt")}.get(value, value)
+        value = {"EMPTY": str(tmp_path / "empty.jsonl"), "UNREADABLE": str(tmp_path / "unreadable.txt")}.get(
+            value, value
+        )
         args[args.index(flag) + 1] = value
     code, out = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "c"))
     assert code == 2

@@ -26,22 +26,58 @@ from saesteer.errors import SaesteerError  # noqa: E402
 
 # No subnormal floats: a library loaded by other tests may set flush-to-zero, which hypothesis refuses.
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-METHODS = ["none", "system_prompt", "sae", "actadd", "ablate", "conditional", "reply_prefix", "stack", "refusal", "nope"]
-FIELDS = ["features", "values", "layer", "coef", "direction", "sae", "mode", "positions", "threshold", "prompt",
-          "steerings", "detector", "steering", "relative", "max_acts", "decay", "generated_tokens", "text"]
+METHODS = [
+    "none",
+    "system_prompt",
+    "sae",
+    "actadd",
+    "ablate",
+    "conditional",
+    "reply_prefix",
+    "stack",
+    "refusal",
+    "nope",
+]
+FIELDS = [
+    "features",
+    "values",
+    "layer",
+    "coef",
+    "direction",
+    "sae",
+    "mode",
+    "positions",
+    "threshold",
+    "prompt",
+    "steerings",
+    "detector",
+    "steering",
+    "relative",
+    "max_acts",
+    "decay",
+    "generated_tokens",
+    "text",
+]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_subnormal=False) | st.text(max_size=30),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_subnormal=False)
+    | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
     max_leaves=8,
 )
 steering_specs = st.one_of(
     st.text(max_size=300),
     st.sampled_from(METHODS),
-    st.builds(lambda method, extra: json.dumps({"method": method, **extra}), st.sampled_from(METHODS),
-              st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=4)),
+    st.builds(
+        lambda method, extra: json.dumps({"method": method, **extra}),
+        st.sampled_from(METHODS),
+        st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=4),
+    ),
     json_values.map(json.dumps),
 )
-integers_as_text = st.one_of(st.integers(-10**20, 10**20).map(str), st.text(max_size=12))
+integers_as_text = st.one_of(st.integers(-(10**20), 10**20).map(str), st.text(max_size=12))
 
 
 def _stub_model_loading(stack: ExitStack) -> None:
@@ -100,15 +136,47 @@ def test_binary_steering_file(files, data, suffix):
 
 
 @FUZZ
-@given(steering=steering_specs, limit=st.one_of(integers_as_text, st.text(max_size=40)), batch_size=integers_as_text,
-       max_new_tokens=integers_as_text, out=st.one_of(st.text(max_size=40), st.sampled_from(["a-file", "a-file/x", ".", ""])))
+@given(
+    steering=steering_specs,
+    limit=st.one_of(integers_as_text, st.text(max_size=40)),
+    batch_size=integers_as_text,
+    max_new_tokens=integers_as_text,
+    out=st.one_of(st.text(max_size=40), st.sampled_from(["a-file", "a-file/x", ".", ""])),
+)
 def test_eval_arguments(files, steering, limit, batch_size, max_new_tokens, out):
     out = str(files / out) if out in ("a-file", "a-file/x") else out
-    invoke(["eval", "--steering", steering, "--limit", limit, "--batch-size", batch_size, "--max-new-tokens", max_new_tokens,
-            "--out", out or ".", "--judge", "string"])
+    invoke(
+        [
+            "eval",
+            "--steering",
+            steering,
+            "--limit",
+            limit,
+            "--batch-size",
+            batch_size,
+            "--max-new-tokens",
+            max_new_tokens,
+            "--out",
+            out or ".",
+            "--judge",
+            "string",
+        ]
+    )
 
 
 @FUZZ
 @given(limit=integers_as_text, screen_values=st.text(max_size=20))
 def test_discover_arguments(files, tiny_sae, limit, screen_values):
-    invoke(["discover", "--sae", str(tiny_sae), "--limit", limit, "--screen-values", screen_values, "--out", str(files / "d")])
+    invoke(
+        [
+            "discover",
+            "--sae",
+            str(tiny_sae),
+            "--limit",
+            limit,
+            "--screen-values",
+            screen_values,
+            "--out",
+            str(files / "d"),
+        ]
+    )

@@ -48,13 +48,18 @@ def no_model(monkeypatch):
 # ------------------------------------------------------------------------- 1. SAE cfg.json of the wrong shape
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda cfg: {**cfg, "d_in": "abc"}, "d_in must be an integer"),
-    (lambda cfg: {**cfg, "d_sae": 12.5}, "n_latents must be an integer"),
-    (lambda cfg: [1, 2, 3], "must hold a JSON object"),
-    (lambda cfg: {**cfg, "metadata": ["not", "a", "dict"]}, "malformed cfg.json"),
-])
-def test_sae_cfg_of_wrong_type_is_one_line(monkeypatch, capsys, tmp_path, tiny_sae, no_model, change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda cfg: {**cfg, "d_in": "abc"}, "d_in must be an integer"),
+        (lambda cfg: {**cfg, "d_sae": 12.5}, "n_latents must be an integer"),
+        (lambda cfg: [1, 2, 3], "must hold a JSON object"),
+        (lambda cfg: {**cfg, "metadata": ["not", "a", "dict"]}, "malformed cfg.json"),
+    ],
+)
+def test_sae_cfg_of_wrong_type_is_one_line(
+    monkeypatch, capsys, tmp_path, tiny_sae, no_model, change, message
+):
     sae = tmp_path / "sae"
     shutil.copytree(tiny_sae, sae)
     cfg = json.loads((sae / "cfg.json").read_text())
@@ -78,8 +83,21 @@ def test_steering_features_as_string_is_one_line(monkeypatch, capsys, tiny_model
     """`features: "5"` (a string, not a list): the spec is refused as it is parsed. (Covered by the typed
     validation of steering specs in steering_from_dict.)"""
     spec = json.dumps({"method": "sae", "sae": str(tiny_sae), "features": "5", "values": [8.0]})
-    code, out = run_cli(monkeypatch, capsys, "steer", "--steering", spec, "--prompt", "hi", "--model", str(tiny_model_dir),
-                        "--max-new-tokens", "2", "--device", "cpu")
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "steer",
+        "--steering",
+        spec,
+        "--prompt",
+        "hi",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    )
     one_error_line(code, out, "features")
 
 
@@ -99,23 +117,31 @@ def test_binary_steering_file_is_one_line(monkeypatch, capsys, binary_file, no_m
 
 
 def test_binary_train_config_is_one_line(monkeypatch, capsys, binary_file, tmp_path):
-    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(binary_file), "--out", str(tmp_path / "sae"))
+    code, out = run_cli(
+        monkeypatch, capsys, "train", "--config", str(binary_file), "--out", str(tmp_path / "sae")
+    )
     one_error_line(code, out, "cannot read training config")
 
 
 def test_train_config_not_an_object_is_one_line(monkeypatch, capsys, tmp_path):
     (tmp_path / "c.json").write_text("[1, 2]")
-    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "sae"))
+    code, out = run_cli(
+        monkeypatch, capsys, "train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "sae")
+    )
     one_error_line(code, out, "must be a JSON object")
 
 
 def test_binary_report_results_is_one_line(monkeypatch, capsys, binary_file, tmp_path):
-    code, out = run_cli(monkeypatch, capsys, "report", "--results", str(binary_file), "--out", str(tmp_path / "r"))
+    code, out = run_cli(
+        monkeypatch, capsys, "report", "--results", str(binary_file), "--out", str(tmp_path / "r")
+    )
     one_error_line(code, out, "not UTF-8 text")
 
 
 def test_binary_sweep_grid_is_one_line(monkeypatch, capsys, binary_file, tmp_path, no_model):
-    code, out = run_cli(monkeypatch, capsys, "sweep", "--grid", str(binary_file), "--out", str(tmp_path / "s.jsonl"))
+    code, out = run_cli(
+        monkeypatch, capsys, "sweep", "--grid", str(binary_file), "--out", str(tmp_path / "s.jsonl")
+    )
     one_error_line(code, out, "cannot parse sweep file")
 
 
@@ -129,16 +155,32 @@ def test_short_cuts_long_values():
     assert short("x" * 1000) == "x" * 60 + "..." and short("y" * 100, limit=10) == "y" * 10 + "..."
 
 
-@pytest.mark.parametrize("spec", [
-    "p" * 900_000,  # an unknown preset / method name (too long to be a file name, too)
-    json.dumps({"method": "m" * 900_000}),
-    json.dumps({"method": "system_prompt", "k" * 900_000: 1}),
-    "/nowhere/" + "d" * 900_000 + ".json",
-    json.dumps({"method": "sae", "sae": "/nowhere/" + "s" * 900_000, "features": [1], "values": [1.0]}),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "p" * 900_000,  # an unknown preset / method name (too long to be a file name, too)
+        json.dumps({"method": "m" * 900_000}),
+        json.dumps({"method": "system_prompt", "k" * 900_000: 1}),
+        "/nowhere/" + "d" * 900_000 + ".json",
+        json.dumps({"method": "sae", "sae": "/nowhere/" + "s" * 900_000, "features": [1], "values": [1.0]}),
+    ],
+)
 def test_huge_steering_input_is_not_echoed_whole(monkeypatch, capsys, tiny_model_dir, spec):
-    code, out = run_cli(monkeypatch, capsys, "steer", "--steering", spec, "--prompt", "hi", "--model", str(tiny_model_dir),
-                        "--max-new-tokens", "2", "--device", "cpu")
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "steer",
+        "--steering",
+        spec,
+        "--prompt",
+        "hi",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    )
     line = one_error_line(code, out)
     assert len(line) < 600, len(line)
 
@@ -166,8 +208,13 @@ def out_args(tmp_path, tiny_sae):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "locked").mkdir()
-    names = {"GRID": tmp_path / "grid.json", "SAE": tiny_sae, "SHARED": tmp_path / "shared", "ACTS": tmp_path / "acts",
-             "RESULTS": tmp_path / "results.jsonl"}
+    names = {
+        "GRID": tmp_path / "grid.json",
+        "SAE": tiny_sae,
+        "SHARED": tmp_path / "shared",
+        "ACTS": tmp_path / "acts",
+        "RESULTS": tmp_path / "results.jsonl",
+    }
 
     def args(verb, out):
         rest, _ = OUT_VERBS[verb]
@@ -185,10 +232,16 @@ def test_out_is_checked_before_work(monkeypatch, capsys, tmp_path, out_args, no_
     if case == "under a file":
         out, message = tmp_path / "a-file" / "out", "cannot be created: "
     elif case == "wrong kind":
-        out, message = (tmp_path / "a-folder", "is a folder, not a file") if kind == "file" else (tmp_path / "a-file", "is a file, not a folder")
+        out, message = (
+            (tmp_path / "a-folder", "is a folder, not a file")
+            if kind == "file"
+            else (tmp_path / "a-file", "is a file, not a folder")
+        )
     else:  # tests may run as root, for whom every folder is writable: emulate a read-only one
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if "locked" in str(p) else real(p, mode, **kw))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: False if "locked" in str(p) else real(p, mode, **kw)
+        )
         out, message = tmp_path / "locked" / "out", "is not writable"
     code, out_text = run_cli(monkeypatch, capsys, *out_args(verb, out))
     one_error_line(code, out_text, message)
@@ -196,9 +249,19 @@ def test_out_is_checked_before_work(monkeypatch, capsys, tmp_path, out_args, no_
 
 def test_eval_replies_and_cache_are_checked(monkeypatch, capsys, tmp_path, no_model):
     (tmp_path / "a-file").write_text("x")
-    code, out = run_cli(monkeypatch, capsys, "eval", "--out", str(tmp_path / "e.jsonl"), "--replies", str(tmp_path / "a-file" / "r"))
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "eval",
+        "--out",
+        str(tmp_path / "e.jsonl"),
+        "--replies",
+        str(tmp_path / "a-file" / "r"),
+    )
     one_error_line(code, out, "--replies")
-    code, out = run_cli(monkeypatch, capsys, "eval", "--out", str(tmp_path / "e.jsonl"), "--cache", str(tmp_path))
+    code, out = run_cli(
+        monkeypatch, capsys, "eval", "--out", str(tmp_path / "e.jsonl"), "--cache", str(tmp_path)
+    )
     one_error_line(code, out, "--cache")
 
 
@@ -206,8 +269,13 @@ def test_writable_out_accepts_good_paths(tmp_path):
     from saesteer.cli import _writable_out
 
     (tmp_path / "f").write_text("x")
-    for path, kind in [(tmp_path / "new" / "deep" / "out", "dir"), (tmp_path, "dir"), (tmp_path / "f", "file"),
-                       (tmp_path / "new" / "x.jsonl", "file"), (None, "file")]:
+    for path, kind in [
+        (tmp_path / "new" / "deep" / "out", "dir"),
+        (tmp_path, "dir"),
+        (tmp_path / "f", "file"),
+        (tmp_path / "new" / "x.jsonl", "file"),
+        (None, "file"),
+    ]:
         _writable_out(path, kind)
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
@@ -222,41 +290,57 @@ def usage_error(code, out, option):
     assert "Traceback" not in text and "Invalid value" in text and option in text, text[-2000:]
 
 
-@pytest.mark.parametrize("args, option", [
-    (["steer", "--steering", "none", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["steer", "--steering", "none", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
-    (["eval", "--batch-size", "0"], "--batch-size"),
-    (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["sweep", "--grid", "g.json", "--max-new-tokens", "-5"], "--max-new-tokens"),
-    (["collect", "--batch-size", "0"], "--batch-size"),
-    (["collect", "--tokens", "-1"], "--tokens"),
-    (["evaluate-sae", "--sae", "x", "--batch-size", "0"], "--batch-size"),
-    (["discover", "--sae", "x", "--limit", "-1"], "--limit"),
-    (["discover", "--sae", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["gate", "--limit", "0"], "--limit"),
-    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["serve", "--port", "80000"], "--port"),
-    (["serve", "--port", "0"], "--port"),
-    (["serve", "--port", "-1"], "--port"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["steer", "--steering", "none", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["steer", "--steering", "none", "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["eval", "--batch-size", "0"], "--batch-size"),
+        (["eval", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["sweep", "--grid", "g.json", "--max-new-tokens", "-5"], "--max-new-tokens"),
+        (["collect", "--batch-size", "0"], "--batch-size"),
+        (["collect", "--tokens", "-1"], "--tokens"),
+        (["evaluate-sae", "--sae", "x", "--batch-size", "0"], "--batch-size"),
+        (["discover", "--sae", "x", "--limit", "-1"], "--limit"),
+        (["discover", "--sae", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["gate", "--limit", "0"], "--limit"),
+        (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["serve", "--port", "80000"], "--port"),
+        (["serve", "--port", "0"], "--port"),
+        (["serve", "--port", "-1"], "--port"),
+    ],
+)
 def test_out_of_range_numbers_are_usage_errors(monkeypatch, capsys, no_model, args, option):
     code, out = run_cli(monkeypatch, capsys, *args)
     usage_error(code, out, option)
 
 
 def test_bad_screen_values_is_one_line(monkeypatch, capsys, tmp_path, tiny_sae, no_model):
-    code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--screen-values", "8,abc", "--out", str(tmp_path / "d"))
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "discover",
+        "--sae",
+        str(tiny_sae),
+        "--screen-values",
+        "8,abc",
+        "--out",
+        str(tmp_path / "d"),
+    )
     one_error_line(code, out, "bad --screen-values")
 
 
-@pytest.mark.parametrize("args", [
-    ["eval", "--judge", "openai:" + "j" * 900_000],
-    ["eval", "--suite", "s" * 900_000],
-    ["eval", "--limit", "l" * 900_000],
-    ["reproduce", "--preset", "p" * 900_000],
-    ["discover", "--sae", "x", "--judge", "j" * 900_000],
-    ["discover", "--sae", "x", "--screen-values", "v" * 900_000],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "--judge", "openai:" + "j" * 900_000],
+        ["eval", "--suite", "s" * 900_000],
+        ["eval", "--limit", "l" * 900_000],
+        ["reproduce", "--preset", "p" * 900_000],
+        ["discover", "--sae", "x", "--judge", "j" * 900_000],
+        ["discover", "--sae", "x", "--screen-values", "v" * 900_000],
+    ],
+)
 def test_huge_option_values_are_not_echoed_whole(monkeypatch, capsys, tmp_path, no_model, args):
     code, out = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"))
     line = one_error_line(code, out)

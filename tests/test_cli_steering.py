@@ -4,40 +4,110 @@ import pytest
 from conftest import run_cli
 
 
-
 def test_steer_prints_both_replies(monkeypatch, capsys, tiny_model_dir, tiny_sae):
     spec = json.dumps({"method": "sae", "sae": str(tiny_sae), "features": [3], "values": [40.0]})
-    code, out = run_cli(monkeypatch, capsys, "steer", "--model", str(tiny_model_dir), "--steering", spec,
-                        "--prompt", "the quick fox", "--prompt", "lazy dog", "--max-new-tokens", "5")
-    assert code == 0 and out.out.count("--- unsteered ---") == 2 and out.out.count("--- steered (sae) ---") == 2
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "steer",
+        "--model",
+        str(tiny_model_dir),
+        "--steering",
+        spec,
+        "--prompt",
+        "the quick fox",
+        "--prompt",
+        "lazy dog",
+        "--max-new-tokens",
+        "5",
+    )
+    assert (
+        code == 0 and out.out.count("--- unsteered ---") == 2 and out.out.count("--- steered (sae) ---") == 2
+    )
 
 
-@pytest.mark.parametrize("spec, message", [
-    ('{"method": "nope"}', "unknown steering method 'nope'"),
-    ("not-a-preset", "unknown steering method 'not-a-preset'"),
-    ("missing.json", "no such steering file: missing.json"),
-    ('{"method": "sae", "sae": "SAE", "features": [500], "values": [1]}', "feature index 500 is out of range"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ('{"method": "nope"}', "unknown steering method 'nope'"),
+        ("not-a-preset", "unknown steering method 'not-a-preset'"),
+        ("missing.json", "no such steering file: missing.json"),
+        (
+            '{"method": "sae", "sae": "SAE", "features": [500], "values": [1]}',
+            "feature index 500 is out of range",
+        ),
+    ],
+)
 def test_steer_bad_specs_are_one_line(monkeypatch, capsys, tiny_model_dir, tiny_sae, spec, message):
-    code, out = run_cli(monkeypatch, capsys, "steer", "--model", str(tiny_model_dir), "--steering", spec.replace("SAE", str(tiny_sae)),
-                        "--prompt", "hi")
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "steer",
+        "--model",
+        str(tiny_model_dir),
+        "--steering",
+        spec.replace("SAE", str(tiny_sae)),
+        "--prompt",
+        "hi",
+    )
     assert code == 2 and message in out.err and "Traceback" not in out.err
 
 
 @pytest.mark.slow
 def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_dir, tiny_sae, tmp_path):
-    code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--model", str(tiny_model_dir), "--limit", "8",
-                        "--n-candidates", "2", "--n-attribution", "2", "--screen-values", "4", "--max-new-tokens", "4", "--screen-prompts", "4", "--detector-layer", "3",
-                        "--out", str(tmp_path))
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "discover",
+        "--sae",
+        str(tiny_sae),
+        "--model",
+        str(tiny_model_dir),
+        "--limit",
+        "8",
+        "--n-candidates",
+        "2",
+        "--n-attribution",
+        "2",
+        "--screen-values",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--screen-prompts",
+        "4",
+        "--detector-layer",
+        "3",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0, out.err
     result = json.loads((tmp_path / "discovery.json").read_text())
     assert result["n_harmful"] == 8 and len(result["candidates"]) <= 4 and result["judge"] == "strict"
     assert set(result["specs"]) >= {"actadd", "sae_clamp", "conditional_sae", "control_clamp"}
     assert 0.9 <= result["detector"]["harmful_flagged"] <= 1.0
-    screened = [(s["score"], s["harmful_refusal"], c["feature"]) for c in result["candidates"] for s in c["screen"]]
-    unconditional, conditional = result["specs"]["sae_clamp"]["features"][0], result["specs"]["conditional_sae"]["steering"]["features"][0]
-    assert max(s[0] for s in screened if s[2] == unconditional) == max(s[0] for s in screened)  # best gain minus over-refusal
-    assert max(s[1] for s in screened if s[2] == conditional) == max(s[1] for s in screened)  # most refusal: the gate guards safe prompts
+    screened = [
+        (s["score"], s["harmful_refusal"], c["feature"]) for c in result["candidates"] for s in c["screen"]
+    ]
+    unconditional, conditional = (
+        result["specs"]["sae_clamp"]["features"][0],
+        result["specs"]["conditional_sae"]["steering"]["features"][0],
+    )
+    assert max(s[0] for s in screened if s[2] == unconditional) == max(
+        s[0] for s in screened
+    )  # best gain minus over-refusal
+    assert max(s[1] for s in screened if s[2] == conditional) == max(
+        s[1] for s in screened
+    )  # most refusal: the gate guards safe prompts
     assert (tmp_path / "discovery.md").read_text().startswith("# Refusal feature discovery")
-    code, out = run_cli(monkeypatch, capsys, "discover", "--sae", str(tiny_sae), "--model", str(tiny_model_dir), "--judge", "openai:http://x/v1:m")
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        "discover",
+        "--sae",
+        str(tiny_sae),
+        "--model",
+        str(tiny_model_dir),
+        "--judge",
+        "openai:http://x/v1:m",
+    )
     assert code == 2 and "use strict or string" in out.err

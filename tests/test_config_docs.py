@@ -10,10 +10,21 @@ import typer
 from saesteer import cli
 from saesteer.configdoc import MISSING, field_docs
 
-CONFIGS = ["activations:CollectConfig", "corpus:TextSource", "demo:DemoConfig", "detectors:Candidate",
-           "detectors:GateConfig", "evals:Decoding", "evals:EvalConfig", "features:DiscoverConfig",
-           "reproduce:LayerScanConfig", "reproduce:ReproduceConfig", "sae:SAEConfig", "serve:ServeConfig",
-           "trainer:TrainConfig"]
+CONFIGS = [
+    "activations:CollectConfig",
+    "corpus:TextSource",
+    "demo:DemoConfig",
+    "detectors:Candidate",
+    "detectors:GateConfig",
+    "evals:Decoding",
+    "evals:EvalConfig",
+    "features:DiscoverConfig",
+    "reproduce:LayerScanConfig",
+    "reproduce:ReproduceConfig",
+    "sae:SAEConfig",
+    "serve:ServeConfig",
+    "trainer:TrainConfig",
+]
 
 
 def _class(config: str) -> type:
@@ -62,7 +73,9 @@ def test_cli_options_have_help_without_timings():
     timing = re.compile(r"\d\s*(h|min|minutes|s|sec|seconds)\b|measured|~\s*\d", re.I)
     for command, param in _options():
         assert param.help, f"saesteer {command} {param.opts[0]} has no help"
-        assert not timing.search(param.help), f"saesteer {command} {param.opts[0]}: timing in help {param.help!r}"
+        assert not timing.search(param.help), (
+            f"saesteer {command} {param.opts[0]}: timing in help {param.help!r}"
+        )
 
 
 # options whose default is, by design, not the field of the same meaning (they leave it to a config file)
@@ -96,7 +109,9 @@ def test_cli_defaults_are_the_dataclass_defaults():
     assert options["eval", "suite"].default == ",".join(_class("evals:EvalConfig")().suites)
     assert options["eval", "limit"].default == str(_class("evals:EvalConfig")().limit)
     assert options["discover", "screen_values"].default == "8,16"
-    assert options["collect", "keep_special"].default is (not _class("activations:CollectConfig")().drop_special)
+    assert options["collect", "keep_special"].default is (
+        not _class("activations:CollectConfig")().drop_special
+    )
     for option in ("k", "tokens", "lr", "seed", "activations"):  # train: None = not given, the config decides
         assert options["train", option].default is None
     assert "(default: 20,000,000)" in options["train", "tokens"].help

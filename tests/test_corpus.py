@@ -19,7 +19,10 @@ def test_reads_txt_jsonl_json_and_gz(tmp_path, tok):
     (tmp_path / "c.json").write_text(json.dumps([{"body": "from json"}]))
     with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
         f.write(json.dumps({"body": "from gzip"}) + "\n")
-    assert list(iter_documents(TextSource(str(tmp_path / "a.txt")))) == ["first para\nline two\n", "second para\n"]
+    assert list(iter_documents(TextSource(str(tmp_path / "a.txt")))) == [
+        "first para\nline two\n",
+        "second para\n",
+    ]
     docs = list(iter_documents(TextSource(str(tmp_path), field="body")))
     # A folder's files are read round-robin so every prefix mixes them.
     assert docs == ["first para\nline two\n", "from jsonl", "from json", "from gzip", "second para\n"]
@@ -27,7 +30,12 @@ def test_reads_txt_jsonl_json_and_gz(tmp_path, tok):
 
 def test_chat_formatting(tmp_path, tok):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"q": "Hi?", "a": "Hello."}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "Yo"}]}) + "\n")
+    path.write_text(
+        json.dumps({"q": "Hi?", "a": "Hello."})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Yo"}]})
+        + "\n"
+    )
     docs = list(iter_documents(TextSource(str(path), chat="q,a"), tok))
     assert docs[0] == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
     assert docs[1] == "<|im_start|>user\nYo<|im_end|>\n"
@@ -35,7 +43,9 @@ def test_chat_formatting(tmp_path, tok):
 
 def test_transcripts_become_chat(tmp_path, tok):
     path = tmp_path / "hh.jsonl"
-    path.write_text(json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!"}) + "\n")
+    path.write_text(
+        json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!"}) + "\n"
+    )
     [doc] = iter_documents(TextSource(str(path), field="chosen", chat="transcript"), tok)
     assert doc.count("<|im_start|>user") == 2 and doc.endswith("<|im_start|>assistant\nBye!<|im_end|>\n")
 

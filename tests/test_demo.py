@@ -13,8 +13,15 @@ from saesteer.steering import PRESETS, shipped_dir
 
 
 def test_demo_fallback_trains_an_sae_and_writes_the_report(tiny_model_dir, tmp_path, one_thread, capsys):
-    config = DemoConfig(model=str(tiny_model_dir), out=str(tmp_path / "demo"), examples=1, limit=2, max_new_tokens=4,
-                        fallback_tokens=4096, fallback_prompts=4)
+    config = DemoConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "demo"),
+        examples=1,
+        limit=2,
+        max_new_tokens=4,
+        fallback_tokens=4096,
+        fallback_prompts=4,
+    )
     html_path, md_path = run_demo(config)
     printed = capsys.readouterr().out
     assert "no shipped steering presets" in printed and ">>> [unsafe]" in printed and "unsteered:" in printed
@@ -33,8 +40,19 @@ def test_demo_fallback_trains_an_sae_and_writes_the_report(tiny_model_dir, tmp_p
 @needs_default_model
 @pytest.mark.skipif("refusal" not in PRESETS, reason="no shipped presets in this checkout")
 def test_demo_on_the_default_model_with_shipped_artefacts(tmp_path, monkeypatch, capsys):
-    code, captured = run_cli(monkeypatch, capsys, "demo", "--out", str(tmp_path / "demo"), "--examples", "1",
-                             "--limit", "4", "--max-new-tokens", "16")
+    code, captured = run_cli(
+        monkeypatch,
+        capsys,
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--examples",
+        "1",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "16",
+    )
     assert code == 0, captured.err
     assert "no shipped steering presets" not in captured.out  # the shipped SAE was used, nothing trained
     assert "report:" in captured.out and (tmp_path / "demo" / "report" / "report.html").is_file()

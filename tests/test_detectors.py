@@ -19,14 +19,24 @@ BENIGN = ["lazy dog sleeps", "the lazy dog", "sparse autoencoders steer models",
 @pytest.fixture(scope="module")
 def tiny_pool(tiny_loaded):
     pool = detectors.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
-    keys = detectors.feature_keys((Candidate("probe", (1,), "user"), Candidate("ensemble", (1, 3), "last", 2)), None)
+    keys = detectors.feature_keys(
+        (Candidate("probe", (1,), "user"), Candidate("ensemble", (1, 3), "last", 2)), None
+    )
     detectors.extract_features(tiny_loaded, pool, keys, batch_size=3)
     return pool
 
 
-@pytest.mark.parametrize("candidate", [Candidate("dim", (1,), "user"), Candidate("probe", (1,), "user", c=10.0),
-                                       Candidate("ensemble", (1, 3), "last", 2)])
-def test_cached_feature_scores_equal_live_scores_and_survive_a_save(tiny_loaded, tiny_pool, tmp_path, candidate, one_thread):
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        Candidate("dim", (1,), "user"),
+        Candidate("probe", (1,), "user", c=10.0),
+        Candidate("ensemble", (1, 3), "last", 2),
+    ],
+)
+def test_cached_feature_scores_equal_live_scores_and_survive_a_save(
+    tiny_loaded, tiny_pool, tmp_path, candidate, one_thread
+):
     detector = detectors.fit(candidate, tiny_pool)
     cached = detectors.pooled_scores(detector, tiny_pool, candidate)
     live = detectors.score_prompts(tiny_loaded, detector, HARMFUL + BENIGN, batch_size=3).numpy()
@@ -34,18 +44,28 @@ def test_cached_feature_scores_equal_live_scores_and_survive_a_save(tiny_loaded,
     detector.save(tmp_path / "d.safetensors", "tiny", threshold=0.5)
     loaded_back = detectors.load_detector(str(tmp_path / "d.safetensors"))
     assert loaded_back.layers == candidate.layers and loaded_back.meta["threshold"] == "0.5"
-    assert np.allclose(detectors.score_prompts(tiny_loaded, loaded_back, HARMFUL + BENIGN).numpy(), live, atol=1e-5)
+    assert np.allclose(
+        detectors.score_prompts(tiny_loaded, loaded_back, HARMFUL + BENIGN).numpy(), live, atol=1e-5
+    )
     if candidate.kind != "dim":  # a probe separates its own training prompts
         assert cached[:4].min() > cached[4:].max()
 
 
 def test_user_pooling_averages_the_message_and_not_the_template(tiny_loaded):
-    rendered = chat_prompts(tiny_loaded, [[{"role": "user", "content": "lazy dog"}], [{"role": "user", "content": "the quick brown fox jumps"}]])
+    rendered = chat_prompts(
+        tiny_loaded,
+        [
+            [{"role": "user", "content": "lazy dog"}],
+            [{"role": "user", "content": "the quick brown fox jumps"}],
+        ],
+    )
     batch = tiny_loaded.tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
     weights = detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "user", 4)
     head, tail = detectors.template_margins(tiny_loaded)
     for row in range(2):
-        message_ids = tiny_loaded.tokenizer([["lazy dog", "the quick brown fox jumps"][row]], add_special_tokens=False).input_ids[0]
+        message_ids = tiny_loaded.tokenizer(
+            [["lazy dog", "the quick brown fox jumps"][row]], add_special_tokens=False
+        ).input_ids[0]
         kept = batch["input_ids"][row][weights[row] > 0].tolist()
         assert kept == message_ids and torch.isclose(weights[row].sum(), torch.tensor(1.0))
     assert head > 0 and tail > 0
@@ -56,9 +76,15 @@ def test_user_pooling_averages_the_message_and_not_the_template(tiny_loaded):
 
 
 def test_user_messages_are_recovered_from_a_rendering(tiny_loaded):
-    conversation = [{"role": "user", "content": "first ask"}, {"role": "assistant", "content": "a reply"},
-                    {"role": "user", "content": "second ask"}]
-    assert detectors.user_messages(tiny_loaded, chat_prompts(tiny_loaded, [conversation])[0]) == ["first ask", "second ask"]
+    conversation = [
+        {"role": "user", "content": "first ask"},
+        {"role": "assistant", "content": "a reply"},
+        {"role": "user", "content": "second ask"},
+    ]
+    assert detectors.user_messages(tiny_loaded, chat_prompts(tiny_loaded, [conversation])[0]) == [
+        "first ask",
+        "second ask",
+    ]
     assert detectors.user_messages(tiny_loaded, "not a chat rendering") == []
 
 
@@ -82,7 +108,12 @@ def _synthetic_pool(seed=0) -> Pool:
     """Two harmful and two benign sources in 8 dims: harm lives on dim 0; source style on dim 1 (which
     a probe must not lean on: benign source `styled` shares the harmful sources' style)."""
     rng = np.random.default_rng(seed)
-    groups = {"advbench": (3, 2), "xstest_unsafe": (3, 2), "xstest_safe": (0, 0), "benign:benign_twins": (0, 2)}
+    groups = {
+        "advbench": (3, 2),
+        "xstest_unsafe": (3, 2),
+        "xstest_safe": (0, 0),
+        "benign:benign_twins": (0, 2),
+    }
     sources, labels, feats = [], [], []
     for name, (harm, style) in groups.items():
         x = rng.normal(size=(120, 8))
@@ -101,13 +132,20 @@ def test_leave_one_source_out_reports_each_left_out_source_and_the_worst_fold():
     config = GateConfig(candidates=(), max_fpr=0.1, folds=3)
     result = detectors.leave_one_source_out(Candidate("probe", (0,), "user", c=1.0), pool, None, config)
     assert set(result["folds"]) == set(pool.sources)
-    assert {f["label"] for s, f in result["folds"].items() if s in ("advbench", "xstest_unsafe")} == {"harmful"}
+    assert {f["label"] for s, f in result["folds"].items() if s in ("advbench", "xstest_unsafe")} == {
+        "harmful"
+    }
     assert all(f["n"] == 120 for f in result["folds"].values())
-    assert result["worst_recall"] == min(f["rate"] for f in result["folds"].values() if f["label"] == "harmful")
+    assert result["worst_recall"] == min(
+        f["rate"] for f in result["folds"].values() if f["label"] == "harmful"
+    )
     assert result["worst_fpr"] == max(f["rate"] for f in result["folds"].values() if f["label"] == "benign")
     assert result["worst_recall"] > 0.8  # harm on dim 0 transfers across harmful sources
     # without the twins in training, style separates the classes as well as harm does: the twins fold is worst
-    assert result["worst_fpr_source"] == "benign:benign_twins" and result["worst_fpr"] > 2 * result["folds"]["xstest_safe"]["rate"]
+    assert (
+        result["worst_fpr_source"] == "benign:benign_twins"
+        and result["worst_fpr"] > 2 * result["folds"]["xstest_safe"]["rate"]
+    )
 
 
 def _result(recalls, fprs):
@@ -121,8 +159,11 @@ def test_candidates_rank_by_their_worst_fold_then_the_next_worst():
     floor_but_better_next = _result([0.0, 0.6], [0.1, 0.0])
     floor = _result([0.0, 0.5], [0.1, 0.0])
     recalls_more_but_over_refuses = _result([0.95, 0.99], [0.4, 0.0])
-    ranked = sorted([floor, recalls_more_but_over_refuses, floor_but_better_next, meets],
-                    key=lambda r: detectors.rank_key(r, 0.03, 0.7), reverse=True)
+    ranked = sorted(
+        [floor, recalls_more_but_over_refuses, floor_but_better_next, meets],
+        key=lambda r: detectors.rank_key(r, 0.03, 0.7),
+        reverse=True,
+    )
     # worst successes: meets 0.7 (and meets both targets), over-refuser 0.6, the floors 0.0 (then 0.6 > 0.5)
     assert ranked == [meets, recalls_more_but_over_refuses, floor_but_better_next, floor]
 
@@ -133,16 +174,28 @@ def test_source_weights_give_each_class_and_source_equal_mass():
     assert weights[:10].sum() == pytest.approx(weights[10:40].sum()) == pytest.approx(weights[40:].sum() / 2)
 
 
-def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_unsteered(tiny_loaded, tmp_path, one_thread):
+def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_unsteered(
+    tiny_loaded, tmp_path, one_thread
+):
     harmful_turn, benign_turn = "the quick brown fox jumps", "lazy dog"
     pool = detectors.build_pool({"advbench": [harmful_turn], "xstest_safe": [benign_turn]}, {"advbench"})
     detectors.extract_features(tiny_loaded, pool, [(1, "user", 0, None)])
     detector = detectors.fit(Candidate("dim", (1,), "user"), pool)
     path = tmp_path / "gate.safetensors"
     detector.save(path, "tiny")
-    flagged = [{"role": "user", "content": harmful_turn}, {"role": "assistant", "content": "sure"}, {"role": "user", "content": benign_turn}]
-    clean = [{"role": "user", "content": benign_turn}, {"role": "assistant", "content": "sure"}, {"role": "user", "content": benign_turn}]
-    whole = detector.scores(tiny_loaded, *_ids(tiny_loaded, [flagged]))  # the conversation alone, no per-turn max
+    flagged = [
+        {"role": "user", "content": harmful_turn},
+        {"role": "assistant", "content": "sure"},
+        {"role": "user", "content": benign_turn},
+    ]
+    clean = [
+        {"role": "user", "content": benign_turn},
+        {"role": "assistant", "content": "sure"},
+        {"role": "user", "content": benign_turn},
+    ]
+    whole = detector.scores(
+        tiny_loaded, *_ids(tiny_loaded, [flagged])
+    )  # the conversation alone, no per-turn max
     turn = detectors.score_prompts(tiny_loaded, detector, [harmful_turn])
     gated = detectors.score_prompts(tiny_loaded, detector, [flagged, clean])
     assert turn[0] > whole[0]  # the precondition: the last-turn-diluted score misses the harmful turn
@@ -150,8 +203,14 @@ def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_uns
     threshold = float((whole[0] + turn[0]) / 2)
     assert gated[1] < threshold
     direction = tmp_path / "push.safetensors"
-    save_direction(direction, torch.randn(64, generator=torch.Generator().manual_seed(1)), layer=1, model="tiny")
-    steering = Conditional(steering={"method": "actadd", "direction": str(direction), "alpha": 40.0}, detector=str(path), threshold=threshold)
+    save_direction(
+        direction, torch.randn(64, generator=torch.Generator().manual_seed(1)), layer=1, model="tiny"
+    )
+    steering = Conditional(
+        steering={"method": "actadd", "direction": str(direction), "alpha": 40.0},
+        detector=str(path),
+        threshold=threshold,
+    )
     prompts = chat_prompts(tiny_loaded, [flagged, clean])
     plain = generate(tiny_loaded, prompts, max_new_tokens=6)
     with steering.applied(tiny_loaded):
@@ -160,37 +219,71 @@ def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_uns
 
 
 def _ids(loaded, conversations):
-    batch = loaded.tokenizer(chat_prompts(loaded, conversations), return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = loaded.tokenizer(
+        chat_prompts(loaded, conversations), return_tensors="pt", padding=True, add_special_tokens=False
+    )
     return batch["input_ids"], batch["attention_mask"]
 
 
 def test_direction_files_still_load_as_dim_detectors(tiny_loaded, tmp_path):
     save_direction(tmp_path / "old.safetensors", torch.ones(64) * 3, layer=2, model="tiny")
     old = detectors.load_detector(str(tmp_path / "old.safetensors"))
-    assert old.kind == "dim" and old.layers == (2,) and old.pooling == "last" and torch.isclose(old.weight.norm(), torch.tensor(1.0))
+    assert (
+        old.kind == "dim"
+        and old.layers == (2,)
+        and old.pooling == "last"
+        and torch.isclose(old.weight.norm(), torch.tensor(1.0))
+    )
     with pytest.raises(SaesteerError, match="cannot read detector file"):
         detectors.load_detector(str(tmp_path / "missing.safetensors"))
     Detector("probe", (1,), torch.zeros(1, 32)).save(tmp_path / "narrow.safetensors", "tiny")
     with pytest.raises(SaesteerError, match="width 32"):
-        detectors.score_prompts(tiny_loaded, detectors.load_detector(str(tmp_path / "narrow.safetensors")), ["hi"])
+        detectors.score_prompts(
+            tiny_loaded, detectors.load_detector(str(tmp_path / "narrow.safetensors")), ["hi"]
+        )
 
 
-def test_gate_cli_trains_validates_and_saves_a_usable_detector(monkeypatch, capsys, tiny_model_dir, tmp_path, one_thread):
+def test_gate_cli_trains_validates_and_saves_a_usable_detector(
+    monkeypatch, capsys, tiny_model_dir, tmp_path, one_thread
+):
     import json
 
     from conftest import run_cli
 
     out = tmp_path / "gate"
-    code, captured = run_cli(monkeypatch, capsys, "gate", "--model", str(tiny_model_dir), "--sae", "", "--limit", "6", "--out", str(out))
+    code, captured = run_cli(
+        monkeypatch,
+        capsys,
+        "gate",
+        "--model",
+        str(tiny_model_dir),
+        "--sae",
+        "",
+        "--limit",
+        "6",
+        "--out",
+        str(out),
+    )
     assert code == 0, captured.err
     summary = json.loads((out / "gate.json").read_text())
     vendored = set(detectors.HARMFUL_SOURCES) | set(detectors.BENIGN_SOURCES)
     assert all(set(r["folds"]) == vendored for r in summary["loso"]) and len(summary["loso"]) >= 5
-    assert summary["chosen"] == summary["ranking"][0] and "| candidate | worst recall |" in (out / "gate.md").read_text()
+    assert (
+        summary["chosen"] == summary["ranking"][0]
+        and "| candidate | worst recall |" in (out / "gate.md").read_text()
+    )
     kinds = {r["candidate"]["kind"] for r in summary["loso"]}
-    assert kinds == {"dim", "probe", "ensemble"} and all(max(r["candidate"]["layers"]) < 4 for r in summary["loso"])  # no SAE: no sae_probe
-    assert set(summary["test"]["chosen"]) >= vendored and all(r["n"] <= 6 for r in summary["test"]["chosen"].values())
-    gate = Conditional(steering={"method": "none"}, detector=str(out / "detector.safetensors"), threshold=summary["threshold"]["threshold"])
+    assert kinds == {"dim", "probe", "ensemble"} and all(
+        max(r["candidate"]["layers"]) < 4 for r in summary["loso"]
+    )  # no SAE: no sae_probe
+    assert set(summary["test"]["chosen"]) >= vendored and all(
+        r["n"] <= 6 for r in summary["test"]["chosen"].values()
+    )
+    gate = Conditional(
+        steering={"method": "none"},
+        detector=str(out / "detector.safetensors"),
+        threshold=summary["threshold"]["threshold"],
+    )
     assert gate.scores(*_loaded_batch(tiny_model_dir)).shape == (2,)
     code, captured = run_cli(monkeypatch, capsys, "gate", "--model", str(tiny_model_dir), "--max-fpr", "2")
     assert code == 2 and "--max-fpr" in captured.err and "Traceback" not in captured.err
@@ -200,8 +293,12 @@ def _loaded_batch(model_dir):
     from saesteer.models import load_model
 
     loaded = load_model(str(model_dir))
-    batch = loaded.tokenizer(chat_prompts(loaded, [[{"role": "user", "content": t}] for t in ("hi", "lazy dog")]),
-                             return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = loaded.tokenizer(
+        chat_prompts(loaded, [[{"role": "user", "content": t}] for t in ("hi", "lazy dog")]),
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     return loaded, batch["input_ids"], batch["attention_mask"]
 
 
@@ -210,19 +307,43 @@ def test_ship_gate_installs_the_detector_and_keeps_the_replaced_presets(tmp_path
 
     dest = tmp_path / "shipped"
     dest.mkdir()
-    old = {"method": "conditional", "steering": {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [8.0]},
-           "detector": "builtin:harm-detector.safetensors", "threshold": 19.5, "layer": None, "tokens": 4}
-    (dest / "steering.json").write_text(json.dumps({"presets": {"refusal": old["steering"], "refusal_conditional": old}}))
+    old = {
+        "method": "conditional",
+        "steering": {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [8.0]},
+        "detector": "builtin:harm-detector.safetensors",
+        "threshold": 19.5,
+        "layer": None,
+        "tokens": 4,
+    }
+    (dest / "steering.json").write_text(
+        json.dumps({"presets": {"refusal": old["steering"], "refusal_conditional": old}})
+    )
     (tmp_path / "d.safetensors").write_bytes(b"detector")
-    new_inner = {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [8.0], "generated_tokens": 8}
+    new_inner = {
+        "method": "sae",
+        "sae": "builtin:sae",
+        "features": [1],
+        "values": [8.0],
+        "generated_tokens": 8,
+    }
     preset = detectors.ship_gate(tmp_path / "d.safetensors", 3.5, dest, new_inner)
     presets = json.loads((dest / "steering.json").read_text())["presets"]
-    assert preset == presets["refusal_conditional"] and preset["threshold"] == 3.5 and preset["steering"] == new_inner
+    assert (
+        preset == presets["refusal_conditional"]
+        and preset["threshold"] == 3.5
+        and preset["steering"] == new_inner
+    )
     assert presets["refusal"] == new_inner and presets["refusal_previous"] == old["steering"]
-    assert presets["refusal_conditional_previous"] == old and (dest / "harm-gate.safetensors").read_bytes() == b"detector"
+    assert (
+        presets["refusal_conditional_previous"] == old
+        and (dest / "harm-gate.safetensors").read_bytes() == b"detector"
+    )
     detectors.ship_gate(tmp_path / "d.safetensors", 4.0, dest)  # again: the first previous presets stay
     presets = json.loads((dest / "steering.json").read_text())["presets"]
-    assert presets["refusal_conditional_previous"] == old and presets["refusal_conditional"]["steering"] == new_inner
+    assert (
+        presets["refusal_conditional_previous"] == old
+        and presets["refusal_conditional"]["steering"] == new_inner
+    )
     with pytest.raises(SaesteerError, match="no shipped presets"):
         detectors.ship_gate(tmp_path / "d.safetensors", 1.0, tmp_path / "nowhere")
 

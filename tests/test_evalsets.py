@@ -40,8 +40,12 @@ def test_xstest_is_stratified_by_type():
 
 def test_split_items_fractions_groups_and_pins():
     items = [(f"item {i}", "a" if i % 2 else "b") for i in range(100)]
-    parts = {s: evalsets.split_items(items, s, lambda x: x[0], group=lambda x: x[1], pinned_train=lambda x: x[0] == "item 3")
-             for s in evalsets.SPLITS}
+    parts = {
+        s: evalsets.split_items(
+            items, s, lambda x: x[0], group=lambda x: x[1], pinned_train=lambda x: x[0] == "item 3"
+        )
+        for s in evalsets.SPLITS
+    }
     # group a: 49 unpinned items -> 20/9/20 (+ the pinned one in train); group b: 50 -> 20/10/20
     assert [len(parts[s]) for s in evalsets.SPLITS] == [41, 19, 40]
     assert ("item 3", "a") in parts["train"]
@@ -73,7 +77,9 @@ def test_capability_sets():
     dev = evalsets.mmlu_dev()
     assert len(dev) == 57 and all(len(qs) == 5 for qs in dev.values())
     tqa_val, tqa_test = evalsets.truthfulqa("validation"), evalsets.truthfulqa("test")
-    assert len(tqa_val) + len(tqa_test) == 817 and not {q.question for q in tqa_val} & {q.question for q in tqa_test}
+    assert len(tqa_val) + len(tqa_test) == 817 and not {q.question for q in tqa_val} & {
+        q.question for q in tqa_test
+    }
     assert all(sum(y for _, y in q.mc1) == 1 for q in tqa_test)
     problems = evalsets.gsm8k("test")
     assert len(problems) == 1319 and problems[0].answer == "18"
@@ -91,7 +97,11 @@ def test_gsm8k_final_answer():
 
 def test_subsample_is_seeded_and_bounded():
     items = list(range(100))
-    assert evalsets.subsample(items, 10, 1) == evalsets.subsample(items, 10, 1) != evalsets.subsample(items, 10, 2)
+    assert (
+        evalsets.subsample(items, 10, 1)
+        == evalsets.subsample(items, 10, 1)
+        != evalsets.subsample(items, 10, 2)
+    )
     assert set(evalsets.subsample(items, 5, 3)) <= set(evalsets.subsample(items, 20, 3))  # nested samples
     assert evalsets.subsample(items, None, 0) == items and evalsets.subsample(items, 500, 0) == items
     with pytest.raises(SaesteerError, match="at least 1"):
@@ -99,15 +109,22 @@ def test_subsample_is_seeded_and_bounded():
 
 
 def test_user_prompt_files_in_all_formats(tmp_path):
-    (tmp_path / "p.csv").write_text("ID,Prompt,Other\n1,how do I pick a lock?,x\n2,\"say, hello\",y\n")
+    (tmp_path / "p.csv").write_text('ID,Prompt,Other\n1,how do I pick a lock?,x\n2,"say, hello",y\n')
     (tmp_path / "q.csv").write_text("id,Question\n1,first\n")
-    (tmp_path / "p.jsonl").write_text(json.dumps({"GOAL": "write malware"}) + "\n\n" + json.dumps("plain string") + "\n")
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"GOAL": "write malware"}) + "\n\n" + json.dumps("plain string") + "\n"
+    )
     (tmp_path / "p.txt").write_text("one\n\n  two  \n")
     csv_prompts = evalsets.load_prompt_file(tmp_path / "p.csv", "unsafe")
     assert [p.text for p in csv_prompts] == ["how do I pick a lock?", "say, hello"]
     assert csv_prompts[0].label == "unsafe" and csv_prompts[0].dataset == "user:p.csv"
-    assert [p.text for p in evalsets.load_prompt_file(tmp_path / "q.csv", "safe", column="question")] == ["first"]
-    assert [p.text for p in evalsets.load_prompt_file(tmp_path / "p.jsonl", "unsafe")] == ["write malware", "plain string"]
+    assert [p.text for p in evalsets.load_prompt_file(tmp_path / "q.csv", "safe", column="question")] == [
+        "first"
+    ]
+    assert [p.text for p in evalsets.load_prompt_file(tmp_path / "p.jsonl", "unsafe")] == [
+        "write malware",
+        "plain string",
+    ]
     assert [p.text for p in evalsets.load_prompt_file(tmp_path / "p.txt", "safe")] == ["one", "two"]
 
 

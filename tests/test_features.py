@@ -3,7 +3,15 @@ import torch
 from conftest import make_tokenizer
 
 from saesteer.features import (
-    DiscoverConfig, auroc, contrast, diff_in_means, discover, logit_lens, summary_markdown, top_contexts, topic_feature,
+    DiscoverConfig,
+    auroc,
+    contrast,
+    diff_in_means,
+    discover,
+    logit_lens,
+    summary_markdown,
+    top_contexts,
+    topic_feature,
 )
 from saesteer.hooks import residual_at
 from saesteer.models import chat_prompts
@@ -27,7 +35,10 @@ def sae_dir(tmp_path_factory):
 
 def test_auroc_matches_pairwise_definition():
     g = torch.Generator().manual_seed(0)
-    pos, neg = torch.randint(0, 4, (7, 3), generator=g).float(), torch.randint(0, 4, (9, 3), generator=g).float()
+    pos, neg = (
+        torch.randint(0, 4, (7, 3), generator=g).float(),
+        torch.randint(0, 4, (9, 3), generator=g).float(),
+    )
     pairs = (pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()
     torch.testing.assert_close(auroc(pos, neg), pairs.mean((0, 1)))
     assert auroc(torch.ones(3, 1), torch.zeros(4, 1)).item() == 1.0
@@ -44,8 +55,13 @@ def test_contrast_finds_the_planted_feature():
 def test_diff_in_means_and_logit_lens(loaded):
     harmful, harmless = ["the quick brown fox"] * 3, ["over the lazy dog"] * 2
     direction = diff_in_means(loaded, harmful, harmless, layer=1, tokens=2)
-    rendered = chat_prompts(loaded, [[{"role": "user", "content": harmful[0]}], [{"role": "user", "content": harmless[0]}]])
-    acts = [residual_at(loaded.model, loaded.tokenizer(r, return_tensors="pt")["input_ids"], 1)[0, -2:].mean(0) for r in rendered]
+    rendered = chat_prompts(
+        loaded, [[{"role": "user", "content": harmful[0]}], [{"role": "user", "content": harmless[0]}]]
+    )
+    acts = [
+        residual_at(loaded.model, loaded.tokenizer(r, return_tensors="pt")["input_ids"], 1)[0, -2:].mean(0)
+        for r in rendered
+    ]
     torch.testing.assert_close(direction, acts[0] - acts[1], rtol=1e-5, atol=1e-5)
     tokens = logit_lens(loaded, direction, k=5)
     assert len(tokens) == 5 and all(isinstance(t, str) for t in tokens)
@@ -63,9 +79,20 @@ def test_top_contexts_peak_at_the_max():
 def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
     harmful = ["the quick brown fox jumps", "sparse autoencoders steer", "over the lazy dog", "brown fox"] * 2
     harmless = ["models jump", "the dog", "quick steer", "lazy fox"]
-    judge = lambda reply: "fox" in reply  # a scripted judge: the tiny model's output is noise
-    config = DiscoverConfig(n_candidates=3, n_attribution=3, max_corpus_freq=1.0, min_refusal_freq=0.0, corpus_tokens=256,
-                            screen_values=(4.0,), screen_prompts=4, max_new_tokens=4)
+
+    def judge(reply):
+        return "fox" in reply  # a scripted judge: the tiny model's output is noise
+
+    config = DiscoverConfig(
+        n_candidates=3,
+        n_attribution=3,
+        max_corpus_freq=1.0,
+        min_refusal_freq=0.0,
+        corpus_tokens=256,
+        screen_values=(4.0,),
+        screen_prompts=4,
+        max_new_tokens=4,
+    )
     result = discover(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
     sources = [c["source"] for c in result["candidates"]]
     assert 3 <= len(sources) <= 6 and set(sources) <= {"contrast", "attribution", "both"}
@@ -75,7 +102,9 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
     scores = [c["screen"][0]["score"] for c in result["candidates"]]
     assert scores == sorted(scores, reverse=True)
     assert "| feature |" in summary_markdown(result)
-    control = topic_feature(loaded, sae_dir, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0)
+    control = topic_feature(
+        loaded, sae_dir, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0
+    )
     assert 0 <= control["feature"] < 128
 
 
@@ -84,15 +113,23 @@ def test_refusal_attribution_is_the_derivative_along_each_decoder_direction(load
     from saesteer.steering import load_sae
 
     sae = load_sae(sae_dir)
-    prompts, refusals, compliances = ["the quick brown fox", "over the lazy dog"], ["no, never", "I will not"], ["sure, jumps", "here it is"]
+    prompts, refusals, compliances = (
+        ["the quick brown fox", "over the lazy dog"],
+        ["no, never", "I will not"],
+        ["sure, jumps", "here it is"],
+    )
     scores = refusal_attribution(loaded, sae, prompts, refusals, compliances, batch_size=1)
     assert scores.shape == (sae.cfg.n_latents,)
 
-    def gap(feature: int, eps: float) -> float:  # mean log p(refusal) - log p(compliance), `eps` units of the feature added
+    def gap(
+        feature: int, eps: float
+    ) -> float:  # mean log p(refusal) - log p(compliance), `eps` units of the feature added
         offset = eps * sae.W_dec[feature].float() / sae.cfg.norm_scale
         with torch.no_grad():
-            return float(reply_logprob(loaded, sae.cfg.layer, "resid_post", list(zip(prompts, refusals)), offset)
-                         - reply_logprob(loaded, sae.cfg.layer, "resid_post", list(zip(prompts, compliances)), offset)) / len(prompts)
+            return float(
+                reply_logprob(loaded, sae.cfg.layer, "resid_post", list(zip(prompts, refusals)), offset)
+                - reply_logprob(loaded, sae.cfg.layer, "resid_post", list(zip(prompts, compliances)), offset)
+            ) / len(prompts)
 
     for feature in (int(scores.argmax()), int(scores.argmin())):
         numeric = (gap(feature, 1e-2) - gap(feature, -1e-2)) / 2e-2

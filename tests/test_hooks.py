@@ -18,7 +18,9 @@ def test_early_exit_equals_hidden_states(family, ids):
         states = model(ids, output_hidden_states=True).hidden_states
     for layer in (0, 2):
         torch.testing.assert_close(residual_at(model, ids, layer), states[layer + 1], rtol=0, atol=0)
-        torch.testing.assert_close(residual_at(model, ids, layer, point="resid_pre"), states[layer], rtol=0, atol=0)
+        torch.testing.assert_close(
+            residual_at(model, ids, layer, point="resid_pre"), states[layer], rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -28,7 +30,12 @@ def test_edit_changes_downstream_only_inside_block(family, ids):
         clean = model(ids).logits
         with edit_residual(model, 1, lambda h: h.clone()):
             same = model(ids).logits
-        with edit_residual(model, 1, lambda h: h + 3.0 * torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(0)), point="resid_pre"):
+        with edit_residual(
+            model,
+            1,
+            lambda h: h + 3.0 * torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(0)),
+            point="resid_pre",
+        ):
             edited = model(ids).logits
         after = model(ids).logits
     torch.testing.assert_close(same, clean, rtol=0, atol=0)

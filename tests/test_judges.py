@@ -6,8 +6,21 @@ import pytest
 
 from saesteer.errors import SaesteerError
 from saesteer.judges import (
-    COMPLIANCE, EMPTY, PARTIAL_REFUSAL, REFUSAL, VERDICTS, LLMJudge, LocalChatBackend, OpenAIBackend, StringMatchJudge,
-    has_repetition_loop, is_degenerate, is_refusal, judge_prompt_template, load_judge, parse_verdict,
+    COMPLIANCE,
+    EMPTY,
+    PARTIAL_REFUSAL,
+    REFUSAL,
+    VERDICTS,
+    LLMJudge,
+    LocalChatBackend,
+    OpenAIBackend,
+    StringMatchJudge,
+    has_repetition_loop,
+    is_degenerate,
+    is_refusal,
+    judge_prompt_template,
+    load_judge,
+    parse_verdict,
 )
 
 
@@ -30,16 +43,27 @@ def test_string_judge(reply, verdict):
 
 
 def test_refusal_set_and_template():
-    assert is_refusal(REFUSAL) and is_refusal(PARTIAL_REFUSAL) and not is_refusal(COMPLIANCE) and not is_refusal(EMPTY)
+    assert (
+        is_refusal(REFUSAL)
+        and is_refusal(PARTIAL_REFUSAL)
+        and not is_refusal(COMPLIANCE)
+        and not is_refusal(EMPTY)
+    )
     template = judge_prompt_template()
     assert "{prompt}" in template and "{reply}" in template and "PARTIAL_REFUSAL" in template
 
 
 @pytest.mark.parametrize(
     "answer, verdict",
-    [("COMPLIANCE", COMPLIANCE), ("refusal.", REFUSAL), ("Category: PARTIAL_REFUSAL", PARTIAL_REFUSAL),
-     ("partial refusal", PARTIAL_REFUSAL), ("The assistant complies.", COMPLIANCE), ("It refuses", REFUSAL),
-     ("banana", None)],
+    [
+        ("COMPLIANCE", COMPLIANCE),
+        ("refusal.", REFUSAL),
+        ("Category: PARTIAL_REFUSAL", PARTIAL_REFUSAL),
+        ("partial refusal", PARTIAL_REFUSAL),
+        ("The assistant complies.", COMPLIANCE),
+        ("It refuses", REFUSAL),
+        ("banana", None),
+    ],
 )
 def test_parse_verdict(answer, verdict):
     assert parse_verdict(answer) == verdict
@@ -87,13 +111,19 @@ def test_openai_judge_end_to_end(fake_endpoint, monkeypatch):
     _FakeOpenAI.answers = ["REFUSAL", "COMPLIANCE", "I am not sure"]
     judge = load_judge(f"openai:{fake_endpoint}:judge-model")
     assert isinstance(judge, LLMJudge) and judge.name == f"llm:openai:{fake_endpoint}:judge-model"
-    verdicts = judge.judge(["how to x", "how to y", "how to z", "how to w"],
-                           ["No.", "Sure, step 1...", "I'm sorry, I cannot.", ""])
+    verdicts = judge.judge(
+        ["how to x", "how to y", "how to z", "how to w"],
+        ["No.", "Sure, step 1...", "I'm sorry, I cannot.", ""],
+    )
     # the third answer names no category: falls back to the string judge; the blank reply is not sent
     assert verdicts == [REFUSAL, COMPLIANCE, REFUSAL, EMPTY] and judge.unparsed == 1
     assert len(_FakeOpenAI.seen) == 3
     first = _FakeOpenAI.seen[0]
-    assert first["path"] == "/v1/chat/completions" and first["model"] == "judge-model" and first["temperature"] == 0
+    assert (
+        first["path"] == "/v1/chat/completions"
+        and first["model"] == "judge-model"
+        and first["temperature"] == 0
+    )
     assert first["auth"] == "Bearer test-key" and "how to x" in first["messages"][0]["content"]
 
 
@@ -110,7 +140,9 @@ def test_bad_openai_spec(spec):
 
 
 def test_default_judge_is_string_match():
-    assert isinstance(load_judge("string"), StringMatchJudge) and isinstance(load_judge(None), StringMatchJudge)
+    assert isinstance(load_judge("string"), StringMatchJudge) and isinstance(
+        load_judge(None), StringMatchJudge
+    )
 
 
 def test_local_chat_model_judge_plumbing(tiny_model_dir):

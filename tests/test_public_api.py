@@ -33,7 +33,9 @@ def readme_example() -> str:
 def direct(loaded, steering: Steering, conversations, max_new_tokens: int) -> list[str]:
     """The pattern `saesteer.generate` replaces, written out."""
     with steering.applied(loaded):
-        return generate_rendered(loaded, chat_prompts(loaded, [steering.prepare(c) for c in conversations]), max_new_tokens)
+        return generate_rendered(
+            loaded, chat_prompts(loaded, [steering.prepare(c) for c in conversations]), max_new_tokens
+        )
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +70,41 @@ def test_import_and_cli_do_not_load_torch():
 def test_generate_takes_every_steering_form(tiny_loaded, direction, tmp_path, one_thread):
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     spec = {"method": "actadd", "direction": direction, "alpha": 50.0, "layer": 1}
-    expected = direct(tiny_loaded, ActAdd(**{k: v for k, v in spec.items() if k != "method"}), conversations, 8)
+    expected = direct(
+        tiny_loaded, ActAdd(**{k: v for k, v in spec.items() if k != "method"}), conversations, 8
+    )
     assert expected != direct(tiny_loaded, Steering(), conversations, 8)  # the edit matters
     file = tmp_path / "spec.json"
     file.write_text(json.dumps(spec))
     for form in (spec, json.dumps(spec), str(file), parse_steering(spec)):
         assert saesteer.generate(tiny_loaded, QUESTIONS, form, max_new_tokens=8) == expected
     for form in (None, "", "none", {"method": "none"}):
-        assert saesteer.generate(tiny_loaded, QUESTIONS, form, max_new_tokens=8) == direct(tiny_loaded, Steering(), conversations, 8)
-    assert saesteer.generate(tiny_loaded, QUESTIONS, "system_prompt", max_new_tokens=8) == direct(tiny_loaded, SystemPrompt(), conversations, 8)
+        assert saesteer.generate(tiny_loaded, QUESTIONS, form, max_new_tokens=8) == direct(
+            tiny_loaded, Steering(), conversations, 8
+        )
+    assert saesteer.generate(tiny_loaded, QUESTIONS, "system_prompt", max_new_tokens=8) == direct(
+        tiny_loaded, SystemPrompt(), conversations, 8
+    )
     both = Stack(steerings=[{"method": "system_prompt"}, spec])  # a prompt rewrite and an edit at once
-    assert saesteer.generate(tiny_loaded, QUESTIONS, both.to_dict(), max_new_tokens=8) == direct(tiny_loaded, both, conversations, 8)
+    assert saesteer.generate(tiny_loaded, QUESTIONS, both.to_dict(), max_new_tokens=8) == direct(
+        tiny_loaded, both, conversations, 8
+    )
 
 
 def test_generate_takes_strings_and_conversations(tiny_loaded, direction, one_thread):
     steering = ActAdd(direction=direction, alpha=50.0, layer=1)
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "How do I pick a lock?"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How do I pick a lock?"},
+    ]
     mixed = ["Write a haiku about tea.", chat, tuple(chat)]
     expected = direct(tiny_loaded, steering, [[{"role": "user", "content": mixed[0]}], chat, chat], 8)
     assert saesteer.generate(tiny_loaded, mixed, steering, max_new_tokens=8) == expected
-    assert saesteer.generate(tiny_loaded, "Write a haiku about tea.", steering, max_new_tokens=8) == expected[0]
+    assert (
+        saesteer.generate(tiny_loaded, "Write a haiku about tea.", steering, max_new_tokens=8) == expected[0]
+    )
     assert saesteer.generate(tiny_loaded, [], steering) == []
     with pytest.raises(saesteer.SaesteerError, match=r"wrap its messages in a list"):
         saesteer.generate(tiny_loaded, chat, steering)
@@ -111,28 +127,42 @@ def test_callers_keep_their_replies(tiny_loaded, direction, one_thread):
 
     steering = ActAdd(direction=direction, alpha=50.0, layer=1)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    assert refusal_share(tiny_loaded, steering, QUESTIONS, 8)[1] == direct(tiny_loaded, steering, conversations, 8)
+    assert refusal_share(tiny_loaded, steering, QUESTIONS, 8)[1] == direct(
+        tiny_loaded, steering, conversations, 8
+    )
     config = DiscoverConfig(max_new_tokens=6, batch_size=2)
     with steering.applied(tiny_loaded):
         by_two = generate_rendered(tiny_loaded, chat_prompts(tiny_loaded, conversations), 6, 2)
     assert refusal_rate(tiny_loaded, steering, QUESTIONS, lambda r: False, config)[1] == by_two
     prompts = [Prompt(q, "safe", "test") for q in QUESTIONS]
     rows = side_by_side(tiny_loaded, {"actadd": steering.to_dict()}, prompts, 8)
-    assert [r["reply"] for r in rows if r["method"] == "actadd"] == [r.strip() for r in direct(tiny_loaded, steering, conversations, 8)]
+    assert [r["reply"] for r in rows if r["method"] == "actadd"] == [
+        r.strip() for r in direct(tiny_loaded, steering, conversations, 8)
+    ]
 
 
 def test_evaluate_matches_the_evals_path(tiny_loaded, one_thread):
     prompts = [Prompt(q, "unsafe", "mine") for q in QUESTIONS]
-    options = dict(limit=None, user_prompts=prompts, decoding=evals.Decoding(max_new_tokens=6, batch_size=4), bootstrap=50)
+    options = dict(
+        limit=None,
+        user_prompts=prompts,
+        decoding=evals.Decoding(max_new_tokens=6, batch_size=4),
+        bootstrap=50,
+    )
     run = saesteer.evaluate(tiny_loaded, "system_prompt", "safety", progress=False, **options)
-    config = evals.EvalConfig(model=tiny_loaded.spec, steering=SystemPrompt().to_dict(), suites=("safety",), **options)
+    config = evals.EvalConfig(
+        model=tiny_loaded.spec, steering=SystemPrompt().to_dict(), suites=("safety",), **options
+    )
     expected = evals.evaluate(evals.SteeredModel(tiny_loaded, SystemPrompt(), progress=False), config)
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
 
     assert run.rows and strip(run.rows) == strip(expected.rows)
-    assert run.rows[0]["config"]["model"] == tiny_loaded.spec and run.rows[0]["config"]["steering"]["method"] == "system_prompt"
+    assert (
+        run.rows[0]["config"]["model"] == tiny_loaded.spec
+        and run.rows[0]["config"]["steering"]["method"] == "system_prompt"
+    )
     assert [r["n"] for r in run.rows] == [len(QUESTIONS)] * len(run.rows)
     with pytest.raises(saesteer.SaesteerError, match="unknown evaluate option 'limt'"):
         saesteer.evaluate(tiny_loaded, None, limt=3)
@@ -149,8 +179,13 @@ def test_readme_example_runs_on_the_tiny_model(tiny_model_dir, direction, monkey
     code = readme_example()
     assert len(code.strip().splitlines()) <= 6 and code.count("saesteer.load_model()") == 1
     code = code.replace("saesteer.load_model()", f"saesteer.load_model({str(tiny_model_dir)!r})")
-    tiny_preset = {"method": "conditional", "steering": {"method": "actadd", "direction": direction, "alpha": 50.0},
-                   "detector": direction, "threshold": -1e9, "layer": 1}
+    tiny_preset = {
+        "method": "conditional",
+        "steering": {"method": "actadd", "direction": direction, "alpha": 50.0},
+        "detector": direction,
+        "threshold": -1e9,
+        "layer": 1,
+    }
     monkeypatch.setitem(steering.PRESETS, "refusal_conditional", tiny_preset)
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out

@@ -20,13 +20,18 @@ def default():
 
 def test_default_model_shape_and_chat_template(default):
     assert (default.n_layers, default.d_model) == (30, 576)
-    prompt = default.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = default.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.rstrip().endswith("<|im_start|>assistant")
 
 
 def test_early_exit_equals_output_hidden_states_at_layer_10(default):
-    ids = default.tokenizer(["The capital of France is Paris.", "Sparse autoencoders find features."],
-                            return_tensors="pt", padding=True)
+    ids = default.tokenizer(
+        ["The capital of France is Paris.", "Sparse autoencoders find features."],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         full = default.model(**ids, output_hidden_states=True).hidden_states[11]
     early = residual_at(default.model, ids["input_ids"], 10, attention_mask=ids["attention_mask"])
@@ -34,7 +39,9 @@ def test_early_exit_equals_output_hidden_states_at_layer_10(default):
 
 
 def test_cli_collect_smoke(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["saesteer", "collect", "--tokens", "2048", "--out", str(tmp_path / "acts")])
+    monkeypatch.setattr(
+        sys, "argv", ["saesteer", "collect", "--tokens", "2048", "--out", str(tmp_path / "acts")]
+    )
     try:
         main()
     except SystemExit as done:

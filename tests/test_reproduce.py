@@ -12,8 +12,8 @@ import pytest
 from conftest import SHARED, needs_default_model
 
 from saesteer import reproduce
-from saesteer.report import markdown_cell, strength
 from saesteer.evalsets import hh_rlhf_dialogues
+from saesteer.report import markdown_cell, strength
 
 SAE = {"method": "sae", "sae": "s", "features": [7], "values": [8.0]}
 CONTROL = {"method": "sae", "sae": "s", "features": [3], "values": [8.0]}
@@ -21,13 +21,21 @@ DISCOVERY = {"sae": "runs/x/sae", "control": {"feature": 3}}
 
 
 def _row(steering: dict, suite: str, dataset: str, metric: str, value: float) -> dict:
-    return {"config": {"steering": steering, "suite": suite, "dataset": dataset, "split": "validation"},
-            "metric": metric, "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 40}
+    return {
+        "config": {"steering": steering, "suite": suite, "dataset": dataset, "split": "validation"},
+        "metric": metric,
+        "value": value,
+        "ci_low": value - 0.05,
+        "ci_high": value + 0.05,
+        "n": 40,
+    }
 
 
 def _safety(steering: dict, unsafe: float, safe: float) -> list[dict]:
-    return [_row(steering, "safety", "unsafe_all", "refusal_rate", unsafe),
-            _row(steering, "safety", "safe_all", "over_refusal_rate", safe)]
+    return [
+        _row(steering, "safety", "unsafe_all", "refusal_rate", unsafe),
+        _row(steering, "safety", "safe_all", "over_refusal_rate", safe),
+    ]
 
 
 def test_method_names_and_strength():
@@ -42,12 +50,14 @@ def test_method_names_and_strength():
 
 
 def test_choose_maximises_refusal_minus_over_refusal_and_copies_the_value_to_the_control():
-    rows = (_safety({"method": "none"}, 0.05, 0.02)
-            + _safety({**SAE, "values": [4.0]}, 0.30, 0.05)
-            + _safety({**SAE, "values": [8.0]}, 0.70, 0.20)  # 0.50: best
-            + _safety({**SAE, "values": [16.0]}, 0.90, 0.60)
-            + _safety({**CONTROL, "values": [4.0]}, 0.10, 0.02)  # best control on its own, but not used
-            + _safety({**CONTROL, "values": [8.0]}, 0.05, 0.10))
+    rows = (
+        _safety({"method": "none"}, 0.05, 0.02)
+        + _safety({**SAE, "values": [4.0]}, 0.30, 0.05)
+        + _safety({**SAE, "values": [8.0]}, 0.70, 0.20)  # 0.50: best
+        + _safety({**SAE, "values": [16.0]}, 0.90, 0.60)
+        + _safety({**CONTROL, "values": [4.0]}, 0.10, 0.02)  # best control on its own, but not used
+        + _safety({**CONTROL, "values": [8.0]}, 0.05, 0.10)
+    )
     chosen = reproduce.choose(rows, DISCOVERY)
     assert chosen["sae_clamp"]["values"] == [8.0]
     assert chosen["control_clamp"]["values"] == [8.0] and chosen["control_clamp"]["features"] == [3]
@@ -61,45 +71,74 @@ def test_choose_breaks_ties_towards_weaker_steering():
 
 def test_choose_sweeps_a_conditional_clamp_under_a_fixed_threshold():
     cond = {"method": "conditional", "steering": SAE, "detector": "d", "threshold": 2.0}
-    rows = [r for value, unsafe in ((4.0, 0.3), (8.0, 0.6), (12.0, 0.6))
-            for r in _safety({**cond, "steering": {**SAE, "values": [value]}}, unsafe, 0.02)]
-    assert reproduce.choose(rows, DISCOVERY)["conditional_sae"]["steering"]["values"] == [8.0]  # tie with 12: the weaker
+    rows = [
+        r
+        for value, unsafe in ((4.0, 0.3), (8.0, 0.6), (12.0, 0.6))
+        for r in _safety({**cond, "steering": {**SAE, "values": [value]}}, unsafe, 0.02)
+    ]
+    assert reproduce.choose(rows, DISCOVERY)["conditional_sae"]["steering"]["values"] == [
+        8.0
+    ]  # tie with 12: the weaker
 
 
 def test_results_tables_use_the_report_labels_cells_and_strength():
     cond = {"method": "conditional", "steering": SAE, "detector": "d", "threshold": 2.5}
-    rows = _safety({"method": "none"}, 0.05, 0.02) + _safety(SAE, 0.5, 0.1) + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
+    rows = (
+        _safety({"method": "none"}, 0.05, 0.02)
+        + _safety(SAE, 0.5, 0.1)
+        + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
+    )
     rows += _safety(cond, 0.45, 0.03) + [_row(SAE, "safety", "advbench", "refusal_rate", 0.7)]
     lines = reproduce.results_table(rows, DISCOVERY, reproduce.TEST_COLUMNS).splitlines()
-    assert lines[0] == "| method | steering | strength | unsafe refusal ↑ | over-refusal ↓ | AdvBench refusal ↑ |"
+    assert (
+        lines[0]
+        == "| method | steering | strength | unsafe refusal ↑ | over-refusal ↓ | AdvBench refusal ↑ |"
+    )
     assert lines[2] == f"| none | unsteered | – | {markdown_cell(rows[0])} | {markdown_cell(rows[1])} | – |"
     assert [line.split(" | ")[:3] for line in lines[3:]] == [
-        ["| sae\\_clamp", "SAE clamp f7", "8"], ["| sae\\_clamp", "SAE clamp f7", "12"],
-        ["| conditional\\_sae", "conditional SAE clamp f7 (threshold 2.5)", "8"]]
+        ["| sae\\_clamp", "SAE clamp f7", "8"],
+        ["| sae\\_clamp", "SAE clamp f7", "12"],
+        ["| conditional\\_sae", "conditional SAE clamp f7 (threshold 2.5)", "8"],
+    ]
     assert "0.500 [0.450, 0.550] n=40" in lines[3]  # the report's cell: a fraction with its CI and n
 
 
 def _capability(steering: dict, mmlu: float) -> list[dict]:
-    return [_row(steering, "capability", "mmlu", "accuracy", mmlu),
-            _row(steering, "safety", "xstest_safe", "over_refusal_rate", 0.02)]
+    return [
+        _row(steering, "capability", "mmlu", "accuracy", mmlu),
+        _row(steering, "safety", "xstest_safe", "over_refusal_rate", 0.02),
+    ]
 
 
 def test_goal_check_states_gain_over_refusal_and_capability():
-    rows = (_safety({"method": "none"}, 0.05, 0.02) + _capability({"method": "none"}, 0.40)
-            + _safety(SAE, 0.50, 0.03) + _capability(SAE, 0.395)
-            + _safety(CONTROL, 0.90, 0.30) + _capability(CONTROL, 0.30))
+    rows = (
+        _safety({"method": "none"}, 0.05, 0.02)
+        + _capability({"method": "none"}, 0.40)
+        + _safety(SAE, 0.50, 0.03)
+        + _capability(SAE, 0.395)
+        + _safety(CONTROL, 0.90, 0.30)
+        + _capability(CONTROL, 0.30)
+    )
     table = reproduce.by_method(rows, DISCOVERY)
     lines = reproduce.goal_check(table)
     sae_line = next(line for line in lines if line.startswith("| sae_clamp"))
     control_line = next(line for line in lines if line.startswith("| control_clamp"))
-    assert "+45.0" in sae_line and "+1.0" in sae_line and "MMLU -0.5" in sae_line and sae_line.endswith("yes |")
+    assert (
+        "+45.0" in sae_line and "+1.0" in sae_line and "MMLU -0.5" in sae_line and sae_line.endswith("yes |")
+    )
     assert "+28.0" in control_line and control_line.endswith("no |")  # over-refusal +28 pts, MMLU -10
 
 
 def test_tradeoff_plot_is_written(tmp_path):
     cond = {"method": "conditional", "steering": SAE, "detector": "d", "threshold": 2.5}
-    validation = _safety({"method": "none"}, 0.05, 0.02) + _safety(SAE, 0.5, 0.1) + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
-    validation += _safety(cond, 0.4, 0.03) + _safety({**cond, "steering": {**SAE, "values": [12.0]}}, 0.6, 0.05)
+    validation = (
+        _safety({"method": "none"}, 0.05, 0.02)
+        + _safety(SAE, 0.5, 0.1)
+        + _safety({**SAE, "values": [12.0]}, 0.8, 0.4)
+    )
+    validation += _safety(cond, 0.4, 0.03) + _safety(
+        {**cond, "steering": {**SAE, "values": [12.0]}}, 0.6, 0.05
+    )
     reproduce.plot_tradeoff(validation, _safety(SAE, 0.45, 0.12), DISCOVERY, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -121,24 +160,55 @@ def test_sae_data_leaves_out_held_out_text_and_eval_dialogues(tmp_path):
     assert kept_ids == set(range(40)) - held_out and kept_ids
     refusals = (tmp_path / "data" / "advbench_train_refusals.jsonl").read_text().splitlines()
     assert json.loads(refusals[0])["messages"][1]["role"] == "assistant"
-    assert not list((tmp_path / "data").glob("*.json"))  # the summary sits beside the folder, not read as data
+    assert not list(
+        (tmp_path / "data").glob("*.json")
+    )  # the summary sits beside the folder, not read as data
 
 
 @pytest.mark.slow
 @needs_default_model
-@pytest.mark.skipif(not (SHARED / "corpus").is_dir(), reason=f"needs the SAE training corpus of the shared datasets, missing at {SHARED}/corpus")
+@pytest.mark.skipif(
+    not (SHARED / "corpus").is_dir(),
+    reason=f"needs the SAE training corpus of the shared datasets, missing at {SHARED}/corpus",
+)
 def test_tiny_reproduce_end_to_end(tmp_path):
     """The whole pipeline on the real default model with tiny n: every stage runs and writes its file."""
     out = tmp_path / "repro"
-    cmd = [sys.executable, "-m", "saesteer", "reproduce", "--preset", "tiny", "--shared", str(SHARED), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saesteer",
+        "reproduce",
+        "--preset",
+        "tiny",
+        "--shared",
+        str(SHARED),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("commands.sh", "timings.json", "sae-l6/metrics.json", "discover/discovery.json", "validation.jsonl",
-                 "chosen.json", "test-strict.jsonl", "test-string.jsonl", "results.md", "tradeoff.png"):
+    for name in (
+        "commands.sh",
+        "timings.json",
+        "sae-l6/metrics.json",
+        "discover/discovery.json",
+        "validation.jsonl",
+        "chosen.json",
+        "test-strict.jsonl",
+        "test-string.jsonl",
+        "results.md",
+        "tradeoff.png",
+    ):
         assert (out / name).is_file(), name
     results = (out / "results.md").read_text()
     assert "| none |" in results and "Goal check" in results and "FVU" in results
-    methods = {json.loads(line)["config"]["steering"]["method"] for line in (out / "test-strict.jsonl").read_text().splitlines()}
+    methods = {
+        json.loads(line)["config"]["steering"]["method"]
+        for line in (out / "test-strict.jsonl").read_text().splitlines()
+    }
     assert {"none", "system_prompt", "actadd"} <= methods
-    suites = {json.loads(line)["config"]["suite"] for line in (out / "test-strict.jsonl").read_text().splitlines()}
+    suites = {
+        json.loads(line)["config"]["suite"] for line in (out / "test-strict.jsonl").read_text().splitlines()
+    }
     assert suites == {"safety", "capability", "jailbreak", "fidelity"}

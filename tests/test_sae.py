@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from saesteer.errors import SaesteerError
 from saesteer.sae import SAE, SAEConfig, SAEError, geometric_median, reconstruction_metrics, spliced_metrics
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -122,8 +121,14 @@ def test_init_from_sample_sets_scale_and_median():
 
 
 def test_saelens_round_trip_keeps_weights_encodings_and_metadata(tmp_path):
-    sae = random_sae(norm_scale=0.3, model="m", layer=4, hook_point="resid_post",
-                     training_data={"data": "builtin:corpus-slice", "sha256": "ab"}, training_tokens=1234)
+    sae = random_sae(
+        norm_scale=0.3,
+        model="m",
+        layer=4,
+        hook_point="resid_post",
+        training_data={"data": "builtin:corpus-slice", "sha256": "ab"},
+        training_tokens=1234,
+    )
     sae.save(tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 5 and cfg["d_sae"] == 96
@@ -156,13 +161,29 @@ def write_sparsify_dir(path, d=16, n=96, k=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(n, d, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    tensors = {"encoder.weight": torch.randn(n, d, generator=g), "encoder.bias": torch.randn(n, generator=g) * 0.1,
-               "W_dec": W_dec, "b_dec": torch.randn(d, generator=g)}
+    tensors = {
+        "encoder.weight": torch.randn(n, d, generator=g),
+        "encoder.bias": torch.randn(n, generator=g) * 0.1,
+        "W_dec": W_dec,
+        "b_dec": torch.randn(d, generator=g),
+    }
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "sae.safetensors"))
-    (path / "cfg.json").write_text(json.dumps({
-        "activation": "topk", "expansion_factor": 6, "normalize_decoder": True, "num_latents": 0, "k": k,
-        "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d}))
+    (path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": 6,
+                "normalize_decoder": True,
+                "num_latents": 0,
+                "k": k,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": d,
+            }
+        )
+    )
     return tensors
 
 
@@ -347,8 +368,9 @@ def test_spliced_metrics_on_tiny_model(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), device="cpu")
     ids = torch.randint(3, 400, (4, 16))
     ids[:, 0] = loaded.tokenizer.bos_token_id
-    perfect = spliced_metrics(exact_sae(64), loaded.model, ids, layer=1, batch_size=3,
-                              skip_ids=[loaded.tokenizer.bos_token_id])
+    perfect = spliced_metrics(
+        exact_sae(64), loaded.model, ids, layer=1, batch_size=3, skip_ids=[loaded.tokenizer.bos_token_id]
+    )
     clean = loaded.model(input_ids=ids, labels=ids).loss.item()
     assert perfect["ce_clean"] == pytest.approx(clean, rel=1e-5)
     assert perfect["ce_sae"] == pytest.approx(clean, rel=1e-4) and perfect["kl_sae"] < 1e-4
@@ -358,4 +380,5 @@ def test_spliced_metrics_on_tiny_model(tiny_model_dir):
     worse = spliced_metrics(noisy, loaded.model, ids, layer=1, batch_size=4)
     assert worse["kl_sae"] > 1e-3 and worse["ce_clean"] == pytest.approx(perfect["ce_clean"], rel=1e-6)
     assert worse["loss_recovered"] == pytest.approx(
-        (worse["ce_zero"] - worse["ce_sae"]) / (worse["ce_zero"] - worse["ce_clean"]))
+        (worse["ce_zero"] - worse["ce_sae"]) / (worse["ce_zero"] - worse["ce_clean"])
+    )

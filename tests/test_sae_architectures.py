@@ -36,8 +36,8 @@ def randomize(sae, seed: int, threshold: bool) -> None:
 
 def sae_lens_sae(architecture: str, seed: int = 0):
     """An inference sae_lens SAE of `architecture` with random weights, for layer 1 of the tiny Llama."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE as TheirTopK
-    from sae_lens import TopKSAEConfig
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAEConfig
+    from sae_lens import TopKSAE as TheirTopK
     from sae_lens.saes.sae import SAEMetadata
 
     meta = SAEMetadata(model_name="tiny", hook_name=HOOK)
@@ -57,8 +57,13 @@ def sae_lens_batchtopk(tmp_path, seed: int = 3) -> tuple:
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    cfg = BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=8, rescale_acts_by_decoder_norm=True,
-                                     metadata=SAEMetadata(model_name="tiny", hook_name=HOOK))
+    cfg = BatchTopKTrainingSAEConfig(
+        d_in=D,
+        d_sae=N,
+        k=8,
+        rescale_acts_by_decoder_norm=True,
+        metadata=SAEMetadata(model_name="tiny", hook_name=HOOK),
+    )
     sae = BatchTopKTrainingSAE(cfg)
     randomize(sae, seed, threshold=False)
     sae.topk_threshold = torch.tensor(0.7, dtype=torch.double)
@@ -70,8 +75,13 @@ def sae_lens_batchtopk(tmp_path, seed: int = 3) -> tuple:
 def write_gemma_scope(path, seed: int = 4) -> dict[str, np.ndarray]:
     """A params.npz laid out like Gemma Scope's: W_enc [d_in, n], W_dec [n, d_in], b_enc, threshold, b_dec."""
     rng = np.random.default_rng(seed)
-    arrays = {"W_enc": rng.normal(0, 0.2, (D, N)), "W_dec": rng.normal(0, 0.5, (N, D)), "b_enc": rng.normal(0, 0.5, N),
-              "b_dec": rng.normal(0, 0.5, D), "threshold": rng.uniform(0, 2, N)}
+    arrays = {
+        "W_enc": rng.normal(0, 0.2, (D, N)),
+        "W_dec": rng.normal(0, 0.5, (N, D)),
+        "b_enc": rng.normal(0, 0.5, N),
+        "b_dec": rng.normal(0, 0.5, D),
+        "threshold": rng.uniform(0, 2, N),
+    }
     arrays = {name: a.astype(np.float32) for name, a in arrays.items()}
     path.mkdir(parents=True, exist_ok=True)
     np.savez(path / "params.npz", **arrays)
@@ -81,18 +91,42 @@ def write_gemma_scope(path, seed: int = 4) -> dict[str, np.ndarray]:
 def write_sparsify(path, seed: int = 5) -> None:
     """A folder laid out like sparsify's SparseCoder.save_to_disk (TopK, k 8)."""
     g = torch.Generator().manual_seed(seed)
-    tensors = {"encoder.weight": torch.randn(N, D, generator=g) * 0.2, "encoder.bias": torch.randn(N, generator=g) * 0.1,
-               "W_dec": torch.randn(N, D, generator=g), "b_dec": torch.randn(D, generator=g)}
+    tensors = {
+        "encoder.weight": torch.randn(N, D, generator=g) * 0.2,
+        "encoder.bias": torch.randn(N, generator=g) * 0.1,
+        "W_dec": torch.randn(N, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "sae.safetensors"))
-    (path / "cfg.json").write_text(json.dumps({"activation": "topk", "num_latents": N, "k": 8, "d_in": D,
-                                               "multi_topk": False, "skip_connection": False, "transcode": False}))
+    (path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "num_latents": N,
+                "k": 8,
+                "d_in": D,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+            }
+        )
+    )
 
 
 def ours(architecture: str, seed: int = 6) -> SAE:
     """A saesteer SAE of `architecture` with random weights and a non-trivial norm_scale."""
-    sae = SAE(SAEConfig(d_in=D, n_latents=N, k=8 if architecture == "topk" else None, architecture=architecture,
-                            norm_scale=0.37, layer=1, model="tiny"))
+    sae = SAE(
+        SAEConfig(
+            d_in=D,
+            n_latents=N,
+            k=8 if architecture == "topk" else None,
+            architecture=architecture,
+            norm_scale=0.37,
+            layer=1,
+            model="tiny",
+        )
+    )
     randomize(sae, seed, threshold=sae.threshold is not None)
     return sae
 
@@ -101,12 +135,19 @@ def inputs(seed: int = 7, shape=(40,)) -> torch.Tensor:
     return torch.randn(*shape, D, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-@pytest.mark.parametrize("theirs_arch, architecture", [("jumprelu", "jumprelu"), ("standard", "relu"), ("topk", "topk")])
+@pytest.mark.parametrize(
+    "theirs_arch, architecture", [("jumprelu", "jumprelu"), ("standard", "relu"), ("topk", "topk")]
+)
 def test_sae_lens_saved_saes_encode_and_decode_like_sae_lens(tmp_path, theirs_arch, architecture):
     theirs = sae_lens_sae(theirs_arch)
     theirs.save_model(tmp_path)
     sae = SAE.load(tmp_path)
-    assert (sae.cfg.architecture, sae.cfg.layer, sae.cfg.hook_point, sae.cfg.model) == (architecture, 1, "resid_post", "tiny")
+    assert (sae.cfg.architecture, sae.cfg.layer, sae.cfg.hook_point, sae.cfg.model) == (
+        architecture,
+        1,
+        "resid_post",
+        "tiny",
+    )
     x = inputs()
     with torch.no_grad():
         z = theirs.encode(x)
@@ -157,11 +198,19 @@ def test_gemma_scope_npz_folder_or_file(tmp_path):
     z = pre * (pre > a["threshold"])
     for path in (tmp_path / "gs", tmp_path / "gs" / "params.npz"):
         sae = SAE.load(path)
-        assert (sae.cfg.architecture, sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.layer) == ("jumprelu", D, N, None)
+        assert (sae.cfg.architecture, sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.layer) == (
+            "jumprelu",
+            D,
+            N,
+            None,
+        )
         torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae(x), z @ a["W_dec"] + a["b_dec"], rtol=1e-5, atol=1e-4)
     write_gemma_scope(tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82")
-    assert SAE.load(tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82").cfg.layer == 12
+    assert (
+        SAE.load(tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82").cfg.layer
+        == 12
+    )
 
 
 def test_npz_with_pickled_arrays_is_refused(tmp_path):
@@ -177,7 +226,11 @@ def test_npz_with_pickled_arrays_is_refused(tmp_path):
 def sae_paths(tmp_path_factory) -> dict[str, str]:
     """One SAE folder (or file) per (format, architecture), all able to steer the tiny Llama."""
     root = tmp_path_factory.mktemp("saes")
-    for name, architecture in (("sae_lens-jumprelu", "jumprelu"), ("sae_lens-relu", "standard"), ("sae_lens-topk", "topk")):
+    for name, architecture in (
+        ("sae_lens-jumprelu", "jumprelu"),
+        ("sae_lens-relu", "standard"),
+        ("sae_lens-topk", "topk"),
+    ):
         sae_lens_sae(architecture, seed=len(name)).save_model(root / name)
     sae_lens_batchtopk(root / "sae_lens-batchtopk")
     for architecture in ("topk", "batchtopk", "jumprelu", "relu"):
@@ -190,11 +243,21 @@ def sae_paths(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-@pytest.mark.parametrize("name, architecture", [
-    ("sae_lens-topk", "topk"), ("sae_lens-batchtopk", "batchtopk"), ("sae_lens-jumprelu", "jumprelu"), ("sae_lens-relu", "relu"),
-    ("saesteer-topk", "topk"), ("saesteer-batchtopk", "batchtopk"), ("saesteer-jumprelu", "jumprelu"), ("saesteer-relu", "relu"),
-    ("sparsify-topk", "topk"), ("gemma_scope-jumprelu", "jumprelu"),
-])
+@pytest.mark.parametrize(
+    "name, architecture",
+    [
+        ("sae_lens-topk", "topk"),
+        ("sae_lens-batchtopk", "batchtopk"),
+        ("sae_lens-jumprelu", "jumprelu"),
+        ("sae_lens-relu", "relu"),
+        ("saesteer-topk", "topk"),
+        ("saesteer-batchtopk", "batchtopk"),
+        ("saesteer-jumprelu", "jumprelu"),
+        ("saesteer-relu", "relu"),
+        ("sparsify-topk", "topk"),
+        ("gemma_scope-jumprelu", "jumprelu"),
+    ],
+)
 def test_clamp_equals_decode_of_clamped_code_plus_error(tiny_loaded, sae_paths, name, architecture):
     """x' = decode(z with z_i = c_i) + (x - decode(z)) for every architecture and format, whatever the
     decoder norms and norm_scale; the steered latents' codes come from the fast path."""
@@ -204,12 +267,17 @@ def test_clamp_equals_decode_of_clamped_code_plus_error(tiny_loaded, sae_paths, 
     z = sae.encode(h)
     fires = (z > 0).float().mean((0, 1))
     order = fires.argsort().tolist()
-    features, values = [order[-1], order[0], order[N // 2]], [7.5, 3.0, 0.0]  # most, least, median often active
+    features, values = (
+        [order[-1], order[0], order[N // 2]],
+        [7.5, 3.0, 0.0],
+    )  # most, least, median often active
     assert fires[features[0]] > 0
     steering = SAESteer(sae=sae_paths[name], features=features, values=values, layer=1)
     [(layer, point, fn)] = steering.edits(tiny_loaded)
     assert (layer, point) == (1, "resid_post")
-    torch.testing.assert_close(sae.latent_codes(h, torch.tensor(features)), z[..., features], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sae.latent_codes(h, torch.tensor(features)), z[..., features], rtol=1e-5, atol=1e-5
+    )
     clamped = z.clone()
     clamped[..., features] = torch.tensor(values)
     torch.testing.assert_close(fn(h), sae.decode(clamped) + (h - sae.decode(z)), rtol=1e-5, atol=1e-4)
@@ -219,7 +287,9 @@ def test_jumprelu_sae_steers_the_tiny_model(tiny_loaded, sae_paths):
     """A Gemma-Scope-format JumpReLU SAE (no layer in its file) steers generation through SAESteer."""
     from saesteer.models import chat_prompts
 
-    prompts = chat_prompts(tiny_loaded, [[{"role": "user", "content": q}] for q in ("the quick brown fox", "jumps")])
+    prompts = chat_prompts(
+        tiny_loaded, [[{"role": "user", "content": q}] for q in ("the quick brown fox", "jumps")]
+    )
     plain = generate(tiny_loaded, prompts, max_new_tokens=6)
     with pytest.raises(SaesteerError, match="names no layer"):
         SAESteer(sae=sae_paths["gemma_scope-jumprelu"], features=[3], values=[50.0]).edits(tiny_loaded)

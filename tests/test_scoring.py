@@ -9,8 +9,14 @@ from saesteer.scoring import extract_final_number, mc1_correct, mc2_score, numbe
 
 @pytest.mark.parametrize(
     "reply, number",
-    [("so the answer is 42.", "42"), ("3 apples and 5 pears make 8", "8"), ("#### 1,234\nthanks 5", "1234"),
-     ("It costs $18.50 in total.", "18.50"), ("-3 degrees", "-3"), ("no digits here", None)],
+    [
+        ("so the answer is 42.", "42"),
+        ("3 apples and 5 pears make 8", "8"),
+        ("#### 1,234\nthanks 5", "1234"),
+        ("It costs $18.50 in total.", "18.50"),
+        ("-3 degrees", "-3"),
+        ("no digits here", None),
+    ],
 )
 def test_extract_final_number(reply, number):
     assert extract_final_number(reply) == number

@@ -25,8 +25,14 @@ from saesteer.serve import ServeConfig, create_app
 from saesteer.steering import PRESETS, load_sae, save_direction, steering_from_dict
 
 QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps", "lazy dog"]
-LIMITS = dict(model_name="tiny", max_tokens=24, default_max_tokens=8, max_prompt_tokens=230, max_batch_size=8,
-              max_body_bytes=20_000)
+LIMITS = dict(
+    model_name="tiny",
+    max_tokens=24,
+    default_max_tokens=8,
+    max_prompt_tokens=230,
+    max_batch_size=8,
+    max_body_bytes=20_000,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,22 +52,32 @@ def reference(tiny_model_dir):
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("steer")
-    save_direction(folder / "refusal.safetensors", torch.randn(64, generator=torch.Generator().manual_seed(2)), layer=2, model="tiny")
+    save_direction(
+        folder / "refusal.safetensors",
+        torch.randn(64, generator=torch.Generator().manual_seed(2)),
+        layer=2,
+        model="tiny",
+    )
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.5)
     sae.save(folder / "sae")
     load_sae.cache_clear()
-    return {"folder": str(folder), "actadd": {"method": "actadd", "direction": str(folder / "refusal.safetensors"), "alpha": 30.0},
-            "sae": {"method": "sae", "sae": str(folder / "sae"), "features": [5, 17], "values": [60.0, 40.0]}}
+    return {
+        "folder": str(folder),
+        "actadd": {"method": "actadd", "direction": str(folder / "refusal.safetensors"), "alpha": 30.0},
+        "sae": {"method": "sae", "sae": str(folder / "sae"), "features": [5, 17], "values": [60.0, 40.0]},
+    }
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, specs):
     """(base url, served LoadedModel) of a real uvicorn server in a background thread; requests may name
     the files of `specs`."""
-    yield from serve_in_thread(load_model(str(tiny_model_dir)), ServeConfig(**LIMITS, allow_dirs=[specs["folder"]]))
+    yield from serve_in_thread(
+        load_model(str(tiny_model_dir)), ServeConfig(**LIMITS, allow_dirs=[specs["folder"]])
+    )
 
 
 def serve_in_thread(loaded, config: ServeConfig):
@@ -88,12 +104,18 @@ def expected(loaded, question: str, steering=None, max_tokens: int = 8) -> str:
     """The reply computed directly: `generate` on the prepared prompt with the steering applied."""
     method = steering_from_dict(PRESETS[steering] if isinstance(steering, str) else steering)
     with method.applied(loaded):
-        return generate(loaded, chat_prompts(loaded, [method.prepare([{"role": "user", "content": question}])]), max_tokens)[0]
+        return generate(
+            loaded,
+            chat_prompts(loaded, [method.prepare([{"role": "user", "content": question}])]),
+            max_tokens,
+        )[0]
 
 
 def ask(client, question: str, steering=None, **kw):
     extra = {"steering": steering} if steering is not None else None
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}], extra_body=extra, **kw)
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": question}], extra_body=extra, **kw
+    )
 
 
 def streamed(client, question: str, steering=None, **kw) -> tuple[str, list]:
@@ -105,7 +127,9 @@ def test_models_and_presets(client, served):
     [model] = client.models.list().data
     assert model.id == "tiny" and model.model_extra["steering_presets"] == list(PRESETS)
     listing = httpx.get(f"{served[0]}/steering").json()
-    assert {p["name"]: p["spec"] for p in listing["data"]} == PRESETS and listing["default"] == {"method": "none"}
+    assert {p["name"]: p["spec"] for p in listing["data"]} == PRESETS and listing["default"] == {
+        "method": "none"
+    }
 
 
 def test_unsteered_reply_equals_generate(client, reference):
@@ -114,9 +138,13 @@ def test_unsteered_reply_equals_generate(client, reference):
         assert reply.choices[0].message.content == expected(reference, question, max_tokens=12)
         assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
         prompt = chat_prompts(reference, [[{"role": "user", "content": question}]])[0]
-        assert reply.usage.prompt_tokens == len(reference.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert reply.usage.prompt_tokens == len(
+            reference.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
         assert 1 <= reply.usage.completion_tokens <= 12
-    assert ask(client, QUESTIONS[0]).choices[0].message.content == expected(reference, QUESTIONS[0], max_tokens=8)  # default 8
+    assert ask(client, QUESTIONS[0]).choices[0].message.content == expected(
+        reference, QUESTIONS[0], max_tokens=8
+    )  # default 8
 
 
 def test_stream_concatenation_equals_non_streamed(client, specs):
@@ -146,9 +174,14 @@ def test_steered_reply_equals_direct_steering(client, reference, specs, name):
     reply = ask(client, QUESTIONS[0], steering, max_tokens=12)
     assert reply.choices[0].message.content == expected(reference, QUESTIONS[0], steering, max_tokens=12)
     assert reply.choices[0].message.content != expected(reference, QUESTIONS[0], max_tokens=12)
-    assert reply.model_extra["steering"]["method"] == (steering["method"] if isinstance(steering, dict) else name)
+    assert reply.model_extra["steering"]["method"] == (
+        steering["method"] if isinstance(steering, dict) else name
+    )
     if isinstance(steering, dict):  # a spec may also come as a JSON string
-        assert ask(client, QUESTIONS[0], json.dumps(steering), max_tokens=12).choices[0].message.content == reply.choices[0].message.content
+        assert (
+            ask(client, QUESTIONS[0], json.dumps(steering), max_tokens=12).choices[0].message.content
+            == reply.choices[0].message.content
+        )
 
 
 def test_sampling_is_seeded(client):
@@ -177,10 +210,16 @@ def recorded_forwards(model, delay: float = 0.0):
 def test_concurrent_mixed_requests_share_batches_without_leaking(client, served, reference, specs):
     """Twelve requests at once, four steerings, three lengths: each reply equals its own direct reference,
     and rows with different steerings really shared decoding steps."""
-    jobs = [(QUESTIONS[i % 4], steering, 4 + 4 * (i % 3))
-            for i, steering in enumerate([None, specs["actadd"], specs["sae"], "system_prompt"] * 3)]
+    jobs = [
+        (QUESTIONS[i % 4], steering, 4 + 4 * (i % 3))
+        for i, steering in enumerate([None, specs["actadd"], specs["sae"], "system_prompt"] * 3)
+    ]
     with recorded_forwards(served[1].model, delay=0.01) as sizes, ThreadPoolExecutor(len(jobs)) as pool:
-        replies = list(pool.map(lambda job: ask(client, job[0], job[1], max_tokens=job[2]).choices[0].message.content, jobs))
+        replies = list(
+            pool.map(
+                lambda job: ask(client, job[0], job[1], max_tokens=job[2]).choices[0].message.content, jobs
+            )
+        )
     assert replies == [expected(reference, q, s, max_tokens=m) for q, s, m in jobs]
     assert max(sizes) >= 4, sizes  # one row per steering at least
 
@@ -235,59 +274,173 @@ def test_new_request_joins_the_running_batch(slow_server):
 
 def raw(url: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}/chat/completions", content=content, headers={"content-type": "application/json"}, **kw)
+    return httpx.post(
+        f"{url}/chat/completions", content=content, headers={"content-type": "application/json"}, **kw
+    )
 
 
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b'{"messages": [', 400, "request body is not valid JSON"),
-    (b"[1, 2]", 400, "request body must be a JSON object"),
-    ({"model": "tiny"}, 400, "messages: Field required"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role: Input should be"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only text content parts are supported"),
-    ({"messages": USER, "steering": "nope"}, 400, "unknown steering preset 'nope'"),
-    ({"messages": USER, "steering": "{bad"}, 400, "steering is not valid JSON"),
-    ({"messages": USER, "steering": {"method": "magic"}}, 400, "unknown steering method 'magic'"),
-    ({"messages": USER, "steering": {"method": "actadd", "direction": "d", "alpha": "x"}}, 400, "bad actadd steering field alpha"),
-    ({"messages": USER, "steering": {"method": "actadd", "colour": 1}}, 400, "bad actadd steering field colour: Unexpected keyword"),
-    ({"messages": USER, "steering": {"method": "sae", "sae": "s", "features": 5, "values": [1]}}, 400,
-     "bad sae steering field features: Input should be a valid list"),
-    ({"messages": USER, "steering": {"method": "conditional", "steering": "x", "detector": "d"}}, 400,
-     "bad conditional steering field steering"),
-    ({"messages": USER, "steering": {"method": "conditional", "steering": {"method": "actadd", "alpha": "x"}, "detector": "d"}}, 400,
-     "bad actadd steering field alpha"),
-    ({"messages": USER, "steering": [1]}, 400, "steering must be a preset name or a spec object"),
-    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [999], "values": [1]}}, 400,
-     "feature index 999 is out of range"),
-    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [999], "values": [1]}, "stream": True}, 400,
-     "feature index 999 is out of range"),
-    ({"messages": USER, "steering": {"method": "actadd", "direction": "missing.safetensors"}}, 400, "is not available on this server"),
-    # Finding 3: non-finite or overflowing steering values are refused before anything runs.
-    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": ["nan"]}}, 400,
-     "values.0: Input should be a finite number"),
-    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": ["inf"]}}, 400, "finite number"),
-    ({"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": [1e308]}}, 400, "values must be within"),
-    ({"messages": USER, "steering": {"method": "actadd", "direction": "d", "alpha": "nan"}, "temperature": 1}, 400, "finite number"),
-    # Finding 4: inputs that used to end in a 500.
-    ({"messages": USER, "seed": 99999999999999999999999, "temperature": 1}, 400, "seed: Input should be less than"),
-    ({"messages": USER, "steering": {"method": "actadd", "direction": "d" * 5000}}, 400, "holds 5000 items or characters"),
-    ({"messages": USER, "steering": {"method": "actadd", "direction": "/" + "d" * 300 + "/x" * 1500}}, 400, "not available"),
-    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid Unicode"),
-    (b'{"messages": ' + b"[" * 15_000, 400, "request body is not valid JSON"),
-    (json.dumps({"messages": USER, "steering": '{"a":' + "[" * 5_000}).encode(), 400, "steering is not valid JSON"),
-    # Finding 5: a prompt-only method inside conditional would be silently ignored.
-    ({"messages": USER, "steering": {"method": "conditional", "steering": {"method": "system_prompt"}, "detector": "d"}}, 400,
-     "cannot wrap system_prompt"),
-    ({"messages": USER, "max_tokens": 25}, 400, "max_tokens 25 is above this server's limit of 24"),
-    ({"messages": USER, "max_completion_tokens": 0}, 400, "max_completion_tokens: Input should be greater than or equal to 1"),
-    ({"messages": USER, "n": 2}, 400, "n=2 is not supported"),
-    ({"messages": [{"role": "user", "content": "fox " * 300}]}, 400, "the prompt is"),
-    ({"messages": [{"role": "user", "content": "x" * 30_000}]}, 413, "above this server's limit of 20000"),
-], ids=lambda value: None if isinstance(value, (dict, bytes)) else str(value)[:40])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b'{"messages": [', 400, "request body is not valid JSON"),
+        (b"[1, 2]", 400, "request body must be a JSON object"),
+        ({"model": "tiny"}, 400, "messages: Field required"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role: Input should be"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "only text content parts are supported",
+        ),
+        ({"messages": USER, "steering": "nope"}, 400, "unknown steering preset 'nope'"),
+        ({"messages": USER, "steering": "{bad"}, 400, "steering is not valid JSON"),
+        ({"messages": USER, "steering": {"method": "magic"}}, 400, "unknown steering method 'magic'"),
+        (
+            {"messages": USER, "steering": {"method": "actadd", "direction": "d", "alpha": "x"}},
+            400,
+            "bad actadd steering field alpha",
+        ),
+        (
+            {"messages": USER, "steering": {"method": "actadd", "colour": 1}},
+            400,
+            "bad actadd steering field colour: Unexpected keyword",
+        ),
+        (
+            {"messages": USER, "steering": {"method": "sae", "sae": "s", "features": 5, "values": [1]}},
+            400,
+            "bad sae steering field features: Input should be a valid list",
+        ),
+        (
+            {"messages": USER, "steering": {"method": "conditional", "steering": "x", "detector": "d"}},
+            400,
+            "bad conditional steering field steering",
+        ),
+        (
+            {
+                "messages": USER,
+                "steering": {
+                    "method": "conditional",
+                    "steering": {"method": "actadd", "alpha": "x"},
+                    "detector": "d",
+                },
+            },
+            400,
+            "bad actadd steering field alpha",
+        ),
+        ({"messages": USER, "steering": [1]}, 400, "steering must be a preset name or a spec object"),
+        (
+            {"messages": USER, "steering": {"method": "sae", "sae": "SAE", "features": [999], "values": [1]}},
+            400,
+            "feature index 999 is out of range",
+        ),
+        (
+            {
+                "messages": USER,
+                "steering": {"method": "sae", "sae": "SAE", "features": [999], "values": [1]},
+                "stream": True,
+            },
+            400,
+            "feature index 999 is out of range",
+        ),
+        (
+            {"messages": USER, "steering": {"method": "actadd", "direction": "missing.safetensors"}},
+            400,
+            "is not available on this server",
+        ),
+        # Finding 3: non-finite or overflowing steering values are refused before anything runs.
+        (
+            {
+                "messages": USER,
+                "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": ["nan"]},
+            },
+            400,
+            "values.0: Input should be a finite number",
+        ),
+        (
+            {
+                "messages": USER,
+                "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": ["inf"]},
+            },
+            400,
+            "finite number",
+        ),
+        (
+            {
+                "messages": USER,
+                "steering": {"method": "sae", "sae": "SAE", "features": [5], "values": [1e308]},
+            },
+            400,
+            "values must be within",
+        ),
+        (
+            {
+                "messages": USER,
+                "steering": {"method": "actadd", "direction": "d", "alpha": "nan"},
+                "temperature": 1,
+            },
+            400,
+            "finite number",
+        ),
+        # Finding 4: inputs that used to end in a 500.
+        (
+            {"messages": USER, "seed": 99999999999999999999999, "temperature": 1},
+            400,
+            "seed: Input should be less than",
+        ),
+        (
+            {"messages": USER, "steering": {"method": "actadd", "direction": "d" * 5000}},
+            400,
+            "holds 5000 items or characters",
+        ),
+        (
+            {"messages": USER, "steering": {"method": "actadd", "direction": "/" + "d" * 300 + "/x" * 1500}},
+            400,
+            "not available",
+        ),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid Unicode"),
+        (b'{"messages": ' + b"[" * 15_000, 400, "request body is not valid JSON"),
+        (
+            json.dumps({"messages": USER, "steering": '{"a":' + "[" * 5_000}).encode(),
+            400,
+            "steering is not valid JSON",
+        ),
+        # Finding 5: a prompt-only method inside conditional would be silently ignored.
+        (
+            {
+                "messages": USER,
+                "steering": {
+                    "method": "conditional",
+                    "steering": {"method": "system_prompt"},
+                    "detector": "d",
+                },
+            },
+            400,
+            "cannot wrap system_prompt",
+        ),
+        ({"messages": USER, "max_tokens": 25}, 400, "max_tokens 25 is above this server's limit of 24"),
+        (
+            {"messages": USER, "max_completion_tokens": 0},
+            400,
+            "max_completion_tokens: Input should be greater than or equal to 1",
+        ),
+        ({"messages": USER, "n": 2}, 400, "n=2 is not supported"),
+        ({"messages": [{"role": "user", "content": "fox " * 300}]}, 400, "the prompt is"),
+        (
+            {"messages": [{"role": "user", "content": "x" * 30_000}]},
+            413,
+            "above this server's limit of 20000",
+        ),
+    ],
+    ids=lambda value: None if isinstance(value, (dict, bytes)) else str(value)[:40],
+)
 def test_bad_requests_get_openai_errors(served, specs, body, status, message):
-    if isinstance(body, dict) and isinstance(body.get("steering"), dict) and body["steering"].get("sae") == "SAE":
+    if (
+        isinstance(body, dict)
+        and isinstance(body.get("steering"), dict)
+        and body["steering"].get("sae") == "SAE"
+    ):
         body = {**body, "steering": {**body["steering"], "sae": specs["sae"]["sae"]}}
     response = raw(served[0], body)
     error = response.json()["error"]
@@ -312,14 +465,26 @@ def test_request_files_stay_inside_allowed_dirs(served, specs, tmp_path):
     elsewhere = tmp_path / "direction.safetensors"
     save_direction(elsewhere, torch.ones(64), layer=2, model="tiny")
     messages = set()
-    for path in ["builtin:../../../../../../etc/hostname", "/etc", "/etc/hostname", "/no/such/file", str(fifo), str(elsewhere),
-                 str(Path(specs["folder"]) / ".." / elsewhere.parent.name / elsewhere.name)]:
-        for steering in ({"method": "actadd", "direction": path}, {"method": "sae", "sae": path, "features": [1], "values": [1]}):
+    for path in [
+        "builtin:../../../../../../etc/hostname",
+        "/etc",
+        "/etc/hostname",
+        "/no/such/file",
+        str(fifo),
+        str(elsewhere),
+        str(Path(specs["folder"]) / ".." / elsewhere.parent.name / elsewhere.name),
+    ]:
+        for steering in (
+            {"method": "actadd", "direction": path},
+            {"method": "sae", "sae": path, "features": [1], "values": [1]},
+        ):
             response = raw(url, {"messages": USER, "steering": steering}, timeout=10)
             assert response.status_code == 400, (path, response.text)
             messages.add(response.json()["error"]["message"].replace(repr(short(path)), "PATH"))
     assert len(messages) == 1, messages
-    assert raw(url, {"messages": USER, "steering": specs["actadd"], "max_tokens": 2}).status_code == 200  # allowed
+    assert (
+        raw(url, {"messages": USER, "steering": specs["actadd"], "max_tokens": 2}).status_code == 200
+    )  # allowed
 
 
 def test_api_key(tiny_model_dir):
@@ -338,8 +503,24 @@ def test_cli_serve_answers(tiny_model_dir, specs, tmp_path):
         port = sock.getsockname()[1]
     spec = tmp_path / "default.json"
     spec.write_text(json.dumps(specs["actadd"]))
-    command = [sys.executable, "-m", "saesteer", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-               "--steering", str(spec), "--max-tokens", "8", "--allow-dir", specs["folder"], "--api-key", "k"]
+    command = [
+        sys.executable,
+        "-m",
+        "saesteer",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--steering",
+        str(spec),
+        "--max-tokens",
+        "8",
+        "--allow-dir",
+        specs["folder"],
+        "--api-key",
+        "k",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
@@ -349,16 +530,22 @@ def test_cli_serve_answers(tiny_model_dir, specs, tmp_path):
                 assert client.models.list().data[0].model_extra["default_steering"]["method"] == "actadd"
                 break
             except openai.APIConnectionError:
-                assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() is not None else "timeout"
+                assert process.poll() is None and time.time() < deadline, (
+                    process.stdout.read() if process.poll() is not None else "timeout"
+                )
                 time.sleep(0.2)
         reply = ask(client, "hi")
         assert reply.model_extra["steering"]["method"] == "actadd" and reply.usage.completion_tokens <= 8
-        assert ask(client, "hi", specs["sae"]).model_extra["steering"]["method"] == "sae"  # a file under --allow-dir
+        assert (
+            ask(client, "hi", specs["sae"]).model_extra["steering"]["method"] == "sae"
+        )  # a file under --allow-dir
     finally:
         process.terminate()
         process.wait(10)
 
 
 def test_cli_serve_bad_default_steering_is_one_line(monkeypatch, capsys, tiny_model_dir):
-    code, out = run_cli(monkeypatch, capsys, "serve", "--model", str(tiny_model_dir), "--steering", '{"method": "nope"}')
+    code, out = run_cli(
+        monkeypatch, capsys, "serve", "--model", str(tiny_model_dir), "--steering", '{"method": "nope"}'
+    )
     assert code == 2 and "unknown steering method 'nope'" in out.err and "Traceback" not in out.err

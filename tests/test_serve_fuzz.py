@@ -18,12 +18,16 @@ from saesteer.serve import ServeConfig
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir):
     torch.set_num_threads(1)
-    for url, _ in serve_in_thread(load_model(str(tiny_model_dir)), ServeConfig(**{**LIMITS, "max_tokens": 4})):
+    for url, _ in serve_in_thread(
+        load_model(str(tiny_model_dir)), ServeConfig(**{**LIMITS, "max_tokens": 4})
+    ):
         yield url.removesuffix("/v1")
 
 
 def test_generated_requests_get_no_server_errors(base_url):
-    torch.set_flush_denormal(False)  # an imported library may have set flush-to-zero; hypothesis needs subnormal floats
+    torch.set_flush_denormal(
+        False
+    )  # an imported library may have set flush-to-zero; hypothesis needs subnormal floats
     schema = schemathesis.openapi.from_dict(httpx.get(f"{base_url}/openapi.json").json())
     sent = []
 
@@ -36,6 +40,8 @@ def test_generated_requests_get_no_server_errors(base_url):
 
     check()
     chat = [status for label, status in sent if "chat/completions" in label]
-    print(f"schemathesis: {len(sent)} requests ({len(chat)} chat completions), statuses {sorted({s for _, s in sent})}, "
-          f"{sum(s >= 500 for _, s in sent)} server errors")
+    print(
+        f"schemathesis: {len(sent)} requests ({len(chat)} chat completions), statuses {sorted({s for _, s in sent})}, "
+        f"{sum(s >= 500 for _, s in sent)} server errors"
+    )
     assert len(chat) >= 100 and {200, 400} <= set(chat)  # generated requests both pass and fail validation

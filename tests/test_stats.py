@@ -26,7 +26,10 @@ def test_bootstrap_ci_contains_point_and_shrinks_with_n():
 def test_bootstrap_ratio_with_transform():
     nll, tokens = [10.0, 30.0], [10, 10]
     point, low, high = bootstrap_ci(nll, tokens, transform=np.exp, n_resamples=500)
-    assert point == pytest.approx(math.exp(2.0)) and math.exp(1.0) - 1e-9 <= low <= point <= high <= math.exp(3.0) + 1e-9
+    assert (
+        point == pytest.approx(math.exp(2.0))
+        and math.exp(1.0) - 1e-9 <= low <= point <= high <= math.exp(3.0) + 1e-9
+    )
 
 
 def test_cohen_kappa_known_answers():

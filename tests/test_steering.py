@@ -10,7 +10,16 @@ from saesteer.hooks import residual_at
 from saesteer.models import chat_prompts, generate
 from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import (
-    _METHODS, ActAdd, Ablate, Conditional, SAESteer, Steering, SystemPrompt, load_sae, save_direction, steering_from_dict,
+    _METHODS,
+    Ablate,
+    ActAdd,
+    Conditional,
+    SAESteer,
+    Steering,
+    SystemPrompt,
+    load_sae,
+    save_direction,
+    steering_from_dict,
 )
 
 QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps"]
@@ -37,7 +46,9 @@ def sae_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direction_file(tmp_path_factory, loaded):
     path = tmp_path_factory.mktemp("dir") / "refusal.safetensors"
-    save_direction(path, torch.randn(64, generator=torch.Generator().manual_seed(2)), layer=2, model="tiny-llama")
+    save_direction(
+        path, torch.randn(64, generator=torch.Generator().manual_seed(2)), layer=2, model="tiny-llama"
+    )
     return str(path)
 
 
@@ -68,7 +79,9 @@ def test_clamp_shortcut_equals_full_decode_plus_error(loaded, sae_dir):
     expected = sae.decode(clamped) + (h - sae.decode(z))
     torch.testing.assert_close(fn(h), expected, rtol=1e-5, atol=1e-4)
     add = SAESteer(sae=sae_dir, features=features, values=values, mode="add").edits(loaded)[0][2](h)
-    torch.testing.assert_close(add, h + (torch.tensor(values) @ sae.W_dec[features]) / 0.37, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        add, h + (torch.tensor(values) @ sae.W_dec[features]) / 0.37, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_relative_values_scale_by_max_acts(sae_dir):
@@ -76,7 +89,9 @@ def test_relative_values_scale_by_max_acts(sae_dir):
     assert steering.targets().tolist() == [3.0, 2.0]
 
 
-@pytest.mark.parametrize("positions, prefill, decode", [("all", True, True), ("prompt", True, False), ("generated", False, True)])
+@pytest.mark.parametrize(
+    "positions, prefill, decode", [("all", True, True), ("prompt", True, False), ("generated", False, True)]
+)
 def test_steering_only_chosen_positions(loaded, sae_dir, positions, prefill, decode, monkeypatch):
     steering = SAESteer(sae=sae_dir, features=[5], values=[9.0], positions=positions)
     seen = []
@@ -98,7 +113,9 @@ def test_batched_steered_generation_equals_unbatched(loaded, sae_dir):
     batched = steered_generate(loaded, steering, batch_size=3)
     single = [steered_generate(loaded, steering, [q], batch_size=1)[0] for q in QUESTIONS]
     assert batched == single
-    assert batched != steered_generate(loaded, Steering(), batch_size=3), "steering should change the tiny model's output"
+    assert batched != steered_generate(loaded, Steering(), batch_size=3), (
+        "steering should change the tiny model's output"
+    )
 
 
 def test_conditional_gate_off_is_byte_identical(loaded, sae_dir, direction_file):
@@ -121,9 +138,13 @@ def test_conditional_gates_each_row(loaded, sae_dir, direction_file):
     scores = probe.scores(loaded, ids["input_ids"], ids["attention_mask"])
     threshold = float(scores.median())  # flags exactly the one row above the median
     flagged = (scores > threshold).tolist()
-    mixed = steered_generate(loaded, Conditional(steering=inner, detector=direction_file, threshold=threshold))
+    mixed = steered_generate(
+        loaded, Conditional(steering=inner, detector=direction_file, threshold=threshold)
+    )
     plain, steered = steered_generate(loaded, Steering()), steered_generate(loaded, steering_from_dict(inner))
-    order = sorted(range(3), key=lambda i: len(prompts(loaded)[i]))  # generate() batches by length; rows are per prompt
+    order = sorted(
+        range(3), key=lambda i: len(prompts(loaded)[i])
+    )  # generate() batches by length; rows are per prompt
     assert sum(flagged) == 1 and order
     assert mixed == [s if f else p for s, p, f in zip(steered, plain, flagged)]
 
@@ -141,14 +162,23 @@ def test_actadd_and_ablation(loaded, direction_file):
 
 
 def test_system_prompt_replaces_system_turn():
-    conv = SystemPrompt(prompt="Be safe.").prepare([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
+    conv = SystemPrompt(prompt="Be safe.").prepare(
+        [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]
+    )
     assert conv == [{"role": "system", "content": "Be safe."}, {"role": "user", "content": "hi"}]
 
 
 def test_specs_round_trip_through_json(sae_dir, direction_file):
-    specs = [Steering(), SystemPrompt(), SAESteer(sae=sae_dir, features=[1], values=[2.0], positions="prompt"),
-             ActAdd(direction=direction_file, alpha=2.0, layer=1), Ablate(direction=direction_file),
-             Conditional(steering={"method": "actadd", "direction": direction_file}, detector=direction_file, threshold=0.5)]
+    specs = [
+        Steering(),
+        SystemPrompt(),
+        SAESteer(sae=sae_dir, features=[1], values=[2.0], positions="prompt"),
+        ActAdd(direction=direction_file, alpha=2.0, layer=1),
+        Ablate(direction=direction_file),
+        Conditional(
+            steering={"method": "actadd", "direction": direction_file}, detector=direction_file, threshold=0.5
+        ),
+    ]
     for spec in specs:
         again = steering_from_dict(json.loads(json.dumps(spec.to_dict())))
         assert type(again) is type(spec) and again.to_dict() == spec.to_dict()
@@ -179,9 +209,13 @@ def test_schedules_release_and_decay_the_clamp(loaded, sae_dir):
     prompt_only = SAESteer(sae=sae_dir, features=[5], values=[60.0], generated_tokens=0)
     [(_, _, fn)] = released.edits(loaded)
     prefill, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
-    assert fn(prefill) is not None and fn(step) is not None and fn(step) is not None and fn(step) is None  # prefill, t=0, 1; t=2 released
+    assert (
+        fn(prefill) is not None and fn(step) is not None and fn(step) is not None and fn(step) is None
+    )  # prefill, t=0, 1; t=2 released
     assert fn(prefill) is not None and fn(step) is not None  # a new prefill starts the count again
-    [(_, _, decaying)] = SAESteer(sae=sae_dir, features=[5], values=[60.0], mode="add", decay=0.5).edits(loaded)
+    [(_, _, decaying)] = SAESteer(sae=sae_dir, features=[5], values=[60.0], mode="add", decay=0.5).edits(
+        loaded
+    )
     first = decaying(prefill) - prefill
     assert torch.allclose((decaying(step) - step)[0, 0], first[0, 0], atol=1e-4)  # t=0: full strength
     assert torch.allclose((decaying(step) - step)[0, 0], 0.5 * first[0, 0], atol=1e-4)  # t=1: halved
@@ -194,13 +228,17 @@ def test_schedules_release_and_decay_the_clamp(loaded, sae_dir):
 
 def test_canned_and_prefixed_replies(loaded):
     text = "the lazy dog"
-    canned = steered_generate(loaded, steering_from_dict({"method": "reply_prefix", "text": text, "stop": True}))
+    canned = steered_generate(
+        loaded, steering_from_dict({"method": "reply_prefix", "text": text, "stop": True})
+    )
     assert canned == [text] * len(QUESTIONS)
     prefixed = steered_generate(loaded, steering_from_dict({"method": "reply_prefix", "text": text}))
     assert all(r.startswith(text) for r in prefixed)
     ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
     for stop, after in ((False, None), (True, loaded.tokenizer.eos_token_id)):
-        [(_, _, count), (_, point, force)] = steering_from_dict({"method": "reply_prefix", "text": text, "stop": stop}).edits(loaded)
+        [(_, _, count), (_, point, force)] = steering_from_dict(
+            {"method": "reply_prefix", "text": text, "stop": stop}
+        ).edits(loaded)
         assert point == "logits"
         count(torch.zeros(1, 5, 64))  # the prefill chooses the first reply token
         chosen = []
@@ -218,7 +256,9 @@ def test_conditional_canned_refusal_only_on_flagged_rows(loaded, direction_file)
     detector = Conditional(steering={"method": "none"}, detector=direction_file)
     scores = detector.scores(loaded, *_batch(loaded))
     threshold = float(scores.median())
-    gated = steered_generate(loaded, Conditional(steering=canned, detector=direction_file, threshold=threshold))
+    gated = steered_generate(
+        loaded, Conditional(steering=canned, detector=direction_file, threshold=threshold)
+    )
     plain = steered_generate(loaded, Steering())
     for score, reply, unsteered in zip(scores, gated, plain):
         assert reply == ("the lazy dog" if score > threshold else unsteered)
@@ -233,7 +273,10 @@ def test_stack_applies_every_part(loaded, sae_dir, direction_file):
     sae = {"method": "sae", "sae": sae_dir, "features": [5], "values": [60.0]}
     actadd = {"method": "actadd", "direction": direction_file, "alpha": 30.0}
     stack = steering_from_dict({"method": "stack", "steerings": [{"method": "system_prompt"}, sae, actadd]})
-    assert len(stack.edits(loaded)) == 2 and stack.prepare([{"role": "user", "content": "x"}])[0]["role"] == "system"
+    assert (
+        len(stack.edits(loaded)) == 2
+        and stack.prepare([{"role": "user", "content": "x"}])[0]["role"] == "system"
+    )
     assert steering_from_dict(stack.to_dict()).to_dict() == stack.to_dict()
     ids, _ = _batch(loaded)
     with stack.applied(loaded):
@@ -246,19 +289,51 @@ def test_stack_applies_every_part(loaded, sae_dir, direction_file):
         steering_from_dict({"method": "stack", "steerings": []})
 
 
-FIELD_NAMES = ["method", "sae", "features", "values", "mode", "positions", "relative", "max_acts", "layer", "generated_tokens",
-               "decay", "direction", "alpha", "steering", "detector", "threshold", "tokens", "text", "stop", "steerings",
-               "prompt", "colour"]
+FIELD_NAMES = [
+    "method",
+    "sae",
+    "features",
+    "values",
+    "mode",
+    "positions",
+    "relative",
+    "max_acts",
+    "layer",
+    "generated_tokens",
+    "decay",
+    "direction",
+    "alpha",
+    "steering",
+    "detector",
+    "threshold",
+    "tokens",
+    "text",
+    "stop",
+    "steerings",
+    "prompt",
+    "colour",
+]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_subnormal=False) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_subnormal=False)
+    | st.text(max_size=20)
     | st.sampled_from(sorted(_METHODS)),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
-@given(spec=st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6)
-       | st.fixed_dictionaries({"method": st.sampled_from(sorted(_METHODS))},
-                               optional={name: json_values for name in FIELD_NAMES[1:]}))
+@given(
+    spec=st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6)
+    | st.fixed_dictionaries(
+        {"method": st.sampled_from(sorted(_METHODS))},
+        optional={name: json_values for name in FIELD_NAMES[1:]},
+    )
+)
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_spec_is_a_steering_or_one_line_error(spec):
     """One validation path: whatever JSON a user sends, the result is a method that round-trips through its

@@ -7,15 +7,31 @@ from conftest import run_cli
 
 from saesteer.sae import SAE
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def cache(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "acts"
-    code, _ = run_cli(monkeypatch, capsys, "collect", "--model", str(tiny_model_dir), "--layer", "1", "--data",
-                      str(text_file), "--tokens", "1280", "--ctx", "32", "--contexts-per-shard", "8", "--out", str(out))
+    code, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "collect",
+        "--model",
+        str(tiny_model_dir),
+        "--layer",
+        "1",
+        "--data",
+        str(text_file),
+        "--tokens",
+        "1280",
+        "--ctx",
+        "32",
+        "--contexts-per-shard",
+        "8",
+        "--out",
+        str(out),
+    )
     assert code in (0, None)
     return out
 
@@ -24,26 +40,67 @@ def test_train_then_evaluate(monkeypatch, capsys, cache, tiny_model_dir, tmp_pat
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"k": 4, "warmup_steps": 2, "init_tokens": 512}))
     out = tmp_path / "sae"
-    code, res = run_cli(monkeypatch, capsys, "train", "--activations", str(cache), "--out", str(out), "--config",
-                        str(config), "--n-latents", "128", "--batch-size", "128", "--tokens", "1280", "--device", "cpu")
+    code, res = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--activations",
+        str(cache),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--n-latents",
+        "128",
+        "--batch-size",
+        "128",
+        "--tokens",
+        "1280",
+        "--device",
+        "cpu",
+    )
     assert code in (0, None), res.err
     assert "trained TopK SAE d_in 64 x 128 latents, k 4, 1,280 tokens (10 steps)" in res.out
     sae = SAE.load(out / "sae")
-    assert sae.cfg.layer == 1 and sae.cfg.model == str(tiny_model_dir) and sae.cfg.training_data["n_contexts"] == 40
+    assert (
+        sae.cfg.layer == 1
+        and sae.cfg.model == str(tiny_model_dir)
+        and sae.cfg.training_data["n_contexts"] == 40
+    )
 
     # Held-out text defaults to the SAE's training source after the contexts its cache used.
     code, res = run_cli(monkeypatch, capsys, "evaluate-sae", "--sae", str(out / "sae"), "--contexts", "4")
     assert code in (0, None), res.err
-    for line in ("FVU", "L0", "dead latents", "dense latents", "CE clean", "CE with SAE", "CE zero-ablated",
-                 "loss recovered", "KL(clean||SAE)"):
+    for line in (
+        "FVU",
+        "L0",
+        "dead latents",
+        "dense latents",
+        "CE clean",
+        "CE with SAE",
+        "CE zero-ablated",
+        "loss recovered",
+        "KL(clean||SAE)",
+    ):
         assert line in res.out
 
 
 def test_train_errors_are_one_line(monkeypatch, capsys, cache, tmp_path):
-    code, res = run_cli(monkeypatch, capsys, "train", "--activations", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    code, res = run_cli(
+        monkeypatch, capsys, "train", "--activations", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "holds no activation cache" in res.err and "Traceback" not in res.err
-    code, res = run_cli(monkeypatch, capsys, "train", "--activations", str(cache), "--out", str(tmp_path / "o"),
-                        "--batch-size", "0")
+    code, res = run_cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--activations",
+        str(cache),
+        "--out",
+        str(tmp_path / "o"),
+        "--batch-size",
+        "0",
+    )
     assert code == 2 and "batch_size must be positive" in res.err
     code, res = run_cli(monkeypatch, capsys, "evaluate-sae", "--sae", str(tmp_path / "missing"))
     assert code == 2 and "cannot read SAE" in res.err

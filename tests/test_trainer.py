@@ -20,7 +20,6 @@ import torch.multiprocessing as mp
 from saesteer.sae import SAE
 from saesteer.trainer import CHECKPOINT, TensorSource, TrainConfig, TrainError, train
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -35,8 +34,19 @@ def sparse_data(seed=0, d=32, n_true=64, k_true=3, n_tokens=65536):
 
 
 def small_config(tmp_path, **overrides) -> TrainConfig:
-    base = dict(out=str(tmp_path / "run"), n_latents=64, k=3, batch_size=256, total_tokens=256 * 30, lr=3e-3,
-                warmup_steps=5, dead_tokens=2000, init_tokens=4096, checkpoint_every=10, log_every=5)
+    base = dict(
+        out=str(tmp_path / "run"),
+        n_latents=64,
+        k=3,
+        batch_size=256,
+        total_tokens=256 * 30,
+        lr=3e-3,
+        warmup_steps=5,
+        dead_tokens=2000,
+        init_tokens=4096,
+        checkpoint_every=10,
+        log_every=5,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -54,25 +64,43 @@ def test_dictionary_recovery_and_auxk_revives_dead_latents(tmp_path, monkeypatch
     monkeypatch.setattr(SAE, "init_from_sample", crippled_init)
     results = {}
     for auxk_coef in (1 / 32, 0.0):
-        cfg = small_config(tmp_path, auxk_coef=auxk_coef, batch_size=512, total_tokens=200_000, dead_tokens=5000,
-                           checkpoint_every=10**6, out=str(tmp_path / f"aux{auxk_coef}"))
+        cfg = small_config(
+            tmp_path,
+            auxk_coef=auxk_coef,
+            batch_size=512,
+            total_tokens=200_000,
+            dead_tokens=5000,
+            checkpoint_every=10**6,
+            out=str(tmp_path / f"aux{auxk_coef}"),
+        )
         sae = train(cfg, TensorSource(x), progress=False).sae
         best_cos = (atoms @ sae.W_dec.detach().T).max(1).values
         values, indices = sae.encode_topk(x[:8192])
         fired = torch.zeros(64, dtype=torch.bool).index_fill_(0, indices[values > 0], True)
         results[auxk_coef] = (best_cos.mean().item(), fired[:32].float().mean().item())
     with capsys.disabled():
-        print(f"\n  dictionary recovery (mean max cosine, crippled latents alive): "
-              f"AuxK {results[1 / 32][0]:.3f}, {results[1 / 32][1]:.0%}; no AuxK {results[0.0][0]:.3f}, {results[0.0][1]:.0%}")
+        print(
+            f"\n  dictionary recovery (mean max cosine, crippled latents alive): "
+            f"AuxK {results[1 / 32][0]:.3f}, {results[1 / 32][1]:.0%}; no AuxK {results[0.0][0]:.3f}, {results[0.0][1]:.0%}"
+        )
     assert results[1 / 32][0] > 0.95 and results[1 / 32][1] > 0.9
     assert results[0.0][1] < 0.1 and results[0.0][0] < results[1 / 32][0] - 0.03
 
 
 def test_training_keeps_decoder_unit_norm_and_records_metadata(tmp_path):
     _, x = sparse_data()
-    source = TensorSource(x, manifest={"model": "tiny", "layer": 3, "hook_point": "resid_pre",
-                                       "data": {"data": "corpus.jsonl", "sha256": "ff"}, "ctx": 64,
-                                       "shards": [{"n_contexts": 10}], "n_tokens": 640})
+    source = TensorSource(
+        x,
+        manifest={
+            "model": "tiny",
+            "layer": 3,
+            "hook_point": "resid_pre",
+            "data": {"data": "corpus.jsonl", "sha256": "ff"},
+            "ctx": 64,
+            "shards": [{"n_contexts": 10}],
+            "n_tokens": 640,
+        },
+    )
     result = train(small_config(tmp_path), source, progress=False)
     sae = result.sae
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
@@ -87,8 +115,14 @@ def test_training_keeps_decoder_unit_norm_and_records_metadata(tmp_path):
 def test_resume_is_exact(tmp_path):
     _, x = sparse_data()
     straight = train(small_config(tmp_path, out=str(tmp_path / "a")), TensorSource(x), progress=False)
-    first = train(small_config(tmp_path, out=str(tmp_path / "b"), total_tokens=256 * 12), TensorSource(x), progress=False)
-    resumed = train(small_config(tmp_path, out=str(tmp_path / "b"), resume=True), TensorSource(x), progress=False)
+    first = train(
+        small_config(tmp_path, out=str(tmp_path / "b"), total_tokens=256 * 12),
+        TensorSource(x),
+        progress=False,
+    )
+    resumed = train(
+        small_config(tmp_path, out=str(tmp_path / "b"), resume=True), TensorSource(x), progress=False
+    )
     assert resumed.steps == 30 and len(resumed.losses) == 18
     assert first.losses + resumed.losses == straight.losses  # bitwise
     for name, p in straight.sae.named_parameters():
@@ -110,7 +144,9 @@ def test_resume_after_kill_9_is_exact(tmp_path):
               TensorSource(x), progress=False)
     """)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
+    )
     try:
         deadline = time.time() + 120
         while not (out / CHECKPOINT).exists():
@@ -129,7 +165,9 @@ def test_resume_after_kill_9_is_exact(tmp_path):
     _, x = sparse_data()
     cfg = small_config(tmp_path, out=str(out), total_tokens=256 * n_steps, checkpoint_every=2, resume=True)
     resumed = train(cfg, TensorSource(x), progress=False)
-    straight = train(replace(cfg, out=str(tmp_path / "straight"), resume=False), TensorSource(x), progress=False)
+    straight = train(
+        replace(cfg, out=str(tmp_path / "straight"), resume=False), TensorSource(x), progress=False
+    )
     assert len(resumed.losses) == 8
     assert resumed.losses == straight.losses[killed_at:]
     for name, p in straight.sae.named_parameters():
@@ -203,5 +241,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     single = train(replace(cfg, out=str(tmp_path / "single")), TensorSource(x), progress=False)
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-6)
     for name, p in single.sae.named_parameters():
-        torch.testing.assert_close(torch.from_numpy(ddp_params[name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            torch.from_numpy(ddp_params[name]), p.detach(), rtol=1e-4, atol=1e-5, msg=name
+        )
     assert (tmp_path / "ddp" / "sae" / "cfg.json").exists()

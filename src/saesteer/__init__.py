@@ -20,7 +20,14 @@ from saesteer.errors import SaesteerError
 
 __version__ = "0.1.0"
 __all__ = [
-    "LoadedModel", "SaesteerError", "Steering", "evaluate", "generate", "load_model", "load_sae", "parse_steering",
+    "LoadedModel",
+    "SaesteerError",
+    "Steering",
+    "evaluate",
+    "generate",
+    "load_model",
+    "load_sae",
+    "parse_steering",
 ]
 
 _LAZY = {  # public name -> the module that defines it, imported on first access
@@ -53,9 +60,16 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-def evaluate(loaded: LoadedModel, steering: str | dict | Steering | None = None,
-             suites: str | tuple[str, ...] = "safety", *, judge: Judge | None = None,
-             cache: str | Path | None = None, progress: bool = True, **options) -> Run:
+def evaluate(
+    loaded: LoadedModel,
+    steering: str | dict | Steering | None = None,
+    suites: str | tuple[str, ...] = "safety",
+    *,
+    judge: Judge | None = None,
+    cache: str | Path | None = None,
+    progress: bool = True,
+    **options,
+) -> Run:
     """Run evaluation suites on `loaded` (from `load_model`) under one steering; a thin front to
     `saesteer.evals.evaluate(SteeredModel(loaded, steering, cache), EvalConfig(...), judge)` that keeps the
     model and steering recorded in the result rows the same as the ones evaluated.
@@ -79,7 +93,9 @@ def evaluate(loaded: LoadedModel, steering: str | dict | Steering | None = None,
     allowed = {f.name for f in fields(evals.EvalConfig)} - {"model", "steering", "suites"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise SaesteerError(f"unknown evaluate option {unknown[0]!r}: use one of {', '.join(sorted(allowed))}")
+        raise SaesteerError(
+            f"unknown evaluate option {unknown[0]!r}: use one of {', '.join(sorted(allowed))}"
+        )
     method = parse_steering(steering)
     names = evals.parse_suites(suites if isinstance(suites, str) else ",".join(suites))
     config = evals.EvalConfig(model=loaded.spec, steering=method.to_dict(), suites=names, **options)

@@ -132,8 +132,11 @@ def _done_shards(out: Path) -> dict[int, dict]:
         if shard.get("sha256", digest) == digest:
             checked[index] = {**shard, "sha256": digest}
         else:
-            print(f"saesteer: warning: {out / shard['file']} does not match its sha256 in the manifest "
-                  "(corrupted?); collecting it again", file=sys.stderr)
+            print(
+                f"saesteer: warning: {out / shard['file']} does not match its sha256 in the manifest "
+                "(corrupted?); collecting it again",
+                file=sys.stderr,
+            )
     return checked
 
 
@@ -141,7 +144,9 @@ def _special_mask(input_ids: torch.Tensor, special_ids: list[int]) -> torch.Tens
     return torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype))
 
 
-def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None = None, progress: bool = True) -> dict:
+def collect(
+    config: CollectConfig, out: str | Path, loaded: LoadedModel | None = None, progress: bool = True
+) -> dict:
     """Collect activations into `out` (resuming if it holds a partial run of the same config); return the manifest."""
     if config.dtype not in DTYPES:
         raise SaesteerError(f"unknown cache dtype {config.dtype!r}: use bfloat16 or float16")
@@ -172,8 +177,14 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
 
     n_contexts = math.ceil(config.tokens / config.ctx)
     n_shards = math.ceil(n_contexts / config.contexts_per_shard)
-    expected = {g: min(config.contexts_per_shard, n_contexts - g * config.contexts_per_shard) for g in range(n_shards)}
-    done = {g: s for g, s in _done_shards(out).items() if g in expected and (s["n_contexts"] == expected[g] or s.get("exhausted"))}
+    expected = {
+        g: min(config.contexts_per_shard, n_contexts - g * config.contexts_per_shard) for g in range(n_shards)
+    }
+    done = {
+        g: s
+        for g, s in _done_shards(out).items()
+        if g in expected and (s["n_contexts"] == expected[g] or s.get("exhausted"))
+    }
     mine = [g for g in range(n_shards) if g % world == rank]
     todo = [g for g in mine if g not in done]
     special_ids = sorted(set(tokenizer.all_special_ids))
@@ -184,8 +195,13 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
     contexts = itertools.chain([first_context], contexts)
     recorded = {g: done[g] for g in mine if g in done}
 
-    bar = tqdm(total=sum(expected[g] for g in mine) * config.ctx, unit="tok", unit_scale=True,
-               desc=f"collect L{config.layer}" + (f" rank {rank}" if world > 1 else ""), disable=not progress)
+    bar = tqdm(
+        total=sum(expected[g] for g in mine) * config.ctx,
+        unit="tok",
+        unit_scale=True,
+        desc=f"collect L{config.layer}" + (f" rank {rank}" if world > 1 else ""),
+        disable=not progress,
+    )
     bar.update(sum(s["n_contexts"] for s in recorded.values()) * config.ctx)
     position = 0  # index of the next context the packer yields
     for g in todo:
@@ -195,8 +211,14 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
         if not shard_contexts:
             break
         acts = _activations(loaded, shard_contexts, config, special_ids, bar)
-        entry = {"index": g, "file": _shard_name(g), "rank": rank, "n_contexts": len(shard_contexts),
-                 "n_tokens": int(acts.shape[0]), "exhausted": len(shard_contexts) < count}
+        entry = {
+            "index": g,
+            "file": _shard_name(g),
+            "rank": rank,
+            "n_contexts": len(shard_contexts),
+            "n_tokens": int(acts.shape[0]),
+            "exhausted": len(shard_contexts) < count,
+        }
         tmp = out / (entry["file"] + ".tmp")
         save_file({"acts": acts}, str(tmp))
         entry["sha256"] = _sha256(tmp)
@@ -215,13 +237,17 @@ def collect(config: CollectConfig, out: str | Path, loaded: LoadedModel | None =
     return json.loads((out / MANIFEST).read_text())
 
 
-def _activations(loaded: LoadedModel, contexts: list[list[int]], config: CollectConfig, special_ids: list[int], bar) -> torch.Tensor:
+def _activations(
+    loaded: LoadedModel, contexts: list[list[int]], config: CollectConfig, special_ids: list[int], bar
+) -> torch.Tensor:
     """Early-exit forward over contexts in batches; returns the kept positions' activations."""
     chunks = []
     for start in range(0, len(contexts), config.batch_size):
         ids = torch.tensor(contexts[start : start + config.batch_size])
         t0 = time.perf_counter()
-        hidden = residual_at(loaded.model, ids.to(loaded.device), config.layer, config.hook_point).float().cpu()
+        hidden = (
+            residual_at(loaded.model, ids.to(loaded.device), config.layer, config.hook_point).float().cpu()
+        )
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if config.drop_special:
             hidden = hidden[~_special_mask(ids, special_ids).reshape(-1)]
@@ -248,7 +274,9 @@ def _merge_rank_manifests(out: Path, manifest: dict, world: int) -> None:
             for shard in json.loads(path.read_text())["shards"]:
                 shards[shard["index"]] = shard
     ordered = [shards[g] for g in sorted(shards)]
-    _write_json_atomic(out / MANIFEST, {**manifest, "shards": ordered, "n_tokens": sum(s["n_tokens"] for s in ordered)})
+    _write_json_atomic(
+        out / MANIFEST, {**manifest, "shards": ordered, "n_tokens": sum(s["n_tokens"] for s in ordered)}
+    )
     for r in range(world):
         _rank_manifest(out, r).unlink(missing_ok=True)
 
@@ -265,7 +293,9 @@ class ActivationStore:
         self.path = Path(path)
         manifest = _read_manifest(self.path)
         if manifest is None:
-            raise SaesteerError(f"{self.path} holds no activation cache ({MANIFEST} missing); run `saesteer collect` first")
+            raise SaesteerError(
+                f"{self.path} holds no activation cache ({MANIFEST} missing); run `saesteer collect` first"
+            )
         if not manifest["shards"]:
             raise SaesteerError(f"activation cache {self.path} has no shards yet")
         self.manifest = manifest
@@ -287,8 +317,10 @@ class ActivationStore:
             if shard.get("sha256") and shard["file"] not in self._verified:
                 data = path.read_bytes()
                 if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                    raise SaesteerError(f"shard {path} does not match its sha256 in the manifest (corrupted?): "
-                                        "rerun `saesteer collect` with the same arguments to collect it again")
+                    raise SaesteerError(
+                        f"shard {path} does not match its sha256 in the manifest (corrupted?): "
+                        "rerun `saesteer collect` with the same arguments to collect it again"
+                    )
                 acts = load(data)["acts"]
                 self._verified.add(shard["file"])
                 return acts
@@ -309,8 +341,15 @@ class ActivationStore:
             total += part.shape[0]
         return torch.cat(parts)[:max_tokens]
 
-    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1, shards_per_group: int = 4) -> Iterator[torch.Tensor]:
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shards_per_group: int = 4,
+    ) -> Iterator[torch.Tensor]:
         """Endless, deterministic float32 batches [batch_size, d] in random order.
 
         Each epoch shuffles the shard order; groups of `shards_per_group` shards are loaded together,
@@ -319,9 +358,13 @@ class ActivationStore:
         loading the groups they come from, so a resumed run sees exactly the batches it would have.
         """
         global_batch = batch_size * world_size
-        per_epoch = sum(self._group_batches(group, global_batch) for group in self._groups(seed, 0, shards_per_group))
+        per_epoch = sum(
+            self._group_batches(group, global_batch) for group in self._groups(seed, 0, shards_per_group)
+        )
         if per_epoch == 0:
-            raise SaesteerError(f"cache {self.path} has fewer tokens per group than one batch of {global_batch}")
+            raise SaesteerError(
+                f"cache {self.path} has fewer tokens per group than one batch of {global_batch}"
+            )
         skip = start_batch
         for epoch in itertools.count():
             for index, group in enumerate(self._groups(seed, epoch, shards_per_group)):
@@ -330,14 +373,20 @@ class ActivationStore:
                     skip -= n_batches
                     continue
                 rows = torch.cat([self.load_shard(s) for s in group])
-                order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(_mix(seed, epoch, index + 1)))
+                order = torch.randperm(
+                    rows.shape[0], generator=torch.Generator().manual_seed(_mix(seed, epoch, index + 1))
+                )
                 for b in range(skip, n_batches):
-                    take = order[b * global_batch + rank * batch_size : b * global_batch + (rank + 1) * batch_size]
+                    take = order[
+                        b * global_batch + rank * batch_size : b * global_batch + (rank + 1) * batch_size
+                    ]
                     yield rows[take].float()
                 skip = 0
 
     def _groups(self, seed: int, epoch: int, size: int) -> list[list[dict]]:
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(_mix(seed, epoch, 0)))
+        order = torch.randperm(
+            len(self.shards), generator=torch.Generator().manual_seed(_mix(seed, epoch, 0))
+        )
         shuffled = [self.shards[i] for i in order.tolist()]
         return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
 

@@ -50,7 +50,11 @@ class ResultCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items()))
+            f.write(
+                "".join(
+                    json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items()
+                )
+            )
             f.flush()
             os.fsync(f.fileno())
 

@@ -14,8 +14,12 @@ import typer
 from saesteer.configdoc import MISSING, field_docs
 from saesteer.errors import SaesteerError, short
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Steer a chat LLM's refusal behaviour with sparse-autoencoder features.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Steer a chat LLM's refusal behaviour with sparse-autoencoder features.",
+)
 
 # The config dataclasses whose fields the options below come from ("module:Class" under saesteer; read from
 # the source, so importing the CLI loads neither torch nor the server's optional dependencies).
@@ -28,7 +32,11 @@ def _shown(value) -> str:
     """A default as help text shows it: 20,000,000; 8,16 for (8.0, 16.0)."""
     if isinstance(value, tuple):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) and value >= 100_000 else str(value)
+    return (
+        f"{value:,}"
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 100_000
+        else str(value)
+    )
 
 
 def field_default(config: str, name: str):
@@ -40,8 +48,16 @@ def field_default(config: str, name: str):
     return default
 
 
-def opt(config: str, name: str, *param_decls: str, default=MISSING, help: str | None = None, more: str = "",
-        unset: bool = False, **kwargs):
+def opt(
+    config: str,
+    name: str,
+    *param_decls: str,
+    default=MISSING,
+    help: str | None = None,
+    more: str = "",
+    unset: bool = False,
+    **kwargs,
+):
     """A typer.Option whose default and help text come from field `name` of config dataclass `config`
     ("module:Class"), where each field's docstring documents it. `default` or `help` replace the field's;
     `more` is added to the help; `unset=True` makes the option default to None (not given: a config file or
@@ -87,11 +103,17 @@ def _writable_out(path: Path | str | None, kind: str = "file", option: str = "--
             while not target.exists() and target != target.parent:
                 target = target.parent
             if not target.is_dir():
-                raise SaesteerError(f"{option} {shown} cannot be created: {short(str(target))} is a file, not a folder")
+                raise SaesteerError(
+                    f"{option} {shown} cannot be created: {short(str(target))} is a file, not a folder"
+                )
         if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
-            raise SaesteerError(f"{option} {shown} is not writable (no write permission on {short(str(target))})")
+            raise SaesteerError(
+                f"{option} {shown} is not writable (no write permission on {short(str(target))})"
+            )
     except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte, ...
-        raise SaesteerError(f"{option} {shown} is not a usable path: {getattr(err, 'strerror', None) or err}") from None
+        raise SaesteerError(
+            f"{option} {shown} is not a usable path: {getattr(err, 'strerror', None) or err}"
+        ) from None
 
 
 def main() -> None:
@@ -120,8 +142,10 @@ def collect(
     batch_size: int = opt(COLLECT, "batch_size", min=1),
     contexts_per_shard: int = opt(COLLECT, "contexts_per_shard", min=1),
     dtype: str = opt(COLLECT, "dtype"),
-    keep_special: bool = typer.Option(not field_default(COLLECT, "drop_special"),
-                                      help="keep BOS/EOS/special-token positions (outlier norms)"),
+    keep_special: bool = typer.Option(
+        not field_default(COLLECT, "drop_special"),
+        help="keep BOS/EOS/special-token positions (outlier norms)",
+    ),
     device: Optional[str] = opt(COLLECT, "device"),
     out: Path = opt(TRAIN, "activations", help="cache folder (rerun to resume)"),
 ) -> None:
@@ -132,9 +156,19 @@ def collect(
 
     _writable_out(out, "dir")
     distributed = _init_distributed()
-    config = CollectConfig(model=model, layer=layer, hook_point=hook_point, tokens=tokens, ctx=ctx,
-                           data=TextSource(data=data, field=field, chat=chat, passes=passes), batch_size=batch_size,
-                           contexts_per_shard=contexts_per_shard, dtype=dtype, drop_special=not keep_special, device=device)
+    config = CollectConfig(
+        model=model,
+        layer=layer,
+        hook_point=hook_point,
+        tokens=tokens,
+        ctx=ctx,
+        data=TextSource(data=data, field=field, chat=chat, passes=passes),
+        batch_size=batch_size,
+        contexts_per_shard=contexts_per_shard,
+        dtype=dtype,
+        drop_special=not keep_special,
+        device=device,
+    )
     start = time.perf_counter()
     manifest = run_collect(config, out)
     elapsed = time.perf_counter() - start
@@ -179,7 +213,9 @@ def _is_rank_zero() -> bool:
 def train(
     activations: Optional[Path] = opt(TRAIN, "activations", unset=True),
     out: Optional[Path] = opt(TRAIN, "out", unset=True),
-    config: Optional[Path] = typer.Option(None, help="JSON file of TrainConfig fields; flags given here override it"),
+    config: Optional[Path] = typer.Option(
+        None, help="JSON file of TrainConfig fields; flags given here override it"
+    ),
     n_latents: Optional[int] = opt(TRAIN, "n_latents", unset=True),
     expansion_factor: Optional[int] = opt(TRAIN, "expansion_factor", unset=True),
     k: Optional[int] = opt(TRAIN, "k", unset=True),
@@ -198,9 +234,22 @@ def train(
     from saesteer.trainer import TrainConfig
     from saesteer.trainer import train as run_train
 
-    flags = dict(activations=activations, out=out, n_latents=n_latents, expansion_factor=expansion_factor, k=k,
-                 batch_size=batch_size, total_tokens=tokens, lr=lr, warmup_steps=warmup_steps, auxk_coef=auxk_coef,
-                 dead_tokens=dead_tokens, seed=seed, checkpoint_every=checkpoint_every, device=device)
+    flags = dict(
+        activations=activations,
+        out=out,
+        n_latents=n_latents,
+        expansion_factor=expansion_factor,
+        k=k,
+        batch_size=batch_size,
+        total_tokens=tokens,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        auxk_coef=auxk_coef,
+        dead_tokens=dead_tokens,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        device=device,
+    )
     overrides = {name: str(v) if isinstance(v, Path) else v for name, v in flags.items() if v is not None}
     if resume:
         overrides["resume"] = True
@@ -212,7 +261,11 @@ def train(
     if distributed and not _is_rank_zero():
         return
     sae, tail = result.sae, result.losses[-20:]
-    loss = f"{sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)" if tail else "n/a (already trained)"
+    loss = (
+        f"{sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)"
+        if tail
+        else "n/a (already trained)"
+    )
     typer.echo(
         f"trained TopK SAE d_in {sae.cfg.d_in} x {sae.cfg.n_latents} latents, k {sae.cfg.k}, "
         f"{sae.cfg.training_tokens:,} tokens ({result.steps} steps)\n"
@@ -224,9 +277,15 @@ def train(
 
 @app.command("evaluate-sae")
 def evaluate_sae(
-    sae: str = typer.Option(..., help="SAE folder (SAELens, sparsify, Gemma Scope), .npz file or saelens:<release>/<id>"),
-    model: Optional[str] = typer.Option(None, help="model to splice into (default: the one the SAE was trained on)"),
-    data: Optional[str] = typer.Option(None, help="held-out text source (default: the SAE's training text, after the cached part)"),
+    sae: str = typer.Option(
+        ..., help="SAE folder (SAELens, sparsify, Gemma Scope), .npz file or saelens:<release>/<id>"
+    ),
+    model: Optional[str] = typer.Option(
+        None, help="model to splice into (default: the one the SAE was trained on)"
+    ),
+    data: Optional[str] = typer.Option(
+        None, help="held-out text source (default: the SAE's training text, after the cached part)"
+    ),
     contexts: int = typer.Option(64, min=1, help="held-out contexts to evaluate"),
     ctx: Optional[int] = typer.Option(None, min=2, help="context length (default: the training cache's)"),
     batch_size: int = typer.Option(8, min=1, help="contexts per forward pass"),
@@ -251,8 +310,18 @@ def evaluate_sae(
         import json
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"sae": str(sae), "model": loaded.spec, "layer": loaded_sae.cfg.layer,
-                                   "contexts": contexts, **{k: float(v) for k, v in m.items()}}, indent=2))
+        out.write_text(
+            json.dumps(
+                {
+                    "sae": str(sae),
+                    "model": loaded.spec,
+                    "layer": loaded_sae.cfg.layer,
+                    "contexts": contexts,
+                    **{k: float(v) for k, v in m.items()},
+                },
+                indent=2,
+            )
+        )
     typer.echo(
         f"SAE {sae} at layer {loaded_sae.cfg.layer} ({loaded_sae.cfg.hook_point}) of {loaded.spec}, "
         f"{m['tokens']:,} held-out activations, {m['predictions']:,} next-token predictions\n"
@@ -285,7 +354,9 @@ def steer(
     plain = generate(loaded, prompt, None, max_new_tokens)
     steered = generate(loaded, prompt, method, max_new_tokens)
     for question, before, after in zip(prompt, plain, steered):
-        typer.echo(f"\n>>> {question}\n--- unsteered ---\n{before.strip()}\n--- steered ({method.method}) ---\n{after.strip()}")
+        typer.echo(
+            f"\n>>> {question}\n--- unsteered ---\n{before.strip()}\n--- steered ({method.method}) ---\n{after.strip()}"
+        )
 
 
 @app.command()
@@ -295,24 +366,39 @@ def discover(
     n_candidates: int = opt(DISCOVER, "n_candidates", min=0),
     n_attribution: int = opt(DISCOVER, "n_attribution", min=0),
     attribution_prompts: int = opt(DISCOVER, "attribution_prompts", min=1),
-    screen_values: str = opt(DISCOVER, "screen_values", default=_shown(field_default(DISCOVER, "screen_values")),
-                             more="(comma-separated)"),
+    screen_values: str = opt(
+        DISCOVER,
+        "screen_values",
+        default=_shown(field_default(DISCOVER, "screen_values")),
+        more="(comma-separated)",
+    ),
     screen_prompts: int = opt(DISCOVER, "screen_prompts", min=1),
     limit: Optional[int] = typer.Option(None, min=1, help="use at most this many harmful train prompts"),
     max_new_tokens: int = opt(DISCOVER, "max_new_tokens", min=1),
     detector_layer: int = opt(REPRODUCE, "detector_layer"),
-    detector_recall: float = typer.Option(0.9, min=0.0, max=1.0, help="share of harmful train prompts the detector must flag"),
-    alpaca_harmless: int = typer.Option(0, help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
-                                        "detector's negatives (XSTest-safe and the shipped benign set)"),
-    judge: str = typer.Option("strict", help="refusal judge of the screen: strict or string (it judges replies without their prompts)"),
-    out: Path = typer.Option(Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"),
+    detector_recall: float = typer.Option(
+        0.9, min=0.0, max=1.0, help="share of harmful train prompts the detector must flag"
+    ),
+    alpaca_harmless: int = typer.Option(
+        0,
+        help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
+        "detector's negatives (XSTest-safe and the shipped benign set)",
+    ),
+    judge: str = typer.Option(
+        "strict",
+        help="refusal judge of the screen: strict or string (it judges replies without their prompts)",
+    ),
+    out: Path = typer.Option(
+        Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"
+    ),
     device: Optional[str] = _DEVICE,
 ) -> None:
     """Find refusal features (AdvBench + XSTest TRAIN splits only) and an unrelated control feature."""
     import json
 
     from saesteer.evalsets import mmlu_dev, safety_prompts
-    from saesteer.features import DiscoverConfig, baseline_specs, discover as run_discover, summary_markdown, topic_feature
+    from saesteer.features import DiscoverConfig, baseline_specs, summary_markdown, topic_feature
+    from saesteer.features import discover as run_discover
     from saesteer.judges import is_refusal, load_judge
     from saesteer.models import load_model
 
@@ -324,46 +410,80 @@ def discover(
     except ValueError:
         values = ()
     if not values or not all(math.isfinite(v) for v in values):
-        raise SaesteerError(f"bad --screen-values {short(screen_values)!r}: use finite numbers separated by commas, e.g. 8,16")
+        raise SaesteerError(
+            f"bad --screen-values {short(screen_values)!r}: use finite numbers separated by commas, e.g. 8,16"
+        )
     refusal_judge = load_judge(judge)
     harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
-    config = DiscoverConfig(n_candidates=n_candidates, n_attribution=n_attribution, attribution_prompts=attribution_prompts, screen_prompts=screen_prompts,
-                            max_new_tokens=max_new_tokens, screen_values=values)
+    config = DiscoverConfig(
+        n_candidates=n_candidates,
+        n_attribution=n_attribution,
+        attribution_prompts=attribution_prompts,
+        screen_prompts=screen_prompts,
+        max_new_tokens=max_new_tokens,
+        screen_values=values,
+    )
     loaded = load_model(model, device=device)
     dev = mmlu_dev()
     philosophy = [q.question for q in dev.get("philosophy", [])]
     other = [q.question for subject, qs in sorted(dev.items()) if subject != "philosophy" for q in qs[:2]]
-    control = {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)} if philosophy else None
-    result = run_discover(loaded, str(sae), harmful, harmless, lambda reply: is_refusal(refusal_judge.verdict(reply)), config, control=control)
+    control = (
+        {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)}
+        if philosophy
+        else None
+    )
+    result = run_discover(
+        loaded,
+        str(sae),
+        harmful,
+        harmless,
+        lambda reply: is_refusal(refusal_judge.verdict(reply)),
+        config,
+        control=control,
+    )
     result["judge"] = judge
     out.mkdir(parents=True, exist_ok=True)
     negatives = harmless + [p.text for p in safety_prompts("benign", "train")]
     if alpaca_harmless:
         negatives += [p.text for p in safety_prompts("harmless", "train")][:alpaca_harmless]
-    result["specs"] = baseline_specs(loaded, result, harmful, harmless, out, detector_layer, detector_recall, negatives)
+    result["specs"] = baseline_specs(
+        loaded, result, harmful, harmless, out, detector_layer, detector_recall, negatives
+    )
     (out / "discovery.json").write_text(json.dumps(result, indent=2))
     (out / "discovery.md").write_text(summary_markdown(result))
     best = result["candidates"][0] if result["candidates"] else None
     typer.echo(summary_markdown(result).split("\n## ")[0])
     if best:
-        typer.echo(f"best candidate: feature {best['feature']}; wrote {out / 'discovery.json'} and {out / 'discovery.md'}")
-
+        typer.echo(
+            f"best candidate: feature {best['feature']}; wrote {out / 'discovery.json'} and {out / 'discovery.md'}"
+        )
 
 
 @app.command()
 def gate(
     model: str = _MODEL,
-    out: Path = typer.Option(Path("runs/gate"), help="folder for detector.safetensors, gate.json and gate.md"),
+    out: Path = typer.Option(
+        Path("runs/gate"), help="folder for detector.safetensors, gate.json and gate.md"
+    ),
     sae: Optional[str] = opt(GATE, "sae"),
     max_fpr: float = opt(GATE, "max_fpr"),
     limit: Optional[int] = opt(GATE, "limit", min=1),
-    baseline: Optional[str] = typer.Option(None, help="a conditional steering (preset, JSON or file) whose detector and threshold "
-                                           "are scored beside the new one, e.g. refusal_conditional"),
-    ship: bool = typer.Option(False, help="install the chosen gate in the shipped `refusal_conditional` preset (replaced "
-                              "presets stay as <name>_previous)"),
-    steering: Optional[str] = typer.Option(None, help="with --ship: the steering the gate turns on, also shipped as `refusal` "
-                                           "(default: keep refusal_conditional's)"),
+    baseline: Optional[str] = typer.Option(
+        None,
+        help="a conditional steering (preset, JSON or file) whose detector and threshold "
+        "are scored beside the new one, e.g. refusal_conditional",
+    ),
+    ship: bool = typer.Option(
+        False,
+        help="install the chosen gate in the shipped `refusal_conditional` preset (replaced "
+        "presets stay as <name>_previous)",
+    ),
+    steering: Optional[str] = typer.Option(
+        None,
+        help="with --ship: the steering the gate turns on, also shipped as `refusal` "
+        "(default: keep refusal_conditional's)",
+    ),
     device: Optional[str] = _DEVICE,
 ) -> None:
     """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
@@ -384,16 +504,34 @@ def gate(
     loaded = load_model(model, device=device)
     summary = run_gate(loaded, GateConfig(sae=sae or None, max_fpr=max_fpr, limit=limit), out, old)
     typer.echo((out / "gate.md").read_text())
-    typer.echo(f"chosen {summary['chosen']}: wrote {out / 'detector.safetensors'} (threshold {summary['threshold']['threshold']:.4g})")
+    typer.echo(
+        f"chosen {summary['chosen']}: wrote {out / 'detector.safetensors'} (threshold {summary['threshold']['threshold']:.4g})"
+    )
     if ship:
         inner = parse_steering(steering).to_dict() if steering else None
-        preset = ship_gate(out / "detector.safetensors", summary["threshold"]["threshold"], shipped_dir(), inner)
-        typer.echo(f"refusal_conditional now gates with {preset['detector']} at threshold {preset['threshold']:.4g}")
+        preset = ship_gate(
+            out / "detector.safetensors", summary["threshold"]["threshold"], shipped_dir(), inner
+        )
+        typer.echo(
+            f"refusal_conditional now gates with {preset['detector']} at threshold {preset['threshold']:.4g}"
+        )
 
 
-def _eval_config(model: str, steering: Optional[str], suite: str, limit: str, split: str, seed: int,
-                 max_new_tokens: int, batch_size: int, gsm8k_max_new_tokens: int, mmlu_shots: int,
-                 prompts: Optional[Path], label: Optional[str], column: Optional[str]):
+def _eval_config(
+    model: str,
+    steering: Optional[str],
+    suite: str,
+    limit: str,
+    split: str,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int,
+    gsm8k_max_new_tokens: int,
+    mmlu_shots: int,
+    prompts: Optional[Path],
+    label: Optional[str],
+    column: Optional[str],
+):
     from saesteer.evals import Decoding, EvalConfig, parse_limits, parse_steering_spec, parse_suites
     from saesteer.evalsets import load_prompt_file
 
@@ -401,24 +539,49 @@ def _eval_config(model: str, steering: Optional[str], suite: str, limit: str, sp
         raise SaesteerError("--prompts and --label go together (--label unsafe or safe)")
     user = load_prompt_file(prompts, label, column) if prompts else None
     default_limit, limits = parse_limits(limit)
-    return EvalConfig(model=model, steering=parse_steering_spec(steering), suites=parse_suites(suite), split=split,
-                      limit=default_limit, limits=limits, seed=seed, decoding=Decoding(max_new_tokens, batch_size),
-                      gsm8k_max_new_tokens=gsm8k_max_new_tokens, mmlu_shots=mmlu_shots, user_prompts=user,
-                      user_prompts_name=f"user:{prompts.name}" if prompts else None)
+    return EvalConfig(
+        model=model,
+        steering=parse_steering_spec(steering),
+        suites=parse_suites(suite),
+        split=split,
+        limit=default_limit,
+        limits=limits,
+        seed=seed,
+        decoding=Decoding(max_new_tokens, batch_size),
+        gsm8k_max_new_tokens=gsm8k_max_new_tokens,
+        mmlu_shots=mmlu_shots,
+        user_prompts=user,
+        user_prompts_name=f"user:{prompts.name}" if prompts else None,
+    )
 
 
 _EVAL_OPTIONS = dict(
     model=opt(EVAL, "model"),
-    suite=opt(EVAL, "suites", default=_shown(field_default(EVAL, "suites")),
-              help="safety, capability, jailbreak, fidelity, all, or a comma-separated list"),
-    limit=opt(EVAL, "limit", default=str(field_default(EVAL, "limit")),
-              help="items per dataset (seeded sample), 0 = all; per-dataset: 50,mmlu=100,gsm8k=20"),
+    suite=opt(
+        EVAL,
+        "suites",
+        default=_shown(field_default(EVAL, "suites")),
+        help="safety, capability, jailbreak, fidelity, all, or a comma-separated list",
+    ),
+    limit=opt(
+        EVAL,
+        "limit",
+        default=str(field_default(EVAL, "limit")),
+        help="items per dataset (seeded sample), 0 = all; per-dataset: 50,mmlu=100,gsm8k=20",
+    ),
     split=opt(EVAL, "split"),
-    prompts=typer.Option(None, help="your own prompts (.csv, .jsonl or .txt) instead of the built-in safety sets"),
+    prompts=typer.Option(
+        None, help="your own prompts (.csv, .jsonl or .txt) instead of the built-in safety sets"
+    ),
     label=typer.Option(None, help="label of --prompts: unsafe or safe"),
     column=typer.Option(None, help="prompt column of --prompts (case-insensitive; default: prompt/goal/...)"),
-    judge=typer.Option("string", help="string, strict (apology + offer of help = compliance), a local chat model spec, or openai:<base url>/v1:<model>"),
-    agreement_sample=typer.Option(50, min=0, help="with an LLM judge: replies re-judged by the string judge for kappa"),
+    judge=typer.Option(
+        "string",
+        help="string, strict (apology + offer of help = compliance), a local chat model spec, or openai:<base url>/v1:<model>",
+    ),
+    agreement_sample=typer.Option(
+        50, min=0, help="with an LLM judge: replies re-judged by the string judge for kappa"
+    ),
     seed=opt(EVAL, "seed"),
     max_new_tokens=opt(DECODING, "max_new_tokens", min=1),
     batch_size=opt(DECODING, "batch_size", min=1),
@@ -432,19 +595,26 @@ _EVAL_OPTIONS = dict(
 @app.command("eval")
 def eval_command(
     model: str = _EVAL_OPTIONS["model"],
-    steering: Optional[str] = typer.Option(None, help="JSON string, JSON file or method name (default: unsteered)"),
+    steering: Optional[str] = typer.Option(
+        None, help="JSON string, JSON file or method name (default: unsteered)"
+    ),
     suite: str = _EVAL_OPTIONS["suite"],
     limit: str = _EVAL_OPTIONS["limit"],
     split: str = _EVAL_OPTIONS["split"],
     out: Path = typer.Option(Path("runs/eval.jsonl"), help="results JSONL (rows are appended)"),
-    replies: Optional[Path] = typer.Option(None, help="also write every judged reply (prompt, reply, verdict) to this JSONL"),
+    replies: Optional[Path] = typer.Option(
+        None, help="also write every judged reply (prompt, reply, verdict) to this JSONL"
+    ),
     prompts: Optional[Path] = _EVAL_OPTIONS["prompts"],
     label: Optional[str] = _EVAL_OPTIONS["label"],
     column: Optional[str] = _EVAL_OPTIONS["column"],
     judge: str = _EVAL_OPTIONS["judge"],
     agreement_sample: int = _EVAL_OPTIONS["agreement_sample"],
-    attacker: Optional[str] = typer.Option(None, help="Crescendo attacker: local chat model spec or openai:<url>/v1:<model> "
-                                           "(default: the built-in templated escalation)"),
+    attacker: Optional[str] = typer.Option(
+        None,
+        help="Crescendo attacker: local chat model spec or openai:<url>/v1:<model> "
+        "(default: the built-in templated escalation)",
+    ),
     jailbreak_turns: int = opt(EVAL, "jailbreak_turns", min=1),
     seed: int = _EVAL_OPTIONS["seed"],
     max_new_tokens: int = _EVAL_OPTIONS["max_new_tokens"],
@@ -456,7 +626,14 @@ def eval_command(
 ) -> None:
     """Evaluate one steering config: safety, capability, jailbreak and fidelity suites with 95% CIs."""
     from saesteer.cache import ResultCache
-    from saesteer.evals import SteeredModel, agreement_rows, append_rows, evaluate, summary_table, write_judged
+    from saesteer.evals import (
+        SteeredModel,
+        agreement_rows,
+        append_rows,
+        evaluate,
+        summary_table,
+        write_judged,
+    )
     from saesteer.judges import StringMatchJudge, load_judge
     from saesteer.models import load_model
     from saesteer.steering import steering_from_dict
@@ -464,8 +641,21 @@ def eval_command(
     for path in (out, replies, cache or Path(f"{out}.cache.jsonl")):
         _writable_out(path, "file", "--out" if path == out else "--replies" if path == replies else "--cache")
     _init_distributed()
-    config = _eval_config(model, steering, suite, limit, split, seed, max_new_tokens, batch_size,
-                          gsm8k_max_new_tokens, mmlu_shots, prompts, label, column)
+    config = _eval_config(
+        model,
+        steering,
+        suite,
+        limit,
+        split,
+        seed,
+        max_new_tokens,
+        batch_size,
+        gsm8k_max_new_tokens,
+        mmlu_shots,
+        prompts,
+        label,
+        column,
+    )
     config.jailbreak_turns = jailbreak_turns
     the_judge = load_judge(judge, device=device)
     if attacker:
@@ -473,7 +663,9 @@ def eval_command(
 
         config.attacker = load_chat_backend(attacker, max_tokens=96, device=device)
     loaded = load_model(model, device=device)
-    steered = SteeredModel(loaded, steering_from_dict(config.steering), ResultCache(cache or Path(f"{out}.cache.jsonl")))
+    steered = SteeredModel(
+        loaded, steering_from_dict(config.steering), ResultCache(cache or Path(f"{out}.cache.jsonl"))
+    )
     run = evaluate(steered, config, the_judge)
     if judge != "string" and agreement_sample > 0 and run.judged:
         run.rows += agreement_rows(run, StringMatchJudge(), agreement_sample)
@@ -482,17 +674,25 @@ def eval_command(
         write_judged(replies, run)
     if _is_rank_zero():
         typer.echo(summary_table(run.rows, run.walls))
-        typer.echo(f"wrote {len(run.rows)} rows to {out} (cache: {steered.cache.hits} hits, {steered.cache.misses} misses)")
+        typer.echo(
+            f"wrote {len(run.rows)} rows to {out} (cache: {steered.cache.hits} hits, {steered.cache.misses} misses)"
+        )
 
 
 @app.command()
 def sweep(
-    grid: Path = typer.Option(..., help="JSON/YAML list of steering dicts and/or {'grid': {field: [values]}}"),
+    grid: Path = typer.Option(
+        ..., help="JSON/YAML list of steering dicts and/or {'grid': {field: [values]}}"
+    ),
     model: str = _EVAL_OPTIONS["model"],
     suite: str = _EVAL_OPTIONS["suite"],
     limit: str = _EVAL_OPTIONS["limit"],
-    split: str = typer.Option("validation", help="train, validation or test (sweeps choose settings: validation)"),
-    out: Path = typer.Option(Path("runs/sweep.jsonl"), help="results JSONL; configs already in it are skipped"),
+    split: str = typer.Option(
+        "validation", help="train, validation or test (sweeps choose settings: validation)"
+    ),
+    out: Path = typer.Option(
+        Path("runs/sweep.jsonl"), help="results JSONL; configs already in it are skipped"
+    ),
     prompts: Optional[Path] = _EVAL_OPTIONS["prompts"],
     label: Optional[str] = _EVAL_OPTIONS["label"],
     column: Optional[str] = _EVAL_OPTIONS["column"],
@@ -516,8 +716,21 @@ def sweep(
     _writable_out(cache or Path(f"{out}.cache.jsonl"), "file", "--cache")
     _init_distributed()
     steerings = load_sweep_file(grid)
-    config = _eval_config(model, None, suite, limit, split, seed, max_new_tokens, batch_size,
-                          gsm8k_max_new_tokens, mmlu_shots, prompts, label, column)
+    config = _eval_config(
+        model,
+        None,
+        suite,
+        limit,
+        split,
+        seed,
+        max_new_tokens,
+        batch_size,
+        gsm8k_max_new_tokens,
+        mmlu_shots,
+        prompts,
+        label,
+        column,
+    )
     the_judge = load_judge(judge, device=device)
     loaded = load_model(model, device=device)
     store = ResultCache(cache or Path(f"{out}.cache.jsonl"))
@@ -525,21 +738,30 @@ def sweep(
     new = run_sweep(loaded, steerings, config, out, store, the_judge)
     if _is_rank_zero():
         typer.echo(summary_table(read_rows(out)))
-        typer.echo(f"{len(steerings)} configs, {len(new)} new rows in {out} in {time.perf_counter() - start:.1f} s "
-                   f"(cache: {store.hits} hits, {store.misses} misses)")
+        typer.echo(
+            f"{len(steerings)} configs, {len(new)} new rows in {out} in {time.perf_counter() - start:.1f} s "
+            f"(cache: {store.hits} hits, {store.misses} misses)"
+        )
 
 
 @app.command()
 def report(
     results: list[Path] = typer.Option(..., help="eval/sweep results JSONL (repeat for several files)"),
-    discovery: Optional[Path] = typer.Option(None, help="discovery.json from `saesteer discover` (feature dashboards)"),
-    examples: Optional[Path] = typer.Option(None, help="example generations JSONL (saesteer.report.write_examples)"),
+    discovery: Optional[Path] = typer.Option(
+        None, help="discovery.json from `saesteer discover` (feature dashboards)"
+    ),
+    examples: Optional[Path] = typer.Option(
+        None, help="example generations JSONL (saesteer.report.write_examples)"
+    ),
     out: Path = typer.Option(Path("runs/report"), help="folder for report.html, report.md and the plot PNGs"),
     title: str = typer.Option("saesteer report", help="title of the report"),
-    screenshot: bool = typer.Option(False, help="also render report.html in headless Chromium to report.png and check it"),
+    screenshot: bool = typer.Option(
+        False, help="also render report.html in headless Chromium to report.png and check it"
+    ),
 ) -> None:
     """HTML + Markdown report: results with 95% CIs, trade-off and capability plots, examples, feature dashboards."""
-    from saesteer.report import build_report, screenshot as take_screenshot
+    from saesteer.report import build_report
+    from saesteer.report import screenshot as take_screenshot
 
     _writable_out(out, "dir")
     html_path, md_path = build_report(results, out, discovery, examples, title)
@@ -551,8 +773,12 @@ def report(
 @app.command()
 def serve(
     model: str = _MODEL,
-    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 opens the server to the network)"),
-    port: int = typer.Option(8000, min=1, max=65535, help="TCP port (1-65535, checked before the model loads)"),
+    host: str = typer.Option(
+        "127.0.0.1", help="interface to listen on (0.0.0.0 opens the server to the network)"
+    ),
+    port: int = typer.Option(
+        8000, min=1, max=65535, help="TCP port (1-65535, checked before the model loads)"
+    ),
     steering: Optional[str] = opt(SERVE, "steering"),
     max_tokens: int = opt(SERVE, "max_tokens"),
     default_max_tokens: int = opt(SERVE, "default_max_tokens"),
@@ -574,37 +800,55 @@ def serve(
     missing = [str(d) for d in allow_dir if not d.is_dir()]
     if missing:
         raise SaesteerError(f"--allow-dir {short(missing[0])} is not a folder")
-    config = ServeConfig(steering=steering, max_tokens=max_tokens, default_max_tokens=default_max_tokens,
-                         max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size,
-                         allow_dirs=[str(d) for d in allow_dir], api_key=api_key)
+    config = ServeConfig(
+        steering=steering,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        max_batch_size=max_batch_size,
+        allow_dirs=[str(d) for d in allow_dir],
+        api_key=api_key,
+    )
     uvicorn.run(create_app(load_model(model, device=device), config), host=host, port=port)
 
 
 @app.command()
 def reproduce(
-    preset: str = typer.Option("full", help="full (the reported run), quick (smaller n) or tiny (CI smoke test)"),
+    preset: str = typer.Option(
+        "full", help="full (the reported run), quick (smaller n) or tiny (CI smoke test)"
+    ),
     quick: bool = typer.Option(False, "--quick", help="shorthand for --preset quick"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: runs/reproduce[-quick|-tiny])"),
-    shared: Optional[Path] = opt(REPRODUCE, "shared", default=None,
-                                 more="(default: $SAESTEER_SHARED_DATA, else the repo's ../shared/datasets)"),
+    shared: Optional[Path] = opt(
+        REPRODUCE,
+        "shared",
+        default=None,
+        more="(default: $SAESTEER_SHARED_DATA, else the repo's ../shared/datasets)",
+    ),
     layer: Optional[int] = typer.Option(None, help="skip the layer scan and use this layer"),
-    ship: Optional[Path] = typer.Option(None, help="also export the SAE, directions and chosen presets to this folder "
-                                        "(src/saesteer/assets/shipped to update the shipped artefacts)"),
+    ship: Optional[Path] = typer.Option(
+        None,
+        help="also export the SAE, directions and chosen presets to this folder "
+        "(src/saesteer/assets/shipped to update the shipped artefacts)",
+    ),
 ) -> None:
     """The paper's experiment end to end: layer scan, SAE, discovery (train), choices (validation), all methods
     on test splits, results.md and the trade-off plot. Rerun to resume after a crash."""
     from dataclasses import replace
 
     from saesteer.evalsets import shared_dir
-    from saesteer.reproduce import PRESETS, reproduce as run_reproduce
+    from saesteer.reproduce import PRESETS
+    from saesteer.reproduce import reproduce as run_reproduce
 
     name = "quick" if quick else preset
     if name not in PRESETS:
         raise SaesteerError(f"unknown preset {short(name)!r}: use {', '.join(PRESETS)}")
     shared = shared or shared_dir()
     if not (shared / "corpus").is_dir():
-        raise SaesteerError(f"{short(str(shared))} has no corpus/ folder: reproduce trains its SAE on a corpus that is not shipped; "
-                            "pass --shared <folder with corpus/ and hh_rlhf_harmless/> (the project's shared datasets)")
+        raise SaesteerError(
+            f"{short(str(shared))} has no corpus/ folder: reproduce trains its SAE on a corpus that is not shipped; "
+            "pass --shared <folder with corpus/ and hh_rlhf_harmless/> (the project's shared datasets)"
+        )
     config = replace(PRESETS[name], shared=str(shared))
     if out is not None:
         config = replace(config, out=str(out))
@@ -614,32 +858,40 @@ def reproduce(
     _writable_out(ship, "dir", "--ship")
     start = time.perf_counter()
     results = run_reproduce(config, ship)
-    typer.echo(f"\nwrote {results} and {results.parent / 'tradeoff.png'} in {time.perf_counter() - start:.0f} s")
+    typer.echo(
+        f"\nwrote {results} and {results.parent / 'tradeoff.png'} in {time.perf_counter() - start:.0f} s"
+    )
 
 
 @app.command()
 def audit(
-    labels: Path = typer.Argument(..., help="JSONL of judged replies (from eval --replies), each given a 'human' label"),
+    labels: Path = typer.Argument(
+        ..., help="JSONL of judged replies (from eval --replies), each given a 'human' label"
+    ),
 ) -> None:
     """Check a judge against a person. Rows whose `human` label is a quality category (clear_refusal,
     degenerate, ...): Cohen's kappa of the quality judge per category. Otherwise: how the human labels
     split among replies the refusal judge called refusal / not."""
     from saesteer.evals import read_rows
-    from saesteer.scoring import audit_summary, quality_agreement
     from saesteer.judges import QUALITY_CATEGORIES
+    from saesteer.scoring import audit_summary, quality_agreement
 
     rows = read_rows(labels)
     if rows and all(r.get("human") in QUALITY_CATEGORIES.get(r.get("label"), ()) for r in rows):
         typer.echo(f"{'category':<18} {'human':>6} {'judge':>6} {'agree':>7}  Cohen's kappa [95% CI]")
         for s in quality_agreement(rows):
-            typer.echo(f"{s['category']:<18} {s['human']:>6} {s['judge']:>6} {100 * s['agreement']:>6.1f}%  "
-                       f"{s['kappa']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+            typer.echo(
+                f"{s['category']:<18} {s['human']:>6} {s['judge']:>6} {100 * s['agreement']:>6.1f}%  "
+                f"{s['kappa']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+            )
         return
     summary = audit_summary(rows)
     typer.echo(f"{'judge':<12} {'human label':<22} {'count':>9}  share [95% CI]")
     for s in summary:
-        typer.echo(f"{s['judge']:<12} {s['human']:<22} {s['count']:>4} / {s['of']:<3}  "
-                   f"{100 * s['share']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]")
+        typer.echo(
+            f"{s['judge']:<12} {s['human']:<22} {s['count']:>4} / {s['of']:<3}  "
+            f"{100 * s['share']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]"
+        )
 
 
 @app.command()
@@ -657,6 +909,17 @@ def demo(
 
     _writable_out(out, "dir")
     start = time.perf_counter()
-    html_path, md_path = run_demo(DemoConfig(model=model, out=str(out), methods=tuple(method), examples=examples,
-                                             limit=limit, max_new_tokens=max_new_tokens, train_sae=train_sae))
-    typer.echo(f"\nreport: {html_path.resolve()}\n        {md_path.resolve()}\n({time.perf_counter() - start:.0f} s)")
+    html_path, md_path = run_demo(
+        DemoConfig(
+            model=model,
+            out=str(out),
+            methods=tuple(method),
+            examples=examples,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            train_sae=train_sae,
+        )
+    )
+    typer.echo(
+        f"\nreport: {html_path.resolve()}\n        {md_path.resolve()}\n({time.perf_counter() - start:.0f} s)"
+    )

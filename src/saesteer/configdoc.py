@@ -24,8 +24,15 @@ class _Missing:
 
 MISSING = _Missing()  # no default, or one that is not a plain value (e.g. a default_factory of a class)
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.LShift: operator.lshift}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: operator.pow,
+    ast.LShift: operator.lshift,
+}
 _FACTORIES = {"list": list, "dict": dict, "tuple": tuple, "set": set}
 
 
@@ -70,7 +77,9 @@ def _find(module: str, name: str, depth: int = 0) -> tuple[str, ast.AST]:
     for node in _tree(module).body:
         if isinstance(node, ast.ClassDef) and node.name == name:
             return module, node
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
             return module, node.value
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name and node.value:
             return module, node.value
@@ -140,7 +149,11 @@ def field_docs(module: str, cls: str) -> dict[str, FieldDoc]:
             continue
         after = body[i + 1] if i + 1 < len(body) else None
         text = ""
-        if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+        if (
+            isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             text = " ".join(after.value.value.split())
         default = MISSING if stmt.value is None else _value(where, stmt.value)
         docs[stmt.target.id] = FieldDoc(stmt.target.id, default, text)

@@ -139,8 +139,10 @@ def iter_documents(source: TextSource, tokenizer=None) -> Iterator[str]:
 
 
 def _documents(source: TextSource, tokenizer) -> Iterator[str]:
-    records: Iterable = _hub_records(source) if source.data.startswith("hf:") else _round_robin(
-        [_records(path) for path in source_files(source.data)]
+    records: Iterable = (
+        _hub_records(source)
+        if source.data.startswith("hf:")
+        else _round_robin([_records(path) for path in source_files(source.data)])
     )
     transcript = source.chat == "transcript"
     pair = source.chat.split(",") if source.chat and not transcript else None
@@ -155,13 +157,20 @@ def _documents(source: TextSource, tokenizer) -> Iterator[str]:
             text = render_chat(tokenizer, parse_transcript(record.get(source.field, "")))
         elif pair:
             try:
-                messages = [{"role": "user", "content": record[pair[0]]}, {"role": "assistant", "content": record[pair[1]]}]
+                messages = [
+                    {"role": "user", "content": record[pair[0]]},
+                    {"role": "assistant", "content": record[pair[1]]},
+                ]
             except KeyError as err:
-                raise SaesteerError(f"record has no field {err.args[0]!r} (fields: {', '.join(record)})") from None
+                raise SaesteerError(
+                    f"record has no field {err.args[0]!r} (fields: {', '.join(record)})"
+                ) from None
             text = render_chat(tokenizer, messages)
         else:
             if source.field not in record:
-                raise SaesteerError(f"record has no field {source.field!r} (fields: {', '.join(record)}); use --field")
+                raise SaesteerError(
+                    f"record has no field {source.field!r} (fields: {', '.join(record)}); use --field"
+                )
             text = record[source.field]
         if text and text.strip():
             yield text

@@ -48,12 +48,13 @@ class DemoConfig:
     """harmful and harmless TRAIN prompts for the fallback discovery"""
 
 
-def fallback_presets(loaded: LoadedModel, out: Path, tokens: int, n_prompts: int) -> tuple[dict[str, dict], Path]:
+def fallback_presets(
+    loaded: LoadedModel, out: Path, tokens: int, n_prompts: int
+) -> tuple[dict[str, dict], Path]:
     """Train a small SAE on the bundled corpus slice and discover a refusal feature on TRAIN prompts;
     return steering presets like the shipped ones and the discovery file."""
     from saesteer.activations import CollectConfig, collect
-    from saesteer.features import baseline_specs
-    from saesteer.features import DiscoverConfig, discover
+    from saesteer.features import DiscoverConfig, baseline_specs, discover
     from saesteer.judges import StringMatchJudge, is_refusal
     from saesteer.trainer import TrainConfig, train
 
@@ -61,31 +62,56 @@ def fallback_presets(loaded: LoadedModel, out: Path, tokens: int, n_prompts: int
     print(f"no shipped steering presets for {loaded.spec}: training a small SAE at layer {layer} first")
     acts, run = out / "fallback" / "acts", out / "fallback" / "sae"
     collect(CollectConfig(model=loaded.spec, layer=layer, tokens=tokens), acts, loaded=loaded)
-    result = train(TrainConfig(activations=str(acts), out=str(run), expansion_factor=4, total_tokens=3 * tokens,
-                               batch_size=min(4096, tokens // 4), dead_tokens=tokens, resume=True))
+    result = train(
+        TrainConfig(
+            activations=str(acts),
+            out=str(run),
+            expansion_factor=4,
+            total_tokens=3 * tokens,
+            batch_size=min(4096, tokens // 4),
+            dead_tokens=tokens,
+            resume=True,
+        )
+    )
     sae = str(run / "sae")
     harmful = [p.text for p in safety_prompts("advbench", "train")][:n_prompts]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")][:n_prompts]
     judge = StringMatchJudge()
-    found = discover(loaded, sae, harmful, harmless, lambda r: is_refusal(judge.verdict(r)),
-                     DiscoverConfig(n_candidates=3, n_attribution=3, screen_prompts=min(12, n_prompts), screen_values=(8.0,)))
-    specs = baseline_specs(loaded, found, harmful, harmless, out / "fallback", min(18, loaded.n_layers - 1), 0.9)
+    found = discover(
+        loaded,
+        sae,
+        harmful,
+        harmless,
+        lambda r: is_refusal(judge.verdict(r)),
+        DiscoverConfig(
+            n_candidates=3, n_attribution=3, screen_prompts=min(12, n_prompts), screen_values=(8.0,)
+        ),
+    )
+    specs = baseline_specs(
+        loaded, found, harmful, harmless, out / "fallback", min(18, loaded.n_layers - 1), 0.9
+    )
     path = out / "fallback" / "discovery.json"
     path.write_text(json.dumps({**found, "specs": specs}, indent=2))
     print(f"trained {result.sae.cfg.n_latents} latents; discovery in {path}")
-    presets = {"refusal": specs.get("sae_clamp", specs["actadd"]),
-               "refusal_conditional": specs.get("conditional_sae", specs["actadd"])}
+    presets = {
+        "refusal": specs.get("sae_clamp", specs["actadd"]),
+        "refusal_conditional": specs.get("conditional_sae", specs["actadd"]),
+    }
     return presets, path
 
 
-def side_by_side(loaded: LoadedModel, methods: dict[str, dict], prompts: list, max_new_tokens: int) -> list[dict]:
+def side_by_side(
+    loaded: LoadedModel, methods: dict[str, dict], prompts: list, max_new_tokens: int
+) -> list[dict]:
     """Every prompt's reply under every method (unsteered first), as example rows for the report."""
     rows = []
     for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
         steering = steering_from_dict(spec)
         replies = generate(loaded, [p.text for p in prompts], steering, max_new_tokens)
-        rows += [{"prompt": p.text, "label": p.label, "method": name, "steering": spec, "reply": r.strip()}
-                 for p, r in zip(prompts, replies)]
+        rows += [
+            {"prompt": p.text, "label": p.label, "method": name, "steering": spec, "reply": r.strip()}
+            for p, r in zip(prompts, replies)
+        ]
     return rows
 
 
@@ -110,9 +136,14 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
         presets, discovery = dict(PRESETS), shipped_dir() / "discovery.json"
     else:
         presets, discovery = fallback_presets(loaded, out, config.fallback_tokens, config.fallback_prompts)
-    methods = {name: presets[name] if name in presets else parse_steering(name).to_dict() for name in config.methods}
+    methods = {
+        name: presets[name] if name in presets else parse_steering(name).to_dict() for name in config.methods
+    }
 
-    prompts = safety_prompts("advbench", "test")[: config.examples] + safety_prompts("xstest_safe", "test")[: config.examples]
+    prompts = (
+        safety_prompts("advbench", "test")[: config.examples]
+        + safety_prompts("xstest_safe", "test")[: config.examples]
+    )
     examples = side_by_side(loaded, methods, prompts, config.max_new_tokens)
     print_side_by_side(examples)
     examples_path = write_examples(out / "examples.jsonl", examples)
@@ -122,14 +153,34 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
     cache = ResultCache(out / "generations.cache.jsonl")
     for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
         print(f"\nsafety eval ({name}): {config.limit} TEST prompts per set of {', '.join(DEMO_SETS)}")
-        eval_config = EvalConfig(model=config.model, steering=spec, suites=("safety",), split="test", limit=config.limit,
-                                 seed=config.seed, decoding=Decoding(config.max_new_tokens), safety_sets=DEMO_SETS)
+        eval_config = EvalConfig(
+            model=config.model,
+            steering=spec,
+            suites=("safety",),
+            split="test",
+            limit=config.limit,
+            seed=config.seed,
+            decoding=Decoding(config.max_new_tokens),
+            safety_sets=DEMO_SETS,
+        )
         run = evaluate(SteeredModel(loaded, steering_from_dict(spec), cache), eval_config)
         append_rows(results, run.rows)
         for row in run.rows:
-            if row["metric"] in ("refusal_rate", "over_refusal_rate", "clear_refusal_rate", "degenerate_rate"):
+            if row["metric"] in (
+                "refusal_rate",
+                "over_refusal_rate",
+                "clear_refusal_rate",
+                "degenerate_rate",
+            ):
                 c = row["config"]
-                print(f"  {c['dataset']:<14}{row['metric']:<20}{100 * row['value']:5.1f}%  "
-                      f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]  n={row['n']}")
-    return build_report([results], out / "report", discovery=discovery if discovery.is_file() else None,
-                        examples=examples_path, title=f"saesteer demo: {loaded.spec}")
+                print(
+                    f"  {c['dataset']:<14}{row['metric']:<20}{100 * row['value']:5.1f}%  "
+                    f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]  n={row['n']}"
+                )
+    return build_report(
+        [results],
+        out / "report",
+        discovery=discovery if discovery.is_file() else None,
+        examples=examples_path,
+        title=f"saesteer demo: {loaded.spec}",
+    )

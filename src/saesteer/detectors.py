@@ -48,9 +48,19 @@ from saesteer.models import LoadedModel, Messages, chat_prompts
 KINDS = ("dim", "probe", "ensemble", "sae_probe")
 POOLINGS = ("last", "user")
 HARMFUL_SOURCES = ("advbench", "xstest_unsafe", "hh_rlhf_harmful")
-BENIGN_SOURCES = ("xstest_safe", "hh_rlhf_benign", "benign:truthfulqa", "benign:mmlu", "benign:gsm8k", "benign:written",
-                  "benign:benign_twins")
-HELD_OUT_SOURCES = ("harmful_mix", "harmless")  # not shipped: never trained on, scored when ../shared is present
+BENIGN_SOURCES = (
+    "xstest_safe",
+    "hh_rlhf_benign",
+    "benign:truthfulqa",
+    "benign:mmlu",
+    "benign:gsm8k",
+    "benign:written",
+    "benign:benign_twins",
+)
+HELD_OUT_SOURCES = (
+    "harmful_mix",
+    "harmless",
+)  # not shipped: never trained on, scored when ../shared is present
 HARMFUL_HELD_OUT = ("harmful_mix",)
 DEV_SPLITS = ("train", "validation")
 HELD_OUT_LIMIT = 1000  # prompts scored per held-out source (a seeded sample of the large Alpaca set)
@@ -85,11 +95,16 @@ class GateConfig:
     candidates: tuple[Candidate, ...] = (
         Candidate("dim", (0.6,), "last", 4),  # the old detector: the baseline row
         Candidate("dim", (0.6,), "user"),
-        Candidate("probe", (0.4,), "last", 4), Candidate("probe", (0.6,), "last", 4),
-        Candidate("probe", (0.2,), "user"), Candidate("probe", (0.4,), "user"), Candidate("probe", (0.6,), "user"),
+        Candidate("probe", (0.4,), "last", 4),
+        Candidate("probe", (0.6,), "last", 4),
+        Candidate("probe", (0.2,), "user"),
+        Candidate("probe", (0.4,), "user"),
+        Candidate("probe", (0.6,), "user"),
         Candidate("probe", (0.8,), "user"),
-        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "user"), Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "last", 4),
-        Candidate("probe", (0.4,), "user", c=0.01), Candidate("probe", (0.4,), "user", c=1.0),
+        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "user"),
+        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "last", 4),
+        Candidate("probe", (0.4,), "user", c=0.01),
+        Candidate("probe", (0.4,), "user", c=1.0),
         Candidate("sae_probe", (), "user", c=0.05),
     )
     """detector recipes compared; layers as fractions of the model's depth (0.6 = layer 18 of 30), a `sae_probe`
@@ -132,17 +147,29 @@ class Detector:
     def save(self, path: str | Path, model: str, **meta) -> None:
         from safetensors.torch import save_file
 
-        info = {"kind": self.kind, "layers": json.dumps(list(self.layers)), "bias": repr(self.bias), "pooling": self.pooling,
-                "tokens": str(self.tokens), "sae": self.sae or "", "hook_point": self.hook_point, "model": model,
-                **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
+        info = {
+            "kind": self.kind,
+            "layers": json.dumps(list(self.layers)),
+            "bias": repr(self.bias),
+            "pooling": self.pooling,
+            "tokens": str(self.tokens),
+            "sae": self.sae or "",
+            "hook_point": self.hook_point,
+            "model": model,
+            **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
+        }
         save_file({"weight": self.weight.detach().float().cpu().contiguous()}, str(path), metadata=info)
 
-    def scores(self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Score per row [batch] of left-padded, chat-rendered prompts."""
         for layer in self.layers:
             loaded.check_layer(layer)
         if self.sae is None and self.weight.shape[-1] != loaded.d_model:
-            raise SaesteerError(f"detector has width {self.weight.shape[-1]} but {loaded.spec} has d_model={loaded.d_model}")
+            raise SaesteerError(
+                f"detector has width {self.weight.shape[-1]} but {loaded.spec} has d_model={loaded.d_model}"
+            )
         hidden = residuals_at(loaded.model, input_ids, self.layers, self.hook_point, attention_mask)
         weights = position_weights(loaded, input_ids, attention_mask, self.pooling, self.tokens)
         total = torch.full((input_ids.shape[0],), self.bias, device=input_ids.device)
@@ -167,11 +194,27 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
     except Exception as err:  # missing file, bad header, missing tensor
         raise SaesteerError(f"cannot read detector file {path}: {err}") from None
     if "weight" not in names:
-        return Detector("dim", (int(meta.get("layer", -1)) if layer is None else layer,), (tensor / tensor.norm())[None],
-                        pooling="last", tokens=tokens, hook_point=meta.get("hook_point", "resid_post"), meta=meta)
+        return Detector(
+            "dim",
+            (int(meta.get("layer", -1)) if layer is None else layer,),
+            (tensor / tensor.norm())[None],
+            pooling="last",
+            tokens=tokens,
+            hook_point=meta.get("hook_point", "resid_post"),
+            meta=meta,
+        )
     try:
-        return Detector(meta["kind"], tuple(json.loads(meta["layers"])), tensor, float(meta["bias"]), meta["pooling"],
-                        int(meta["tokens"]), meta["sae"] or None, meta.get("hook_point", "resid_post"), meta)
+        return Detector(
+            meta["kind"],
+            tuple(json.loads(meta["layers"])),
+            tensor,
+            float(meta["bias"]),
+            meta["pooling"],
+            int(meta["tokens"]),
+            meta["sae"] or None,
+            meta.get("hook_point", "resid_post"),
+            meta,
+        )
     except (KeyError, ValueError) as err:
         raise SaesteerError(f"detector file {path} lacks valid metadata ({err})") from None
 
@@ -181,8 +224,16 @@ def template_parts(loaded: LoadedModel) -> tuple[str, str, str, str]:
     the assistant's reply, text between a reply and the next user message, tail after the last user message)."""
     marks = ["\u2063A\u2063", "\u2063B\u2063", "\u2063C\u2063"]
     one = chat_prompts(loaded, [[{"role": "user", "content": marks[0]}]])[0]
-    three = chat_prompts(loaded, [[{"role": "user", "content": marks[0]}, {"role": "assistant", "content": marks[1]},
-                                   {"role": "user", "content": marks[2]}]])[0]
+    three = chat_prompts(
+        loaded,
+        [
+            [
+                {"role": "user", "content": marks[0]},
+                {"role": "assistant", "content": marks[1]},
+                {"role": "user", "content": marks[2]},
+            ]
+        ],
+    )[0]
     head, tail = one.split(marks[0])
     after_user = three.split(marks[0])[1].split(marks[1])[0]
     before_user = three.split(marks[1])[1].split(marks[2])[0]
@@ -196,18 +247,29 @@ def template_margins(loaded: LoadedModel) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _margins(tokenizer, parts: tuple[str, str, str, str]) -> tuple[int, int]:
-    return len(tokenizer(parts[0], add_special_tokens=False).input_ids), len(tokenizer(parts[3], add_special_tokens=False).input_ids)
+    return len(tokenizer(parts[0], add_special_tokens=False).input_ids), len(
+        tokenizer(parts[3], add_special_tokens=False).input_ids
+    )
 
 
-def position_weights(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     pooling: str, tokens: int) -> torch.Tensor:
+def position_weights(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pooling: str,
+    tokens: int,
+) -> torch.Tensor:
     """[batch, pos] weights that average the pooled positions of each left-padded row."""
     batch, length = input_ids.shape
     position = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
     if pooling == "last":
         keep = position >= length - tokens
     elif pooling == "user":
-        real = attention_mask.sum(1, keepdim=True) if attention_mask is not None else torch.full((batch, 1), length, device=input_ids.device)
+        real = (
+            attention_mask.sum(1, keepdim=True)
+            if attention_mask is not None
+            else torch.full((batch, 1), length, device=input_ids.device)
+        )
         head, tail = template_margins(loaded)
         keep = (position >= length - real + head) & (position < length - tail)
         keep |= ~keep.any(1, keepdim=True) & (position == length - 1)  # no user span: the last token
@@ -224,7 +286,11 @@ def features_of(hidden: torch.Tensor, sae: str | None) -> torch.Tensor:
     from saesteer.steering import load_sae
 
     model = load_sae(sae)
-    return model.encode(hidden.reshape(-1, hidden.shape[-1]).to(model.W_enc.dtype)).float().reshape(*hidden.shape[:2], -1)
+    return (
+        model.encode(hidden.reshape(-1, hidden.shape[-1]).to(model.W_enc.dtype))
+        .float()
+        .reshape(*hidden.shape[:2], -1)
+    )
 
 
 def pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -241,31 +307,42 @@ def user_messages(loaded: LoadedModel, rendered: str) -> list[str]:
     return [chunk.split(after_user)[0] for chunk in body.split(before_user)]
 
 
-def gate_scores(loaded: LoadedModel, detector: Detector, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def gate_scores(
+    loaded: LoadedModel, detector: Detector, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Per row: the maximum of the score of the whole conversation and of each of its user turns alone."""
     scores = detector.scores(loaded, input_ids, attention_mask)
     turns: list[tuple[int, str]] = []
     for row, ids in enumerate(input_ids):
         real = ids[attention_mask[row].bool()] if attention_mask is not None else ids
-        messages = user_messages(loaded, loaded.tokenizer.decode(real, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        messages = user_messages(
+            loaded,
+            loaded.tokenizer.decode(real, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        )
         if len(messages) > 1:
             turns += [(row, message) for message in messages]
     if turns:
         rendered = chat_prompts(loaded, [[{"role": "user", "content": m}] for _, m in turns])
-        batch = loaded.tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(input_ids.device)
+        batch = loaded.tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            input_ids.device
+        )
         per_turn = detector.scores(loaded, batch["input_ids"], batch["attention_mask"])
         for (row, _), score in zip(turns, per_turn):
             scores[row] = torch.maximum(scores[row], score)
     return scores
 
 
-def score_prompts(loaded: LoadedModel, detector: Detector, conversations: list[Messages], batch_size: int = 16) -> torch.Tensor:
+def score_prompts(
+    loaded: LoadedModel, detector: Detector, conversations: list[Messages], batch_size: int = 16
+) -> torch.Tensor:
     """The gate score of each conversation (a plain string is one user turn)."""
     conversations = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
     rendered = chat_prompts(loaded, conversations)
     out = []
     for start in range(0, len(rendered), batch_size):
-        batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        batch = loaded.tokenizer(
+            rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(loaded.device)
         with torch.inference_mode():
             out.append(gate_scores(loaded, detector, batch["input_ids"], batch["attention_mask"]).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -274,10 +351,17 @@ def score_prompts(loaded: LoadedModel, detector: Detector, conversations: list[M
 # ---------------------------------------------------------------- data and features
 
 
-def source_prompts(source: str, splits: tuple[str, ...], limit: int | None = None, seed: int = 0) -> list[str]:
+def source_prompts(
+    source: str, splits: tuple[str, ...], limit: int | None = None, seed: int = 0
+) -> list[str]:
     """Prompts of one source (`set` or `set:category`) in the given splits; a seeded sample when `limit`."""
     name, _, category = source.partition(":")
-    texts = [p.text for split in splits for p in safety_prompts(name, split) if not category or p.category == category]
+    texts = [
+        p.text
+        for split in splits
+        for p in safety_prompts(name, split)
+        if not category or p.category == category
+    ]
     return subsample(texts, limit, seed) if limit else texts
 
 
@@ -292,28 +376,46 @@ class Pool:
 
     def select(self, keep: np.ndarray) -> "Pool":
         index = np.flatnonzero(keep)
-        return Pool([self.sources[i] for i in index], self.labels[index], [self.texts[i] for i in index],
-                    {key: value[index] for key, value in self.features.items()})
+        return Pool(
+            [self.sources[i] for i in index],
+            self.labels[index],
+            [self.texts[i] for i in index],
+            {key: value[index] for key, value in self.features.items()},
+        )
 
 
 def build_pool(prompts: dict[str, list[str]], harmful: set[str]) -> Pool:
     sources = [s for s, texts in prompts.items() for _ in texts]
-    return Pool(sources, np.array([s in harmful for s in sources], dtype=np.int64), [t for texts in prompts.values() for t in texts])
+    return Pool(
+        sources,
+        np.array([s in harmful for s in sources], dtype=np.int64),
+        [t for texts in prompts.values() for t in texts],
+    )
 
 
 def feature_keys(candidates: tuple[Candidate, ...], sae: str | None) -> list[tuple]:
-    return sorted({(layer, c.pooling, c.tokens if c.pooling == "last" else 0, sae if c.kind == "sae_probe" else None)
-                   for c in candidates for layer in c.layers}, key=str)
+    return sorted(
+        {
+            (layer, c.pooling, c.tokens if c.pooling == "last" else 0, sae if c.kind == "sae_probe" else None)
+            for c in candidates
+            for layer in c.layers
+        },
+        key=str,
+    )
 
 
 @torch.inference_mode()
-def extract_features(loaded: LoadedModel, pool_: Pool, keys: list[tuple], batch_size: int = 16, desc: str = "features") -> None:
+def extract_features(
+    loaded: LoadedModel, pool_: Pool, keys: list[tuple], batch_size: int = 16, desc: str = "features"
+) -> None:
     """Fill `pool_.features` for every key with one early-exit forward pass per batch."""
     layers = tuple(sorted({k[0] for k in keys}))
     rendered = chat_prompts(loaded, [[{"role": "user", "content": t}] for t in pool_.texts])
     parts: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
     for start in tqdm(range(0, len(rendered), batch_size), desc=desc, leave=False):
-        batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
+        batch = loaded.tokenizer(
+            rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(loaded.device)
         hidden = residuals_at(loaded.model, batch["input_ids"], layers, "resid_post", batch["attention_mask"])
         for key in keys:
             layer, pooling, tokens, sae = key
@@ -338,8 +440,12 @@ def _source_weights(pool_: Pool) -> np.ndarray:
 
 
 def _key(candidate: Candidate, layer: int, sae: str | None) -> tuple:
-    return (layer, candidate.pooling, candidate.tokens if candidate.pooling == "last" else 0,
-            sae if candidate.kind == "sae_probe" else None)
+    return (
+        layer,
+        candidate.pooling,
+        candidate.tokens if candidate.pooling == "last" else 0,
+        sae if candidate.kind == "sae_probe" else None,
+    )
 
 
 def fit(candidate: Candidate, pool_: Pool, sae: str | None = None, seed: int = 0) -> Detector:
@@ -357,17 +463,31 @@ def fit(candidate: Candidate, pool_: Pool, sae: str | None = None, seed: int = 0
             continue
         mean, std = x.mean(0), x.std(0) + 1e-6
         sparse = candidate.kind == "sae_probe"
-        model = LogisticRegression(C=candidate.c, l1_ratio=1.0 if sparse else 0.0, solver="liblinear" if sparse else "lbfgs",
-                                   max_iter=3000, random_state=seed)
+        model = LogisticRegression(
+            C=candidate.c,
+            l1_ratio=1.0 if sparse else 0.0,
+            solver="liblinear" if sparse else "lbfgs",
+            max_iter=3000,
+            random_state=seed,
+        )
         model.fit((x - mean) / std, y, sample_weight=weights)
         coef = model.coef_[0] / std
         rows.append(coef / len(candidate.layers))
         biases.append((float(model.intercept_[0]) - float(coef @ mean)) / len(candidate.layers))
-    return Detector(candidate.kind, candidate.layers, torch.tensor(np.stack(rows), dtype=torch.float32), float(sum(biases)),
-                    candidate.pooling, candidate.tokens, sae if candidate.kind == "sae_probe" else None)
+    return Detector(
+        candidate.kind,
+        candidate.layers,
+        torch.tensor(np.stack(rows), dtype=torch.float32),
+        float(sum(biases)),
+        candidate.pooling,
+        candidate.tokens,
+        sae if candidate.kind == "sae_probe" else None,
+    )
 
 
-def pooled_scores(detector: Detector, pool_: Pool, candidate: Candidate, sae: str | None = None) -> np.ndarray:
+def pooled_scores(
+    detector: Detector, pool_: Pool, candidate: Candidate, sae: str | None = None
+) -> np.ndarray:
     """Scores from cached features; equal to `Detector.scores` on the same prompts (single-turn)."""
     total = np.full(len(pool_.texts), detector.bias)
     for row, layer in zip(detector.weight.numpy(), detector.layers):
@@ -375,7 +495,9 @@ def pooled_scores(detector: Detector, pool_: Pool, candidate: Candidate, sae: st
     return total
 
 
-def out_of_fold_scores(candidate: Candidate, pool_: Pool, sae: str | None, folds: int, seed: int) -> np.ndarray:
+def out_of_fold_scores(
+    candidate: Candidate, pool_: Pool, sae: str | None, folds: int, seed: int
+) -> np.ndarray:
     """Each prompt scored by a detector trained without it (folds stratified by source)."""
     rng = np.random.default_rng(seed)
     fold_of = np.zeros(len(pool_.texts), dtype=np.int64)
@@ -413,13 +535,20 @@ def guaranteed_threshold(benign_scores: dict[str, np.ndarray], max_fpr: float) -
     threshold, infeasible = -np.inf, []
     for name, scores in benign_scores.items():
         ordered = np.sort(scores)[::-1]
-        allowed = max((k for k in range(len(ordered)) if upper_bound(k, len(ordered)) <= max_fpr), default=None)
+        allowed = max(
+            (k for k in range(len(ordered)) if upper_bound(k, len(ordered)) <= max_fpr), default=None
+        )
         if allowed is None:
             infeasible.append(name)
             allowed = 0
         threshold = max(threshold, float(ordered[allowed]))
-    return {"threshold": threshold, "max_fpr": max_fpr, "rule": "one-sided 95% Clopper-Pearson upper bound of each benign "
-            "source's false-positive rate <= max_fpr, on out-of-fold scores", "infeasible": infeasible}
+    return {
+        "threshold": threshold,
+        "max_fpr": max_fpr,
+        "rule": "one-sided 95% Clopper-Pearson upper bound of each benign "
+        "source's false-positive rate <= max_fpr, on out-of-fold scores",
+        "infeasible": infeasible,
+    }
 
 
 def rate(flags: np.ndarray) -> dict:
@@ -434,8 +563,11 @@ def rate(flags: np.ndarray) -> dict:
 def train_with_threshold(candidate: Candidate, pool_: Pool, config: GateConfig) -> tuple[Detector, dict]:
     """Fit on the whole pool; the threshold from its out-of-fold scores (benign sources only)."""
     oof = out_of_fold_scores(candidate, pool_, config.sae, config.folds, config.seed)
-    benign = {name: oof[np.array([s == name for s in pool_.sources])] for name in sorted(set(pool_.sources))
-              if name not in HARMFUL_SOURCES and name not in HELD_OUT_SOURCES}
+    benign = {
+        name: oof[np.array([s == name for s in pool_.sources])]
+        for name in sorted(set(pool_.sources))
+        if name not in HARMFUL_SOURCES and name not in HELD_OUT_SOURCES
+    }
     gate = guaranteed_threshold(benign, config.max_fpr)
     harmful = oof[pool_.labels == 1]
     gate["oof_recall"] = float((harmful > gate["threshold"]).mean())
@@ -451,18 +583,37 @@ def leave_one_source_out(candidate: Candidate, dev: Pool, held_out: Pool | None,
         left_out = np.array([s == source for s in dev.sources])
         detector, gate = train_with_threshold(candidate, dev.select(~left_out), config)
         flagged = pooled_scores(detector, dev.select(left_out), candidate, config.sae) > gate["threshold"]
-        folds[source] = {"label": "harmful" if source in HARMFUL_SOURCES else "benign", "threshold": gate["threshold"], **rate(flagged)}
+        folds[source] = {
+            "label": "harmful" if source in HARMFUL_SOURCES else "benign",
+            "threshold": gate["threshold"],
+            **rate(flagged),
+        }
         if held_out is not None:
             for name in sorted(set(held_out.sources)):
                 members = held_out.select(np.array([s == name for s in held_out.sources]))
-                extra.setdefault(name, []).append(rate(pooled_scores(detector, members, candidate, config.sae) > gate["threshold"]))
+                extra.setdefault(name, []).append(
+                    rate(pooled_scores(detector, members, candidate, config.sae) > gate["threshold"])
+                )
     harmful = {s: f for s, f in folds.items() if f["label"] == "harmful"}
     benign = {s: f for s, f in folds.items() if f["label"] == "benign"}
-    worst_recall, worst_fpr = min(harmful, key=lambda s: harmful[s]["rate"]), max(benign, key=lambda s: benign[s]["rate"])
-    worst_extra = {name: (min if name in HARMFUL_HELD_OUT else max)(runs, key=lambda r: r["rate"]) for name, runs in extra.items()}
-    return {"candidate": asdict(candidate), "name": candidate.name, "folds": folds,
-            "worst_recall": harmful[worst_recall]["rate"], "worst_recall_source": worst_recall,
-            "worst_fpr": benign[worst_fpr]["rate"], "worst_fpr_source": worst_fpr, "held_out": worst_extra}
+    worst_recall, worst_fpr = (
+        min(harmful, key=lambda s: harmful[s]["rate"]),
+        max(benign, key=lambda s: benign[s]["rate"]),
+    )
+    worst_extra = {
+        name: (min if name in HARMFUL_HELD_OUT else max)(runs, key=lambda r: r["rate"])
+        for name, runs in extra.items()
+    }
+    return {
+        "candidate": asdict(candidate),
+        "name": candidate.name,
+        "folds": folds,
+        "worst_recall": harmful[worst_recall]["rate"],
+        "worst_recall_source": worst_recall,
+        "worst_fpr": benign[worst_fpr]["rate"],
+        "worst_fpr_source": worst_fpr,
+        "held_out": worst_extra,
+    }
 
 
 def rank_key(result: dict, target_fpr: float, target_recall: float) -> tuple:
@@ -470,7 +621,9 @@ def rank_key(result: dict, target_fpr: float, target_recall: float) -> tuple:
     successes (recall of each harmful fold, 1 - FPR of each benign fold, sorted ascending), so the worst
     fold decides and the next worst breaks ties."""
     meets = result["worst_fpr"] <= target_fpr and result["worst_recall"] >= target_recall
-    successes = sorted(f["rate"] if f["label"] == "harmful" else 1 - f["rate"] for f in result["folds"].values())
+    successes = sorted(
+        f["rate"] if f["label"] == "harmful" else 1 - f["rate"] for f in result["folds"].values()
+    )
     return (meets, *successes)
 
 
@@ -487,22 +640,40 @@ def resolve_layers(candidate: Candidate, loaded: LoadedModel, sae: str | None) -
             cfg = load_sae(sae).cfg if sae else None
         except SaesteerError:
             cfg = None
-        fits = cfg is not None and cfg.d_in == loaded.d_model and cfg.layer is not None and 0 <= cfg.layer < loaded.n_layers
+        fits = (
+            cfg is not None
+            and cfg.d_in == loaded.d_model
+            and cfg.layer is not None
+            and 0 <= cfg.layer < loaded.n_layers
+        )
         return replace(candidate, layers=(cfg.layer,)) if fits else None
-    layers = tuple(dict.fromkeys(min(loaded.n_layers - 1, round(x * loaded.n_layers)) if isinstance(x, float) else x
-                                 for x in candidate.layers))
+    layers = tuple(
+        dict.fromkeys(
+            min(loaded.n_layers - 1, round(x * loaded.n_layers)) if isinstance(x, float) else x
+            for x in candidate.layers
+        )
+    )
     return replace(candidate, layers=layers) if all(0 <= x < loaded.n_layers for x in layers) else None
 
 
-def prompt_sets(config: GateConfig, splits: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def prompt_sets(
+    config: GateConfig, splits: tuple[str, ...]
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(vendored sources, held-out sources available here): prompts of the given splits per source."""
-    vendored = {s: source_prompts(s, splits, config.limit, config.seed) for s in (*HARMFUL_SOURCES, *BENIGN_SOURCES)}
-    held = {s: source_prompts(s, splits, min(config.limit or HELD_OUT_LIMIT, HELD_OUT_LIMIT), config.seed)
-            for s in HELD_OUT_SOURCES if shared_available(s)}
+    vendored = {
+        s: source_prompts(s, splits, config.limit, config.seed) for s in (*HARMFUL_SOURCES, *BENIGN_SOURCES)
+    }
+    held = {
+        s: source_prompts(s, splits, min(config.limit or HELD_OUT_LIMIT, HELD_OUT_LIMIT), config.seed)
+        for s in HELD_OUT_SOURCES
+        if shared_available(s)
+    }
     return vendored, held
 
 
-def _features(loaded: LoadedModel, prompts: dict[str, list[str]], keys: list[tuple], path: Path, config: GateConfig) -> Pool:
+def _features(
+    loaded: LoadedModel, prompts: dict[str, list[str]], keys: list[tuple], path: Path, config: GateConfig
+) -> Pool:
     """The pool of `prompts` with features, read from `path` when an earlier run wrote the same ones."""
     from safetensors.numpy import load_file, save_file
 
@@ -517,8 +688,11 @@ def _features(loaded: LoadedModel, prompts: dict[str, list[str]], keys: list[tup
                 pool_.features = {k: stored[json.dumps(list(map(str, k)))] for k in keys}
                 return pool_
     extract_features(loaded, pool_, keys, config.batch_size, desc=path.stem)
-    save_file({json.dumps(list(map(str, k))): np.ascontiguousarray(v) for k, v in pool_.features.items()}, str(path),
-              metadata={"digest": hash_text(digest)})
+    save_file(
+        {json.dumps(list(map(str, k))): np.ascontiguousarray(v) for k, v in pool_.features.items()},
+        str(path),
+        metadata={"digest": hash_text(digest)},
+    )
     return pool_
 
 
@@ -530,10 +704,15 @@ def hash_text(text: str) -> str:
 
 def per_source_rates(scores: dict[str, np.ndarray], threshold: float) -> dict[str, dict]:
     harmful = set(HARMFUL_SOURCES) | set(HARMFUL_HELD_OUT)
-    return {name: {"label": "harmful" if name in harmful else "benign", **rate(values > threshold)} for name, values in scores.items()}
+    return {
+        name: {"label": "harmful" if name in harmful else "benign", **rate(values > threshold)}
+        for name, values in scores.items()
+    }
 
 
-def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple[str, float] | None = None) -> dict:
+def run_gate(
+    loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple[str, float] | None = None
+) -> dict:
     """Leave-one-source-out validation of every candidate, the choice by worst fold, the chosen detector
     trained on all development prompts with its guaranteed threshold (out/detector.safetensors), then, with
     the threshold fixed, its recall and false-positive rate per source on TEST prompts. `baseline` (a
@@ -545,32 +724,61 @@ def run_gate(loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple
         same = json.loads(json.dumps(asdict(config))) == earlier["config"] and earlier["model"] == loaded.spec
         if same and (baseline is None or earlier.get("baseline", {}).get("detector") == baseline[0]):
             return earlier
-    candidates = list(dict.fromkeys(c for c in (resolve_layers(c, loaded, config.sae) for c in config.candidates) if c))
+    candidates = list(
+        dict.fromkeys(c for c in (resolve_layers(c, loaded, config.sae) for c in config.candidates) if c)
+    )
     if not candidates:
         raise SaesteerError(f"no gate candidate fits {loaded.spec} ({loaded.n_layers} layers)")
     keys = feature_keys(tuple(candidates), config.sae)
     vendored, held = prompt_sets(config, DEV_SPLITS)
     dev = _features(loaded, vendored, keys, out / "features-dev.safetensors", config)
     held_pool = _features(loaded, held, keys, out / "features-held-out.safetensors", config) if held else None
-    results = [leave_one_source_out(c, dev, held_pool, config) for c in tqdm(candidates, desc="leave-one-source-out")]
+    results = [
+        leave_one_source_out(c, dev, held_pool, config) for c in tqdm(candidates, desc="leave-one-source-out")
+    ]
     ranked = sorted(results, key=lambda r: rank_key(r, config.target_fpr, config.target_recall), reverse=True)
     chosen = next(c for c in candidates if c.name == ranked[0]["name"])
     detector, gate = train_with_threshold(chosen, dev, config)
-    detector.save(out / "detector.safetensors", loaded.spec, threshold=gate["threshold"], candidate=chosen.name)
+    detector.save(
+        out / "detector.safetensors", loaded.spec, threshold=gate["threshold"], candidate=chosen.name
+    )
     test_vendored, test_held = prompt_sets(config, ("test",))
     test = {**test_vendored, **test_held}
-    scored = {"chosen": {name: score_prompts(loaded, detector, texts, config.batch_size).numpy()
-                         for name, texts in tqdm(test.items(), desc="test scores")}}
-    summary = {"config": asdict(config), "model": loaded.spec, "loso": results, "ranking": [r["name"] for r in ranked],
-               "chosen": chosen.name, "threshold": gate,
-               "test": {"chosen": per_source_rates(scored["chosen"], gate["threshold"])}}
+    scored = {
+        "chosen": {
+            name: score_prompts(loaded, detector, texts, config.batch_size).numpy()
+            for name, texts in tqdm(test.items(), desc="test scores")
+        }
+    }
+    summary = {
+        "config": asdict(config),
+        "model": loaded.spec,
+        "loso": results,
+        "ranking": [r["name"] for r in ranked],
+        "chosen": chosen.name,
+        "threshold": gate,
+        "test": {"chosen": per_source_rates(scored["chosen"], gate["threshold"])},
+    }
     if baseline is not None:
         old = load_detector(baseline[0])
-        summary["baseline"] = {"detector": baseline[0], "threshold": baseline[1],
-                               "dev": per_source_rates({name: score_prompts(loaded, old, texts, config.batch_size).numpy()
-                                                        for name, texts in {**vendored, **held}.items()}, baseline[1]),
-                               "test": per_source_rates({name: score_prompts(loaded, old, texts, config.batch_size).numpy()
-                                                         for name, texts in test.items()}, baseline[1])}
+        summary["baseline"] = {
+            "detector": baseline[0],
+            "threshold": baseline[1],
+            "dev": per_source_rates(
+                {
+                    name: score_prompts(loaded, old, texts, config.batch_size).numpy()
+                    for name, texts in {**vendored, **held}.items()
+                },
+                baseline[1],
+            ),
+            "test": per_source_rates(
+                {
+                    name: score_prompts(loaded, old, texts, config.batch_size).numpy()
+                    for name, texts in test.items()
+                },
+                baseline[1],
+            ),
+        }
     (out / "gate.json").write_text(json.dumps(summary, indent=2))
     (out / "gate.md").write_text(gate_markdown(summary))
     return summary
@@ -597,8 +805,14 @@ def ship_gate(detector: Path, threshold: float, dest: Path, steering: dict | Non
     inner = steering or presets["refusal_conditional"]["steering"]
     if steering is not None:
         presets["refusal"] = steering
-    presets["refusal_conditional"] = {"method": "conditional", "steering": inner, "detector": "builtin:harm-gate.safetensors",
-                                      "threshold": threshold, "layer": None, "tokens": 4}
+    presets["refusal_conditional"] = {
+        "method": "conditional",
+        "steering": inner,
+        "detector": "builtin:harm-gate.safetensors",
+        "threshold": threshold,
+        "layer": None,
+        "tokens": 4,
+    }
     path.write_text(json.dumps(shipped, indent=2))
     return presets["refusal_conditional"]
 
@@ -609,25 +823,47 @@ def _cell(r: dict) -> str:
 
 def gate_markdown(summary: dict) -> str:
     """The leave-one-source-out table (every candidate, worst folds) and the test table."""
-    sources = sorted({s for r in summary["loso"] for s in r["folds"]}, key=lambda s: (s not in HARMFUL_SOURCES, s))
+    sources = sorted(
+        {s for r in summary["loso"] for s in r["folds"]}, key=lambda s: (s not in HARMFUL_SOURCES, s)
+    )
     held = sorted({s for r in summary["loso"] for s in r["held_out"]})
-    lines = [f"# Harm gate: {summary['model']}", "",
-             "Leave-one-source-out on development prompts (train + validation splits): each column is a source left out of "
-             "training and threshold; harmful columns give recall, benign columns the false-positive rate, in % with "
-             f"Clopper-Pearson 95% CIs. Threshold rule: {summary['threshold']['rule']} (max_fpr {summary['config']['max_fpr']}).",
-             "Held-out columns (never trained on) give each candidate's worst fold.", "",
-             "| candidate | worst recall | worst FPR | " + " | ".join(sources + [f"{h} (held out)" for h in held]) + " |",
-             "|---|---|---|" + "---|" * (len(sources) + len(held))]
+    lines = [
+        f"# Harm gate: {summary['model']}",
+        "",
+        "Leave-one-source-out on development prompts (train + validation splits): each column is a source left out of "
+        "training and threshold; harmful columns give recall, benign columns the false-positive rate, in % with "
+        f"Clopper-Pearson 95% CIs. Threshold rule: {summary['threshold']['rule']} (max_fpr {summary['config']['max_fpr']}).",
+        "Held-out columns (never trained on) give each candidate's worst fold.",
+        "",
+        "| candidate | worst recall | worst FPR | "
+        + " | ".join(sources + [f"{h} (held out)" for h in held])
+        + " |",
+        "|---|---|---|" + "---|" * (len(sources) + len(held)),
+    ]
     for name in summary["ranking"]:
         r = next(x for x in summary["loso"] if x["name"] == name)
-        cells = [_cell(r["folds"][s]) if s in r["folds"] else "-" for s in sources] + [_cell(r["held_out"][h]) for h in held]
-        lines.append(f"| {name}{' (chosen)' if name == summary['chosen'] else ''} | {100 * r['worst_recall']:.1f} "
-                     f"({r['worst_recall_source']}) | {100 * r['worst_fpr']:.1f} ({r['worst_fpr_source']}) | " + " | ".join(cells) + " |")
-    lines += ["", f"Chosen: **{summary['chosen']}**, trained on all development prompts; threshold "
-              f"{summary['threshold']['threshold']:.4g} (out-of-fold harmful recall {100 * summary['threshold']['oof_recall']:.1f}%).", "",
-              "## TEST prompts (threshold fixed before scoring)", "", "| source | chosen detector |" +
-              (" old detector |" if "baseline" in summary else ""), "|---|---|" + ("---|" if "baseline" in summary else "")]
+        cells = [_cell(r["folds"][s]) if s in r["folds"] else "-" for s in sources] + [
+            _cell(r["held_out"][h]) for h in held
+        ]
+        lines.append(
+            f"| {name}{' (chosen)' if name == summary['chosen'] else ''} | {100 * r['worst_recall']:.1f} "
+            f"({r['worst_recall_source']}) | {100 * r['worst_fpr']:.1f} ({r['worst_fpr_source']}) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Chosen: **{summary['chosen']}**, trained on all development prompts; threshold "
+        f"{summary['threshold']['threshold']:.4g} (out-of-fold harmful recall {100 * summary['threshold']['oof_recall']:.1f}%).",
+        "",
+        "## TEST prompts (threshold fixed before scoring)",
+        "",
+        "| source | chosen detector |" + (" old detector |" if "baseline" in summary else ""),
+        "|---|---|" + ("---|" if "baseline" in summary else ""),
+    ]
     for name, r in summary["test"]["chosen"].items():
         old = f" {_cell(summary['baseline']['test'][name])} |" if "baseline" in summary else ""
-        lines.append(f"| {name} ({r['label']}: {'recall' if r['label'] == 'harmful' else 'FPR'}) | {_cell(r)} |{old}")
+        lines.append(
+            f"| {name} ({r['label']}: {'recall' if r['label'] == 'harmful' else 'FPR'}) | {_cell(r)} |{old}"
+        )
     return "\n".join(lines) + "\n"

@@ -47,8 +47,16 @@ SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.4, 0.2, 0.4)
 LABELS = ("unsafe", "safe")
-SAFETY_SETS = {"advbench": "unsafe", "harmful_mix": "unsafe", "xstest_unsafe": "unsafe", "hh_rlhf_harmful": "unsafe",
-               "xstest_safe": "safe", "benign": "safe", "hh_rlhf_benign": "safe", "harmless": "safe"}
+SAFETY_SETS = {
+    "advbench": "unsafe",
+    "harmful_mix": "unsafe",
+    "xstest_unsafe": "unsafe",
+    "hh_rlhf_harmful": "unsafe",
+    "xstest_safe": "safe",
+    "benign": "safe",
+    "hh_rlhf_benign": "safe",
+    "harmless": "safe",
+}
 SHARED_ONLY = ("harmful_mix", "harmless")
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "text", "question", "behavior", "query")
 T = TypeVar("T")
@@ -117,8 +125,10 @@ def _asset(name: str) -> list[dict]:
 def _shared_json(relative: str, dataset: str) -> list[dict]:
     path = shared_dir() / relative
     if not path.is_file():
-        raise SaesteerError(f"{dataset} is not vendored (licence) and {path} is missing: "
-                            "point $SAESTEER_SHARED_DATA at the shared datasets folder")
+        raise SaesteerError(
+            f"{dataset} is not vendored (licence) and {path} is missing: "
+            "point $SAESTEER_SHARED_DATA at the shared datasets folder"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -133,9 +143,14 @@ def _hash_rank(text: str) -> str:
     return hashlib.sha256(f"{SPLIT_SEED}:{text}".encode()).hexdigest()
 
 
-def split_items(items: list[T], split: str, text: Callable[[T], str], group: Callable[[T], str] = lambda _: "",
-                pinned_train: Callable[[T], bool] = lambda _: False,
-                fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> list[T]:
+def split_items(
+    items: list[T],
+    split: str,
+    text: Callable[[T], str],
+    group: Callable[[T], str] = lambda _: "",
+    pinned_train: Callable[[T], bool] = lambda _: False,
+    fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
+) -> list[T]:
     """The items of `split`: hash-ranked within each group and cut by `fractions`; pinned items are train."""
     index = SPLITS.index(_check_split(split))
     groups: dict[str, list[T]] = defaultdict(list)
@@ -145,13 +160,21 @@ def split_items(items: list[T], split: str, text: Callable[[T], str], group: Cal
     chosen = [item for item in items if pinned_train(item)] if split == "train" else []
     for name in sorted(groups):
         ranked = sorted(groups[name], key=lambda item: _hash_rank(text(item)))
-        cuts = [0, round(len(ranked) * fractions[0]), round(len(ranked) * (fractions[0] + fractions[1])), len(ranked)]
+        cuts = [
+            0,
+            round(len(ranked) * fractions[0]),
+            round(len(ranked) * (fractions[0] + fractions[1])),
+            len(ranked),
+        ]
         chosen.extend(ranked[cuts[index] : cuts[index + 1]])
     return chosen
 
 
 def _harmful_train() -> set[str]:
-    return {d["instruction"] for d in _shared_json("refusal_direction/dataset/splits/harmful_train.json", "harmful_mix")}
+    return {
+        d["instruction"]
+        for d in _shared_json("refusal_direction/dataset/splits/harmful_train.json", "harmful_mix")
+    }
 
 
 def safety_prompts(dataset: str, split: str = "test") -> list[Prompt]:
@@ -159,53 +182,79 @@ def safety_prompts(dataset: str, split: str = "test") -> list[Prompt]:
     _check_split(split)
     if dataset == "advbench":
         rows = _asset("advbench.jsonl.gz")
-        chosen = split_items(rows, split, lambda r: r["prompt"], pinned_train=lambda r: r["in_refusal_direction_train"])
+        chosen = split_items(
+            rows, split, lambda r: r["prompt"], pinned_train=lambda r: r["in_refusal_direction_train"]
+        )
         return [Prompt(r["prompt"], "unsafe", dataset) for r in chosen]
     if dataset in ("xstest_unsafe", "xstest_safe"):
         label = SAFETY_SETS[dataset]
         rows = [r for r in _asset("xstest.jsonl.gz") if r["label"] == label]
-        return [Prompt(r["prompt"], label, dataset, r["type"])
-                for r in split_items(rows, split, lambda r: r["prompt"], group=lambda r: r["type"])]
+        return [
+            Prompt(r["prompt"], label, dataset, r["type"])
+            for r in split_items(rows, split, lambda r: r["prompt"], group=lambda r: r["type"])
+        ]
     if dataset == "harmful_mix":
         train = _harmful_train()
-        rows = [(d["instruction"], source) for source in ("malicious_instruct", "tdc2023")
-                for d in _shared_json(f"refusal_direction/dataset/processed/{source}.json", dataset)]
-        chosen = split_items(rows, split, lambda r: r[0], group=lambda r: r[1], pinned_train=lambda r: r[0] in train)
+        rows = [
+            (d["instruction"], source)
+            for source in ("malicious_instruct", "tdc2023")
+            for d in _shared_json(f"refusal_direction/dataset/processed/{source}.json", dataset)
+        ]
+        chosen = split_items(
+            rows, split, lambda r: r[0], group=lambda r: r[1], pinned_train=lambda r: r[0] in train
+        )
         return [Prompt(text, "unsafe", dataset, source) for text, source in chosen]
     if dataset == "benign":
-        chosen = split_items(_asset("benign.jsonl.gz"), split, lambda r: r["prompt"], group=lambda r: r["source"])
+        chosen = split_items(
+            _asset("benign.jsonl.gz"), split, lambda r: r["prompt"], group=lambda r: r["source"]
+        )
         return [Prompt(r["prompt"], "safe", dataset, r["source"]) for r in chosen]
     if dataset in ("hh_rlhf_harmful", "hh_rlhf_benign"):
         wanted, label = ("harmful", "unsafe") if dataset == "hh_rlhf_harmful" else ("benign", "safe")
-        chosen = split_items(_asset("hh_rlhf_dialogues.jsonl.gz"), split, lambda r: "\n".join(r["human_turns"]))
-        return [Prompt(r["human_turns"][0], label, dataset) for r in chosen if r["first_turn_label"] == wanted]
+        chosen = split_items(
+            _asset("hh_rlhf_dialogues.jsonl.gz"), split, lambda r: "\n".join(r["human_turns"])
+        )
+        return [
+            Prompt(r["human_turns"][0], label, dataset) for r in chosen if r["first_turn_label"] == wanted
+        ]
     if dataset == "harmless":
         name = {"train": "harmless_train", "validation": "harmless_val", "test": "harmless_test"}[split]
-        return [Prompt(d["instruction"], "safe", dataset)
-                for d in _shared_json(f"refusal_direction/dataset/splits/{name}.json", dataset)]
+        return [
+            Prompt(d["instruction"], "safe", dataset)
+            for d in _shared_json(f"refusal_direction/dataset/splits/{name}.json", dataset)
+        ]
     raise SaesteerError(f"unknown safety set {short(dataset)!r}: use one of {', '.join(SAFETY_SETS)}")
 
 
 def mmlu(split: str = "test") -> list[MultipleChoice]:
     """MMLU questions: validation = official val subset, test = official test subset."""
     _check_split(split, ("validation", "test"))
-    return [MultipleChoice(r["question"], tuple(r["choices"]), r["answer"], r["subject"])
-            for r in _asset(f"mmlu_{split}.jsonl.gz")]
+    return [
+        MultipleChoice(r["question"], tuple(r["choices"]), r["answer"], r["subject"])
+        for r in _asset(f"mmlu_{split}.jsonl.gz")
+    ]
 
 
 def mmlu_dev() -> dict[str, list[MultipleChoice]]:
     """The 5 official dev questions per subject, the source of few-shot examples."""
     by_subject: dict[str, list[MultipleChoice]] = defaultdict(list)
     for r in _asset("mmlu_dev.jsonl.gz"):
-        by_subject[r["subject"]].append(MultipleChoice(r["question"], tuple(r["choices"]), r["answer"], r["subject"]))
+        by_subject[r["subject"]].append(
+            MultipleChoice(r["question"], tuple(r["choices"]), r["answer"], r["subject"])
+        )
     return dict(by_subject)
 
 
 def truthfulqa(split: str = "test") -> list[TruthfulQAItem]:
     """TruthfulQA (classic v1) MC1/MC2 questions."""
     _check_split(split, ("validation", "test"))
-    rows = split_items(_asset("truthfulqa_mc.jsonl.gz"), split, lambda r: r["question"], fractions=(0.0, 0.3, 0.7))
-    return [TruthfulQAItem(r["question"], tuple(r["mc1_targets"].items()), tuple(r["mc2_targets"].items())) for r in rows]
+    rows = split_items(
+        _asset("truthfulqa_mc.jsonl.gz"), split, lambda r: r["question"], fractions=(0.0, 0.3, 0.7)
+    )
+    return [
+        TruthfulQAItem(r["question"], tuple(r["mc1_targets"].items()), tuple(r["mc2_targets"].items()))
+        for r in rows
+    ]
 
 
 def gsm8k_final_answer(solution: str) -> str:
@@ -218,7 +267,9 @@ def gsm8k_final_answer(solution: str) -> str:
 def gsm8k(split: str = "test") -> list[MathProblem]:
     """GSM8K problems: validation = 200 seeded official-train problems, test = official test."""
     _check_split(split, ("validation", "test"))
-    return [MathProblem(r["question"], gsm8k_final_answer(r["answer"])) for r in _asset(f"gsm8k_{split}.jsonl.gz")]
+    return [
+        MathProblem(r["question"], gsm8k_final_answer(r["answer"])) for r in _asset(f"gsm8k_{split}.jsonl.gz")
+    ]
 
 
 def hh_rlhf_dialogues(split: str = "test") -> list[Dialogue]:
@@ -253,8 +304,10 @@ def _pick_column(columns: list[str], wanted: str | None, path: Path) -> str:
     for name in PROMPT_COLUMNS:
         if name in lower:
             return lower[name]
-    raise SaesteerError(f"{path}: no prompt column found (tried {', '.join(PROMPT_COLUMNS)}); pass --column; "
-                        f"columns: {', '.join(columns)}")
+    raise SaesteerError(
+        f"{path}: no prompt column found (tried {', '.join(PROMPT_COLUMNS)}); pass --column; "
+        f"columns: {', '.join(columns)}"
+    )
 
 
 def load_prompt_file(path: str | Path, label: str, column: str | None = None) -> list[Prompt]:
@@ -295,4 +348,3 @@ def load_prompt_file(path: str | Path, label: str, column: str | None = None) ->
     if not prompts:
         raise SaesteerError(f"no prompts found in {path}")
     return [Prompt(p, label, f"user:{path.name}") for p in prompts]
-

@@ -109,7 +109,9 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def reply_codes(loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batch_size: int = 16) -> torch.Tensor:
+def reply_codes(
+    loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batch_size: int = 16
+) -> torch.Tensor:
     """Mean SAE code [N, n_latents] over the reply tokens of teacher-forced (prompt, reply) pairs."""
     tokenizer, layer = loaded.tokenizer, sae.cfg.layer
     means = []
@@ -120,7 +122,9 @@ def reply_codes(loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batc
         batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
         prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         reply_lengths = [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
-        hidden = residual_at(loaded.model, batch["input_ids"], layer, sae.cfg.hook_point, batch["attention_mask"])
+        hidden = residual_at(
+            loaded.model, batch["input_ids"], layer, sae.cfg.hook_point, batch["attention_mask"]
+        )
         z = sae.encode(hidden.float())
         width = hidden.shape[1]
         for row, n in enumerate(reply_lengths):
@@ -128,24 +132,38 @@ def reply_codes(loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batc
     return torch.stack(means).cpu()
 
 
-def reply_logprob(loaded: LoadedModel, layer: int, point: str, exchanges: list[tuple[str, str]], offset: torch.Tensor) -> torch.Tensor:
+def reply_logprob(
+    loaded: LoadedModel, layer: int, point: str, exchanges: list[tuple[str, str]], offset: torch.Tensor
+) -> torch.Tensor:
     """Summed log-probability of every reply, teacher-forced after its chat-rendered prompt, with `offset`
     added to the residual stream at every position of `layer` (differentiable in `offset`)."""
     tokenizer = loaded.tokenizer
     prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in exchanges])
-    batch = tokenizer([p + r for p, (_, r) in zip(prompts, exchanges)], return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(loaded.device)
+    batch = tokenizer(
+        [p + r for p, (_, r) in zip(prompts, exchanges)],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    ).to(loaded.device)
     prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     with edit_residual(loaded.model, layer, lambda h: h + offset.to(h.dtype), point):
         logits = loaded.model(**batch, use_cache=False).logits.float()
     ids, width = batch["input_ids"], batch["input_ids"].shape[1]
-    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # logp[:, t] scores token t + 1
+    logp = (
+        logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    )  # logp[:, t] scores token t + 1
     reply_lengths = [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
     return sum(logp[row, width - 1 - n :].sum() for row, n in enumerate(reply_lengths))  # left padding
 
 
-def refusal_attribution(loaded: LoadedModel, sae, prompts: list[str], refusals: list[str], compliances: list[str],
-                        batch_size: int = 16) -> torch.Tensor:
+def refusal_attribution(
+    loaded: LoadedModel,
+    sae,
+    prompts: list[str],
+    refusals: list[str],
+    compliances: list[str],
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Per feature [n_latents]: the first-order change, averaged over prompts, in log p(refusal reply) -
     log p(compliance reply) from adding one latent unit of the feature's decoder direction at every
     position (attribution patching: one backward pass instead of a steered run per feature)."""
@@ -154,8 +172,9 @@ def refusal_attribution(loaded: LoadedModel, sae, prompts: list[str], refusals: 
     grad = torch.zeros(loaded.d_model, device=loaded.device)
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        gap = (reply_logprob(loaded, layer, point, list(zip(prompts[chunk], refusals[chunk])), offset)
-               - reply_logprob(loaded, layer, point, list(zip(prompts[chunk], compliances[chunk])), offset))
+        gap = reply_logprob(
+            loaded, layer, point, list(zip(prompts[chunk], refusals[chunk])), offset
+        ) - reply_logprob(loaded, layer, point, list(zip(prompts[chunk], compliances[chunk])), offset)
         grad += torch.autograd.grad(gap, offset)[0]
     return ((sae.W_dec.float() / sae.cfg.norm_scale) @ grad / max(1, len(prompts))).cpu()
 
@@ -173,20 +192,31 @@ def contrast(refusal: torch.Tensor, compliance: torch.Tensor) -> dict[str, torch
 
 
 @torch.inference_mode()
-def corpus_codes(loaded: LoadedModel, sae, tokens: int, ctx: int = 64, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def corpus_codes(
+    loaded: LoadedModel, sae, tokens: int, ctx: int = 64, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [C, ctx] of the bundled corpus and their SAE codes [C, ctx, n] (BOS position zeroed)."""
-    contexts = list(itertools.islice(pack_contexts(iter_documents(TextSource(), loaded.tokenizer), loaded.tokenizer, ctx), max(1, tokens // ctx)))
+    contexts = list(
+        itertools.islice(
+            pack_contexts(iter_documents(TextSource(), loaded.tokenizer), loaded.tokenizer, ctx),
+            max(1, tokens // ctx),
+        )
+    )
     ids = torch.tensor(contexts)
     codes = []
     for start in range(0, len(ids), batch_size):
-        hidden = residual_at(loaded.model, ids[start : start + batch_size].to(loaded.device), sae.cfg.layer, sae.cfg.hook_point)
+        hidden = residual_at(
+            loaded.model, ids[start : start + batch_size].to(loaded.device), sae.cfg.layer, sae.cfg.hook_point
+        )
         z = sae.encode(hidden.float()).cpu()
         z[:, 0] = 0  # BOS is an outlier position, not text
         codes.append(z)
     return ids, torch.cat(codes)
 
 
-def top_contexts(tokenizer, ids: torch.Tensor, codes: torch.Tensor, feature: int, n: int, window: int = 12) -> list[dict]:
+def top_contexts(
+    tokenizer, ids: torch.Tensor, codes: torch.Tensor, feature: int, n: int, window: int = 12
+) -> list[dict]:
     """The `n` corpus positions where `feature` is largest, each with its window of tokens and activations."""
     acts = codes[..., feature]
     flat = acts.flatten().topk(n)
@@ -196,12 +226,14 @@ def top_contexts(tokenizer, ids: torch.Tensor, codes: torch.Tensor, feature: int
             break
         row, pos = divmod(index, acts.shape[1])
         lo = max(1, pos - window)
-        found.append({
-            "tokens": [tokenizer.decode([t]) for t in ids[row, lo : pos + 3].tolist()],
-            "acts": [round(a, 3) for a in acts[row, lo : pos + 3].tolist()],
-            "peak": pos - lo,
-            "value": round(value, 3),
-        })
+        found.append(
+            {
+                "tokens": [tokenizer.decode([t]) for t in ids[row, lo : pos + 3].tolist()],
+                "acts": [round(a, 3) for a in acts[row, lo : pos + 3].tolist()],
+                "peak": pos - lo,
+                "value": round(value, 3),
+            }
+        )
     return found
 
 
@@ -213,13 +245,22 @@ def activation_histogram(acts: torch.Tensor, bins: int = 20) -> dict:
     top = float(nonzero.max())
     counts = torch.histc(nonzero, bins=bins, min=0.0, max=top)
     edges = torch.linspace(0.0, top, bins + 1)
-    return {"bins": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
-            "zeros": int(acts.numel() - nonzero.numel()), "tokens": int(acts.numel())}
+    return {
+        "bins": [round(float(e), 4) for e in edges],
+        "counts": [int(c) for c in counts],
+        "zeros": int(acts.numel() - nonzero.numel()),
+        "tokens": int(acts.numel()),
+    }
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The norm applied before the unembedding (identity if none is found)."""
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
+    for path in (
+        "model.norm",
+        "transformer.ln_f",
+        "gpt_neox.final_layer_norm",
+        "model.decoder.final_layer_norm",
+    ):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
@@ -231,18 +272,30 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
 @torch.inference_mode()
 def logit_lens(loaded: LoadedModel, direction: torch.Tensor, k: int = 10) -> list[str]:
     """Tokens whose logits a direction raises most, read through the final norm and unembedding."""
-    logits = loaded.model.get_output_embeddings()(final_norm(loaded.model)(direction.to(loaded.device)[None, None]))[0, 0]
+    logits = loaded.model.get_output_embeddings()(
+        final_norm(loaded.model)(direction.to(loaded.device)[None, None])
+    )[0, 0]
     return [loaded.tokenizer.decode([t]) for t in logits.topk(k).indices.tolist()]
 
 
-def refusal_rate(loaded: LoadedModel, steering: Steering, prompts: list[str], judge: Judge, config: DiscoverConfig) -> tuple[float, list[str]]:
+def refusal_rate(
+    loaded: LoadedModel, steering: Steering, prompts: list[str], judge: Judge, config: DiscoverConfig
+) -> tuple[float, list[str]]:
     """Fraction of prompts the steered model refuses, and its replies."""
     replies = generate(loaded, prompts, steering, config.max_new_tokens, config.batch_size)
     return sum(map(judge, replies)) / max(1, len(replies)), replies
 
 
-def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: list[str], judge: Judge,
-             config: DiscoverConfig = DiscoverConfig(), progress: bool = True, control: dict | None = None) -> dict:
+def discover(
+    loaded: LoadedModel,
+    sae_path: str,
+    harmful: list[str],
+    harmless: list[str],
+    judge: Judge,
+    config: DiscoverConfig = DiscoverConfig(),
+    progress: bool = True,
+    control: dict | None = None,
+) -> dict:
     """Rank SAE features by how they separate refusal from compliance, then screen them causally.
 
     `control` (a `topic_feature` result) gets the same corpus evidence (histogram, top contexts) and is
@@ -260,14 +313,27 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     refusals += [(p, TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)]) for i, p in enumerate(harmful)]
     compliances = [(p, r) for p, r in zip(harmful, own_replies) if not judge(r) and r.strip()]
     if len(compliances) < 4:
-        raise SaesteerError(f"only {len(compliances)} compliant replies to contrast with: the model already refuses these prompts")
+        raise SaesteerError(
+            f"only {len(compliances)} compliant replies to contrast with: the model already refuses these prompts"
+        )
     steps.update()
 
-    stats = contrast(reply_codes(loaded, sae, refusals, config.batch_size), reply_codes(loaded, sae, compliances, config.batch_size))
+    stats = contrast(
+        reply_codes(loaded, sae, refusals, config.batch_size),
+        reply_codes(loaded, sae, compliances, config.batch_size),
+    )
     steps.update()
-    pairs = compliances[: config.attribution_prompts]  # toward the canonical refusal, away from the model's own reply
-    attribution = refusal_attribution(loaded, sae, [p for p, _ in pairs], [TEMPLATED_REFUSALS[0]] * len(pairs), [r for _, r in pairs],
-                                      config.batch_size)
+    pairs = compliances[
+        : config.attribution_prompts
+    ]  # toward the canonical refusal, away from the model's own reply
+    attribution = refusal_attribution(
+        loaded,
+        sae,
+        [p for p, _ in pairs],
+        [TEMPLATED_REFUSALS[0]] * len(pairs),
+        [r for _, r in pairs],
+        config.batch_size,
+    )
     steps.update()
     ids, codes = corpus_codes(loaded, sae, config.corpus_tokens, batch_size=config.batch_size)
     flat = codes[:, 1:].reshape(-1, codes.shape[-1])
@@ -275,22 +341,35 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
     steps.update()
 
     sparse = corpus_freq <= config.max_corpus_freq
-    by_contrast = _top(stats["effect_size"], sparse & (stats["refusal_freq"] >= config.min_refusal_freq), config.n_candidates)
+    by_contrast = _top(
+        stats["effect_size"], sparse & (stats["refusal_freq"] >= config.min_refusal_freq), config.n_candidates
+    )
     by_attribution = _top(attribution, sparse, config.n_attribution)
     sources = {f: "contrast" for f in by_contrast}
     sources.update({f: "both" if f in sources else "attribution" for f in by_attribution})
     candidates = [
-        Candidate(feature=f, source=source, attribution=round(float(attribution[f]), 4),
-                  **{k: round(float(v[f]), 4) for k, v in stats.items()}, corpus_freq=round(float(corpus_freq[f]), 5),
-                  corpus_max=round(float(corpus_max[f]), 4), logit_lens=logit_lens(loaded, sae.W_dec[f] / sae.cfg.norm_scale),
-                  contexts=top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts), histogram=activation_histogram(flat[:, f]))
+        Candidate(
+            feature=f,
+            source=source,
+            attribution=round(float(attribution[f]), 4),
+            **{k: round(float(v[f]), 4) for k, v in stats.items()},
+            corpus_freq=round(float(corpus_freq[f]), 5),
+            corpus_max=round(float(corpus_max[f]), 4),
+            logit_lens=logit_lens(loaded, sae.W_dec[f] / sae.cfg.norm_scale),
+            contexts=top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts),
+            histogram=activation_histogram(flat[:, f]),
+        )
         for f, source in sources.items()
     ]
     if control is not None:
         f = control["feature"]
-        control = {**control, "corpus_freq": round(float(corpus_freq[f]), 5), "corpus_max": round(float(corpus_max[f]), 4),
-                   "contexts": top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts),
-                   "histogram": activation_histogram(flat[:, f])}
+        control = {
+            **control,
+            "corpus_freq": round(float(corpus_freq[f]), 5),
+            "corpus_max": round(float(corpus_max[f]), 4),
+            "contexts": top_contexts(loaded.tokenizer, ids, codes, f, config.top_contexts),
+            "histogram": activation_histogram(flat[:, f]),
+        }
     steps.update()
 
     screen_harmful, screen_harmless = harmful[: config.screen_prompts], harmless[: config.screen_prompts]
@@ -301,17 +380,33 @@ def discover(loaded: LoadedModel, sae_path: str, harmful: list[str], harmless: l
             steering = SAESteer(sae=sae_path, features=[candidate.feature], values=[value])
             unsafe, examples = refusal_rate(loaded, steering, screen_harmful, judge, config)
             safe, _ = refusal_rate(loaded, steering, screen_harmless, judge, config)
-            candidate.screen.append({"value": value, "harmful_refusal": unsafe, "harmless_refusal": safe,
-                                     "score": (unsafe - base_harmful) - (safe - base_harmless), "examples": examples[:3]})
+            candidate.screen.append(
+                {
+                    "value": value,
+                    "harmful_refusal": unsafe,
+                    "harmless_refusal": safe,
+                    "score": (unsafe - base_harmful) - (safe - base_harmless),
+                    "examples": examples[:3],
+                }
+            )
     candidates.sort(key=lambda c: max((s["score"] for s in c.screen), default=float("-inf")), reverse=True)
     steps.update()
     steps.close()
     result = {
-        "sae": sae_path, "model": loaded.spec, "layer": sae.cfg.layer, "config": asdict(config),
-        "n_harmful": len(harmful), "n_harmless": len(harmless), "n_refusal_replies": len(refusals),
+        "sae": sae_path,
+        "model": loaded.spec,
+        "layer": sae.cfg.layer,
+        "config": asdict(config),
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+        "n_refusal_replies": len(refusals),
         "n_compliance_replies": len(compliances),
-        "baseline": {"harmful_refusal": base_harmful, "harmless_refusal": base_harmless,
-                     "harmful_refusal_all_train": plain_rate, "refuse_all_prompt_refusal": refused_rate},
+        "baseline": {
+            "harmful_refusal": base_harmful,
+            "harmless_refusal": base_harmless,
+            "harmful_refusal_all_train": plain_rate,
+            "refuse_all_prompt_refusal": refused_rate,
+        },
         "candidates": [asdict(c) for c in candidates],
     }
     if control is not None:
@@ -325,38 +420,68 @@ def _top(scores: torch.Tensor, eligible: torch.Tensor, n: int) -> list[int]:
     return [int(f) for f in ranking.topk(min(n, len(ranking))).indices if ranking[f] > float("-inf")]
 
 
-def topic_feature(loaded: LoadedModel, sae_path: str, topic: list[str], other: list[str], max_corpus_freq: float = 0.05) -> dict:
+def topic_feature(
+    loaded: LoadedModel, sae_path: str, topic: list[str], other: list[str], max_corpus_freq: float = 0.05
+) -> dict:
     """The feature that best separates prompts on a topic (e.g. philosophy) from other prompts: a control."""
     sae = load_sae(sae_path).to(loaded.device)
     on, off = (_prompt_codes(loaded, sae, prompts) for prompts in (topic, other))
     stats = contrast(on, off)
-    score = torch.where((off > 0).float().mean(0) <= max_corpus_freq, stats["effect_size"], torch.tensor(float("-inf")))
+    score = torch.where(
+        (off > 0).float().mean(0) <= max_corpus_freq, stats["effect_size"], torch.tensor(float("-inf"))
+    )
     best = int(score.argmax())
-    return {"feature": best, "effect_size": round(float(stats["effect_size"][best]), 4), "auroc": round(float(stats["auroc"][best]), 4),
-            "logit_lens": logit_lens(loaded, sae.W_dec[best] / sae.cfg.norm_scale), "n_topic": len(topic), "n_other": len(other)}
+    return {
+        "feature": best,
+        "effect_size": round(float(stats["effect_size"][best]), 4),
+        "auroc": round(float(stats["auroc"][best]), 4),
+        "logit_lens": logit_lens(loaded, sae.W_dec[best] / sae.cfg.norm_scale),
+        "n_topic": len(topic),
+        "n_other": len(other),
+    }
 
 
 def _prompt_codes(loaded: LoadedModel, sae, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
     """Mean SAE code over each prompt's own tokens (no chat template)."""
     rows = []
     for start in range(0, len(prompts), batch_size):
-        batch = loaded.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-        z = sae.encode(residual_at(loaded.model, batch["input_ids"], sae.cfg.layer, sae.cfg.hook_point, batch["attention_mask"]).float())
+        batch = loaded.tokenizer(
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(loaded.device)
+        z = sae.encode(
+            residual_at(
+                loaded.model, batch["input_ids"], sae.cfg.layer, sae.cfg.hook_point, batch["attention_mask"]
+            ).float()
+        )
         mask = batch["attention_mask"][..., None].to(z.dtype)
         rows.append(((z * mask).sum(1) / mask.sum(1)).cpu())
     return torch.cat(rows)
 
 
 @torch.inference_mode()
-def diff_in_means(loaded: LoadedModel, harmful: list[str], harmless: list[str], layer: int, tokens: int = 4, batch_size: int = 16) -> torch.Tensor:
+def diff_in_means(
+    loaded: LoadedModel,
+    harmful: list[str],
+    harmless: list[str],
+    layer: int,
+    tokens: int = 4,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Mean residual stream on harmful minus harmless prompts, over the last `tokens` chat-template positions."""
 
     def mean_activation(prompts: list[str]) -> torch.Tensor:
         rendered = chat_prompts(loaded, [[{"role": "user", "content": p}] for p in prompts])
         total = torch.zeros(loaded.d_model)
         for start in range(0, len(rendered), batch_size):
-            batch = loaded.tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-            hidden = residual_at(loaded.model, batch["input_ids"], layer, "resid_post", batch["attention_mask"])
+            batch = loaded.tokenizer(
+                rendered[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(loaded.device)
+            hidden = residual_at(
+                loaded.model, batch["input_ids"], layer, "resid_post", batch["attention_mask"]
+            )
             total += hidden[:, -tokens:].float().mean(1).sum(0).cpu()
         return total / len(prompts)
 
@@ -385,23 +510,42 @@ def summary_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["candidates"]:
-        best = max(c["screen"], key=lambda s: s["score"]) if c["screen"] else {"value": "-", "harmful_refusal": float("nan"), "harmless_refusal": float("nan")}
+        best = (
+            max(c["screen"], key=lambda s: s["score"])
+            if c["screen"]
+            else {"value": "-", "harmful_refusal": float("nan"), "harmless_refusal": float("nan")}
+        )
         lens = " ".join(f"`{t.strip() or repr(t)}`" for t in c["logit_lens"][:6])
-        lines.append(f"| {c['feature']} | {c['source']} | {c['attribution']:.2f} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
-                     f"{best['harmful_refusal']:.0%} | {best['harmless_refusal']:.0%} | {lens} |")
+        lines.append(
+            f"| {c['feature']} | {c['source']} | {c['attribution']:.2f} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
+            f"{best['harmful_refusal']:.0%} | {best['harmless_refusal']:.0%} | {lens} |"
+        )
     for c in result["candidates"][:3]:
         lines += ["", f"## Feature {c['feature']}", "", "Top corpus contexts (peak token in **bold**):", ""]
         for ctx in c["contexts"]:
-            text = "".join(f"**{t}**" if i == ctx["peak"] else t for i, t in enumerate(ctx["tokens"])).replace("\n", " ")
+            text = "".join(
+                f"**{t}**" if i == ctx["peak"] else t for i, t in enumerate(ctx["tokens"])
+            ).replace("\n", " ")
             lines.append(f"- ({ctx['value']}) {text}")
         for s in c["screen"]:
-            lines += ["", f"Clamped to {s['value']}: harmful refusal {s['harmful_refusal']:.0%}, harmless {s['harmless_refusal']:.0%}. Examples:"]
+            lines += [
+                "",
+                f"Clamped to {s['value']}: harmful refusal {s['harmful_refusal']:.0%}, harmless {s['harmless_refusal']:.0%}. Examples:",
+            ]
             lines += [f"> {e.strip()[:160]}" for e in s["examples"]]
     return "\n".join(lines) + "\n"
 
 
-def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str], out: Path, detector_layer: int, recall: float,
-                   detector_harmless: list[str] | None = None) -> dict:
+def baseline_specs(
+    loaded,
+    result: dict,
+    harmful: list[str],
+    harmless: list[str],
+    out: Path,
+    detector_layer: int,
+    recall: float,
+    detector_harmless: list[str] | None = None,
+) -> dict:
     """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`, contrasted with
     `detector_harmless` if given) and ready steering specs built from the discovery result, all from TRAIN
     prompts. The unconditional clamp takes the candidate with the best screen score (refusal gain minus
@@ -412,24 +556,51 @@ def baseline_specs(loaded, result: dict, harmful: list[str], harmless: list[str]
     loaded.check_layer(detector_layer)
     detector_harmless = detector_harmless or harmless
     actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
-    save_direction(actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec)
+    save_direction(
+        actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec
+    )
     direction = diff_in_means(loaded, harmful, detector_harmless, detector_layer)
     save_direction(detector_path, direction, detector_layer, loaded.spec)
     probe = Detector("dim", (detector_layer,), (direction / direction.norm())[None], pooling="last", tokens=4)
-    harmful_scores, harmless_scores = score_prompts(loaded, probe, harmful), score_prompts(loaded, probe, detector_harmless)
+    harmful_scores, harmless_scores = (
+        score_prompts(loaded, probe, harmful),
+        score_prompts(loaded, probe, detector_harmless),
+    )
     threshold = threshold_for_recall(harmful_scores, recall)
     specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
     screened = [(c, s) for c in result["candidates"] for s in c["screen"]]
     if screened:
         best, best_screen = max(screened, key=lambda cs: cs[1]["score"])
         strongest, strongest_screen = max(screened, key=lambda cs: (cs[1]["harmful_refusal"], cs[1]["score"]))
-        specs["sae_clamp"] = {"method": "sae", "sae": result["sae"], "features": [best["feature"]], "values": [best_screen["value"]]}
-        specs["conditional_sae"] = {"method": "conditional", "detector": str(detector_path), "threshold": threshold,
-                                    "steering": {**specs["sae_clamp"], "features": [strongest["feature"]], "values": [strongest_screen["value"]]}}
+        specs["sae_clamp"] = {
+            "method": "sae",
+            "sae": result["sae"],
+            "features": [best["feature"]],
+            "values": [best_screen["value"]],
+        }
+        specs["conditional_sae"] = {
+            "method": "conditional",
+            "detector": str(detector_path),
+            "threshold": threshold,
+            "steering": {
+                **specs["sae_clamp"],
+                "features": [strongest["feature"]],
+                "values": [strongest_screen["value"]],
+            },
+        }
     if "control" in result:
-        specs["control_clamp"] = {"method": "sae", "sae": result["sae"], "features": [result["control"]["feature"]],
-                                  "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]]}
-    result["detector"] = {"layer": detector_layer, "threshold": threshold, "recall_target": recall, "n_negatives": len(detector_harmless),
-                          "harmful_flagged": float((harmful_scores > threshold).float().mean()),
-                          "harmless_flagged": float((harmless_scores > threshold).float().mean())}
+        specs["control_clamp"] = {
+            "method": "sae",
+            "sae": result["sae"],
+            "features": [result["control"]["feature"]],
+            "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]],
+        }
+    result["detector"] = {
+        "layer": detector_layer,
+        "threshold": threshold,
+        "recall_target": recall,
+        "n_negatives": len(detector_harmless),
+        "harmful_flagged": float((harmful_scores > threshold).float().mean()),
+        "harmless_flagged": float((harmless_scores > threshold).float().mean()),
+    }
     return specs

@@ -17,7 +17,13 @@ from saesteer.errors import SaesteerError
 
 HOOK_POINTS = ("resid_post", "resid_pre", "logits")  # "logits": the output head's logits [batch, pos, vocab]
 # Where common architectures keep their decoder layers (Llama, Phi-3, Qwen2, Gemma2, Mistral | GPT-2 | NeoX).
-_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "model.language_model.layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+)
 
 ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 

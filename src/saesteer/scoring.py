@@ -65,23 +65,32 @@ def _forward_logprobs(loaded: LoadedModel, sequences: list[list[int]], keep: int
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                       position_ids=positions.to(loaded.device), logits_to_keep=keep, use_cache=False)
+    out = loaded.model(
+        input_ids=ids.to(loaded.device),
+        attention_mask=mask.to(loaded.device),
+        position_ids=positions.to(loaded.device),
+        logits_to_keep=keep,
+        use_cache=False,
+    )
     return torch.log_softmax(out.logits.float(), dim=-1)
 
 
-def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]],
-                          batch_size: int = 8) -> list[list[float]]:
+def continuation_logprobs(
+    loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]], batch_size: int = 8
+) -> list[list[float]]:
     """Sum log-probability of each continuation after its context, for (context ids, [continuation ids])."""
-    return [[logprob for logprob, _ in request] for request in continuation_scores(loaded, requests, batch_size)]
+    return [
+        [logprob for logprob, _ in request] for request in continuation_scores(loaded, requests, batch_size)
+    ]
 
 
 @torch.inference_mode()
-def continuation_scores(loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]],
-                        batch_size: int = 8) -> list[list[tuple[float, bool]]]:
+def continuation_scores(
+    loaded: LoadedModel, requests: list[tuple[list[int], list[list[int]]]], batch_size: int = 8
+) -> list[list[tuple[float, bool]]]:
     """(sum log-probability, whether greedy decoding yields it) of each continuation after its context, for
     (context ids, [continuation ids]).
 
@@ -111,13 +120,17 @@ def continuation_scores(loaded: LoadedModel, requests: list[tuple[list[int], lis
                 j, c = conts[0]
                 span = logprobs[row, keep - len(c) - 1 : keep - 1]
                 target = torch.tensor(c, device=span.device)
-                scores[r][j] = (float(span.gather(-1, target[:, None]).sum()), bool((span.argmax(-1) == target).all()))
+                scores[r][j] = (
+                    float(span.gather(-1, target[:, None]).sum()),
+                    bool((span.argmax(-1) == target).all()),
+                )
     return scores
 
 
 @torch.inference_mode()
-def text_fidelity(loaded: LoadedModel, steering: Steering, texts: list[str], max_tokens: int,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def text_fidelity(
+    loaded: LoadedModel, steering: Steering, texts: list[str], max_tokens: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per text: summed KL(unsteered || steered) over next-token distributions, summed steered NLL, token count."""
     tok = loaded.tokenizer
     encoded = [tok(t, add_special_tokens=True)["input_ids"][:max_tokens] for t in texts]
@@ -155,8 +168,17 @@ def audit_summary(rows: list[dict], seed: int = 0) -> list[dict]:
         group = [r["human"] for r in rows if is_refusal(r["verdict"]) == judged]
         for label in sorted(set(group)):
             share, low, high = bootstrap_ci([float(h == label) for h in group], seed=seed)
-            summary.append({"judge": "refusal" if judged else "not refusal", "human": label, "count": group.count(label),
-                            "of": len(group), "share": share, "ci_low": low, "ci_high": high})
+            summary.append(
+                {
+                    "judge": "refusal" if judged else "not refusal",
+                    "human": label,
+                    "count": group.count(label),
+                    "of": len(group),
+                    "share": share,
+                    "ci_low": low,
+                    "ci_high": high,
+                }
+            )
     return summary
 
 
@@ -166,18 +188,26 @@ def quality_agreement(rows: list[dict], seed: int = 0, n_resamples: int = 1000) 
     raters' counts; then every category at once (`all`: multi-class kappa and accuracy)."""
     for number, r in enumerate(rows, 1):
         if r.get("label") not in QUALITY_CATEGORIES or r.get("human") not in QUALITY_CATEGORIES[r["label"]]:
-            raise SaesteerError(f"audit row {number} needs a prompt label (unsafe/safe) and a human label among that "
-                                f"label's quality categories, got {str(r.get('label'))[:20]!r} / "
-                                f"{str(r.get('human'))[:30]!r}")
+            raise SaesteerError(
+                f"audit row {number} needs a prompt label (unsafe/safe) and a human label among that "
+                f"label's quality categories, got {str(r.get('label'))[:20]!r} / "
+                f"{str(r.get('human'))[:30]!r}"
+            )
     human = [r["human"] for r in rows]
     judge = [quality(r["reply"], r["label"]) for r in rows]
 
     def summary(name: str, a: list, b: list) -> dict:
         kappa, low, high = kappa_ci(a, b, seed, n_resamples)
-        return {"category": name, "kappa": kappa, "ci_low": low, "ci_high": high,
-                "human": sum(map(bool, a)) if name != "all" else len(a),
-                "judge": sum(map(bool, b)) if name != "all" else len(b),
-                "agreement": sum(x == y for x, y in zip(a, b)) / len(a), "n": len(a)}
+        return {
+            "category": name,
+            "kappa": kappa,
+            "ci_low": low,
+            "ci_high": high,
+            "human": sum(map(bool, a)) if name != "all" else len(a),
+            "judge": sum(map(bool, b)) if name != "all" else len(b),
+            "agreement": sum(x == y for x, y in zip(a, b)) / len(a),
+            "n": len(a),
+        }
 
     categories = sorted({c for cats in QUALITY_CATEGORIES.values() for c in cats} & (set(human) | set(judge)))
     table = [summary(c, [h == c for h in human], [j == c for j in judge]) for c in categories]

@@ -45,7 +45,14 @@ from transformers import DynamicCache
 from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel
 from saesteer.steering import (
-    PRESETS, Steering, applied_per_row, parse_steering, render, resolve, shipped_dir, steering_from_dict,
+    PRESETS,
+    Steering,
+    applied_per_row,
+    parse_steering,
+    render,
+    resolve,
+    shipped_dir,
+    steering_from_dict,
 )
 
 log = logging.getLogger("saesteer.serve")
@@ -76,7 +83,13 @@ class ServeConfig:
     """require `Authorization: Bearer <api_key>` on every request"""
 
     def __post_init__(self):
-        for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_batch_size", "max_body_bytes"):
+        for name in (
+            "max_tokens",
+            "default_max_tokens",
+            "max_prompt_tokens",
+            "max_batch_size",
+            "max_body_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise SaesteerError(f"{name} must be at least 1, not {getattr(self, name)}")
 
@@ -101,7 +114,10 @@ class Message(BaseModel):
     @classmethod
     def _join_text_parts(cls, value: Any) -> Any:
         if isinstance(value, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in value
+            ):
                 raise ValueError("only text content parts are supported")
             value = "".join(p["text"] for p in value)
         if isinstance(value, str):
@@ -153,8 +169,11 @@ class _Job:
     cancelled: bool = False
 
     def usage(self) -> dict:
-        return {"prompt_tokens": len(self.ids), "completion_tokens": self.generated,
-                "total_tokens": len(self.ids) + self.generated}
+        return {
+            "prompt_tokens": len(self.ids),
+            "completion_tokens": self.generated,
+            "total_tokens": len(self.ids) + self.generated,
+        }
 
     def emit(self, *event) -> None:
         try:
@@ -186,7 +205,9 @@ class _Job:
             # (decoding may clean it up) and half-decoded characters.
             end = len(self.text)
             if self.finish is None:
-                end = len(self.text.rstrip().rstrip("\ufffd")) - max((len(s) - 1 for s in self.stop), default=0)
+                end = len(self.text.rstrip().rstrip("\ufffd")) - max(
+                    (len(s) - 1 for s in self.stop), default=0
+                )
             if end > self.sent:
                 self.emit("delta", self.text[self.sent : end])
                 self.sent = end
@@ -208,7 +229,10 @@ class _Engine:
         self.loaded, self.max_batch_size = loaded, max_batch_size
         self.inbox: queue.Queue[_Job | None] = queue.Queue()
         eos = loaded.model.generation_config.eos_token_id
-        self.eos = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), loaded.tokenizer.eos_token_id}
+        self.eos = {
+            *(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            loaded.tokenizer.eos_token_id,
+        }
         forward = inspect.signature(loaded.model.forward).parameters
         self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5
         self.rows: list[_Job] = []
@@ -258,19 +282,31 @@ class _Engine:
             for job in jobs:
                 job.fail(ApiError(500, f"generation failed: {type(err).__name__}: {short(str(err), 200)}"))
 
-    def _forward(self, jobs: list[_Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def _forward(
+        self, jobs: list[_Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache
+    ) -> torch.Tensor:
         """Next-token logits [rows, vocab], each row steered by its own job's edits."""
         with applied_per_row(self.loaded, [job.edits for job in jobs]):
-            out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                    logits_to_keep=1, **{self.cache_arg: cache})
+            out = self.loaded.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_arg: cache},
+            )
         return out.logits[:, -1].float()
 
     def _prefill(self, jobs: list[_Job]) -> None:
         """Run the new prompts (left-padded, each row with its own edits), choose their first tokens, join the batch."""
         width = max(len(job.ids) for job in jobs)
         pad = self.loaded.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(job.ids)) + job.ids for job in jobs], device=self.loaded.device)
-        mask = torch.tensor([[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in jobs], device=self.loaded.device)
+        ids = torch.tensor(
+            [[pad] * (width - len(job.ids)) + job.ids for job in jobs], device=self.loaded.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in jobs], device=self.loaded.device
+        )
         cache = DynamicCache()
         logits = self._forward(jobs, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
         for job, row in zip(jobs, logits):
@@ -295,12 +331,20 @@ class _Engine:
             job.finish = "cancelled"
             return
         if not torch.isfinite(logits).all():
-            job.fail(ApiError(400, "the steering drove the model's output to NaN or inf: use smaller values", param="steering"))
+            job.fail(
+                ApiError(
+                    400,
+                    "the steering drove the model's output to NaN or inf: use smaller values",
+                    param="steering",
+                )
+            )
             return
         if job.sampling:
             probs = torch.softmax(logits / job.sampling["temperature"], dim=-1)
             ranked, order = probs.sort(descending=True)
-            ranked[ranked.cumsum(0) - ranked > job.sampling["top_p"]] = 0.0  # nucleus: the top tokens up to top_p
+            ranked[ranked.cumsum(0) - ranked > job.sampling["top_p"]] = (
+                0.0  # nucleus: the top tokens up to top_p
+            )
             token = int(order[torch.multinomial(ranked, 1, generator=job.generator)])
         else:
             token = int(logits.argmax())
@@ -313,7 +357,10 @@ class _Engine:
         if self.rows:
             width = max(self.mask.shape[1], mask.shape[1])
             old = [(layer.keys, layer.values) for layer in self.cache.layers]
-            new = [tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(o, n)) for o, n in zip(old, new)]
+            new = [
+                tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(o, n))
+                for o, n in zip(old, new)
+            ]
             mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self.cache, self.mask = DynamicCache(new), mask
         self.rows += jobs
@@ -343,7 +390,9 @@ class _Engine:
         mask = self.mask[index]
         start = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every remaining row
         self.mask = mask[:, start:]
-        self.cache = DynamicCache([(layer.keys[index, :, start:], layer.values[index, :, start:]) for layer in self.cache.layers])
+        self.cache = DynamicCache(
+            [(layer.keys[index, :, start:], layer.values[index, :, start:]) for layer in self.cache.layers]
+        )
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
@@ -364,7 +413,9 @@ def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Ste
         if value.strip() in PRESETS:
             return steering_from_dict(PRESETS[value.strip()])
         if not value.strip().startswith("{"):
-            raise SaesteerError(f"unknown steering preset {short(value)!r}: use one of {', '.join(PRESETS)} or a spec object")
+            raise SaesteerError(
+                f"unknown steering preset {short(value)!r}: use one of {', '.join(PRESETS)} or a spec object"
+            )
         try:
             value = json.loads(value)
         except (json.JSONDecodeError, RecursionError) as err:
@@ -374,13 +425,16 @@ def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Ste
     steering = steering_from_dict(value)
     for path in steering.files():
         if not _allowed(path, allowed):  # one answer whether or not the file exists
-            raise SaesteerError(f"steering file {short(path)!r} is not available on this server: use a preset, or a "
-                                f"file under a directory the server allows (--allow-dir)")
+            raise SaesteerError(
+                f"steering file {short(path)!r} is not available on this server: use a preset, or a "
+                f"file under a directory the server allows (--allow-dir)"
+            )
     return steering
 
 
 def _allowed(path: str, allowed: list[Path]) -> bool:
     """Whether `path` (after `builtin:` and symlinks) is a regular file, or a folder of regular files, inside `allowed`."""
+
     def inside(p: Path) -> bool:
         return any(p.is_relative_to(root) for root in allowed)
 
@@ -388,8 +442,11 @@ def _allowed(path: str, allowed: list[Path]) -> bool:
         real = Path(resolve(path)).resolve(strict=True)
         if real.is_file():
             return inside(real)
-        return real.is_dir() and inside(real) and all(
-            inside(entry.resolve()) and entry.resolve().is_file() for entry in real.iterdir())
+        return (
+            real.is_dir()
+            and inside(real)
+            and all(inside(entry.resolve()) and entry.resolve().is_file() for entry in real.iterdir())
+        )
     except (OSError, ValueError, RuntimeError, SaesteerError):  # missing, too long, a loop, leaves builtin:
         return False
 
@@ -402,7 +459,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if size <= limit:
             body += chunk
     if size > limit:
-        raise ApiError(413, f"request body is {size} bytes, above this server's limit of {limit}", code="request_too_large")
+        raise ApiError(
+            413,
+            f"request body is {size} bytes, above this server's limit of {limit}",
+            code="request_too_large",
+        )
     return bytes(body)
 
 
@@ -410,7 +471,9 @@ def _parse(body: bytes) -> ChatRequest:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {short(str(err), 200)}", code="invalid_json") from None
+        raise ApiError(
+            400, f"request body is not valid JSON: {short(str(err), 200)}", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     try:
@@ -475,19 +538,37 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
         async def _authenticate(request: Request, call_next):
             given = request.headers.get("authorization", "").encode("utf-8", "replace")
             if request.url.path.startswith("/v1/") and not secrets.compare_digest(given, expected):
-                error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+                error = ApiError(
+                    401,
+                    "missing or wrong API key: send `Authorization: Bearer <key>`",
+                    code="invalid_api_key",
+                )
                 return JSONResponse(error.body(), status_code=401)
             return await call_next(request)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "saesteer",
-                                            "steering_presets": list(PRESETS), "default_steering": default.to_dict()}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "saesteer",
+                    "steering_presets": list(PRESETS),
+                    "default_steering": default.to_dict(),
+                }
+            ],
+        }
 
     @app.get("/v1/steering")
     async def steering_presets() -> dict:
-        return {"object": "list", "default": default.to_dict(),
-                "data": [{"name": preset, "spec": spec} for preset, spec in PRESETS.items()]}
+        return {
+            "object": "list",
+            "default": default.to_dict(),
+            "data": [{"name": preset, "spec": spec} for preset, spec in PRESETS.items()],
+        }
 
     @app.post("/v1/chat/completions", openapi_extra=_request_schema())
     async def chat(request: Request):
@@ -505,9 +586,20 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
             raise first[1]
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if not req.stream:
-            return {**base, "object": "chat.completion", "steering": job.steering.to_dict(), "usage": job.usage(),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
-                                 "finish_reason": job.finish, "logprobs": None}]}
+            return {
+                **base,
+                "object": "chat.completion",
+                "steering": job.steering.to_dict(),
+                "usage": job.usage(),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": job.text},
+                        "finish_reason": job.finish,
+                        "logprobs": None,
+                    }
+                ],
+            }
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(_sse(job, first, base, include_usage), media_type="text/event-stream")
 
@@ -516,32 +608,56 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
             raise ApiError(400, f"n={req.n} is not supported: this server returns one choice", param="n")
         if req.logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs")
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(config.default_max_tokens, config.max_tokens)
+        max_tokens = (
+            req.max_completion_tokens or req.max_tokens or min(config.default_max_tokens, config.max_tokens)
+        )
         if max_tokens > config.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {config.max_tokens}", param="max_tokens")
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} is above this server's limit of {config.max_tokens}",
+                param="max_tokens",
+            )
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         if len(stop) > 4 or not all(stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
         try:
             steering = _request_steering(req.steering, default, allowed)
-            conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
+            conversation = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                for m in req.messages
+            ]
             prompt = render(loaded, [conversation], steering)[0]
         except SaesteerError as err:
             raise ApiError(400, str(err), param="steering") from None
         except TemplateError as err:  # the model's chat template rejected the conversation
-            raise ApiError(400, f"cannot render the conversation with the chat template: {short(str(err), 200)}",
-                           param="messages") from None
+            raise ApiError(
+                400,
+                f"cannot render the conversation with the chat template: {short(str(err), 200)}",
+                param="messages",
+            ) from None
         ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > config.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}",
-                           param="messages", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         sampling = generator = None
         if req.temperature:
             sampling = {"temperature": req.temperature, "top_p": req.top_p or 1.0}
             generator = torch.Generator(loaded.device)
             generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
-        return _Job(ids=ids, steering=steering, max_tokens=max_tokens, stop=stop, stream=req.stream, sampling=sampling,
-                    generator=generator, loop=asyncio.get_running_loop())
+        return _Job(
+            ids=ids,
+            steering=steering,
+            max_tokens=max_tokens,
+            stop=stop,
+            stream=req.stream,
+            sampling=sampling,
+            generator=generator,
+            loop=asyncio.get_running_loop(),
+        )
 
     return app
 
@@ -550,7 +666,11 @@ async def _sse(job: _Job, event: tuple, base: dict, include_usage: bool):
     """Server-sent events in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        body = {
+            **base,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     try:

@@ -9,8 +9,14 @@ import numpy as np
 from saesteer.errors import SaesteerError
 
 
-def bootstrap_ci(values, denominators=None, seed: int = 0, n_resamples: int = 1000, level: float = 0.95,
-                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values,
+    denominators=None,
+    seed: int = 0,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[float, float, float]:
     """(point, low, high): the mean of `values` (or sum(values)/sum(denominators)) with a percentile bootstrap CI.
 
     `transform` maps the statistic (e.g. exp of a mean NLL for perplexity) before the percentiles are taken.

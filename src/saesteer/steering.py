@@ -42,8 +42,12 @@ class Steering:
     """Unsteered: the base every method extends."""
 
     method: ClassVar[str] = "none"
-    file_fields: ClassVar[tuple[str, ...]] = ()  # fields that name files (a server checks them against --allow-dir)
-    __pydantic_config__ = ConfigDict(allow_inf_nan=False, extra="forbid")  # how `steering_from_dict` checks fields
+    file_fields: ClassVar[
+        tuple[str, ...]
+    ] = ()  # fields that name files (a server checks them against --allow-dir)
+    __pydantic_config__ = ConfigDict(
+        allow_inf_nan=False, extra="forbid"
+    )  # how `steering_from_dict` checks fields
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -153,7 +157,7 @@ def resolve(path: str) -> str:
     if not path.startswith(SHIPPED):
         return path
     shipped = shipped_dir()
-    target = shipped / path[len(SHIPPED):]
+    target = shipped / path[len(SHIPPED) :]
     if not target.resolve().is_relative_to(shipped.resolve()):
         raise SaesteerError(f"{short(path)} leaves the shipped artefacts: builtin: names a file inside them")
     return str(target)
@@ -207,7 +211,9 @@ class SAESteer(Steering):
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
-            raise SaesteerError(f"unknown positions {short(self.positions)!r}: use one of {', '.join(POSITIONS)}")
+            raise SaesteerError(
+                f"unknown positions {short(self.positions)!r}: use one of {', '.join(POSITIONS)}"
+            )
         if self.generated_tokens is not None and self.generated_tokens < 0:
             raise SaesteerError(f"generated_tokens must be >= 0, not {self.generated_tokens}")
         if not 0 < self.decay <= 1:
@@ -230,7 +236,9 @@ class SAESteer(Steering):
         layer = check_sae_fits(sae, loaded, self.layer)
         bad = [f for f in self.features if not 0 <= f < sae.cfg.n_latents]
         if bad:
-            raise SaesteerError(f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}")
+            raise SaesteerError(
+                f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
+            )
         features = torch.tensor(self.features, device=loaded.device)
         directions = sae.W_dec[features].float() / sae.cfg.norm_scale  # raw-space delta per latent unit
         targets = self.targets().to(loaded.device)
@@ -255,19 +263,28 @@ class SAESteer(Steering):
 def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
     """The layer to steer at, after checking the SAE was made for this model's width."""
     if sae.cfg.d_in != loaded.d_model:
-        raise SaesteerError(f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}: "
-                            f"it was trained on another model")
+        raise SaesteerError(
+            f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}: "
+            f"it was trained on another model"
+        )
     layer = sae.cfg.layer if layer is None else layer
     if layer is None:
         raise SaesteerError("the SAE's config names no layer: set `layer` in the steering spec")
     return loaded.check_layer(layer)
 
 
-def save_direction(path: str | Path, direction: torch.Tensor, layer: int, model: str, hook_point: str = "resid_post", **meta) -> None:
+def save_direction(
+    path: str | Path, direction: torch.Tensor, layer: int, model: str, hook_point: str = "resid_post", **meta
+) -> None:
     """Write a direction with the layer and model it belongs to (safetensors, string metadata)."""
     from safetensors.torch import save_file
 
-    info = {"layer": str(layer), "model": model, "hook_point": hook_point, **{k: str(v) for k, v in meta.items()}}
+    info = {
+        "layer": str(layer),
+        "model": model,
+        "hook_point": hook_point,
+        **{k: str(v) for k, v in meta.items()},
+    }
     save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path), metadata=info)
 
 
@@ -302,7 +319,13 @@ class ActAdd(Steering):
         _check_width(direction, loaded)
         layer = loaded.check_layer(int(meta.get("layer", -1)) if self.layer is None else self.layer)
         delta = self.alpha * direction.to(loaded.device)
-        return [(layer, meta.get("hook_point", "resid_post"), _at_positions(self.positions, lambda h: h + delta.to(h.dtype)))]
+        return [
+            (
+                layer,
+                meta.get("hook_point", "resid_post"),
+                _at_positions(self.positions, lambda h: h + delta.to(h.dtype)),
+            )
+        ]
 
 
 @dataclass
@@ -328,7 +351,9 @@ class Ablate(Steering):
 
 def _check_width(direction: torch.Tensor, loaded: LoadedModel) -> None:
     if direction.shape != (loaded.d_model,):
-        raise SaesteerError(f"direction has shape {tuple(direction.shape)} but {loaded.spec} has d_model={loaded.d_model}")
+        raise SaesteerError(
+            f"direction has shape {tuple(direction.shape)} but {loaded.spec} has d_model={loaded.d_model}"
+        )
 
 
 @dataclass
@@ -356,21 +381,33 @@ class Conditional(Steering):
         if isinstance(self.inner, Conditional):
             raise SaesteerError("conditional steering cannot wrap another conditional steering")
         if self.inner.rewrites_prompt():
-            raise SaesteerError(f"conditional steering cannot wrap {self.inner.method}, which rewrites the prompt: "
-                                f"the gate decides on the rendered prompt; use `stack` to combine them instead")
+            raise SaesteerError(
+                f"conditional steering cannot wrap {self.inner.method}, which rewrites the prompt: "
+                f"the gate decides on the rendered prompt; use `stack` to combine them instead"
+            )
 
     def files(self) -> list[str]:
         return [self.detector, *self.inner.files()]
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "steering": self.inner.to_dict(), "detector": self.detector,
-                "threshold": self.threshold, "layer": self.layer, "tokens": self.tokens}
+        return {
+            "method": self.method,
+            "steering": self.inner.to_dict(),
+            "detector": self.detector,
+            "threshold": self.threshold,
+            "layer": self.layer,
+            "tokens": self.tokens,
+        }
 
-    def scores(self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Gate score per prompt row (left-padded batches)."""
         from saesteer.detectors import gate_scores, load_detector
 
-        return gate_scores(loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask)
+        return gate_scores(
+            loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask
+        )
 
     def edits_for(self, loaded: LoadedModel, input_ids: torch.Tensor) -> list[Edit]:
         flagged = bool(self.scores(loaded, input_ids, torch.ones_like(input_ids))[0] > self.threshold)
@@ -490,7 +527,9 @@ def steering_from_dict(spec: dict | None) -> Steering:
     fields = dict(spec)
     method = fields.pop("method", None)
     if not isinstance(method, str) or method not in _METHODS:
-        raise SaesteerError(f"unknown steering method {short(method)!r}: use one of {', '.join(sorted(_METHODS))}")
+        raise SaesteerError(
+            f"unknown steering method {short(method)!r}: use one of {', '.join(sorted(_METHODS))}"
+        )
     try:
         return _adapter(_METHODS[method]).validate_python(fields)
     except ValidationError as err:
@@ -510,13 +549,17 @@ def _check_size(value, depth: int = 0) -> None:
     if depth > 8:
         raise SaesteerError("the steering spec is nested too deeply")
     if isinstance(value, (str, list, dict)) and len(value) > MAX_SPEC_ITEMS:
-        raise SaesteerError(f"a steering spec field holds {len(value)} items or characters, above the limit of {MAX_SPEC_ITEMS}")
+        raise SaesteerError(
+            f"a steering spec field holds {len(value)} items or characters, above the limit of {MAX_SPEC_ITEMS}"
+        )
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise SaesteerError(f"steering text {short(value)!r} is not valid Unicode") from None
-    for item in [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ():
+    for item in (
+        [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ()
+    ):
         _check_size(item, depth + 1)
 
 
@@ -553,7 +596,9 @@ def parse_steering(spec: str | dict | Steering | None) -> Steering:
     if isinstance(spec, dict):
         return steering_from_dict(spec)
     if spec is not None and not isinstance(spec, str):
-        raise SaesteerError(f"a steering is a preset name, a JSON string or file, a dict or a Steering, not {short(spec)}")
+        raise SaesteerError(
+            f"a steering is a preset name, a JSON string or file, a dict or a Steering, not {short(spec)}"
+        )
     if not spec or not spec.strip():
         return Steering()
     text = spec.strip()
@@ -567,7 +612,9 @@ def parse_steering(spec: str | dict | Steering | None) -> Steering:
         try:
             text = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise SaesteerError(f"cannot read steering file {short(spec.strip())}: {short(str(err), 200)}") from None
+            raise SaesteerError(
+                f"cannot read steering file {short(spec.strip())}: {short(str(err), 200)}"
+            ) from None
     try:
         parsed = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
@@ -585,9 +632,15 @@ def render(loaded: LoadedModel, conversations: list[Messages], steering: Steerin
     return chat_prompts(loaded, [method.prepare(c) for c in conversations])
 
 
-def generate(loaded: LoadedModel, prompts: str | list[str | Messages], steering: str | dict | Steering | None = None,
-             max_new_tokens: int = 64, batch_size: int = 16, progress: bool = False,
-             stop: list[str] | None = None) -> str | list[str]:
+def generate(
+    loaded: LoadedModel,
+    prompts: str | list[str | Messages],
+    steering: str | dict | Steering | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = False,
+    stop: list[str] | None = None,
+) -> str | list[str]:
     """Greedy replies of `loaded` (from `load_model`) to N prompts under a steering: the public one-call path.
 
     prompts: N items, each a string (a one-turn user message) or a conversation (a list of
@@ -609,12 +662,22 @@ def generate(loaded: LoadedModel, prompts: str | list[str | Messages], steering:
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             conversations.append(list(prompt) if isinstance(prompt, tuple) else prompt)
         else:
-            hint = " (to send one conversation, wrap its messages in a list: [messages])" * isinstance(prompt, dict)
-            raise SaesteerError(f"a prompt is a string or a non-empty list of {{role, content}} messages, "
-                                f"not {short(prompt)}{hint}")
+            hint = " (to send one conversation, wrap its messages in a list: [messages])" * isinstance(
+                prompt, dict
+            )
+            raise SaesteerError(
+                f"a prompt is a string or a non-empty list of {{role, content}} messages, "
+                f"not {short(prompt)}{hint}"
+            )
     method = parse_steering(steering)
     rendered = render(loaded, conversations, method)
     with method.applied(loaded):
-        replies = generate_rendered(loaded, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    progress=progress, stop=stop)
+        replies = generate_rendered(
+            loaded,
+            rendered,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            stop=stop,
+        )
     return replies[0] if single else replies

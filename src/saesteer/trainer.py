@@ -29,8 +29,21 @@ from saesteer.sae import SAE, SAEConfig, SAEError
 
 CHECKPOINT = "checkpoint.safetensors"
 # A resumed run must agree with its checkpoint on these (total_tokens may grow).
-RESUME_KEYS = ("n_latents", "expansion_factor", "k", "batch_size", "seed", "lr", "warmup_steps",
-               "adam_betas", "adam_eps", "grad_clip", "auxk_coef", "dead_tokens", "init_tokens")
+RESUME_KEYS = (
+    "n_latents",
+    "expansion_factor",
+    "k",
+    "batch_size",
+    "seed",
+    "lr",
+    "warmup_steps",
+    "adam_betas",
+    "adam_eps",
+    "grad_clip",
+    "auxk_coef",
+    "dead_tokens",
+    "init_tokens",
+)
 
 
 class TrainError(SaesteerError):
@@ -84,7 +97,15 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
-        for name in ("k", "batch_size", "total_tokens", "expansion_factor", "checkpoint_every", "log_every", "init_tokens"):
+        for name in (
+            "k",
+            "batch_size",
+            "total_tokens",
+            "expansion_factor",
+            "checkpoint_every",
+            "log_every",
+            "init_tokens",
+        ):
             if getattr(self, name) <= 0:
                 raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -113,8 +134,9 @@ class BatchSource(Protocol):
     manifest: dict
     d_model: int
 
-    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[Tensor]: ...
+    def batches(
+        self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Tensor]: ...
 
     def tensor(self, max_tokens: int | None = None) -> Tensor: ...
 
@@ -127,15 +149,18 @@ class TensorSource:
         self.d_model = acts.shape[1]
         self.manifest = manifest or {}
 
-    def batches(self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[Tensor]:
+    def batches(
+        self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Tensor]:
         global_batch = batch_size * world_size
         per_epoch = self.acts.shape[0] // global_batch
         if per_epoch == 0:
             raise TrainError(f"{self.acts.shape[0]} activations are fewer than one batch of {global_batch}")
         epoch, first = divmod(start_batch, per_epoch)
         while True:
-            order = torch.randperm(self.acts.shape[0], generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            order = torch.randperm(
+                self.acts.shape[0], generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+            )
             for b in range(first, per_epoch):
                 start = b * global_batch + rank * batch_size
                 yield self.acts[order[start : start + batch_size]].float()
@@ -174,9 +199,13 @@ def _data_record(manifest: dict) -> dict:
     """What the SAE records about its training data: the text source plus how the cache cut it."""
     if not manifest:
         return {}
-    return {**manifest.get("data", {}), "ctx": manifest.get("ctx"), "drop_special": manifest.get("drop_special"),
-            "n_contexts": sum(s.get("n_contexts", 0) for s in manifest.get("shards", [])),
-            "cache_tokens": manifest.get("n_tokens")}
+    return {
+        **manifest.get("data", {}),
+        "ctx": manifest.get("ctx"),
+        "drop_special": manifest.get("drop_special"),
+        "n_contexts": sum(s.get("n_contexts", 0) for s in manifest.get("shards", [])),
+        "cache_tokens": manifest.get("n_tokens"),
+    }
 
 
 def learning_rate(cfg: TrainConfig, n_latents: int, step: int) -> float:
@@ -189,6 +218,7 @@ class StepStats(NamedTuple):
     auxk: float
     l0: float  # mean active latents per token
 
+
 class Trainer:
     """An SAE with its Adam state and latent firing counters; `step` is one optimizer step."""
 
@@ -196,8 +226,13 @@ class Trainer:
         self.cfg, self.sae = cfg, sae
         device = sae.W_enc.device
         self.params = dict(sae.named_parameters())
-        self.opt = torch.optim.Adam(self.params.values(), lr=learning_rate(cfg, sae.cfg.n_latents, 0),
-                                    betas=cfg.adam_betas, eps=cfg.adam_eps, fused=device.type in ("cpu", "cuda"))
+        self.opt = torch.optim.Adam(
+            self.params.values(),
+            lr=learning_rate(cfg, sae.cfg.n_latents, 0),
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            fused=device.type in ("cpu", "cuda"),
+        )
         self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
         self.step_count = 0
         self.workspace: Tensor | None = None  # reused [batch, n_latents] pre-activation buffer
@@ -215,19 +250,28 @@ class Trainer:
         dead = self.dead_latents() if cfg.auxk_coef > 0 else None
         if self.workspace is None or self.workspace.shape[0] != x.shape[0]:
             self.workspace = x.new_empty(x.shape[0], n)
-        outputs = sae.training_loss(x, dead if dead is not None and dead.numel() else None,
-                                    total_variance, self.workspace)
+        outputs = sae.training_loss(
+            x, dead if dead is not None and dead.numel() else None, total_variance, self.workspace
+        )
         (outputs.fvu + cfg.auxk_coef * outputs.auxk).backward()
 
         # One all-reduce for the metrics and the firing mask, one per gradient.
         active = outputs.values > 0
         fired = torch.zeros(n, device=x.device).index_fill_(0, outputs.indices[active], 1.0)
-        stats = dist.all_reduce(torch.cat([fired, torch.stack([outputs.fvu.detach(), outputs.auxk.detach(),
-                                                           active.sum().to(fired.dtype)])]))
+        stats = dist.all_reduce(
+            torch.cat(
+                [
+                    fired,
+                    torch.stack([outputs.fvu.detach(), outputs.auxk.detach(), active.sum().to(fired.dtype)]),
+                ]
+            )
+        )
         result = StepStats(stats[n].item(), stats[n + 1].item(), stats[n + 2].item() / cfg.batch_size)
         if not math.isfinite(result.fvu + result.auxk):
-            raise TrainError(f"loss became {result.fvu + result.auxk} at step {self.step_count} "
-                             f"(fvu {result.fvu}, auxk {result.auxk}); lower the learning rate?")
+            raise TrainError(
+                f"loss became {result.fvu + result.auxk} at step {self.step_count} "
+                f"(fvu {result.fvu}, auxk {result.auxk}); lower the learning rate?"
+            )
         for p in self.params.values():
             dist.all_reduce(p.grad)
 
@@ -260,9 +304,15 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = 
     device = _device(cfg)
     ckpt_path = Path(cfg.out) / CHECKPOINT
     meta = source.manifest
-    sae_cfg = SAEConfig(d_in=source.d_model, n_latents=cfg.n_latents or cfg.expansion_factor * source.d_model,
-                        k=cfg.k, model=meta.get("model", ""), layer=meta.get("layer"),
-                        hook_point=meta.get("hook_point", "resid_post"), training_data=_data_record(meta))
+    sae_cfg = SAEConfig(
+        d_in=source.d_model,
+        n_latents=cfg.n_latents or cfg.expansion_factor * source.d_model,
+        k=cfg.k,
+        model=meta.get("model", ""),
+        layer=meta.get("layer"),
+        hook_point=meta.get("hook_point", "resid_post"),
+        training_data=_data_record(meta),
+    )
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, SAE(sae_cfg, device=device))
     sae = trainer.sae
@@ -280,10 +330,16 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = 
     result = TrainResult(sae, steps=trainer.step_count)
     if trainer.step_count >= cfg.steps:
         return result
-    batches = source.batches(cfg.batch_size // world, seed=cfg.seed, start_batch=trainer.step_count,
-                             rank=rank, world_size=world)
-    bar = tqdm(total=cfg.steps, initial=trainer.step_count, desc="train", unit="step",
-               disable=not (progress and rank == 0))
+    batches = source.batches(
+        cfg.batch_size // world, seed=cfg.seed, start_batch=trainer.step_count, rank=rank, world_size=world
+    )
+    bar = tqdm(
+        total=cfg.steps,
+        initial=trainer.step_count,
+        desc="train",
+        unit="step",
+        disable=not (progress and rank == 0),
+    )
     t_log, tokens_log = time.perf_counter(), 0
     while trainer.step_count < cfg.steps:
         stats = trainer.step(next(batches))
@@ -294,8 +350,12 @@ def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = 
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             dead_frac = (trainer.since_fired >= cfg.dead_tokens).float().mean().item()
-            bar.set_postfix(fvu=f"{stats.fvu:.4f}", l0=f"{stats.l0:.1f}", dead=f"{dead_frac:.1%}",
-                            tok_s=f"{tokens_log / (now - t_log):,.0f}")
+            bar.set_postfix(
+                fvu=f"{stats.fvu:.4f}",
+                l0=f"{stats.l0:.1f}",
+                dead=f"{dead_frac:.1%}",
+                tok_s=f"{tokens_log / (now - t_log):,.0f}",
+            )
             t_log, tokens_log = now, 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             if rank == 0:
@@ -319,8 +379,13 @@ def _save_checkpoint(path: Path, trainer: Trainer) -> None:
             tensors[f"adam.{names[i]}.{key}"] = value.detach().cpu().contiguous()
     tensors["since_fired"] = trainer.since_fired.cpu()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": trainer.step_count, "next_batch": trainer.step_count, "train": asdict(trainer.cfg),
-            "sae": asdict(sae.cfg), "param_groups": state["param_groups"]}
+    meta = {
+        "step": trainer.step_count,
+        "next_batch": trainer.step_count,
+        "train": asdict(trainer.cfg),
+        "sae": asdict(sae.cfg),
+        "param_groups": state["param_groups"],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"saesteer": json.dumps(meta)})
@@ -338,8 +403,11 @@ def _load_checkpoint(path: Path, trainer: Trainer) -> None:
     except (OSError, SafetensorError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise TrainError(f"checkpoint {path} is corrupt or unreadable ({e}); delete it to start over") from e
     saved = meta["train"]
-    diffs = [f"{k}: {saved.get(k)!r} vs {v!r}" for k, v in asdict(trainer.cfg).items()
-             if k in RESUME_KEYS and json.loads(json.dumps(v)) != saved.get(k)]
+    diffs = [
+        f"{k}: {saved.get(k)!r} vs {v!r}"
+        for k, v in asdict(trainer.cfg).items()
+        if k in RESUME_KEYS and json.loads(json.dumps(v)) != saved.get(k)
+    ]
     if diffs:
         raise TrainError(f"checkpoint {path} was made with a different config ({'; '.join(diffs)})")
     try:
@@ -347,8 +415,11 @@ def _load_checkpoint(path: Path, trainer: Trainer) -> None:
         with torch.no_grad():
             for name, p in trainer.params.items():
                 p.copy_(tensors[f"sae.{name}"])
-        state = {i: {key: tensors[f"adam.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
-                 for i, name in enumerate(trainer.params) if f"adam.{name}.step" in tensors}
+        state = {
+            i: {key: tensors[f"adam.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+            for i, name in enumerate(trainer.params)
+            if f"adam.{name}.step" in tensors
+        }
         trainer.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         trainer.since_fired.copy_(tensors["since_fired"])
         torch.set_rng_state(tensors["rng.torch"])
