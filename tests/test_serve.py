@@ -207,6 +207,12 @@ def recorded_forwards(model, delay: float = 0.0):
         handle.remove()
 
 
+def test_tiny_temperature_samples_the_greedy_token(client, reference):
+    """Found by schemathesis: temperature 1e-300 overflowed the scaled logits to inf - inf = NaN (a 500)."""
+    reply = ask(client, QUESTIONS[1], temperature=1e-300, top_p=1e-300, seed=1, max_tokens=8)
+    assert reply.choices[0].message.content == expected(reference, QUESTIONS[1], max_tokens=8)
+
+
 def test_concurrent_mixed_requests_share_batches_without_leaking(client, served, reference, specs):
     """Twelve requests at once, four steerings, three lengths: each reply equals its own direct reference,
     and rows with different steerings really shared decoding steps."""

@@ -4,8 +4,8 @@ Endpoints: `GET /v1/models`, `GET /v1/steering` (presets and the default) and `P
 (streamed or not). A request picks its steering with the extra body field `steering`: a preset name, a
 spec object or a spec as a JSON string (`extra_body={"steering": ...}` in the openai client).
 
-Honoured: messages (text content), max_tokens / max_completion_tokens, temperature (omitted or 0:
-greedy, unlike OpenAI's default of 1), top_p, seed, stop, stream, stream_options.include_usage. n > 1
+Honoured: messages (text content), max_tokens / max_completion_tokens, temperature (omitted, 0 or
+below MIN_TEMPERATURE: greedy, unlike OpenAI's default of 1), top_p, seed, stop, stream, stream_options.include_usage. n > 1
 and logprobs are refused; other OpenAI fields and `model` are ignored.
 
 One engine thread owns the model and batches continuously: a request joins the running batch at the
@@ -56,6 +56,9 @@ from saesteer.steering import (
 )
 
 log = logging.getLogger("saesteer.serve")
+MIN_TEMPERATURE = (
+    1e-3  # below it a request decodes greedily: float32 logits / 1e-300 overflow to NaN probabilities
+)
 
 
 @dataclass
@@ -506,75 +509,39 @@ async def _first_event(job: _Job, request: Request) -> tuple | None:
         getter.cancel()
 
 
-def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
-    """The FastAPI app serving `loaded`; its model engine starts and stops with the app."""
-    default = parse_steering(config.steering)
-    with default.applied(loaded):  # a bad default (e.g. feature out of range) fails here, not per request
-        pass
-    name = config.model_name or loaded.spec
-    allowed = [Path(d).resolve() for d in config.allow_dirs or [shipped_dir()]]
-    engine = _Engine(loaded, config.max_batch_size)
+@dataclass
+class _Service:
+    """What the endpoints answer with: the model, its engine, the default steering and the server's limits."""
 
-    async def lifespan(_app: FastAPI):
-        engine.thread.start()
-        yield
-        engine.inbox.put(None)
-        await asyncio.to_thread(engine.thread.join)
+    loaded: LoadedModel
+    config: ServeConfig
+    default: Steering
+    allowed: list[Path]  # resolved folders whose files request specs may name
+    engine: _Engine
 
-    app = FastAPI(title="saesteer", lifespan=lifespan)
+    @property
+    def name(self) -> str:
+        return self.config.model_name or self.loaded.spec
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
-
-    if config.api_key:
-        expected = f"Bearer {config.api_key}".encode()
-
-        @app.middleware("http")
-        async def _authenticate(request: Request, call_next):
-            given = request.headers.get("authorization", "").encode("utf-8", "replace")
-            if request.url.path.startswith("/v1/") and not secrets.compare_digest(given, expected):
-                error = ApiError(
-                    401,
-                    "missing or wrong API key: send `Authorization: Bearer <key>`",
-                    code="invalid_api_key",
-                )
-                return JSONResponse(error.body(), status_code=401)
-            return await call_next(request)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "saesteer",
-                    "steering_presets": list(PRESETS),
-                    "default_steering": default.to_dict(),
-                }
-            ],
+    async def models(self) -> dict:
+        model = {
+            "id": self.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "saesteer",
+            "steering_presets": list(PRESETS),
+            "default_steering": self.default.to_dict(),
         }
+        return {"object": "list", "data": [model]}
 
-    @app.get("/v1/steering")
-    async def steering_presets() -> dict:
-        return {
-            "object": "list",
-            "default": default.to_dict(),
-            "data": [{"name": preset, "spec": spec} for preset, spec in PRESETS.items()],
-        }
+    async def steering_presets(self) -> dict:
+        presets = [{"name": preset, "spec": spec} for preset, spec in PRESETS.items()]
+        return {"object": "list", "default": self.default.to_dict(), "data": presets}
 
-    @app.post("/v1/chat/completions", openapi_extra=_request_schema())
-    async def chat(request: Request):
-        req = _parse(await _read_body(request, config.max_body_bytes))
-        job = _job(req)
-        engine.inbox.put(job)
+    async def chat(self, request: Request):
+        req = _parse(await _read_body(request, self.config.max_body_bytes))
+        job = self.job(req)
+        self.engine.inbox.put(job)
         try:
             first = await _first_event(job, request)
         except asyncio.CancelledError:  # the server is stopping the request
@@ -584,26 +551,23 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
             return Response(status_code=499)
         if first[0] == "error":
             raise first[1]
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if not req.stream:
-            return {
-                **base,
-                "object": "chat.completion",
-                "steering": job.steering.to_dict(),
-                "usage": job.usage(),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": job.text},
-                        "finish_reason": job.finish,
-                        "logprobs": None,
-                    }
-                ],
-            }
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(job, first, base, include_usage), media_type="text/event-stream")
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(job, first, base, include_usage), media_type="text/event-stream")
+        message = {"role": "assistant", "content": job.text}
+        choice = {"index": 0, "message": message, "finish_reason": job.finish, "logprobs": None}
+        return {
+            **base,
+            "object": "chat.completion",
+            "steering": job.steering.to_dict(),
+            "usage": job.usage(),
+            "choices": [choice],
+        }
 
-    def _job(req: ChatRequest) -> _Job:
+    def job(self, req: ChatRequest) -> _Job:
+        """A request checked against the server's limits, its steering resolved and its prompt tokenised."""
+        config = self.config
         if req.n != 1:
             raise ApiError(400, f"n={req.n} is not supported: this server returns one choice", param="n")
         if req.logprobs:
@@ -612,41 +576,21 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
             req.max_completion_tokens or req.max_tokens or min(config.default_max_tokens, config.max_tokens)
         )
         if max_tokens > config.max_tokens:
-            raise ApiError(
-                400,
-                f"max_tokens {max_tokens} is above this server's limit of {config.max_tokens}",
-                param="max_tokens",
-            )
+            message = f"max_tokens {max_tokens} is above this server's limit of {config.max_tokens}"
+            raise ApiError(400, message, param="max_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         if len(stop) > 4 or not all(stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
-        try:
-            steering = _request_steering(req.steering, default, allowed)
-            conversation = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                for m in req.messages
-            ]
-            prompt = render(loaded, [conversation], steering)[0]
-        except SaesteerError as err:
-            raise ApiError(400, str(err), param="steering") from None
-        except TemplateError as err:  # the model's chat template rejected the conversation
-            raise ApiError(
-                400,
-                f"cannot render the conversation with the chat template: {short(str(err), 200)}",
-                param="messages",
-            ) from None
-        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids, steering = self.prompt_ids(req)
         if len(ids) > config.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}",
-                param="messages",
-                code="context_length_exceeded",
+            message = (
+                f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}"
             )
+            raise ApiError(400, message, param="messages", code="context_length_exceeded")
         sampling = generator = None
-        if req.temperature:
+        if req.temperature and req.temperature >= MIN_TEMPERATURE:
             sampling = {"temperature": req.temperature, "top_p": req.top_p or 1.0}
-            generator = torch.Generator(loaded.device)
+            generator = torch.Generator(self.loaded.device)
             generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
         return _Job(
             ids=ids,
@@ -659,7 +603,65 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
             loop=asyncio.get_running_loop(),
         )
 
+    def prompt_ids(self, req: ChatRequest) -> tuple[list[int], Steering]:
+        """The request's steering and its conversation rendered (after the steering's `prepare`) as token ids."""
+        try:
+            steering = _request_steering(req.steering, self.default, self.allowed)
+            roles = {"developer": "system"}
+            conversation = [{"role": roles.get(m.role, m.role), "content": m.content} for m in req.messages]
+            prompt = render(self.loaded, [conversation], steering)[0]
+        except SaesteerError as err:
+            raise ApiError(400, str(err), param="steering") from None
+        except TemplateError as err:  # the model's chat template rejected the conversation
+            message = f"cannot render the conversation with the chat template: {short(str(err), 200)}"
+            raise ApiError(400, message, param="messages") from None
+        return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], steering
+
+
+def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
+    """The FastAPI app serving `loaded`; its model engine starts and stops with the app."""
+    default = parse_steering(config.steering)
+    with default.applied(loaded):  # a bad default (e.g. feature out of range) fails here, not per request
+        pass
+    allowed = [Path(d).resolve() for d in config.allow_dirs or [shipped_dir()]]
+    service = _Service(loaded, config, default, allowed, _Engine(loaded, config.max_batch_size))
+
+    async def lifespan(_app: FastAPI):
+        service.engine.thread.start()
+        yield
+        service.engine.inbox.put(None)
+        await asyncio.to_thread(service.engine.thread.join)
+
+    app = FastAPI(title="saesteer", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    if config.api_key:
+        app.middleware("http")(_bearer_check(config.api_key))
+    app.get("/v1/models")(service.models)
+    app.get("/v1/steering")(service.steering_presets)
+    app.post("/v1/chat/completions", openapi_extra=_request_schema())(service.chat)
     return app
+
+
+def _bearer_check(api_key: str):
+    """Middleware answering 401 to /v1/ requests without `Authorization: Bearer <api_key>`."""
+    expected = f"Bearer {api_key}".encode()
+
+    async def authenticate(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if request.url.path.startswith("/v1/") and not secrets.compare_digest(given, expected):
+            message = "missing or wrong API key: send `Authorization: Bearer <key>`"
+            return JSONResponse(ApiError(401, message, code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    return authenticate
 
 
 async def _sse(job: _Job, event: tuple, base: dict, include_usage: bool):
