@@ -334,7 +334,7 @@ json_values = st.recursive(
         optional={name: json_values for name in FIELD_NAMES[1:]},
     )
 )
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_any_spec_is_a_steering_or_one_line_error(spec):
     """One validation path: whatever JSON a user sends, the result is a method that round-trips through its
     JSON form, or a one-line SaesteerError, never another exception."""
