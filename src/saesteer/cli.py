@@ -128,6 +128,13 @@ def main() -> None:
         sys.exit(130)
 
 
+def _dist():
+    """saesteer.dist, imported when a verb runs (it imports torch)."""
+    from saesteer import dist
+
+    return dist
+
+
 @app.command()
 def collect(
     model: str = opt(COLLECT, "model"),
@@ -155,7 +162,7 @@ def collect(
     from saesteer.corpus import TextSource
 
     _writable_out(out, "dir")
-    distributed = _init_distributed()
+    distributed = _dist().init()
     config = CollectConfig(
         model=model,
         layer=layer,
@@ -172,7 +179,7 @@ def collect(
     start = time.perf_counter()
     manifest = run_collect(config, out)
     elapsed = time.perf_counter() - start
-    if distributed and not _is_rank_zero():
+    if distributed and not _dist().is_main():
         return
     sample = ActivationStore(out).tensor(max_tokens=20_000)
     norms = sample.norm(dim=-1)
@@ -188,25 +195,6 @@ def collect(
         f"(on {sample.shape[0]:,} activations)\n"
         f"  time       {elapsed:.1f} s this run"
     )
-
-
-def _init_distributed() -> bool:
-    """Join the torchrun process group when launched under torchrun."""
-    import os
-
-    import torch
-
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return False
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def _is_rank_zero() -> bool:
-    import torch
-
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 @app.command()
@@ -255,10 +243,10 @@ def train(
         overrides["resume"] = True
     cfg = TrainConfig.from_json(config, **overrides) if config else TrainConfig(**overrides)
     _writable_out(cfg.out, "dir")
-    distributed = _init_distributed()
+    distributed = _dist().init()
     start = time.perf_counter()
     result = run_train(cfg)
-    if distributed and not _is_rank_zero():
+    if distributed and not _dist().is_main():
         return
     sae, tail = result.sae, result.losses[-20:]
     loss = (
@@ -640,7 +628,7 @@ def eval_command(
 
     for path in (out, replies, cache or Path(f"{out}.cache.jsonl")):
         _writable_out(path, "file", "--out" if path == out else "--replies" if path == replies else "--cache")
-    _init_distributed()
+    _dist().init()
     config = _eval_config(
         model,
         steering,
@@ -670,9 +658,9 @@ def eval_command(
     if judge != "string" and agreement_sample > 0 and run.judged:
         run.rows += agreement_rows(run, StringMatchJudge(), agreement_sample)
     append_rows(out, run.rows)
-    if replies and _is_rank_zero():
+    if replies and _dist().is_main():
         write_judged(replies, run)
-    if _is_rank_zero():
+    if _dist().is_main():
         typer.echo(summary_table(run.rows, run.walls))
         typer.echo(
             f"wrote {len(run.rows)} rows to {out} (cache: {steered.cache.hits} hits, {steered.cache.misses} misses)"
@@ -714,7 +702,7 @@ def sweep(
 
     _writable_out(out, "file")
     _writable_out(cache or Path(f"{out}.cache.jsonl"), "file", "--cache")
-    _init_distributed()
+    _dist().init()
     steerings = load_sweep_file(grid)
     config = _eval_config(
         model,
@@ -736,7 +724,7 @@ def sweep(
     store = ResultCache(cache or Path(f"{out}.cache.jsonl"))
     start = time.perf_counter()
     new = run_sweep(loaded, steerings, config, out, store, the_judge)
-    if _is_rank_zero():
+    if _dist().is_main():
         typer.echo(summary_table(read_rows(out)))
         typer.echo(
             f"{len(steerings)} configs, {len(new)} new rows in {out} in {time.perf_counter() - start:.1f} s "

@@ -7,10 +7,20 @@ joined the group) every helper answers as a single process: rank 0 of 1, barrier
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 import torch.distributed as tdist
+
+
+def init() -> bool:
+    """Join the torchrun process group when launched under torchrun with several processes; whether it did."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return False
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def rank_world() -> tuple[int, int]:
