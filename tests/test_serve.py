@@ -412,6 +412,31 @@ USER = [{"role": "user", "content": "hi"}]
             400,
             "steering is not valid JSON",
         ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"1" * 5000 + b"}",
+            400,
+            "not valid JSON",
+        ),
+        (
+            json.dumps(
+                {"messages": USER, "steering": '{"method": "sae", "features": [' + "1" * 5000 + "]}"}
+            ).encode(),
+            400,
+            "steering is not valid JSON",
+        ),
+        (
+            {
+                "messages": USER,
+                "steering": {
+                    "method": "conditional",
+                    "steering": {"method": "none"},
+                    "detector": "d",
+                    "tokens": 0,
+                },
+            },
+            400,
+            "tokens must be between 1 and",
+        ),
         # Finding 5: a prompt-only method inside conditional would be silently ignored.
         (
             {
@@ -496,6 +521,10 @@ def test_request_files_stay_inside_allowed_dirs(served, specs, tmp_path):
 def test_api_key(tiny_model_dir):
     for url, _ in serve_in_thread(load_model(str(tiny_model_dir)), ServeConfig(**LIMITS, api_key="s3cret")):
         assert httpx.get(f"{url}/models").status_code == 401
+        assert httpx.get(f"{url}/models", headers={"host": "x?"}).status_code in (
+            400,
+            401,
+        )  # path from the scope, not Host
         wrong = openai.OpenAI(base_url=url, api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
             ask(wrong, "hi", max_tokens=2)

@@ -269,17 +269,19 @@ class _Engine:
                 self._drop_finished()
 
     def _prepare(self, job: _Job) -> None:
-        """The job's steering edits for its prompt (a conditional method's gate decides here)."""
-        job.edits = job.steering.edits_for(self.loaded, torch.tensor([job.ids], device=self.loaded.device))
+        """The job's steering edits for its prompt (a conditional method's gate decides here); a bad spec is a 400."""
+        try:
+            job.edits = job.steering.edits_for(
+                self.loaded, torch.tensor([job.ids], device=self.loaded.device)
+            )
+        except SaesteerError as err:
+            job.fail(ApiError(400, str(err), param="steering"))
 
     def _guarded(self, jobs: list[_Job], fn, *args) -> None:
-        """Run `fn`; a failure ends `jobs` with an OpenAI error (400 for a user error) and never the loop."""
+        """Run `fn`; a failure ends `jobs` with a 500 in OpenAI's format, and never the loop."""
         try:
             with torch.inference_mode():
                 fn(*args)
-        except SaesteerError as err:
-            for job in jobs:
-                job.fail(ApiError(400, str(err), param="steering"))
         except Exception as err:
             log.exception("generation failed")
             for job in jobs:
@@ -421,7 +423,10 @@ def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Ste
             )
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError) as err:
+        except (
+            ValueError,
+            RecursionError,
+        ) as err:  # ValueError: bad JSON, or an integer of over 4,300 digits
             raise SaesteerError(f"steering is not valid JSON: {short(str(err), 200)}") from None
     if not isinstance(value, dict):
         raise SaesteerError("steering must be a preset name or a spec object")
@@ -473,7 +478,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse(body: bytes) -> ChatRequest:
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer of over 4,300 digits
         raise ApiError(
             400, f"request body is not valid JSON: {short(str(err), 200)}", code="invalid_json"
         ) from None
@@ -656,7 +661,7 @@ def _bearer_check(api_key: str):
 
     async def authenticate(request: Request, call_next):
         given = request.headers.get("authorization", "").encode("utf-8", "replace")
-        if request.url.path.startswith("/v1/") and not secrets.compare_digest(given, expected):
+        if request.scope["path"].startswith("/v1/") and not secrets.compare_digest(given, expected):
             message = "missing or wrong API key: send `Authorization: Bearer <key>`"
             return JSONResponse(ApiError(401, message, code="invalid_api_key").body(), status_code=401)
         return await call_next(request)

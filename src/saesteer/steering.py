@@ -377,6 +377,8 @@ class Conditional(Steering):
     tokens: int = 4
 
     def __post_init__(self):
+        if not 1 <= self.tokens <= MAX_SPEC_ITEMS:
+            raise SaesteerError(f"tokens must be between 1 and {MAX_SPEC_ITEMS}, not {short(self.tokens)}")
         self.inner = steering_from_dict(self.steering)
         if isinstance(self.inner, Conditional):
             raise SaesteerError("conditional steering cannot wrap another conditional steering")
@@ -617,7 +619,7 @@ def parse_steering(spec: str | dict | Steering | None) -> Steering:
             ) from None
     try:
         parsed = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of over 4,300 digits
         raise SaesteerError(f"--steering is not valid JSON: {short(str(err), 200)}") from None
     if not isinstance(parsed, dict):
         raise SaesteerError('--steering must be a JSON object such as {"method": "system_prompt"}')
