@@ -158,6 +158,17 @@ def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str
     ]
 
 
+def left_padded(
+    sequences: list[list[int]], pad: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id lists as one left-padded batch: (input ids, attention mask, position ids), each [batch, width];
+    a row's real tokens get positions 0..len-1 whatever its padding."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.tensor([[pad] * (width - len(seq)) + list(seq) for seq in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.inference_mode()
 def generate(
     loaded: LoadedModel,

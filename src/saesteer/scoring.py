@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from saesteer import dist
 from saesteer.errors import SaesteerError
 from saesteer.judges import QUALITY_CATEGORIES, is_refusal, quality
-from saesteer.models import LoadedModel
+from saesteer.models import LoadedModel, left_padded
 from saesteer.stats import bootstrap_ci, kappa_ci
 from saesteer.steering import Steering
 
@@ -60,18 +60,11 @@ def mc2_score(logprobs: list[float], labels: list[int]) -> float:
 
 def _forward_logprobs(loaded: LoadedModel, sequences: list[list[int]], keep: int) -> torch.Tensor:
     """Log-softmax of the last `keep` positions (0 = all) of left-padded sequences: [batch, keep, vocab]."""
-    pad = loaded.tokenizer.pad_token_id
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_padded(sequences, loaded.tokenizer.pad_token_id, loaded.device)
     out = loaded.model(
-        input_ids=ids.to(loaded.device),
-        attention_mask=mask.to(loaded.device),
-        position_ids=positions.to(loaded.device),
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
         logits_to_keep=keep,
         use_cache=False,
     )

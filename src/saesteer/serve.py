@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 from transformers import DynamicCache
 
 from saesteer.errors import SaesteerError, short
-from saesteer.models import LoadedModel
+from saesteer.models import LoadedModel, left_padded
 from saesteer.steering import (
     PRESETS,
     Steering,
@@ -304,16 +304,11 @@ class _Engine:
 
     def _prefill(self, jobs: list[_Job]) -> None:
         """Run the new prompts (left-padded, each row with its own edits), choose their first tokens, join the batch."""
-        width = max(len(job.ids) for job in jobs)
-        pad = self.loaded.tokenizer.pad_token_id or 0
-        ids = torch.tensor(
-            [[pad] * (width - len(job.ids)) + job.ids for job in jobs], device=self.loaded.device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in jobs], device=self.loaded.device
+        ids, mask, positions = left_padded(
+            [job.ids for job in jobs], self.loaded.tokenizer.pad_token_id, self.loaded.device
         )
         cache = DynamicCache()
-        logits = self._forward(jobs, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
+        logits = self._forward(jobs, ids, mask, positions, cache)
         for job, row in zip(jobs, logits):
             job.position = len(job.ids)
             self._take(job, row)
