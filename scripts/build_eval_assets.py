@@ -22,6 +22,7 @@ GSM8K_VALIDATION = 200
 HELDOUT_CHUNKS = 80
 HELDOUT_CHARS = 2000
 BENIGN_PER_PUBLIC_SOURCE = 250  # TruthfulQA, MMLU and GSM8K questions in the shippable benign set
+WRITTEN_STYLES = ("everyday", "framed", "imperative")  # the styles of the project's harmful/benign pairs
 WRITTEN = Path(__file__).resolve().parents[1] / "data" / "written"
 OUT = Path(__file__).resolve().parents[1] / "src" / "saesteer" / "assets" / "evals"
 LICENSES = {
@@ -93,6 +94,15 @@ def benign_rows(tqa: list[dict], mmlu_val_unused: list[dict], gsm_train_unused: 
             for r in map(json.loads, (WRITTEN / name).read_text().splitlines())
         ]
     return rows
+
+
+def written_pairs() -> list[dict]:
+    """The project's harmful requests with their benign twins, in three styles (data/written/pairs_*.jsonl)."""
+    return [
+        {"harmful": r["harmful"], "benign": r["benign"], "style": style, "category": r["category"]}
+        for style in WRITTEN_STYLES
+        for r in map(json.loads, (WRITTEN / f"pairs_{style}.jsonl").read_text().splitlines())
+    ]
 
 
 def hh_dialogues(path: Path) -> list[dict]:
@@ -180,6 +190,7 @@ def main() -> None:
     gsm_unused = [r for i, r in enumerate(gsm_train) if i not in set(picked)]
     write("benign.jsonl.gz", benign_rows(tqa, mmlu_unused, gsm_unused))
 
+    write("written_pairs.jsonl.gz", written_pairs())
     write("hh_rlhf_dialogues.jsonl.gz", hh_dialogues(shared / "hh_rlhf_harmless/harmless-base/test.jsonl.gz"))
 
     chunks = [json.loads(line) for line in (shared / "corpus/gutenberg-001.jsonl").read_text().splitlines()]

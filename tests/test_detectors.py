@@ -72,7 +72,12 @@ def test_user_pooling_averages_the_message_and_not_the_template(tiny_loaded):
     last = detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "last", 3)
     assert (last[:, -3:] > 0).all() and (last[:, :-3] == 0).all()
     with pytest.raises(SaesteerError, match="unknown pooling"):
-        detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "max", 3)
+        detectors.position_weights(tiny_loaded, batch["input_ids"], batch["attention_mask"], "median", 3)
+    # max pooling reads the same positions as the mean, and takes each feature's maximum over them
+    features = torch.randn(*batch["input_ids"].shape, 5)
+    maxed = detectors.pool(features, weights, "max")
+    for row in range(2):
+        assert torch.equal(maxed[row], features[row][weights[row] > 0].amax(0))
 
 
 def test_user_messages_are_recovered_from_a_rendering(tiny_loaded):
@@ -132,6 +137,11 @@ def test_leave_one_source_out_reports_each_left_out_source_and_the_worst_fold():
     config = GateConfig(candidates=(), max_fpr=0.1, folds=3)
     result = detectors.leave_one_source_out(Candidate("probe", (0,), "user", c=1.0), pool, None, config)
     assert set(result["folds"]) == set(pool.sources)
+    # a harmful source leaves with the benign source of its style: one detector, one threshold per pair
+    pairs = {s: tuple(f["fold"]) for s, f in result["folds"].items()}
+    assert pairs["advbench"] == pairs["benign:benign_twins"] == ("advbench", "benign:benign_twins")
+    assert pairs["xstest_unsafe"] == pairs["xstest_safe"] == ("xstest_unsafe", "xstest_safe")
+    assert result["folds"]["advbench"]["threshold"] == result["folds"]["benign:benign_twins"]["threshold"]
     assert {f["label"] for s, f in result["folds"].items() if s in ("advbench", "xstest_unsafe")} == {
         "harmful"
     }
@@ -141,7 +151,7 @@ def test_leave_one_source_out_reports_each_left_out_source_and_the_worst_fold():
     )
     assert result["worst_fpr"] == max(f["rate"] for f in result["folds"].values() if f["label"] == "benign")
     assert result["worst_recall"] > 0.8  # harm on dim 0 transfers across harmful sources
-    # without the twins in training, style separates the classes as well as harm does: the twins fold is worst
+    # trained on the other pair only, where style separates the classes as well as harm does: the twins fold is worst
     assert (
         result["worst_fpr_source"] == "benign:benign_twins"
         and result["worst_fpr"] > 2 * result["folds"]["xstest_safe"]["rate"]

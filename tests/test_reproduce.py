@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import SHARED, needs_default_model
 
 from saesteer import reproduce
@@ -62,6 +63,48 @@ def test_choose_maximises_refusal_minus_over_refusal_and_copies_the_value_to_the
     assert chosen["sae_clamp"]["values"] == [8.0]
     assert chosen["control_clamp"]["values"] == [8.0] and chosen["control_clamp"]["features"] == [3]
     assert chosen["none"] == {"method": "none"}
+
+
+def _quality(steering: dict, clear: float, degenerate: float, safe: float) -> list[dict]:
+    return _safety(steering, 0.9, safe) + [
+        _row(steering, "safety", "unsafe_all", "clear_refusal_rate", clear),
+        _row(steering, "safety", "unsafe_all", "degenerate_rate", degenerate),
+    ]
+
+
+def test_choose_ranks_by_clear_refusals_minus_degeneration_and_over_refusal_and_keeps_the_schedule():
+    decayed = {**SAE, "decay": 0.9}
+    rows = (
+        _quality(SAE, 0.30, 0.50, 0.05)  # refuses as often, but mostly by breaking down: -0.25
+        + _quality(decayed, 0.40, 0.10, 0.05)  # 0.25: best
+        + _quality({**decayed, "values": [16.0]}, 0.60, 0.10, 0.40)  # clear, but over-refuses: 0.10
+        + _quality(CONTROL, 0.0, 0.0, 0.0)
+    )
+    chosen = reproduce.choose(rows, DISCOVERY)
+    assert chosen["sae_clamp"] == decayed
+    assert chosen["control_clamp"] == {**CONTROL, "decay": 0.9}  # the SAE clamp's value and schedule
+
+
+def test_validation_grid_sweeps_the_decay_schedule_of_both_sae_clamps(tmp_path):
+    from saesteer.steering import save_direction
+
+    save_direction(tmp_path / "d.safetensors", torch.ones(4), layer=1, model="m")
+    discovery = {
+        "specs": {
+            "actadd": {"method": "actadd", "direction": str(tmp_path / "d.safetensors"), "alpha": 1.0},
+            "sae_clamp": SAE,
+            "control_clamp": CONTROL,
+            "conditional_sae": {"method": "conditional", "steering": SAE, "detector": "old", "threshold": 0},
+        },
+        "gate": {"detector": "gate.safetensors", "threshold": {"threshold": 1.5}},
+    }
+    config = reproduce.ReproduceConfig(clamp_values=(8.0,), actadd_multipliers=(1.0,), decays=(1.0, 0.9))
+    grid = reproduce.validation_grid(discovery, config)
+    clamps = [g for g in grid if g["method"] == "sae" and g["features"] == [7]]
+    gated = [g["steering"] for g in grid if g["method"] == "conditional"]
+    assert clamps == gated == [SAE, {**SAE, "decay": 0.9}]  # the constant clamp's spec is unchanged
+    assert [g for g in grid if g.get("features") == [3]] == [CONTROL]
+    assert {g["detector"] for g in grid if g["method"] == "conditional"} == {"gate.safetensors"}
 
 
 def test_choose_breaks_ties_towards_weaker_steering():
@@ -186,7 +229,7 @@ def test_tiny_reproduce_end_to_end(tmp_path):
         "--out",
         str(out),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in (
         "commands.sh",
@@ -212,3 +255,11 @@ def test_tiny_reproduce_end_to_end(tmp_path):
         json.loads(line)["config"]["suite"] for line in (out / "test-strict.jsonl").read_text().splitlines()
     }
     assert suites == {"safety", "capability", "jailbreak", "fidelity"}
+    tried = [
+        json.loads(line)["config"]["steering"] for line in (out / "validation.jsonl").read_text().splitlines()
+    ]
+    decayed = [t.get("steering", t) for t in tried if t.get("steering", t).get("decay") == 0.9]
+    assert decayed and {t["method"] for t in tried if t.get("steering", t) in decayed} == {
+        "sae",
+        "conditional",
+    }

@@ -12,14 +12,19 @@ metadata) holds any kind:
 
 Pooling: `last` is the mean of the last `tokens` positions (the template's tail; the old detector used 4);
 `user` is the mean over everything between the template's fixed head (system prompt, user header) and its
-tail, i.e. the user's message, or in a multi-turn prompt the conversation so far.
+tail, i.e. the user's message, or in a multi-turn prompt the conversation so far; `max` is the per-feature
+maximum over those same positions (a feature that fires anywhere in the message counts in full).
 
 Probes weight every source equally (each class's weight is split evenly over its sources), so a large
 source cannot dominate what "harmful" means.
 
 Validation (`leave_one_source_out`) uses development prompts only (train + validation splits). For each
-vendored source in turn: train on the other sources, set the threshold on them, and report the left-out
-source's recall (harmful) or false-positive rate (benign) with a Clopper-Pearson 95% CI. Sets that are
+fold in `FOLDS` in turn: train on the other sources, set the threshold on them, and report each left-out
+source's recall (harmful) or false-positive rate (benign) with a Clopper-Pearson 95% CI. A harmful source
+leaves together with the benign source written in its style (AdvBench with its benign twins, XSTest-unsafe
+with XSTest-safe, each written style's harmful side with its twins), so a fold asks whether the detector
+finds harm in a style it has never seen, rather than whether benign examples of that style taught it
+that the style is benign. Sets that are
 not shipped (`harmful_mix`, the Alpaca `harmless` set) are never trained on; when ../shared is present
 they are scored in every fold as extra held-out sources.
 
@@ -46,8 +51,9 @@ from saesteer.hooks import residuals_at
 from saesteer.models import LoadedModel, Messages, chat_prompts
 
 KINDS = ("dim", "probe", "ensemble", "sae_probe")
-POOLINGS = ("last", "user")
-HARMFUL_SOURCES = ("advbench", "xstest_unsafe", "hh_rlhf_harmful")
+POOLINGS = ("last", "user", "max")
+STYLES = ("everyday", "framed", "imperative")  # the styles of the project's written harmful/benign pairs
+HARMFUL_SOURCES = ("advbench", "xstest_unsafe", "hh_rlhf_harmful", *(f"written_harmful:{s}" for s in STYLES))
 BENIGN_SOURCES = (
     "xstest_safe",
     "hh_rlhf_benign",
@@ -56,7 +62,18 @@ BENIGN_SOURCES = (
     "benign:gsm8k",
     "benign:written",
     "benign:benign_twins",
+    *(f"written_benign:{s}" for s in STYLES),
 )
+FOLDS = (
+    ("advbench", "benign:benign_twins"),
+    ("xstest_unsafe", "xstest_safe"),
+    ("hh_rlhf_harmful", "hh_rlhf_benign"),
+    *((f"written_harmful:{s}", f"written_benign:{s}") for s in STYLES),
+    ("benign:truthfulqa",),
+    ("benign:mmlu",),
+    ("benign:gsm8k",),
+    ("benign:written",),
+)  # leave-one-source-out folds: a harmful source leaves together with the benign source written in its style
 HELD_OUT_SOURCES = (
     "harmful_mix",
     "harmless",
@@ -75,7 +92,8 @@ class Candidate:
     layers: tuple
     """decoder layers; a float in (0, 1) is a fraction of the model's depth"""
     pooling: str = "user"
-    """user (mean over the user's message) or last (mean over the last `tokens` positions)"""
+    """user (mean over the user's message), max (per-feature max over it) or last (mean over the last `tokens`
+    positions)"""
     tokens: int = 4
     """positions averaged by `last` pooling"""
     c: float = 0.1
@@ -83,7 +101,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        pool = f"last{self.tokens}" if self.pooling == "last" else "user"
+        pool = f"last{self.tokens}" if self.pooling == "last" else self.pooling
         reg = f" C={self.c:g}" if self.kind != "dim" else ""
         return f"{self.kind} L{'+'.join(map(str, self.layers))} {pool}{reg}"
 
@@ -175,7 +193,7 @@ class Detector:
         total = torch.full((input_ids.shape[0],), self.bias, device=input_ids.device)
         for row, layer in zip(self.weight.to(input_ids.device), self.layers):
             features = features_of(hidden[layer].float(), self.sae)
-            total += pool(features, weights) @ row
+            total += pool(features, weights, self.pooling) @ row
         return total
 
 
@@ -264,7 +282,7 @@ def position_weights(
     position = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
     if pooling == "last":
         keep = position >= length - tokens
-    elif pooling == "user":
+    elif pooling in ("user", "max"):
         real = (
             attention_mask.sum(1, keepdim=True)
             if attention_mask is not None
@@ -293,8 +311,11 @@ def features_of(hidden: torch.Tensor, sae: str | None) -> torch.Tensor:
     )
 
 
-def pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[batch, pos, width] x [batch, pos] -> [batch, width]."""
+def pool(features: torch.Tensor, weights: torch.Tensor, pooling: str = "user") -> torch.Tensor:
+    """[batch, pos, width] x [batch, pos] -> [batch, width]: the weighted mean, or for `max` pooling the
+    maximum over the positions of non-zero weight."""
+    if pooling == "max":
+        return features.masked_fill(weights[..., None] == 0, float("-inf")).amax(1)
     return torch.einsum("bpw,bp->bw", features, weights.to(features.dtype))
 
 
@@ -421,7 +442,7 @@ def extract_features(
             layer, pooling, tokens, sae = key
             weights = position_weights(loaded, batch["input_ids"], batch["attention_mask"], pooling, tokens)
             encoded = features_of(hidden[layer].float(), sae)
-            parts[key].append(pool(encoded, weights).cpu())
+            parts[key].append(pool(encoded, weights, pooling).cpu())
     pool_.features.update({k: torch.cat(v).numpy() for k, v in parts.items()})
 
 
@@ -579,15 +600,21 @@ def leave_one_source_out(candidate: Candidate, dev: Pool, held_out: Pool | None,
     never-trained-on held-out sources, scored by each fold's detector (their worst fold is reported)."""
     folds = {}
     extra: dict[str, list[dict]] = {}
-    for source in sorted(set(dev.sources)):
-        left_out = np.array([s == source for s in dev.sources])
+    present = set(dev.sources)
+    for fold in (tuple(s for s in fold if s in present) for fold in FOLDS):
+        if not fold:
+            continue
+        left_out = np.array([s in fold for s in dev.sources])
         detector, gate = train_with_threshold(candidate, dev.select(~left_out), config)
-        flagged = pooled_scores(detector, dev.select(left_out), candidate, config.sae) > gate["threshold"]
-        folds[source] = {
-            "label": "harmful" if source in HARMFUL_SOURCES else "benign",
-            "threshold": gate["threshold"],
-            **rate(flagged),
-        }
+        scores = pooled_scores(detector, dev.select(left_out), candidate, config.sae)
+        sources = np.array(dev.sources, dtype=object)[left_out]
+        for source in fold:
+            folds[source] = {
+                "label": "harmful" if source in HARMFUL_SOURCES else "benign",
+                "threshold": gate["threshold"],
+                "fold": list(fold),
+                **rate(scores[sources == source] > gate["threshold"]),
+            }
         if held_out is not None:
             for name in sorted(set(held_out.sources)):
                 members = held_out.select(np.array([s == name for s in held_out.sources]))

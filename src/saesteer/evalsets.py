@@ -18,6 +18,7 @@ discovery and clamp choice use train/validation only; reports use test.
 | harmless | safe | refusal_direction's own harmless_train / harmless_val / harmless_test (shared only; CC BY-NC, optional) |
 | benign | safe | the shippable benign set: TruthfulQA, MMLU and GSM8K questions, requests the project wrote and benign twins of harmful train prompts; 40/20/40 by hash per source (`category`) |
 | hh_rlhf_harmful, hh_rlhf_benign | unsafe / safe | first human turns of hh-rlhf red-team dialogues that the project labelled harmful / benign; split with their dialogue (as `hh_rlhf`) |
+| written_harmful, written_benign | unsafe / safe | the project's own harmful requests and their benign twins, in three styles (`category`: everyday, framed, imperative); 40/20/40 by hash of the harmful side per style, so a pair shares its split |
 | mmlu | - | validation = official val (10 per subject), test = official test (25 per subject, seeded); few-shot from dev |
 | truthfulqa | - | classic v1 (817 questions): 30% validation / 70% test by hash (no train split) |
 | gsm8k | - | validation = 200 seeded official-train problems, test = official test (1319) (no train split) |
@@ -52,9 +53,11 @@ SAFETY_SETS = {
     "harmful_mix": "unsafe",
     "xstest_unsafe": "unsafe",
     "hh_rlhf_harmful": "unsafe",
+    "written_harmful": "unsafe",
     "xstest_safe": "safe",
     "benign": "safe",
     "hh_rlhf_benign": "safe",
+    "written_benign": "safe",
     "harmless": "safe",
 }
 SHARED_ONLY = ("harmful_mix", "harmless")
@@ -217,6 +220,12 @@ def safety_prompts(dataset: str, split: str = "test") -> list[Prompt]:
         return [
             Prompt(r["human_turns"][0], label, dataset) for r in chosen if r["first_turn_label"] == wanted
         ]
+    if dataset in ("written_harmful", "written_benign"):
+        side, label = ("harmful", "unsafe") if dataset == "written_harmful" else ("benign", "safe")
+        chosen = split_items(
+            _asset("written_pairs.jsonl.gz"), split, lambda r: r["harmful"], group=lambda r: r["style"]
+        )
+        return [Prompt(r[side], label, dataset, r["style"]) for r in chosen]
     if dataset == "harmless":
         name = {"train": "harmless_train", "validation": "harmless_val", "test": "harmless_test"}[split]
         return [

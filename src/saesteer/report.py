@@ -48,7 +48,7 @@ HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference;
     ("perplexity", "fidelity", "perplexity", ("heldout_text",)),
     ("degenerate replies", "fidelity", "degeneration_rate", ("xstest_safe", "")),
 )
-UNSAFE, SAFE = HEADLINE[0][1:], HEADLINE[1][1:]
+UNSAFE, SAFE, CLEAR, DEGENERATE_UNSAFE = (HEADLINE[i][1:] for i in range(4))
 CAPABILITY = tuple(col for col in HEADLINE if col[1] == "capability" and col[2] != "mc2")
 STATS = (
     "source",
@@ -234,7 +234,10 @@ def steering_label(spec: dict) -> str:
     if method == "system_prompt":
         return "system prompt"
     if method == "sae":
-        return f"SAE {spec.get('mode', 'clamp')} f{','.join(map(str, spec.get('features', [])))}"
+        schedule = (f" (decay {spec['decay']:g})" if spec.get("decay", 1.0) != 1.0 else "") + (
+            f" (first {spec['generated_tokens']} tokens)" if spec.get("generated_tokens") is not None else ""
+        )
+        return f"SAE {spec.get('mode', 'clamp')} f{','.join(map(str, spec.get('features', [])))}{schedule}"
     if method in ("actadd", "ablate"):
         return f"{'ActAdd' if method == 'actadd' else 'ablate'} ({Path(spec.get('direction', '')).stem})"
     if method == "conditional":

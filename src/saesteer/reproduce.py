@@ -24,6 +24,8 @@ from saesteer.features import diff_in_means
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import LoadedModel
 from saesteer.report import (
+    CLEAR,
+    DEGENERATE_UNSAFE,
     HEADLINE,
     SAFE,
     UNSAFE,
@@ -202,6 +204,9 @@ class ReproduceConfig:
     """the gate threshold's bound on each benign source's 95% upper false-positive bound"""
     clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     """SAE clamp values compared on VALIDATION"""
+    decays: tuple[float, ...] = (1.0, 0.9)
+    """schedules of the SAE clamps (plain and conditional) compared on VALIDATION: the edit on generated token
+    t is scaled by decay**t (1: the paper's constant clamp)"""
     actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)
     """ActAdd strengths compared on VALIDATION, x |diff-in-means|"""
     test_limit: str = "100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24"
@@ -449,17 +454,25 @@ def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
         diff_norm = float(f.get_tensor("direction").norm())
     grid = [{"method": "none"}, {"method": "system_prompt"}]
     grid += [{**actadd, "alpha": round(m * diff_norm, 3)} for m in config.actadd_multipliers]
-    for name in ("sae_clamp", "control_clamp"):
-        if name in specs:
-            grid += [{**specs[name], "values": [v]} for v in config.clamp_values]
+    clamps = [{"values": [v], **_schedule(d)} for d in config.decays for v in config.clamp_values]
+    if "sae_clamp" in specs:
+        grid += [{**specs["sae_clamp"], **clamp} for clamp in clamps]
+    if "control_clamp" in specs:
+        grid += [{**specs["control_clamp"], "values": [v]} for v in config.clamp_values]
     if "conditional_sae" in specs:
         cond = {
             **specs["conditional_sae"],
             "detector": discovery["gate"]["detector"],
             "threshold": discovery["gate"]["threshold"]["threshold"],
         }
-        grid += [{**cond, "steering": {**cond["steering"], "values": [v]}} for v in config.clamp_values]
+        grid += [{**cond, "steering": {**cond["steering"], **clamp}} for clamp in clamps]
     return grid
+
+
+def _schedule(decay: float) -> dict:
+    """The spec fields of a clamp schedule: none for the constant clamp, so its specs (and cached replies)
+    stay those of earlier runs."""
+    return {} if decay == 1.0 else {"decay": decay}
 
 
 def method_name(spec: dict, discovery: dict) -> str:
@@ -481,20 +494,24 @@ def named_points(rows: list[dict], discovery: dict) -> list[tuple[str, Point]]:
 
 
 def choose(rows: list[dict], discovery: dict) -> dict[str, dict]:
-    """Per method, the VALIDATION config with the highest unsafe refusal minus safe over-refusal (the report's
-    pooled rates, as plotted; ties: weaker steering, `report.strength`). The control feature gets the SAE
-    clamp's chosen value, as in the paper."""
+    """Per method, the VALIDATION config with the highest clear-refusal rate on unsafe prompts minus its
+    degenerate rate there and minus safe over-refusal (pooled rates; where a row lacks the quality judge's
+    rates, unsafe refusal minus over-refusal; ties: weaker steering, `report.strength`). The control feature
+    gets the SAE clamp's chosen value and schedule, as in the paper."""
     best: dict[str, tuple] = {}
     for name, point in named_points(rows, discovery):
         unsafe, safe = point.headline(*UNSAFE), point.headline(*SAFE)
         if not (unsafe and safe):
             continue
-        rank = (unsafe["value"] - safe["value"], -(point.strength[0] if point.strength else 0.0))
+        clear, degenerate = point.headline(*CLEAR), point.headline(*DEGENERATE_UNSAFE)
+        gain = clear["value"] - degenerate["value"] if clear and degenerate else unsafe["value"]
+        rank = (gain - safe["value"], -(point.strength[0] if point.strength else 0.0))
         if name not in best or rank > best[name][0]:
             best[name] = (rank, point.spec)
     chosen = {name: spec for name, (_, spec) in best.items()}
     if "sae_clamp" in chosen and "control_clamp" in chosen:
-        chosen["control_clamp"] = {**chosen["control_clamp"], "values": chosen["sae_clamp"]["values"]}
+        schedule = {k: v for k, v in chosen["sae_clamp"].items() if k in ("values", "decay")}
+        chosen["control_clamp"] = {**chosen["control_clamp"], **schedule}
     return chosen
 
 
