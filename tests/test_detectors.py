@@ -226,6 +226,19 @@ def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_uns
     with steering.applied(tiny_loaded):
         steered = generate(tiny_loaded, prompts, max_new_tokens=6)
     assert steered[1] == plain[1] and steered[0] != plain[0]
+    # the eval path generates only the flagged row under the steering; the other reply is the unsteered one
+    from saesteer.cache import ResultCache
+    from saesteer.evals import Decoding, SteeredModel
+    from saesteer.steering import Steering
+
+    assert steering.flags(tiny_loaded, prompts) == [True, False]
+    cache = ResultCache(tmp_path / "cache.jsonl")
+    decoding = Decoding(max_new_tokens=6)
+    replies = SteeredModel(tiny_loaded, steering, cache, progress=False).replies([flagged, clean], decoding)
+    assert replies == [steered[0], plain[1]]
+    unsteered = SteeredModel(tiny_loaded, Steering(), cache, progress=False)
+    hits = cache.hits
+    assert unsteered.replies([clean], decoding) == [plain[1]] and cache.hits == hits + 1  # shared entry
 
 
 def _ids(loaded, conversations):

@@ -123,7 +123,10 @@ class GateConfig:
         Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "last", 4),
         Candidate("probe", (0.4,), "user", c=0.01),
         Candidate("probe", (0.4,), "user", c=1.0),
+        Candidate("probe", (0.6,), "user", c=0.01),
+        Candidate("probe", (0.6,), "max"),
         Candidate("sae_probe", (), "user", c=0.05),
+        Candidate("sae_probe", (), "max", c=0.05),
     )
     """detector recipes compared; layers as fractions of the model's depth (0.6 = layer 18 of 30), a `sae_probe`
     reads the SAE's own layer"""

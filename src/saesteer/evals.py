@@ -65,7 +65,7 @@ from saesteer.scoring import (
     text_fidelity,
 )
 from saesteer.stats import bootstrap_ci, kappa_ci
-from saesteer.steering import Steering, parse_steering, render, steering_from_dict
+from saesteer.steering import Conditional, Steering, parse_steering, render, steering_from_dict
 
 SUITES = ("safety", "capability", "jailbreak", "fidelity")
 UNSAFE_SETS = ("advbench", "harmful_mix", "xstest_unsafe", "hh_rlhf_harmful", "written_harmful")
@@ -175,8 +175,20 @@ class SteeredModel:
         )
 
     def replies(self, conversations: list[Messages], decoding: Decoding, desc: str = "generate") -> list[str]:
-        """Greedy replies to each conversation (rendered after `steering.prepare`), steered."""
+        """Greedy replies to each conversation (rendered after `steering.prepare`), steered. Under conditional
+        steering only the prompts its gate flags are generated steered: the others get the unsteered reply
+        (they are left exactly as unsteered), from the cache entries an unsteered run shares."""
         prompts = self.render(conversations)
+        if not isinstance(self.steering, Conditional):
+            return self._generate(prompts, decoding, desc)
+        flagged = self.steering.flags(self.loaded, prompts, decoding.batch_size)
+        plain = SteeredModel(self.loaded, Steering(), self.cache, self.generate_fn, self.progress)
+        steered = iter(self._generate([p for p, f in zip(prompts, flagged) if f], decoding, desc))
+        unsteered = iter(plain._generate([p for p, f in zip(prompts, flagged) if not f], decoding, desc))
+        return [next(steered) if f else next(unsteered) for f in flagged]
+
+    def _generate(self, prompts: list[str], decoding: Decoding, desc: str) -> list[str]:
+        """Greedy replies to rendered prompts under this steering, cached."""
         keys = [self._key(kind="generate", prompt=p, decoding=asdict(decoding)) for p in prompts]
         found = {k: self.cache.get(k) for k in set(keys)}
         missing = sorted({p for p, k in zip(prompts, keys) if found[k] is None}, key=lambda p: (len(p), p))

@@ -411,6 +411,22 @@ class Conditional(Steering):
             loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask
         )
 
+    @torch.inference_mode()
+    def flags(self, loaded: LoadedModel, rendered: list[str], batch_size: int = 16) -> list[bool]:
+        """Whether the gate fires on each chat-rendered prompt (as it decides in `applied`)."""
+        out: list[bool] = []
+        for start in range(0, len(rendered), batch_size):
+            batch = loaded.tokenizer(
+                rendered[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(loaded.device)
+            out += (
+                self.scores(loaded, batch["input_ids"], batch["attention_mask"]) > self.threshold
+            ).tolist()
+        return out
+
     def edits_for(self, loaded: LoadedModel, input_ids: torch.Tensor) -> list[Edit]:
         flagged = bool(self.scores(loaded, input_ids, torch.ones_like(input_ids))[0] > self.threshold)
         return self.inner.edits(loaded) if flagged else []
