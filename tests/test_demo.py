@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import needs_default_model, run_cli
 
-from saesteer.demo import DemoConfig, run_demo
+from saesteer.demo import DEMO_SETS, DemoConfig, run_demo
 from saesteer.steering import PRESETS, shipped_dir
 
 
@@ -29,7 +29,7 @@ def test_demo_fallback_trains_an_sae_and_writes_the_report(tiny_model_dir, tmp_p
     rows = [json.loads(line) for line in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
     methods = {r["config"]["steering"]["method"] for r in rows}
     assert methods >= {"none"} and len(methods) >= 2  # unsteered + the discovered steering
-    assert {r["config"]["dataset"] for r in rows} >= {"advbench", "xstest_unsafe", "xstest_safe"}
+    assert {r["config"]["dataset"] for r in rows} >= set(DEMO_SETS)
     assert all(r["config"]["split"] == "test" for r in rows)
     page = html_path.read_text()
     assert "data:image/png;base64," in page and "unsteered" in page

@@ -19,7 +19,13 @@ from saesteer.evalsets import safety_prompts
 from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model
 from saesteer.steering import PRESETS, generate, parse_steering, shipped_dir, steering_from_dict
 
-DEMO_SETS = ("advbench", "xstest_unsafe", "xstest_safe")  # vendored: no ../shared needed
+DEMO_SETS = (
+    "advbench",
+    "xstest_unsafe",
+    "written_harmful",
+    "xstest_safe",
+    "written_benign",
+)  # vendored: no ../shared needed
 
 
 @dataclass
@@ -140,10 +146,11 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
         name: presets[name] if name in presets else parse_steering(name).to_dict() for name in config.methods
     }
 
-    prompts = (
-        safety_prompts("advbench", "test")[: config.examples]
-        + safety_prompts("xstest_safe", "test")[: config.examples]
-    )
+    prompts = [  # harmful and benign, imperative and everyday (the written sets' test splits open with it)
+        p
+        for name in ("advbench", "written_harmful", "xstest_safe", "written_benign")
+        for p in safety_prompts(name, "test")[: config.examples]
+    ]
     examples = side_by_side(loaded, methods, prompts, config.max_new_tokens)
     print_side_by_side(examples)
     examples_path = write_examples(out / "examples.jsonl", examples)

@@ -73,7 +73,7 @@ FOLDS = (
     ("benign:mmlu",),
     ("benign:gsm8k",),
     ("benign:written",),
-)  # leave-one-source-out folds: a harmful source leaves together with the benign source written in its style
+)  # leave-one-source-out folds: a harmful source leaves with the benign source of its style; any other source alone
 HELD_OUT_SOURCES = (
     "harmful_mix",
     "harmless",
@@ -604,9 +604,9 @@ def leave_one_source_out(candidate: Candidate, dev: Pool, held_out: Pool | None,
     folds = {}
     extra: dict[str, list[dict]] = {}
     present = set(dev.sources)
-    for fold in (tuple(s for s in fold if s in present) for fold in FOLDS):
-        if not fold:
-            continue
+    paired = [kept for kept in (tuple(s for s in fold if s in present) for fold in FOLDS) if kept]
+    alone = [(s,) for s in sorted(present - {s for fold in FOLDS for s in fold})]
+    for fold in paired + alone:
         left_out = np.array([s in fold for s in dev.sources])
         detector, gate = train_with_threshold(candidate, dev.select(~left_out), config)
         scores = pooled_scores(detector, dev.select(left_out), candidate, config.sae)
