@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from saesteer.errors import SaesteerError
 from saesteer.evalsets import safety_prompts, shared_available, subsample
 from saesteer.hooks import residuals_at
-from saesteer.models import LoadedModel, Messages, chat_prompts
+from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 
 KINDS = ("dim", "probe", "ensemble", "sae_probe")
 POOLINGS = ("last", "user", "max")
@@ -363,10 +363,7 @@ def score_prompts(
     conversations = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
     rendered = chat_prompts(loaded, conversations)
     out = []
-    for start in range(0, len(rendered), batch_size):
-        batch = loaded.tokenizer(
-            rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(loaded.device)
+    for batch in rendered_batches(loaded, rendered, batch_size):
         with torch.inference_mode():
             out.append(gate_scores(loaded, detector, batch["input_ids"], batch["attention_mask"]).cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError
 from saesteer.hooks import edit_residual, residual_at
-from saesteer.models import LoadedModel, chat_prompts
+from saesteer.models import LoadedModel, chat_prompts, rendered_batches
 from saesteer.steering import SAESteer, Steering, SystemPrompt, check_sae_fits, generate, load_sae
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
@@ -472,13 +472,7 @@ def diff_in_means(
     def mean_activation(prompts: list[str]) -> torch.Tensor:
         rendered = chat_prompts(loaded, [[{"role": "user", "content": p}] for p in prompts])
         total = torch.zeros(loaded.d_model)
-        for start in range(0, len(rendered), batch_size):
-            batch = loaded.tokenizer(
-                rendered[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(loaded.device)
+        for batch in rendered_batches(loaded, rendered, batch_size):
             hidden = residual_at(
                 loaded.model, batch["input_ids"], layer, "resid_post", batch["attention_mask"]
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,15 @@ def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str
     return [
         template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
     ]
+
+
+def rendered_batches(loaded: LoadedModel, rendered: list[str], batch_size: int) -> Iterator:
+    """Chat-rendered prompts in tokenized, left-padded batches of `batch_size` (no special tokens added: the
+    rendering has them), on the model's device."""
+    for start in range(0, len(rendered), batch_size):
+        yield loaded.tokenizer(
+            rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(loaded.device)
 
 
 def left_padded(

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import decoder_layers, edit_residual
-from saesteer.models import LoadedModel, Messages, chat_prompts
+from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 from saesteer.models import generate as generate_rendered
 
 POSITIONS = ("all", "prompt", "generated")
@@ -415,13 +415,7 @@ class Conditional(Steering):
     def flags(self, loaded: LoadedModel, rendered: list[str], batch_size: int = 16) -> list[bool]:
         """Whether the gate fires on each chat-rendered prompt (as it decides in `applied`)."""
         out: list[bool] = []
-        for start in range(0, len(rendered), batch_size):
-            batch = loaded.tokenizer(
-                rendered[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(loaded.device)
+        for batch in rendered_batches(loaded, rendered, batch_size):
             out += (
                 self.scores(loaded, batch["input_ids"], batch["attention_mask"]) > self.threshold
             ).tolist()
