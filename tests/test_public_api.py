@@ -1,6 +1,7 @@
 """The public API (`import saesteer`): its names, `generate` in every input form against the direct path,
 `evaluate`, and the README's Python example run as written."""
 
+import ast
 import json
 import re
 import subprocess
@@ -28,6 +29,17 @@ def readme_example() -> str:
     found = [b for b in blocks if b.startswith("import saesteer\n")]
     assert found, "README.md has no ```python block starting with `import saesteer`"
     return found[0]
+
+
+def readme_prompts(code: str) -> list[str]:
+    """The `prompts = [...]` list the README's example assigns."""
+    assigns = [
+        s
+        for s in ast.parse(code).body
+        if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) == "prompts"
+    ]
+    assert len(assigns) == 1, "the README's example must assign `prompts` once"
+    return ast.literal_eval(assigns[0].value)
 
 
 def direct(loaded, steering: Steering, conversations, max_new_tokens: int) -> list[str]:
@@ -177,7 +189,7 @@ def test_readme_example_runs_on_the_tiny_model(tiny_model_dir, direction, monkey
     from saesteer import steering
 
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 6 and code.count("saesteer.load_model()") == 1
+    assert len(ast.parse(code).body) <= 5 and code.count("saesteer.load_model()") == 1
     code = code.replace("saesteer.load_model()", f"saesteer.load_model({str(tiny_model_dir)!r})")
     tiny_preset = {
         "method": "conditional",
@@ -191,8 +203,7 @@ def test_readme_example_runs_on_the_tiny_model(tiny_model_dir, direction, monkey
     printed = capsys.readouterr().out
 
     loaded = saesteer.load_model(str(tiny_model_dir))
-    prompts = re.search(r"prompts = (\[.*\])", code).group(1)
-    conversations = [[{"role": "user", "content": q}] for q in json.loads(prompts)]
+    conversations = [[{"role": "user", "content": q}] for q in readme_prompts(code)]
     replies = direct(loaded, steering.steering_from_dict(tiny_preset), conversations, 40)
     assert printed == "".join(r.strip() + "\n" for r in replies)
 
@@ -205,7 +216,7 @@ def test_readme_example_runs_on_the_default_model(capsys):
     code = readme_example()
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out
-    prompts = json.loads(re.search(r"prompts = (\[.*\])", code).group(1))
+    prompts = readme_prompts(code)
     loaded = saesteer.load_model()
     plain = direct(loaded, Steering(), [[{"role": "user", "content": q}] for q in prompts], 40)
     assert printed.startswith("I'm sorry") and printed.endswith("\n" + plain[1].strip() + "\n")
