@@ -226,6 +226,33 @@ def test_schedules_release_and_decay_the_clamp(loaded, sae_dir):
             SAESteer(sae=sae_dir, features=[5], values=[1.0], **bad)
 
 
+def test_release_on_a_refusal_opener_frees_each_row_once_its_reply_holds_one(loaded, sae_dir):
+    steering = SAESteer(sae=sae_dir, features=[5], values=[60.0], release_on="decline")
+    [(_, point, read), (_, _, steer)] = steering.edits(loaded)
+    assert point == "input_ids"
+    prefill, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
+    read(torch.zeros(2, 7, dtype=torch.long))
+    assert not torch.equal(steer(prefill)[1], prefill[1])
+    decline = loaded.tokenizer("Well, I can't", add_special_tokens=False).input_ids
+    other = loaded.tokenizer("The quick brown fox jumps", add_special_tokens=False).input_ids
+    for t in range(len(decline)):
+        read(torch.tensor([[decline[t]], [other[t % len(other)]]]))
+        new = steer(step)
+        assert torch.equal(new[0], step[0]) == (t == len(decline) - 1)  # released once "i can't" is complete
+        assert not torch.equal(new[1], step[1])
+    read(torch.zeros(2, 7, dtype=torch.long))  # a new prefill steers every row again
+    assert not torch.equal(steer(prefill)[0], prefill[0])
+    # in generation: the tiny model never declines, so the release never fires
+    clamp = SAESteer(sae=sae_dir, features=[5], values=[60.0])
+    assert (
+        steered_generate(loaded, steering)
+        == steered_generate(loaded, clamp)
+        != steered_generate(loaded, Steering())
+    )
+    with pytest.raises(SaesteerError, match="unknown release_on 'never'"):
+        SAESteer(sae=sae_dir, features=[5], values=[1.0], release_on="never")
+
+
 def test_canned_and_prefixed_replies(loaded):
     text = "the lazy dog"
     canned = steered_generate(
@@ -301,6 +328,7 @@ FIELD_NAMES = [
     "layer",
     "generated_tokens",
     "decay",
+    "release_on",
     "direction",
     "alpha",
     "steering",

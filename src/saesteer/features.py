@@ -598,3 +598,101 @@ def baseline_specs(
         "harmless_flagged": float((harmless_scores > threshold).float().mean()),
     }
     return specs
+
+
+@dataclass
+class FitConfig:
+    """Clamp values fitted by gradient descent toward a complete refusal (`fit_clamp_values`)."""
+
+    steps: int = 30
+    """Adam steps on the values"""
+    lr: float = 0.5
+    """Adam learning rate, in latent units"""
+    l1: float = 0.0
+    """penalty per latent unit of sum |value|: pushes the values of unneeded features to 0"""
+    batch_size: int = 16
+    """prompts per forward and backward pass"""
+
+
+def _clamped_reply_nll(
+    loaded: LoadedModel, sae, features: torch.Tensor, values: torch.Tensor, decay: float, exchanges
+) -> torch.Tensor:
+    """Mean negative log-likelihood per reply token of (prompt, reply) pairs, teacher-forced, with the
+    features clamped to `values` (differentiable) on the prompt and on reply token t scaled by decay**t,
+    as `SAESteer` steers while generating. Every reply must have the same token length."""
+    tokenizer = loaded.tokenizer
+    prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in exchanges])
+    batch = tokenizer(
+        [p + r for p, (_, r) in zip(prompts, exchanges)],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    ).to(loaded.device)
+    n_reply = len(tokenizer(exchanges[0][1], add_special_tokens=False)["input_ids"])
+    width = batch["input_ids"].shape[1]
+    scale = torch.ones(width, device=loaded.device)
+    scale[width - n_reply :] = decay ** torch.arange(n_reply, device=loaded.device, dtype=torch.float32)
+    directions = sae.W_dec[features].float() / sae.cfg.norm_scale
+
+    def clamp(h: torch.Tensor) -> torch.Tensor:
+        current = sae.latent_codes(h.detach().float(), features)  # z does not depend on the values
+        return h + (scale[None, :, None] * ((values - current) @ directions)).to(h.dtype)
+
+    with edit_residual(loaded.model, sae.cfg.layer, clamp, sae.cfg.hook_point or "resid_post"):
+        logits = loaded.model(**batch, use_cache=False).logits[:, -n_reply - 1 : -1].float()
+    targets = batch["input_ids"][:, -n_reply:]  # left padding: every reply ends its row
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def fit_clamp_values(
+    loaded: LoadedModel,
+    sae,
+    features: list[int],
+    values: list[float],
+    prompts: list[str],
+    decay: float = 1.0,
+    config: FitConfig = FitConfig(),
+    progress: bool = True,
+) -> dict:
+    """Clamp values [k] for `features`, fitted from `values` so the clamped model answers harmful TRAIN
+    `prompts` with a complete refusal: one of `TEMPLATED_REFUSALS` (cycled) and then its end of turn, so
+    the fit also rewards stopping after the refusal instead of looping. Values stay >= 0 (latent codes are).
+    Returns {"values", "losses": per-step mean NLL per reply token, "initial_loss", "final_loss"}."""
+    if not features or len(features) != len(values):
+        raise SaesteerError("fitting needs features and starting values of the same, non-zero length")
+    if not prompts:
+        raise SaesteerError("fitting needs harmful train prompts")
+    end = loaded.tokenizer.eos_token or ""
+    groups = {}  # replies of one token length share a batch
+    for i, prompt in enumerate(prompts):
+        reply = TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)] + end
+        groups.setdefault(reply, []).append((prompt, reply))
+    chunks = [
+        pairs[start : start + config.batch_size]
+        for pairs in groups.values()
+        for start in range(0, len(pairs), config.batch_size)
+    ]
+    ids = torch.tensor(features, device=loaded.device)
+    fitted = torch.tensor(values, dtype=torch.float32, device=loaded.device, requires_grad=True)
+    optimizer = torch.optim.Adam([fitted], lr=config.lr)
+    losses = []
+    for _ in tqdm(range(config.steps + 1), desc="fit clamp values", disable=not progress):
+        optimizer.zero_grad()
+        total = 0.0
+        for chunk in chunks:
+            loss = _clamped_reply_nll(loaded, sae, ids, fitted, decay, chunk) * len(chunk) / len(prompts)
+            loss.backward()
+            total += float(loss)
+        losses.append(round(total, 4))
+        if len(losses) > config.steps:
+            break  # the last pass only measures the final values
+        (config.l1 * fitted.abs().sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            fitted.clamp_(min=0.0)
+    return {
+        "values": [round(float(v), 3) for v in fitted.detach()],
+        "losses": losses,
+        "initial_loss": losses[0],
+        "final_loss": losses[-1],
+    }

@@ -15,7 +15,9 @@ from torch import nn
 
 from saesteer.errors import SaesteerError
 
-HOOK_POINTS = ("resid_post", "resid_pre", "logits")  # "logits": the output head's logits [batch, pos, vocab]
+# "logits": the output head's logits [batch, pos, vocab]; "input_ids": the token ids [batch, pos] entering the
+# embeddings (read only: how a schedule sees which tokens were generated).
+HOOK_POINTS = ("resid_post", "resid_pre", "logits", "input_ids")
 # Where common architectures keep their decoder layers (Llama, Phi-3, Qwen2, Gemma2, Mistral | GPT-2 | NeoX).
 _LAYER_PATHS = (
     "model.layers",
@@ -57,14 +59,21 @@ def _replace_hidden(output, hidden):
 def edit_residual(model: nn.Module, layer: int, fn: ResidualFn, point: str = "resid_post") -> Iterator[None]:
     """Within the block, call `fn(hidden)` on the residual stream [batch, pos, d] at `layer`.
 
-    `point` is "resid_post" (output of decoder layer `layer`), "resid_pre" (its input) or "logits" (the
-    output head's logits; `layer` is then ignored). If `fn` returns a tensor it replaces what it was given;
-    returning None only reads it.
+    `point` is "resid_post" (output of decoder layer `layer`), "resid_pre" (its input), "logits" (the
+    output head's logits) or "input_ids" (the token ids [batch, pos] entering the embeddings, read only);
+    `layer` is ignored for the last two. If `fn` returns a tensor it replaces what it was given; returning
+    None only reads it.
     """
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise SaesteerError(f"layer {layer} is out of range: the model has layers 0..{len(layers) - 1}")
-    if point == "logits":
+    if point == "input_ids":
+
+        def read_ids(_module, args, kwargs):
+            fn(args[0] if args else kwargs["input"])
+
+        handle = model.get_input_embeddings().register_forward_pre_hook(read_ids, with_kwargs=True)
+    elif point == "logits":
         head = model.get_output_embeddings()
         if head is None:
             raise SaesteerError(f"{type(model).__name__} has no output head to edit logits at")

@@ -170,7 +170,8 @@ def is_refusal(verdict: str) -> bool:
     return verdict in (REFUSAL, PARTIAL_REFUSAL)
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """Lower case, straight apostrophes, single spaces: the form every marker list is matched in."""
     return " ".join(text.replace("\u2019", "'").replace("\u2018", "'").lower().split())
 
 
@@ -189,7 +190,7 @@ class StringMatchJudge:
     name: str = "string"
 
     def verdict(self, reply: str) -> str:
-        text = _normalise(reply)
+        text = normalise(reply)
         if not text:
             return EMPTY
         positions = [text.find(m) for m in self.markers if m in text]
@@ -211,7 +212,7 @@ class StrictStringJudge(StringMatchJudge):
         plain = super().verdict(reply)
         if plain == EMPTY or plain == COMPLIANCE:
             return plain
-        text = _normalise(reply)
+        text = normalise(reply)
         found = [m for m in self.markers if m in text]
         only_apologies = all(any(m in a for a in APOLOGY_MARKERS) for m in found)
         offers = any(o in text[: self.opening_chars] for o in OFFER_MARKERS)
@@ -442,7 +443,7 @@ def repetition_stats(reply: str) -> dict[str, float | int | bool]:
     `repeated_ngram_share` (share of word 4-grams that repeat an earlier one), `distinct_2` (distinct word
     bigrams / bigrams), `compression_ratio` (zlib bytes / raw bytes of the normalised text) and `loop`
     (`has_repetition_loop` on the words alone, so markdown table rules are not loops)."""
-    text = _normalise(reply)
+    text = normalise(reply)
     words = _WORD.findall(text)
     grams = [tuple(words[i : i + NGRAM]) for i in range(len(words) - NGRAM + 1)]
     bigrams = list(zip(words, words[1:]))
@@ -471,7 +472,7 @@ def is_repetitive(reply: str) -> bool:
 def _sentences(reply: str) -> list[str]:
     """Normalised sentences; a line break always ends one (so list items start sentences)."""
     parts = (part for line in reply.splitlines() for part in _SENTENCE_BREAK.split(line.strip()))
-    return [text for text in map(_normalise, parts) if text]
+    return [text for text in map(normalise, parts) if text]
 
 
 def _sentence_kind(sentence: str) -> str:

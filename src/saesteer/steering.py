@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import decoder_layers, edit_residual
+from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
 from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 from saesteer.models import generate as generate_rendered
 
@@ -95,7 +96,7 @@ def applied_per_row(loaded: LoadedModel, rows: list[list[Edit]]) -> Iterator[Non
     routes: dict[tuple[int, str], list[tuple[int, Callable]]] = {}
     for row, edits in enumerate(rows):
         for layer, point, fn in edits:
-            routes.setdefault((0 if point == "logits" else layer, point), []).append((row, fn))
+            routes.setdefault((0 if point in ("logits", "input_ids") else layer, point), []).append((row, fn))
 
     def routed(entries: list[tuple[int, Callable]]) -> Callable:
         def edit(h: torch.Tensor) -> torch.Tensor | None:
@@ -193,7 +194,8 @@ class SAESteer(Steering):
     x' = x + sum_i a_i W_dec[i]. Values are in the SAE's latent units; with `relative=True` they are
     multiples of each feature's `max_acts` (its max on the corpus).
     Schedules: `generated_tokens` releases the edit after that many generated tokens (the prompt is
-    always steered unless `positions` says otherwise); `decay` scales the edit on generated token t by decay**t.
+    always steered unless `positions` says otherwise); `decay` scales the edit on generated token t by decay**t;
+    `release_on` releases a row's edit once its reply so far holds a refusal opener (`RELEASE_MARKERS`).
     """
 
     method: ClassVar[str] = "sae"
@@ -208,6 +210,9 @@ class SAESteer(Steering):
     layer: int | None = None
     generated_tokens: int | None = None  # steer the prompt and only this many generated tokens, then release
     decay: float = 1.0  # on the t-th generated token the edit is scaled by decay**t (1: constant)
+    release_on: str | None = (
+        None  # "decline" or "apology": stop steering a reply once it holds one (RELEASE_MARKERS)
+    )
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -218,6 +223,10 @@ class SAESteer(Steering):
             raise SaesteerError(f"generated_tokens must be >= 0, not {self.generated_tokens}")
         if not 0 < self.decay <= 1:
             raise SaesteerError(f"decay must be in (0, 1], not {self.decay}")
+        if self.release_on is not None and self.release_on not in RELEASE_MARKERS:
+            raise SaesteerError(
+                f"unknown release_on {short(self.release_on)!r}: use one of {', '.join(RELEASE_MARKERS)}"
+            )
         if not self.features or len(self.features) != len(self.values):
             raise SaesteerError("SAE steering needs features and values of the same, non-zero length")
         if self.mode not in ("clamp", "add"):
@@ -243,6 +252,7 @@ class SAESteer(Steering):
         directions = sae.W_dec[features].float() / sae.cfg.norm_scale  # raw-space delta per latent unit
         targets = self.targets().to(loaded.device)
         step = {"t": -1}  # the generated token being processed: -1 in the prefill
+        released = ReleaseTracker(loaded.tokenizer, self.release_on) if self.release_on else None
 
         def steer(h: torch.Tensor) -> torch.Tensor | None:
             prefill = h.shape[1] > 1
@@ -251,13 +261,45 @@ class SAESteer(Steering):
                 return None
             if self.generated_tokens is not None and step["t"] >= self.generated_tokens:
                 return None
-            scale = self.decay ** max(step["t"], 0)
+            scale = torch.full((h.shape[0], 1, 1), self.decay ** max(step["t"], 0), device=h.device)
+            if released is not None:
+                scale[released.rows(h.shape[0], h.device)] = 0.0
             if self.mode == "add":
-                return h + (scale * targets @ directions).to(h.dtype)
+                return h + (scale * (targets @ directions)).to(h.dtype)
             current = sae.latent_codes(h.float(), features)  # z_i(x), the steered latents only
-            return h + (scale * (targets - current) @ directions).to(h.dtype)
+            return h + (scale * ((targets - current) @ directions)).to(h.dtype)
 
-        return [(layer, sae.cfg.hook_point or "resid_post", steer)]
+        edit = (layer, sae.cfg.hook_point or "resid_post", steer)
+        return [(0, "input_ids", released.read), edit] if released is not None else [edit]
+
+
+RELEASE_MARKERS = {"decline": DECLINE_PHRASES, "apology": REFUSAL_MARKERS}  # SAESteer.release_on
+
+
+class ReleaseTracker:
+    """Which rows' replies so far hold a refusal opener, from the token ids entering the model: a prefill
+    (several positions) starts new replies; each single-token decoding step appends a generated token."""
+
+    def __init__(self, tokenizer, release_on: str):
+        self.tokenizer, self.markers = tokenizer, RELEASE_MARKERS[release_on]
+        self.replies: list[list[int]] = []
+        self.done: list[bool] = []
+
+    def read(self, ids: torch.Tensor) -> None:
+        """The edit at "input_ids": ids [batch, pos]."""
+        if ids.shape[1] > 1:
+            self.replies, self.done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
+            return
+        for row, token in enumerate(ids[:, 0].tolist()):
+            if row < len(self.done) and not self.done[row]:
+                self.replies[row].append(token)
+                text = normalise(self.tokenizer.decode(self.replies[row], skip_special_tokens=True))
+                self.done[row] = any(marker in text for marker in self.markers)
+
+    def rows(self, batch: int, device) -> torch.Tensor:
+        """Bool [batch]: the rows to release."""
+        done = self.done if len(self.done) == batch else [False] * batch
+        return torch.tensor(done, dtype=torch.bool, device=device)
 
 
 def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
