@@ -111,3 +111,43 @@ def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_di
         "openai:http://x/v1:m",
     )
     assert code == 2 and "use strict or string" in out.err
+
+
+def test_fit_writes_a_spec_that_steers(monkeypatch, capsys, tiny_model_dir, tiny_sae, tmp_path):
+    import json
+
+    from saesteer.steering import parse_steering
+
+    out = tmp_path / "fit"
+    code, printed = run_cli(
+        monkeypatch, capsys, "fit", "--model", str(tiny_model_dir), "--sae", str(tiny_sae), "--features", "3,7",
+        "--values", "1,1", "--decay", "0.9", "--limit", "1", "--steps", "2", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, printed.err
+    spec = parse_steering(str(out / "steering.json"))
+    record = json.loads((out / "fit.json").read_text())
+    assert spec.features == [3, 7] and spec.decay == 0.9 and spec.values == record["values"]
+    assert (
+        record["n_prompts"] == 4
+        and len(record["losses"]) == 3
+        and "mean NLL per refusal token" in printed.out
+    )
+
+
+def test_fit_picks_candidates_by_attribution(monkeypatch, capsys, tiny_model_dir, tiny_sae, tmp_path):
+    import json
+
+    args = ["fit", "--model", str(tiny_model_dir), "--sae", str(tiny_sae), "--values", "2", "--limit", "1"]
+    code, printed = run_cli(
+        monkeypatch, capsys, *args, "--candidates", "3", "--steps", "0", "--out", str(tmp_path)
+    )
+    record = json.loads((tmp_path / "fit.json").read_text())
+    assert code == 0 and len(set(record["start"]["features"])) == 3 and record["values"] == [2.0, 2.0, 2.0]
+    for extra, message in (
+        ([], "give either --features or --candidates"),
+        (["--features", "1", "--release-on", "x"], "unknown release_on"),
+    ):
+        code, printed = run_cli(monkeypatch, capsys, *args, *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and message in printed.err and printed.err.count("\n") == 1
+    code, printed = run_cli(monkeypatch, capsys, *args, "--features", "9999", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "feature index 9999 is out of range" in printed.err

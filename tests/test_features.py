@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
+from saesteer.errors import SaesteerError
 from saesteer.features import (
     DiscoverConfig,
     auroc,
@@ -143,3 +144,54 @@ def test_threshold_for_recall():
     threshold = threshold_for_recall(scores, 0.6)
     assert (scores > threshold).sum() == 3
     assert (scores > threshold_for_recall(scores, 1.0)).all()
+
+
+def test_fit_loss_is_the_nll_of_steered_decoding(loaded, sae_dir):
+    """Teacher forcing with the clamp's schedule (prompt at full strength, reply token t at decay**t) scores
+    the reply exactly as steered generation would, token by token with a KV cache."""
+    from saesteer.features import _clamped_reply_nll
+    from saesteer.steering import SAESteer
+
+    sae, tokenizer = load_sae(sae_dir), loaded.tokenizer
+    prompt, reply = "the quick brown fox", "no, never the lazy dog" + tokenizer.eos_token
+    features, values = [3, 7], [5.0, 2.0]
+    nll = _clamped_reply_nll(
+        loaded, sae, torch.tensor(features), torch.tensor(values), 0.7, [(prompt, reply)]
+    )
+    rendered = chat_prompts(loaded, [[{"role": "user", "content": prompt}]])[0]
+    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids
+    reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
+    steering = SAESteer(sae=sae_dir, features=features, values=values, decay=0.7)
+    with steering.applied(loaded), torch.no_grad():
+        out = loaded.model(input_ids=ids, use_cache=True)
+        logps = [out.logits[0, -1].log_softmax(-1)[reply_ids[0]]]
+        for token, following in zip(reply_ids, reply_ids[1:]):
+            out = loaded.model(
+                input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+            )
+            logps.append(out.logits[0, -1].log_softmax(-1)[following])
+    assert float(nll.detach()) == pytest.approx(-float(torch.stack(logps).mean()), rel=1e-4)
+    undecayed = _clamped_reply_nll(
+        loaded, sae, torch.tensor(features), torch.tensor(values), 1.0, [(prompt, reply)]
+    )
+    assert float(undecayed.detach()) != pytest.approx(float(nll.detach()), rel=1e-4)
+
+
+def test_fit_clamp_values_lowers_the_refusal_loss(loaded, sae_dir):
+    from saesteer.features import FitConfig, fit_clamp_values
+
+    prompts = ["the quick brown fox", "over the lazy dog", "sparse autoencoders", "jumps"]
+    result = fit_clamp_values(
+        loaded,
+        load_sae(sae_dir),
+        [3, 7],
+        [1.0, 1.0],
+        prompts,
+        0.9,
+        FitConfig(steps=6, lr=2.0),
+        progress=False,
+    )
+    assert len(result["losses"]) == 7 and result["final_loss"] < result["initial_loss"]
+    assert all(v >= 0 for v in result["values"]) and result["values"] != [1.0, 1.0]
+    with pytest.raises(SaesteerError, match="same, non-zero length"):
+        fit_clamp_values(loaded, load_sae(sae_dir), [3], [1.0, 2.0], prompts)

@@ -25,6 +25,7 @@ app = typer.Typer(
 # the source, so importing the CLI loads neither torch nor the server's optional dependencies).
 COLLECT, SOURCE, TRAIN = "activations:CollectConfig", "corpus:TextSource", "trainer:TrainConfig"
 DISCOVER, GATE, REPRODUCE = "features:DiscoverConfig", "detectors:GateConfig", "reproduce:ReproduceConfig"
+FIT = "features:FitConfig"
 EVAL, DECODING, SERVE, DEMO = "evals:EvalConfig", "evals:Decoding", "serve:ServeConfig", "demo:DemoConfig"
 
 
@@ -347,6 +348,19 @@ def steer(
         )
 
 
+def _numbers(text: str, option: str, kind: type = float) -> list:
+    """Comma-separated finite numbers, or a one-line error naming the option."""
+    try:
+        numbers = [kind(v) for v in text.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise SaesteerError(
+            f"bad {option} {short(text)!r}: use finite numbers separated by commas, e.g. 8,16"
+        )
+    return numbers
+
+
 @app.command()
 def discover(
     sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
@@ -393,14 +407,7 @@ def discover(
     if judge not in ("strict", "string"):
         raise SaesteerError(f"unknown screen judge {short(judge)!r}: use strict or string")
     _writable_out(out, "dir")
-    try:
-        values = tuple(float(v) for v in screen_values.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) for v in values):
-        raise SaesteerError(
-            f"bad --screen-values {short(screen_values)!r}: use finite numbers separated by commas, e.g. 8,16"
-        )
+    values = tuple(_numbers(screen_values, "--screen-values"))
     refusal_judge = load_judge(judge)
     harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
@@ -446,6 +453,83 @@ def discover(
         typer.echo(
             f"best candidate: feature {best['feature']}; wrote {out / 'discovery.json'} and {out / 'discovery.md'}"
         )
+
+
+@app.command()
+def fit(
+    values: str = typer.Option(
+        ..., help="starting clamp values, comma-separated (one value: for every feature)"
+    ),
+    features: Optional[str] = typer.Option(
+        None, help="SAE features to clamp together, comma-separated, e.g. 5730,5904"
+    ),
+    candidates: int = typer.Option(
+        0,
+        min=0,
+        help="instead of --features: the features with the largest attribution toward a complete refusal "
+        "on the same train prompts",
+    ),
+    sae: str = typer.Option("builtin:sae", help="SAE folder, or builtin:sae (the shipped one)"),
+    model: str = _MODEL,
+    decay: float = typer.Option(
+        1.0, help="the clamp's schedule while generating: decay**t on generated token t"
+    ),
+    release_on: Optional[str] = typer.Option(
+        None, help="release each reply once it holds a refusal opener: decline or apology"
+    ),
+    limit: int = typer.Option(
+        16,
+        min=1,
+        help="harmful TRAIN prompts per set (advbench, xstest_unsafe, hh_rlhf_harmful, written_harmful)",
+    ),
+    steps: int = opt(FIT, "steps", min=0),
+    lr: float = opt(FIT, "lr", min=0.0),
+    l1: float = opt(FIT, "l1", min=0.0),
+    batch_size: int = opt(FIT, "batch_size", min=1),
+    out: Path = typer.Option(
+        Path("runs/fit"), help="folder for steering.json (the fitted spec) and fit.json"
+    ),
+    device: Optional[str] = _DEVICE,
+) -> None:
+    """Fit clamp values on TRAIN prompts by gradient descent so the clamped model replies with a complete
+    refusal and then ends its turn; writes a steering spec to evaluate like any other."""
+    import json
+    from dataclasses import asdict
+
+    from saesteer.evalsets import safety_prompts
+    from saesteer.features import FIT_SETS, FitConfig, fit_clamp_values, refusal_candidates
+    from saesteer.models import load_model
+    from saesteer.steering import SAESteer, check_sae_fits, load_sae, steering_from_dict
+
+    _writable_out(out, "dir")
+    if (features is None) == (candidates == 0):
+        raise SaesteerError("give either --features or --candidates")
+    starts = _numbers(values, "--values")
+    schedule = {"decay": decay, "release_on": release_on}
+    SAESteer(sae=sae, features=[0], values=[0.0], **schedule)  # a bad schedule fails before the model loads
+    loaded = load_model(model, device=device)
+    autoencoder = load_sae(sae).to(loaded.device)
+    check_sae_fits(autoencoder, loaded)
+    prompts = [p.text for name in FIT_SETS for p in safety_prompts(name, "train")[:limit]]
+    chosen = (
+        _numbers(features, "--features", int)
+        if features is not None
+        else refusal_candidates(loaded, autoencoder, prompts, candidates, batch_size)
+    )
+    starts = starts * len(chosen) if len(starts) == 1 else starts
+    start = SAESteer(sae=sae, features=chosen, values=starts, **schedule)
+    config = FitConfig(steps=steps, lr=lr, l1=l1, batch_size=batch_size)
+    result = fit_clamp_values(loaded, autoencoder, start.features, start.values, prompts, decay, config)
+    spec = steering_from_dict({**start.to_dict(), "values": result["values"]}).to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "steering.json").write_text(json.dumps(spec, indent=1))
+    record = {"start": start.to_dict(), "config": asdict(config), "limit": limit, "n_prompts": len(prompts)}
+    (out / "fit.json").write_text(json.dumps({**record, **result}, indent=1))
+    typer.echo(
+        f"values {start.values} -> {result['values']}; mean NLL per refusal token "
+        f"{result['initial_loss']:.3f} -> {result['final_loss']:.3f} on {len(prompts)} train prompts; "
+        f"wrote {out / 'steering.json'}"
+    )
 
 
 @app.command()

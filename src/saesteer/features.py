@@ -161,20 +161,23 @@ def refusal_attribution(
     sae,
     prompts: list[str],
     refusals: list[str],
-    compliances: list[str],
+    compliances: list[str] | None = None,
     batch_size: int = 16,
 ) -> torch.Tensor:
     """Per feature [n_latents]: the first-order change, averaged over prompts, in log p(refusal reply) -
-    log p(compliance reply) from adding one latent unit of the feature's decoder direction at every
-    position (attribution patching: one backward pass instead of a steered run per feature)."""
+    log p(compliance reply) (without compliances: log p(refusal reply) alone) from adding one latent unit
+    of the feature's decoder direction at every position (attribution patching: one backward pass instead
+    of a steered run per feature)."""
     layer, point = sae.cfg.layer, sae.cfg.hook_point or "resid_post"
     offset = torch.zeros(loaded.d_model, device=loaded.device, requires_grad=True)
     grad = torch.zeros(loaded.d_model, device=loaded.device)
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        gap = reply_logprob(
-            loaded, layer, point, list(zip(prompts[chunk], refusals[chunk])), offset
-        ) - reply_logprob(loaded, layer, point, list(zip(prompts[chunk], compliances[chunk])), offset)
+        gap = reply_logprob(loaded, layer, point, list(zip(prompts[chunk], refusals[chunk])), offset)
+        if compliances is not None:
+            gap = gap - reply_logprob(
+                loaded, layer, point, list(zip(prompts[chunk], compliances[chunk])), offset
+            )
         grad += torch.autograd.grad(gap, offset)[0]
     return ((sae.W_dec.float() / sae.cfg.norm_scale) @ grad / max(1, len(prompts))).cpu()
 
@@ -600,6 +603,14 @@ def baseline_specs(
     return specs
 
 
+FIT_SETS = (
+    "advbench",
+    "xstest_unsafe",
+    "hh_rlhf_harmful",
+    "written_harmful",
+)  # TRAIN prompts of `saesteer fit`
+
+
 @dataclass
 class FitConfig:
     """Clamp values fitted by gradient descent toward a complete refusal (`fit_clamp_values`)."""
@@ -612,6 +623,23 @@ class FitConfig:
     """penalty per latent unit of sum |value|: pushes the values of unneeded features to 0"""
     batch_size: int = 16
     """prompts per forward and backward pass"""
+
+
+def complete_refusals(loaded: LoadedModel, n: int) -> list[str]:
+    """`n` refusal replies, `TEMPLATED_REFUSALS` cycled, each ending the turn (the tokenizer's end token)."""
+    end = loaded.tokenizer.eos_token or ""
+    return [TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)] + end for i in range(n)]
+
+
+def refusal_candidates(
+    loaded: LoadedModel, sae, prompts: list[str], n: int, batch_size: int = 16
+) -> list[int]:
+    """The `n` features whose decoder directions most raise log p(complete refusal, then end of turn) on
+    harmful TRAIN `prompts` (attribution toward the whole refusal, not its first words), best first."""
+    attribution = refusal_attribution(
+        loaded, sae, prompts, complete_refusals(loaded, len(prompts)), batch_size=batch_size
+    )
+    return [int(f) for f in attribution.topk(min(n, len(attribution))).indices]
 
 
 def _clamped_reply_nll(
@@ -639,7 +667,7 @@ def _clamped_reply_nll(
         return h + (scale[None, :, None] * ((values - current) @ directions)).to(h.dtype)
 
     with edit_residual(loaded.model, sae.cfg.layer, clamp, sae.cfg.hook_point or "resid_post"):
-        logits = loaded.model(**batch, use_cache=False).logits[:, -n_reply - 1 : -1].float()
+        logits = loaded.model(**batch, use_cache=False, logits_to_keep=n_reply + 1).logits[:, :-1].float()
     targets = batch["input_ids"][:, -n_reply:]  # left padding: every reply ends its row
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -662,10 +690,13 @@ def fit_clamp_values(
         raise SaesteerError("fitting needs features and starting values of the same, non-zero length")
     if not prompts:
         raise SaesteerError("fitting needs harmful train prompts")
-    end = loaded.tokenizer.eos_token or ""
+    bad = [f for f in features if not 0 <= f < sae.cfg.n_latents]
+    if bad:
+        raise SaesteerError(
+            f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
+        )
     groups = {}  # replies of one token length share a batch
-    for i, prompt in enumerate(prompts):
-        reply = TEMPLATED_REFUSALS[i % len(TEMPLATED_REFUSALS)] + end
+    for prompt, reply in zip(prompts, complete_refusals(loaded, len(prompts))):
         groups.setdefault(reply, []).append((prompt, reply))
     chunks = [
         pairs[start : start + config.batch_size]
@@ -682,7 +713,7 @@ def fit_clamp_values(
         for chunk in chunks:
             loss = _clamped_reply_nll(loaded, sae, ids, fitted, decay, chunk) * len(chunk) / len(prompts)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         losses.append(round(total, 4))
         if len(losses) > config.steps:
             break  # the last pass only measures the final values
