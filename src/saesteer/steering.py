@@ -235,6 +235,12 @@ class SAESteer(Steering):
             raise SaesteerError("relative values need max_acts, one per feature (from `saesteer discover`)")
         _check_bounded("values", self.values)
 
+    def to_dict(self) -> dict:
+        spec = super().to_dict()
+        if self.release_on is None:  # newer than most results: omitted unset, so older specs and caches match
+            del spec["release_on"]
+        return spec
+
     def targets(self) -> torch.Tensor:
         """Absolute clamp/add values in latent units."""
         values = torch.tensor(self.values, dtype=torch.float32)
