@@ -60,6 +60,14 @@ def ranked(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda e: e["score"], reverse=True)
 
 
+def best_behind_gate(entries: list[dict]) -> dict:
+    """The SAE-based entry with the best worst-set gated score (ties: the pooled gated score)."""
+    return max(
+        (e for e in entries if "sae" in json.dumps(e["steering"])),
+        key=lambda e: (e["worst_gated_score"], e["gated_score"]),
+    )
+
+
 def markdown(entries: list[dict], command: str) -> str:
     cell = lambda r: f"{100 * r['value']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"  # noqa: E731
     lines = [
@@ -115,10 +123,7 @@ def main() -> None:
     ]
     subprocess.run([sys.executable, "-m", "saesteer", *command[1:]], check=True)
     entries = ranked(read_rows(out))
-    best_gated = max(
-        (e for e in entries if "sae" in json.dumps(e["steering"])),
-        key=lambda e: (e["worst_gated_score"], e["gated_score"]),
-    )
+    best_gated = best_behind_gate(entries)
     text = (
         markdown(entries, " ".join(command))
         + "\nBest SAE-based steering behind the gate (worst-set gated score, then gated score): "
