@@ -148,32 +148,34 @@ def test_threshold_for_recall():
 
 def test_fit_loss_is_the_nll_of_steered_decoding(loaded, sae_dir):
     """Teacher forcing with the clamp's schedule (prompt at full strength, reply token t at decay**t) scores
-    the reply exactly as steered generation would, token by token with a KV cache."""
+    the replies exactly as steered generation would, token by token with a KV cache (a batch of replies
+    of different lengths: the mean is over all their tokens)."""
     from saesteer.features import _clamped_reply_nll
     from saesteer.steering import SAESteer
 
     sae, tokenizer = load_sae(sae_dir), loaded.tokenizer
-    prompt, reply = "the quick brown fox", "no, never the lazy dog" + tokenizer.eos_token
+    exchanges = [
+        ("the quick brown fox", "no, never the lazy dog" + tokenizer.eos_token),
+        ("sparse autoencoders steer models over the lazy dog", "no" + tokenizer.eos_token),
+    ]
     features, values = [3, 7], [5.0, 2.0]
-    nll = _clamped_reply_nll(
-        loaded, sae, torch.tensor(features), torch.tensor(values), 0.7, [(prompt, reply)]
-    )
-    rendered = chat_prompts(loaded, [[{"role": "user", "content": prompt}]])[0]
-    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids
-    reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
+    nll = _clamped_reply_nll(loaded, sae, torch.tensor(features), torch.tensor(values), 0.7, exchanges)
     steering = SAESteer(sae=sae_dir, features=features, values=values, decay=0.7)
-    with steering.applied(loaded), torch.no_grad():
-        out = loaded.model(input_ids=ids, use_cache=True)
-        logps = [out.logits[0, -1].log_softmax(-1)[reply_ids[0]]]
-        for token, following in zip(reply_ids, reply_ids[1:]):
-            out = loaded.model(
-                input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
-            )
-            logps.append(out.logits[0, -1].log_softmax(-1)[following])
+    logps = []
+    for prompt, reply in exchanges:
+        rendered = chat_prompts(loaded, [[{"role": "user", "content": prompt}]])[0]
+        ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids
+        reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
+        with steering.applied(loaded), torch.no_grad():
+            out = loaded.model(input_ids=ids, use_cache=True)
+            logps.append(out.logits[0, -1].log_softmax(-1)[reply_ids[0]])
+            for token, following in zip(reply_ids, reply_ids[1:]):
+                out = loaded.model(
+                    input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+                )
+                logps.append(out.logits[0, -1].log_softmax(-1)[following])
     assert float(nll.detach()) == pytest.approx(-float(torch.stack(logps).mean()), rel=1e-4)
-    undecayed = _clamped_reply_nll(
-        loaded, sae, torch.tensor(features), torch.tensor(values), 1.0, [(prompt, reply)]
-    )
+    undecayed = _clamped_reply_nll(loaded, sae, torch.tensor(features), torch.tensor(values), 1.0, exchanges)
     assert float(undecayed.detach()) != pytest.approx(float(nll.detach()), rel=1e-4)
 
 

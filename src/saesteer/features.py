@@ -109,19 +109,29 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def exchange_batch(loaded: LoadedModel, exchanges: list[tuple[str, str]]) -> tuple[dict, list[int]]:
+    """Teacher-forcing input: (prompt, reply) pairs as left-padded token batches of the chat-rendered prompt
+    followed by its reply (so every reply ends its row), and each reply's length in tokens."""
+    tokenizer = loaded.tokenizer
+    prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in exchanges])
+    batch = tokenizer(
+        [p + r for p, (_, r) in zip(prompts, exchanges)],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    ).to(loaded.device)
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return batch, [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
+
+
 def reply_codes(
     loaded: LoadedModel, sae, exchanges: list[tuple[str, str]], batch_size: int = 16
 ) -> torch.Tensor:
     """Mean SAE code [N, n_latents] over the reply tokens of teacher-forced (prompt, reply) pairs."""
-    tokenizer, layer = loaded.tokenizer, sae.cfg.layer
+    layer = sae.cfg.layer
     means = []
     for start in range(0, len(exchanges), batch_size):
-        chunk = exchanges[start : start + batch_size]
-        prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in chunk])
-        full = [p + r for p, (_, r) in zip(prompts, chunk)]
-        batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-        prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        reply_lengths = [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
+        batch, reply_lengths = exchange_batch(loaded, exchanges[start : start + batch_size])
         hidden = residual_at(
             loaded.model, batch["input_ids"], layer, sae.cfg.hook_point, batch["attention_mask"]
         )
@@ -137,22 +147,13 @@ def reply_logprob(
 ) -> torch.Tensor:
     """Summed log-probability of every reply, teacher-forced after its chat-rendered prompt, with `offset`
     added to the residual stream at every position of `layer` (differentiable in `offset`)."""
-    tokenizer = loaded.tokenizer
-    prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in exchanges])
-    batch = tokenizer(
-        [p + r for p, (_, r) in zip(prompts, exchanges)],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    ).to(loaded.device)
-    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    batch, reply_lengths = exchange_batch(loaded, exchanges)
     with edit_residual(loaded.model, layer, lambda h: h + offset.to(h.dtype), point):
         logits = loaded.model(**batch, use_cache=False).logits.float()
     ids, width = batch["input_ids"], batch["input_ids"].shape[1]
     logp = (
         logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
     )  # logp[:, t] scores token t + 1
-    reply_lengths = [int(n) - p for n, p in zip(batch["attention_mask"].sum(1), prompt_lengths)]
     return sum(logp[row, width - 1 - n :].sum() for row, n in enumerate(reply_lengths))  # left padding
 
 
@@ -647,29 +648,22 @@ def _clamped_reply_nll(
 ) -> torch.Tensor:
     """Mean negative log-likelihood per reply token of (prompt, reply) pairs, teacher-forced, with the
     features clamped to `values` (differentiable) on the prompt and on reply token t scaled by decay**t,
-    as `SAESteer` steers while generating. Every reply must have the same token length."""
-    tokenizer = loaded.tokenizer
-    prompts = chat_prompts(loaded, [[{"role": "user", "content": p}] for p, _ in exchanges])
-    batch = tokenizer(
-        [p + r for p, (_, r) in zip(prompts, exchanges)],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    ).to(loaded.device)
-    n_reply = len(tokenizer(exchanges[0][1], add_special_tokens=False)["input_ids"])
-    width = batch["input_ids"].shape[1]
-    scale = torch.ones(width, device=loaded.device)
-    scale[width - n_reply :] = decay ** torch.arange(n_reply, device=loaded.device, dtype=torch.float32)
+    as `SAESteer` steers while generating."""
+    batch, lengths = exchange_batch(loaded, exchanges)
+    width, longest = batch["input_ids"].shape[1], max(lengths)
+    starts = width - torch.tensor(lengths, device=loaded.device)
+    reply_pos = torch.arange(width, device=loaded.device)[None, :] - starts[:, None]  # [B, T]; < 0: prompt
+    scale = torch.where(reply_pos >= 0, decay ** reply_pos.clamp(min=0).float(), 1.0)[..., None]
     directions = sae.W_dec[features].float() / sae.cfg.norm_scale
 
     def clamp(h: torch.Tensor) -> torch.Tensor:
         current = sae.latent_codes(h.detach().float(), features)  # z does not depend on the values
-        return h + (scale[None, :, None] * ((values - current) @ directions)).to(h.dtype)
+        return h + (scale * ((values - current) @ directions)).to(h.dtype)
 
     with edit_residual(loaded.model, sae.cfg.layer, clamp, sae.cfg.hook_point or "resid_post"):
-        logits = loaded.model(**batch, use_cache=False, logits_to_keep=n_reply + 1).logits[:, :-1].float()
-    targets = batch["input_ids"][:, -n_reply:]  # left padding: every reply ends its row
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        logits = loaded.model(**batch, use_cache=False, logits_to_keep=longest + 1).logits[:, :-1].float()
+    scored = reply_pos[:, -longest:] >= 0  # logits[:, t] predicts token width - longest + t
+    return torch.nn.functional.cross_entropy(logits[scored], batch["input_ids"][:, -longest:][scored])
 
 
 def fit_clamp_values(
@@ -695,14 +689,8 @@ def fit_clamp_values(
         raise SaesteerError(
             f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
         )
-    groups = {}  # replies of one token length share a batch
-    for prompt, reply in zip(prompts, complete_refusals(loaded, len(prompts))):
-        groups.setdefault(reply, []).append((prompt, reply))
-    chunks = [
-        pairs[start : start + config.batch_size]
-        for pairs in groups.values()
-        for start in range(0, len(pairs), config.batch_size)
-    ]
+    pairs = list(zip(prompts, complete_refusals(loaded, len(prompts))))
+    chunks = [pairs[start : start + config.batch_size] for start in range(0, len(pairs), config.batch_size)]
     ids = torch.tensor(features, device=loaded.device)
     fitted = torch.tensor(values, dtype=torch.float32, device=loaded.device, requires_grad=True)
     optimizer = torch.optim.Adam([fitted], lr=config.lr)
