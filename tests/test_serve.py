@@ -68,6 +68,14 @@ def specs(tmp_path_factory):
         "folder": str(folder),
         "actadd": {"method": "actadd", "direction": str(folder / "refusal.safetensors"), "alpha": 30.0},
         "sae": {"method": "sae", "sae": str(folder / "sae"), "features": [5, 17], "values": [60.0, 40.0]},
+        "sae_schedule": {  # a decaying clamp released by a refusal opener (token-aware: per-row state)
+            "method": "sae",
+            "sae": str(folder / "sae"),
+            "features": [5],
+            "values": [60.0],
+            "decay": 0.8,
+            "release_on": "decline",
+        },
     }
 
 
@@ -168,7 +176,7 @@ def test_length_and_stop_strings(client, reference):
     assert streamed(client, QUESTIONS[0], max_tokens=16, stop=stop)[0] == cut
 
 
-@pytest.mark.parametrize("name", ["actadd", "sae", "system_prompt"])
+@pytest.mark.parametrize("name", ["actadd", "sae", "sae_schedule", "system_prompt"])
 def test_steered_reply_equals_direct_steering(client, reference, specs, name):
     steering = specs.get(name, name)
     reply = ask(client, QUESTIONS[0], steering, max_tokens=12)
@@ -214,11 +222,13 @@ def test_tiny_temperature_samples_the_greedy_token(client, reference):
 
 
 def test_concurrent_mixed_requests_share_batches_without_leaking(client, served, reference, specs):
-    """Twelve requests at once, four steerings, three lengths: each reply equals its own direct reference,
+    """Fifteen requests at once, five steerings, three lengths: each reply equals its own direct reference,
     and rows with different steerings really shared decoding steps."""
     jobs = [
-        (QUESTIONS[i % 4], steering, 4 + 4 * (i % 3))
-        for i, steering in enumerate([None, specs["actadd"], specs["sae"], "system_prompt"] * 3)
+        (QUESTIONS[i % len(QUESTIONS)], steering, 4 + 4 * (i % 3))
+        for i, steering in enumerate(
+            [None, specs["actadd"], specs["sae"], specs["sae_schedule"], "system_prompt"] * 3
+        )
     ]
     with recorded_forwards(served[1].model, delay=0.01) as sizes, ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(
