@@ -181,7 +181,7 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
             ):
                 c = row["config"]
                 print(
-                    f"  {c['dataset']:<14}{row['metric']:<20}{100 * row['value']:5.1f}%  "
+                    f"  {c['dataset']:<16}{row['metric']:<20}{100 * row['value']:5.1f}%  "
                     f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]  n={row['n']}"
                 )
     return build_report(
