@@ -53,10 +53,12 @@ def ranked(rows: list[dict]) -> list[dict]:
                 - entry["values"][(name, "degenerate_rate")]["value"]
                 for name in UNSAFE_SETS
                 if (name, "clear_refusal_rate") in entry["values"]
+                and (name, "degenerate_rate") in entry["values"]
             }
-            entry["worst_set"] = min(per_set, key=per_set.get)
-            entry["worst_gated_score"] = per_set[entry["worst_set"]] - found[2]["value"]
-            out.append(entry)
+            if per_set:  # rows without per-set quality rates cannot be ranked by their worst set
+                entry["worst_set"] = min(per_set, key=per_set.get)
+                entry["worst_gated_score"] = per_set[entry["worst_set"]] - found[2]["value"]
+                out.append(entry)
     return sorted(out, key=lambda e: e["score"], reverse=True)
 
 

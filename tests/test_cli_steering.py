@@ -145,7 +145,8 @@ def test_fit_picks_candidates_by_attribution(monkeypatch, capsys, tiny_model_dir
     assert code == 0 and len(set(record["start"]["features"])) == 3 and record["values"] == [2.0, 2.0, 2.0]
     for extra, message in (
         ([], "give either --features or --candidates"),
-        (["--features", "1", "--release-on", "x"], "unknown release_on"),
+        (["--features", "1,2,3", "--values", "1,2"], "one value >= 0 for every feature"),
+        (["--features", "1", "--values", "-1"], "one value >= 0 for every feature"),
     ):
         code, printed = run_cli(monkeypatch, capsys, *args, *extra, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in printed.err and printed.err.count("\n") == 1

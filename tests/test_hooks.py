@@ -67,5 +67,17 @@ def test_bad_layer_and_point(ids):
     model = make_model("gpt2")
     with pytest.raises(SaesteerError, match="out of range"):
         residual_at(model, ids, 4)
-    with pytest.raises(SaesteerError, match="unknown hook point"):
+    with pytest.raises(SaesteerError, match="cannot read activations at 'mlp_out'"):
         residual_at(model, ids, 1, point="mlp_out")
+    with pytest.raises(SaesteerError, match="cannot read activations at 'input_ids'"):
+        residual_at(model, ids, 1, point="input_ids")
+    with (
+        pytest.raises(SaesteerError, match="unknown hook point"),
+        edit_residual(model, 1, lambda h: None, "mlp_out"),
+    ):
+        pass
+    with (
+        pytest.raises(SaesteerError, match="read-only"),
+        edit_residual(model, 1, lambda ids: ids + 1, "input_ids"),
+    ):
+        model(input_ids=ids)

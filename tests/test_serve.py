@@ -192,6 +192,27 @@ def test_steered_reply_equals_direct_steering(client, reference, specs, name):
         )
 
 
+def test_a_release_in_shared_batches_equals_its_direct_reply(client, reference, specs, monkeypatch):
+    """With a marker every text holds, the release fires on the first generated token of each request,
+    also when requests share decoding steps: each reply equals the prompt-only clamp's direct reply."""
+    from saesteer import steering as steering_module
+
+    monkeypatch.setitem(steering_module.RELEASE_MARKERS, "decline", ("",))
+    spec = specs["sae_schedule"]
+    prompt_only = {k: v for k, v in spec.items() if k not in ("release_on", "decay")} | {
+        "generated_tokens": 0
+    }
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        replies = list(
+            pool.map(lambda q: ask(client, q, spec, max_tokens=8).choices[0].message.content, QUESTIONS)
+        )
+    assert replies == [expected(reference, q, prompt_only, max_tokens=8) for q in QUESTIONS]
+    steered_throughout = [
+        expected(reference, q, {**spec, "release_on": None}, max_tokens=8) for q in QUESTIONS
+    ]
+    assert replies != steered_throughout
+
+
 def test_sampling_is_seeded(client):
     kw = dict(temperature=1.5, top_p=0.95, max_tokens=16)
     first, again = (ask(client, QUESTIONS[2], seed=7, **kw).choices[0].message.content for _ in range(2))

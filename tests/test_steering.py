@@ -253,6 +253,22 @@ def test_release_on_a_refusal_opener_frees_each_row_once_its_reply_holds_one(loa
         SAESteer(sae=sae_dir, features=[5], values=[1.0], release_on="never")
 
 
+def test_a_release_on_the_first_token_is_the_prompt_only_clamp(loaded, sae_dir, direction_file, monkeypatch):
+    """With a marker every text holds, each row is released after its first generated token: exactly the
+    clamp that steers only the prompt, in batched left-padded generation and behind a gate that flags all."""
+    from saesteer import steering as steering_module
+
+    monkeypatch.setitem(steering_module.RELEASE_MARKERS, "decline", ("",))
+    released = SAESteer(sae=sae_dir, features=[5], values=[60.0], decay=0.8, release_on="decline")
+    prompt_only = SAESteer(sae=sae_dir, features=[5], values=[60.0], generated_tokens=0)
+    decaying = SAESteer(sae=sae_dir, features=[5], values=[60.0], decay=0.8)
+    assert steered_generate(loaded, released) == steered_generate(loaded, prompt_only)
+    assert steered_generate(loaded, released) != steered_generate(loaded, decaying)
+    gate = {"detector": direction_file, "threshold": -1e9}
+    gated = Conditional(steering=released.to_dict(), **gate)
+    assert steered_generate(loaded, gated) == steered_generate(loaded, prompt_only)
+
+
 def test_canned_and_prefixed_replies(loaded):
     text = "the lazy dog"
     canned = steered_generate(

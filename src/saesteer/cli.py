@@ -474,9 +474,6 @@ def fit(
     decay: float = typer.Option(
         1.0, help="the clamp's schedule while generating: decay**t on generated token t"
     ),
-    release_on: Optional[str] = typer.Option(
-        None, help="release each reply once it holds a refusal opener: decline or apology"
-    ),
     limit: int = typer.Option(
         16,
         min=1,
@@ -505,19 +502,19 @@ def fit(
     if (features is None) == (candidates == 0):
         raise SaesteerError("give either --features or --candidates")
     starts = _numbers(values, "--values")
-    schedule = {"decay": decay, "release_on": release_on}
-    SAESteer(sae=sae, features=[0], values=[0.0], **schedule)  # a bad schedule fails before the model loads
+    given = _numbers(features, "--features", int) if features is not None else None
+    if len(starts) not in (1, len(given or starts)) or any(v < 0 for v in starts):
+        raise SaesteerError("--values: one value >= 0 for every feature, or a single value for all")
+    SAESteer(
+        sae=sae, features=[0], values=starts[:1], decay=decay
+    )  # a bad value or decay fails before loading
     loaded = load_model(model, device=device)
     autoencoder = load_sae(sae).to(loaded.device)
     check_sae_fits(autoencoder, loaded)
     prompts = [p.text for name in FIT_SETS for p in safety_prompts(name, "train")[:limit]]
-    chosen = (
-        _numbers(features, "--features", int)
-        if features is not None
-        else refusal_candidates(loaded, autoencoder, prompts, candidates, batch_size)
-    )
+    chosen = given or refusal_candidates(loaded, autoencoder, prompts, candidates, batch_size)
     starts = starts * len(chosen) if len(starts) == 1 else starts
-    start = SAESteer(sae=sae, features=chosen, values=starts, **schedule)
+    start = SAESteer(sae=sae, features=chosen, values=starts, decay=decay)
     config = FitConfig(steps=steps, lr=lr, l1=l1, batch_size=batch_size)
     result = fit_clamp_values(loaded, autoencoder, start.features, start.values, prompts, decay, config)
     spec = steering_from_dict({**start.to_dict(), "values": result["values"]}).to_dict()

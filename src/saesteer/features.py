@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
-from saesteer.errors import SaesteerError
+from saesteer.errors import SaesteerError, short
 from saesteer.hooks import edit_residual, residual_at
 from saesteer.models import LoadedModel, chat_prompts, rendered_batches
 from saesteer.steering import SAESteer, Steering, SystemPrompt, check_sae_fits, generate, load_sae
@@ -644,7 +644,13 @@ def refusal_candidates(
 
 
 def _clamped_reply_nll(
-    loaded: LoadedModel, sae, features: torch.Tensor, values: torch.Tensor, decay: float, exchanges
+    loaded: LoadedModel,
+    sae,
+    layer: int,
+    features: torch.Tensor,
+    values: torch.Tensor,
+    decay: float,
+    exchanges,
 ) -> torch.Tensor:
     """Mean negative log-likelihood per reply token of (prompt, reply) pairs, teacher-forced, with the
     features clamped to `values` (differentiable) on the prompt and on reply token t scaled by decay**t,
@@ -660,7 +666,7 @@ def _clamped_reply_nll(
         current = sae.latent_codes(h.detach().float(), features)  # z does not depend on the values
         return h + (scale * ((values - current) @ directions)).to(h.dtype)
 
-    with edit_residual(loaded.model, sae.cfg.layer, clamp, sae.cfg.hook_point or "resid_post"):
+    with edit_residual(loaded.model, layer, clamp, sae.cfg.hook_point or "resid_post"):
         logits = loaded.model(**batch, use_cache=False, logits_to_keep=longest + 1).logits[:, :-1].float()
     scored = reply_pos[:, -longest:] >= 0  # logits[:, t] predicts token width - longest + t
     return torch.nn.functional.cross_entropy(logits[scored], batch["input_ids"][:, -longest:][scored])
@@ -689,6 +695,9 @@ def fit_clamp_values(
         raise SaesteerError(
             f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
         )
+    if any(v < 0 for v in values):
+        raise SaesteerError(f"clamp values start >= 0 (latent codes are), not {short(values)}")
+    layer = check_sae_fits(sae, loaded)
     pairs = list(zip(prompts, complete_refusals(loaded, len(prompts))))
     chunks = [pairs[start : start + config.batch_size] for start in range(0, len(pairs), config.batch_size)]
     ids = torch.tensor(features, device=loaded.device)
@@ -699,7 +708,9 @@ def fit_clamp_values(
         optimizer.zero_grad()
         total = 0.0
         for chunk in chunks:
-            loss = _clamped_reply_nll(loaded, sae, ids, fitted, decay, chunk) * len(chunk) / len(prompts)
+            loss = (
+                _clamped_reply_nll(loaded, sae, layer, ids, fitted, decay, chunk) * len(chunk) / len(prompts)
+            )
             loss.backward()
             total += float(loss.detach())
         losses.append(round(total, 4))
@@ -709,6 +720,10 @@ def fit_clamp_values(
         optimizer.step()
         with torch.no_grad():
             fitted.clamp_(min=0.0)
+        if not torch.isfinite(fitted).all():
+            raise SaesteerError(
+                f"the fit diverged at step {len(losses)} (values {short(fitted.tolist())}): lower the lr"
+            )
     return {
         "values": [round(float(v), 3) for v in fitted.detach()],
         "losses": losses,

@@ -17,7 +17,8 @@ from saesteer.errors import SaesteerError
 
 # "logits": the output head's logits [batch, pos, vocab]; "input_ids": the token ids [batch, pos] entering the
 # embeddings (read only: how a schedule sees which tokens were generated).
-HOOK_POINTS = ("resid_post", "resid_pre", "logits", "input_ids")
+RESIDUAL_POINTS = ("resid_post", "resid_pre")  # where activations are read (collect, detectors, SAEs)
+HOOK_POINTS = (*RESIDUAL_POINTS, "logits", "input_ids")
 # Where common architectures keep their decoder layers (Llama, Phi-3, Qwen2, Gemma2, Mistral | GPT-2 | NeoX).
 _LAYER_PATHS = (
     "model.layers",
@@ -70,7 +71,8 @@ def edit_residual(model: nn.Module, layer: int, fn: ResidualFn, point: str = "re
     if point == "input_ids":
 
         def read_ids(_module, args, kwargs):
-            fn(args[0] if args else kwargs["input"])
+            if fn(args[0] if args else kwargs["input"]) is not None:
+                raise SaesteerError("the input_ids hook point is read-only: token ids cannot be edited")
 
         handle = model.get_input_embeddings().register_forward_pre_hook(read_ids, with_kwargs=True)
     elif point == "logits":
@@ -116,6 +118,8 @@ def residuals_at(
     attention_mask: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """The residual stream [batch, pos, d] at each of `layers`, running only up to the last of them."""
+    if point not in RESIDUAL_POINTS:
+        raise SaesteerError(f"cannot read activations at {point!r}: use one of {', '.join(RESIDUAL_POINTS)}")
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
 

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
-from saesteer.hooks import decoder_layers, edit_residual
+from saesteer.hooks import RESIDUAL_POINTS, decoder_layers, edit_residual
 from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
 from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 from saesteer.models import generate as generate_rendered
@@ -269,7 +269,10 @@ class SAESteer(Steering):
                 return None
             scale = torch.full((h.shape[0], 1, 1), self.decay ** max(step["t"], 0), device=h.device)
             if released is not None:
-                scale[released.rows(h.shape[0], h.device)] = 0.0
+                free = released.rows(h.shape[0], h.device)
+                if free.all():
+                    return None
+                scale[free] = 0.0
             if self.mode == "add":
                 return h + (scale * (targets @ directions)).to(h.dtype)
             current = sae.latent_codes(h.float(), features)  # z_i(x), the steered latents only
@@ -279,12 +282,18 @@ class SAESteer(Steering):
         return [(0, "input_ids", released.read), edit] if released is not None else [edit]
 
 
-RELEASE_MARKERS = {"decline": DECLINE_PHRASES, "apology": REFUSAL_MARKERS}  # SAESteer.release_on
+# SAESteer.release_on: "decline" = an explicit decline ("i can't", "i'm unable to", ...); "apology" = any of the
+# refusal judge's markers (apologies, "as an ai", and every decline).
+RELEASE_MARKERS = {"decline": DECLINE_PHRASES, "apology": REFUSAL_MARKERS}
 
 
 class ReleaseTracker:
-    """Which rows' replies so far hold a refusal opener, from the token ids entering the model: a prefill
-    (several positions) starts new replies; each single-token decoding step appends a generated token."""
+    """Which rows' replies hold one of the markers yet (matched as the refusal judge matches them: in the
+    normalised text, anywhere), from the token ids entering the model: a prefill (several positions)
+    starts new replies; each single-token decoding step appends a generated token. A released row stays
+    released, so each step decodes only the reply's last `WINDOW` tokens, where a new marker must end."""
+
+    WINDOW = 16  # tokens: longer than any marker
 
     def __init__(self, tokenizer, release_on: str):
         self.tokenizer, self.markers = tokenizer, RELEASE_MARKERS[release_on]
@@ -293,23 +302,28 @@ class ReleaseTracker:
 
     def read(self, ids: torch.Tensor) -> None:
         """The edit at "input_ids": ids [batch, pos]."""
-        if ids.shape[1] > 1:
+        if ids.shape[1] > 1 or ids.shape[0] != len(self.done):  # a prefill, or a batch this tracker never saw
             self.replies, self.done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
-            return
+            if ids.shape[1] > 1:
+                return
         for row, token in enumerate(ids[:, 0].tolist()):
-            if row < len(self.done) and not self.done[row]:
+            if not self.done[row]:
                 self.replies[row].append(token)
-                text = normalise(self.tokenizer.decode(self.replies[row], skip_special_tokens=True))
-                self.done[row] = any(marker in text for marker in self.markers)
+                tail = self.tokenizer.decode(self.replies[row][-self.WINDOW :], skip_special_tokens=True)
+                self.done[row] = any(marker in normalise(tail) for marker in self.markers)
 
     def rows(self, batch: int, device) -> torch.Tensor:
-        """Bool [batch]: the rows to release."""
+        """Bool [batch]: the rows to release (none before this tracker has read the batch)."""
         done = self.done if len(self.done) == batch else [False] * batch
         return torch.tensor(done, dtype=torch.bool, device=device)
 
 
 def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
-    """The layer to steer at, after checking the SAE was made for this model's width."""
+    """The layer to steer at, after checking the SAE was made for this model's width and reads the residual stream."""
+    if (sae.cfg.hook_point or "resid_post") not in RESIDUAL_POINTS:
+        raise SaesteerError(
+            f"the SAE reads {short(sae.cfg.hook_point)!r}: steering needs one of {', '.join(RESIDUAL_POINTS)}"
+        )
     if sae.cfg.d_in != loaded.d_model:
         raise SaesteerError(
             f"the SAE reads d_in={sae.cfg.d_in} but {loaded.spec} has d_model={loaded.d_model}: "
@@ -410,8 +424,8 @@ class Conditional(Steering):
 
     Before each prefill the prompt is run, unsteered and only up to the detector's layers, and scored
     (`saesteer.detectors`): the gate score is the maximum over the whole conversation and each of its user
-    turns alone, so a harmful turn early in a conversation still counts. Rows scoring above `threshold` are
-    steered for the whole generation; the others are left exactly as unsteered. `detector` is a file from
+    turns alone, so a harmful turn early in a conversation still counts. Rows scoring above `threshold` get
+    the inner steering (with its schedule); the others are left exactly as unsteered. `detector` is a file from
     `saesteer gate` or a direction file; `layer` and `tokens` (the last positions averaged) apply to
     direction files only.
     """
