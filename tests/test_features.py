@@ -151,7 +151,7 @@ def test_fit_loss_is_the_nll_of_steered_decoding(loaded, sae_dir):
     the replies exactly as steered generation would, token by token with a KV cache (a batch of replies
     of different lengths: the mean is over all their tokens)."""
     from saesteer.features import _clamped_reply_nll
-    from saesteer.steering import SAESteer
+    from saesteer.steering import SAESteer, feature_directions
 
     sae, tokenizer = load_sae(sae_dir), loaded.tokenizer
     exchanges = [
@@ -159,9 +159,8 @@ def test_fit_loss_is_the_nll_of_steered_decoding(loaded, sae_dir):
         ("sparse autoencoders steer models over the lazy dog", "no" + tokenizer.eos_token),
     ]
     features, values = [3, 7], [5.0, 2.0]
-    nll = _clamped_reply_nll(
-        loaded, sae, sae.cfg.layer, torch.tensor(features), torch.tensor(values), 0.7, exchanges
-    )
+    clamped = feature_directions(sae, features, "cpu")
+    nll = _clamped_reply_nll(loaded, sae, sae.cfg.layer, *clamped, torch.tensor(values), 0.7, exchanges)
     steering = SAESteer(sae=sae_dir, features=features, values=values, decay=0.7)
     logps = []
     for prompt, reply in exchanges:
@@ -177,9 +176,7 @@ def test_fit_loss_is_the_nll_of_steered_decoding(loaded, sae_dir):
                 )
                 logps.append(out.logits[0, -1].log_softmax(-1)[following])
     assert float(nll.detach()) == pytest.approx(-float(torch.stack(logps).mean()), rel=1e-4)
-    undecayed = _clamped_reply_nll(
-        loaded, sae, sae.cfg.layer, torch.tensor(features), torch.tensor(values), 1.0, exchanges
-    )
+    undecayed = _clamped_reply_nll(loaded, sae, sae.cfg.layer, *clamped, torch.tensor(values), 1.0, exchanges)
     assert float(undecayed.detach()) != pytest.approx(float(nll.detach()), rel=1e-4)
 
 

@@ -24,7 +24,16 @@ from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import edit_residual, residual_at
 from saesteer.models import LoadedModel, chat_prompts, rendered_batches
-from saesteer.steering import SAESteer, Steering, SystemPrompt, check_sae_fits, generate, load_sae
+from saesteer.steering import (
+    SAESteer,
+    Steering,
+    SystemPrompt,
+    check_sae_fits,
+    clamp_shift,
+    feature_directions,
+    generate,
+    load_sae,
+)
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
 TEMPLATED_REFUSALS = (
@@ -648,23 +657,22 @@ def _clamped_reply_nll(
     sae,
     layer: int,
     features: torch.Tensor,
+    directions: torch.Tensor,
     values: torch.Tensor,
     decay: float,
     exchanges,
 ) -> torch.Tensor:
     """Mean negative log-likelihood per reply token of (prompt, reply) pairs, teacher-forced, with the
-    features clamped to `values` (differentiable) on the prompt and on reply token t scaled by decay**t,
+    features (ids [k], decoder rows [k, d] from `feature_directions`) clamped to `values` (differentiable) on the prompt and on reply token t scaled by decay**t,
     as `SAESteer` steers while generating."""
     batch, lengths = exchange_batch(loaded, exchanges)
     width, longest = batch["input_ids"].shape[1], max(lengths)
     starts = width - torch.tensor(lengths, device=loaded.device)
     reply_pos = torch.arange(width, device=loaded.device)[None, :] - starts[:, None]  # [B, T]; < 0: prompt
     scale = torch.where(reply_pos >= 0, decay ** reply_pos.clamp(min=0).float(), 1.0)[..., None]
-    directions = sae.W_dec[features].float() / sae.cfg.norm_scale
 
     def clamp(h: torch.Tensor) -> torch.Tensor:
-        current = sae.latent_codes(h.detach().float(), features)  # z does not depend on the values
-        return h + (scale * ((values - current) @ directions)).to(h.dtype)
+        return h + (scale * clamp_shift(sae, h, features, values, directions)).to(h.dtype)
 
     with edit_residual(loaded.model, layer, clamp, sae.cfg.hook_point or "resid_post"):
         logits = loaded.model(**batch, use_cache=False, logits_to_keep=longest + 1).logits[:, :-1].float()
@@ -690,17 +698,12 @@ def fit_clamp_values(
         raise SaesteerError("fitting needs features and starting values of the same, non-zero length")
     if not prompts:
         raise SaesteerError("fitting needs harmful train prompts")
-    bad = [f for f in features if not 0 <= f < sae.cfg.n_latents]
-    if bad:
-        raise SaesteerError(
-            f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
-        )
+    ids, directions = feature_directions(sae, features, loaded.device)
     if any(v < 0 for v in values):
         raise SaesteerError(f"clamp values start >= 0 (latent codes are), not {short(values)}")
     layer = check_sae_fits(sae, loaded)
     pairs = list(zip(prompts, complete_refusals(loaded, len(prompts))))
     chunks = [pairs[start : start + config.batch_size] for start in range(0, len(pairs), config.batch_size)]
-    ids = torch.tensor(features, device=loaded.device)
     fitted = torch.tensor(values, dtype=torch.float32, device=loaded.device, requires_grad=True)
     optimizer = torch.optim.Adam([fitted], lr=config.lr)
     losses = []
@@ -709,7 +712,9 @@ def fit_clamp_values(
         total = 0.0
         for chunk in chunks:
             loss = (
-                _clamped_reply_nll(loaded, sae, layer, ids, fitted, decay, chunk) * len(chunk) / len(prompts)
+                _clamped_reply_nll(loaded, sae, layer, ids, directions, fitted, decay, chunk)
+                * len(chunk)
+                / len(prompts)
             )
             loss.backward()
             total += float(loss.detach())

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
-from saesteer.hooks import RESIDUAL_POINTS, decoder_layers, edit_residual
+from saesteer.hooks import LAYERLESS_POINTS, RESIDUAL_POINTS, decoder_layers, edit_residual
 from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
 from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 from saesteer.models import generate as generate_rendered
@@ -96,7 +96,7 @@ def applied_per_row(loaded: LoadedModel, rows: list[list[Edit]]) -> Iterator[Non
     routes: dict[tuple[int, str], list[tuple[int, Callable]]] = {}
     for row, edits in enumerate(rows):
         for layer, point, fn in edits:
-            routes.setdefault((0 if point in ("logits", "input_ids") else layer, point), []).append((row, fn))
+            routes.setdefault((0 if point in LAYERLESS_POINTS else layer, point), []).append((row, fn))
 
     def routed(entries: list[tuple[int, Callable]]) -> Callable:
         def edit(h: torch.Tensor) -> torch.Tensor | None:
@@ -249,13 +249,7 @@ class SAESteer(Steering):
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         sae = load_sae(self.sae).to(loaded.device)
         layer = check_sae_fits(sae, loaded, self.layer)
-        bad = [f for f in self.features if not 0 <= f < sae.cfg.n_latents]
-        if bad:
-            raise SaesteerError(
-                f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
-            )
-        features = torch.tensor(self.features, device=loaded.device)
-        directions = sae.W_dec[features].float() / sae.cfg.norm_scale  # raw-space delta per latent unit
+        features, directions = feature_directions(sae, self.features, loaded.device)
         targets = self.targets().to(loaded.device)
         step = {"t": -1}  # the generated token being processed: -1 in the prefill
         released = ReleaseTracker(loaded.tokenizer, self.release_on) if self.release_on else None
@@ -275,8 +269,7 @@ class SAESteer(Steering):
                 scale[free] = 0.0
             if self.mode == "add":
                 return h + (scale * (targets @ directions)).to(h.dtype)
-            current = sae.latent_codes(h.float(), features)  # z_i(x), the steered latents only
-            return h + (scale * ((targets - current) @ directions)).to(h.dtype)
+            return h + (scale * clamp_shift(sae, h, features, targets, directions)).to(h.dtype)
 
         edit = (layer, sae.cfg.hook_point or "resid_post", steer)
         return [(0, "input_ids", released.read), edit] if released is not None else [edit]
@@ -316,6 +309,26 @@ class ReleaseTracker:
         """Bool [batch]: the rows to release (none before this tracker has read the batch)."""
         done = self.done if len(self.done) == batch else [False] * batch
         return torch.tensor(done, dtype=torch.bool, device=device)
+
+
+def feature_directions(sae, features: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature ids [k] and their decoder rows in raw residual units [k, d] (the shift per latent unit),
+    after checking every id is one of the SAE's features."""
+    bad = [f for f in features if not 0 <= f < sae.cfg.n_latents]
+    if bad:
+        raise SaesteerError(
+            f"feature index {bad[0]} is out of range: the SAE has features 0..{sae.cfg.n_latents - 1}"
+        )
+    ids = torch.tensor(features, device=device)
+    return ids, sae.W_dec[ids].float() / sae.cfg.norm_scale
+
+
+def clamp_shift(
+    sae, h: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, directions
+) -> torch.Tensor:
+    """The clamp's edit x' - x [..., d] of residuals h [..., d]: sum_i (c_i - z_i(h)) W_dec[i], with z_i(h)
+    the SAE's codes of the steered features (read without gradient: only the targets c [k] may carry one)."""
+    return (targets - sae.latent_codes(h.detach().float(), features)) @ directions
 
 
 def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
