@@ -9,7 +9,7 @@ import torch
 from saesteer import detectors
 from saesteer.detectors import Candidate, Detector, GateConfig, Pool
 from saesteer.errors import SaesteerError
-from saesteer.models import chat_prompts, generate
+from saesteer.models import chat_prompts, reference_generate
 from saesteer.steering import Conditional, save_direction
 
 HARMFUL = ["the quick brown fox jumps", "quick quick fox", "brown fox over the fox", "the fox jumps quick"]
@@ -222,9 +222,9 @@ def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_uns
         threshold=threshold,
     )
     prompts = chat_prompts(tiny_loaded, [flagged, clean])
-    plain = generate(tiny_loaded, prompts, max_new_tokens=6)
+    plain = reference_generate(tiny_loaded, prompts, max_new_tokens=6)
     with steering.applied(tiny_loaded):
-        steered = generate(tiny_loaded, prompts, max_new_tokens=6)
+        steered = reference_generate(tiny_loaded, prompts, max_new_tokens=6)
     assert steered[1] == plain[1] and steered[0] != plain[0]
     # the eval path generates only the flagged row under the steering; the other reply is the unsteered one
     from saesteer.cache import ResultCache

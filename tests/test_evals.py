@@ -41,7 +41,7 @@ class Scripted:
     def __init__(self, reply):
         self.reply, self.calls = reply, 0
 
-    def __call__(self, loaded, prompts, max_new_tokens, batch_size):
+    def __call__(self, loaded, prompts, steering, max_new_tokens, batch_size):
         self.calls += len(prompts)
         return [self.reply(p) if callable(self.reply) else self.reply for p in prompts]
 

@@ -18,7 +18,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from saesteer.errors import SaesteerError  # noqa: E402
 from saesteer.evals import SteeredModel  # noqa: E402
 from saesteer.lmeval import SaesteerLM  # noqa: E402
-from saesteer.models import generate  # noqa: E402
+from saesteer.models import reference_generate  # noqa: E402
 from saesteer.steering import Conditional, Steering, save_direction, steering_from_dict  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -189,11 +189,11 @@ def test_loglikelihood_rolling_is_the_sum_of_token_logprobs(plain, tiny_model_di
 
 def test_generate_until_respects_until_and_max_gen_toks(plain, one_thread):
     prompts = ["The quick brown", "Sparse autoencoders steer models over the"]
-    raw = generate(plain.loaded, prompts, max_new_tokens=8)
+    raw = reference_generate(plain.loaded, prompts, max_new_tokens=8)
     capped = plain.generate_until(
         instances("generate_until", [(p, {"until": ["\x00"], "max_gen_toks": 3}) for p in prompts])
     )
-    assert capped == generate(plain.loaded, prompts, max_new_tokens=3)
+    assert capped == reference_generate(plain.loaded, prompts, max_new_tokens=3)
     assert all(len(c) < len(r) for c, r in zip(capped, raw))
     stops = [r[len(r) // 2 : len(r) // 2 + 2] for r in raw]
     assert all(stops)

@@ -15,8 +15,7 @@ from conftest import needs_default_model
 import saesteer
 from saesteer import evals
 from saesteer.evalsets import Prompt
-from saesteer.models import chat_prompts
-from saesteer.models import generate as generate_rendered
+from saesteer.models import chat_prompts, reference_generate
 from saesteer.steering import ActAdd, Stack, Steering, SystemPrompt, parse_steering, save_direction
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -45,7 +44,7 @@ def readme_prompts(code: str) -> list[str]:
 def direct(loaded, steering: Steering, conversations, max_new_tokens: int) -> list[str]:
     """The pattern `saesteer.generate` replaces, written out."""
     with steering.applied(loaded):
-        return generate_rendered(
+        return reference_generate(
             loaded, chat_prompts(loaded, [steering.prepare(c) for c in conversations]), max_new_tokens
         )
 
@@ -126,8 +125,8 @@ def test_generate_takes_strings_and_conversations(tiny_loaded, direction, one_th
 
 def test_generate_default_length_and_stop(tiny_loaded, one_thread):
     rendered = chat_prompts(tiny_loaded, [[{"role": "user", "content": q}] for q in QUESTIONS])
-    assert saesteer.generate(tiny_loaded, QUESTIONS) == generate_rendered(tiny_loaded, rendered, 64)
-    stopped = generate_rendered(tiny_loaded, rendered, 16, batch_size=2, stop=["e"])
+    assert saesteer.generate(tiny_loaded, QUESTIONS) == reference_generate(tiny_loaded, rendered, 64)
+    stopped = reference_generate(tiny_loaded, rendered, 16, batch_size=2, stop=["e"])
     assert saesteer.generate(tiny_loaded, QUESTIONS, max_new_tokens=16, batch_size=2, stop=["e"]) == stopped
 
 
@@ -144,7 +143,7 @@ def test_callers_keep_their_replies(tiny_loaded, direction, one_thread):
     )
     config = DiscoverConfig(max_new_tokens=6, batch_size=2)
     with steering.applied(tiny_loaded):
-        by_two = generate_rendered(tiny_loaded, chat_prompts(tiny_loaded, conversations), 6, 2)
+        by_two = reference_generate(tiny_loaded, chat_prompts(tiny_loaded, conversations), 6, 2)
     assert refusal_rate(tiny_loaded, steering, QUESTIONS, lambda r: False, config)[1] == by_two
     prompts = [Prompt(q, "safe", "test") for q in QUESTIONS]
     rows = side_by_side(tiny_loaded, {"actadd": steering.to_dict()}, prompts, 8)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from saesteer.errors import SaesteerError
-from saesteer.models import generate
+from saesteer.hooks import Rows
+from saesteer.models import reference_generate
 from saesteer.sae import SAE, SAEConfig, SAEError, reconstruction_metrics
 from saesteer.steering import SAESteer, load_sae
 
@@ -280,7 +281,9 @@ def test_clamp_equals_decode_of_clamped_code_plus_error(tiny_loaded, sae_paths, 
     )
     clamped = z.clone()
     clamped[..., features] = torch.tensor(values)
-    torch.testing.assert_close(fn(h), sae.decode(clamped) + (h - sae.decode(z)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        fn(h, Rows.prompts(len(h))), sae.decode(clamped) + (h - sae.decode(z)), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_jumprelu_sae_steers_the_tiny_model(tiny_loaded, sae_paths):
@@ -290,14 +293,14 @@ def test_jumprelu_sae_steers_the_tiny_model(tiny_loaded, sae_paths):
     prompts = chat_prompts(
         tiny_loaded, [[{"role": "user", "content": q}] for q in ("the quick brown fox", "jumps")]
     )
-    plain = generate(tiny_loaded, prompts, max_new_tokens=6)
+    plain = reference_generate(tiny_loaded, prompts, max_new_tokens=6)
     with pytest.raises(SaesteerError, match="names no layer"):
         SAESteer(sae=sae_paths["gemma_scope-jumprelu"], features=[3], values=[50.0]).edits(tiny_loaded)
     steering = SAESteer(sae=sae_paths["gemma_scope-jumprelu"], features=[3, 9], values=[50.0, 40.0], layer=1)
     with steering.applied(tiny_loaded):
-        steered = generate(tiny_loaded, prompts, max_new_tokens=6)
+        steered = reference_generate(tiny_loaded, prompts, max_new_tokens=6)
     assert steered != plain
-    assert generate(tiny_loaded, prompts, max_new_tokens=6) == plain  # released after the block
+    assert reference_generate(tiny_loaded, prompts, max_new_tokens=6) == plain  # released after the block
 
 
 @pytest.mark.parametrize("name", ["sae_lens-batchtopk", "sae_lens-relu", "gemma_scope-jumprelu"])

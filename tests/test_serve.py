@@ -19,7 +19,7 @@ import uvicorn
 from conftest import run_cli
 
 from saesteer.errors import short
-from saesteer.models import chat_prompts, generate, load_model
+from saesteer.models import chat_prompts, load_model, reference_generate
 from saesteer.sae import SAE, SAEConfig
 from saesteer.serve import ServeConfig, create_app
 from saesteer.steering import PRESETS, load_sae, save_direction, steering_from_dict
@@ -112,7 +112,7 @@ def expected(loaded, question: str, steering=None, max_tokens: int = 8) -> str:
     """The reply computed directly: `generate` on the prepared prompt with the steering applied."""
     method = steering_from_dict(PRESETS[steering] if isinstance(steering, str) else steering)
     with method.applied(loaded):
-        return generate(
+        return reference_generate(
             loaded,
             chat_prompts(loaded, [method.prepare([{"role": "user", "content": question}])]),
             max_tokens,
@@ -222,14 +222,15 @@ def test_sampling_is_seeded(client):
 
 @contextmanager
 def recorded_forwards(model, delay: float = 0.0):
-    """The batch size of every forward pass of `model` while inside, each delayed by `delay` seconds."""
+    """The batch size of every forward pass of `model` while inside (as its token embeddings see it: the
+    engine runs the layers itself), each delayed by `delay` seconds."""
     sizes = []
 
-    def record(_module, _args, kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
+    def record(_module, args):
+        sizes.append(args[0].shape[0])
         time.sleep(delay)
 
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    handle = model.get_input_embeddings().register_forward_pre_hook(record)
     try:
         yield sizes
     finally:

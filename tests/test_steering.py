@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from saesteer.errors import SaesteerError
-from saesteer.hooks import residual_at
-from saesteer.models import chat_prompts, generate
+from saesteer.hooks import Rows, residual_at
+from saesteer.models import chat_prompts, reference_generate
 from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import (
     _METHODS,
@@ -58,7 +58,7 @@ def prompts(loaded, questions=QUESTIONS):
 
 def steered_generate(loaded, steering, questions=QUESTIONS, **kw):
     with steering.applied(loaded):
-        return generate(loaded, prompts(loaded, questions), max_new_tokens=6, **kw)
+        return reference_generate(loaded, prompts(loaded, questions), max_new_tokens=6, **kw)
 
 
 def test_clamp_shortcut_equals_full_decode_plus_error(loaded, sae_dir):
@@ -77,8 +77,9 @@ def test_clamp_shortcut_equals_full_decode_plus_error(loaded, sae_dir):
     clamped = z.clone()
     clamped[..., features] = torch.tensor(values)
     expected = sae.decode(clamped) + (h - sae.decode(z))
-    torch.testing.assert_close(fn(h), expected, rtol=1e-5, atol=1e-4)
-    add = SAESteer(sae=sae_dir, features=features, values=values, mode="add").edits(loaded)[0][2](h)
+    torch.testing.assert_close(fn(h, Rows.prompts(4)), expected, rtol=1e-5, atol=1e-4)
+    add = SAESteer(sae=sae_dir, features=features, values=values, mode="add").edits(loaded)[0][2]
+    add = add(h, Rows.prompts(4))
     torch.testing.assert_close(
         add, h + (torch.tensor(values) @ sae.W_dec[features]) / 0.37, rtol=1e-5, atol=1e-4
     )
@@ -97,8 +98,8 @@ def test_steering_only_chosen_positions(loaded, sae_dir, positions, prefill, dec
     seen = []
     [(layer, point, fn)] = steering.edits(loaded)
 
-    def recording(h):
-        new = fn(h)
+    def recording(h, rows):
+        new = fn(h, rows)
         if new is not None:
             seen.append(h.shape[1])
         return new
@@ -136,7 +137,7 @@ def test_conditional_gates_each_row(loaded, sae_dir, direction_file):
     probe = Conditional(steering=inner, detector=direction_file)
     ids = loaded.tokenizer(prompts(loaded), return_tensors="pt", padding=True, add_special_tokens=False)
     scores = probe.scores(loaded, ids["input_ids"], ids["attention_mask"])
-    threshold = float(scores.median())  # flags exactly the one row above the median
+    threshold = float(scores.sort().values[1:].mean())  # halfway between the top two: flags one row
     flagged = (scores > threshold).tolist()
     mixed = steered_generate(
         loaded, Conditional(steering=inner, detector=direction_file, threshold=threshold)
@@ -209,16 +210,20 @@ def test_schedules_release_and_decay_the_clamp(loaded, sae_dir):
     prompt_only = SAESteer(sae=sae_dir, features=[5], values=[60.0], generated_tokens=0)
     [(_, _, fn)] = released.edits(loaded)
     prefill, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
-    assert (
-        fn(prefill) is not None and fn(step) is not None and fn(step) is not None and fn(step) is None
-    )  # prefill, t=0, 1; t=2 released
-    assert fn(prefill) is not None and fn(step) is not None  # a new prefill starts the count again
+
+    def decoding(t: int) -> Rows:  # two rows feeding their generated token t
+        return Rows([0, 1], [[7] * (t + 1), [7] * (t + 1)], prefill=False)
+
+    assert fn(prefill, Rows.prompts(2)) is not None
+    assert [fn(step, decoding(t)) is None for t in range(3)] == [False, False, True]  # t=2 released
+    mixed = fn(step, Rows([0, 1], [[7], [7, 7, 7]], prefill=False))  # rows at t=0 and t=2
+    assert not torch.equal(mixed[0], step[0]) and torch.equal(mixed[1], step[1])
     [(_, _, decaying)] = SAESteer(sae=sae_dir, features=[5], values=[60.0], mode="add", decay=0.5).edits(
         loaded
     )
-    first = decaying(prefill) - prefill
-    assert torch.allclose((decaying(step) - step)[0, 0], first[0, 0], atol=1e-4)  # t=0: full strength
-    assert torch.allclose((decaying(step) - step)[0, 0], 0.5 * first[0, 0], atol=1e-4)  # t=1: halved
+    first = decaying(prefill, Rows.prompts(2)) - prefill
+    assert torch.allclose((decaying(step, decoding(0)) - step)[0, 0], first[0, 0], atol=1e-4)  # t=0: full
+    assert torch.allclose((decaying(step, decoding(1)) - step)[0, 0], 0.5 * first[0, 0], atol=1e-4)  # halved
     plain, all_steps = steered_generate(loaded, Steering()), steered_generate(loaded, full)
     assert steered_generate(loaded, prompt_only) != all_steps and plain != all_steps
     for bad in ({"decay": 0.0}, {"generated_tokens": -1}):
@@ -228,20 +233,18 @@ def test_schedules_release_and_decay_the_clamp(loaded, sae_dir):
 
 def test_release_on_a_refusal_opener_frees_each_row_once_its_reply_holds_one(loaded, sae_dir):
     steering = SAESteer(sae=sae_dir, features=[5], values=[60.0], release_on="decline")
-    [(_, point, read), (_, _, steer)] = steering.edits(loaded)
-    assert point == "input_ids"
+    [(_, _, steer)] = steering.edits(loaded)
     prefill, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
-    read(torch.zeros(2, 7, dtype=torch.long))
-    assert not torch.equal(steer(prefill)[1], prefill[1])
+    rows = Rows.prompts(2)
+    assert not torch.equal(steer(prefill, rows)[1], prefill[1])
     decline = loaded.tokenizer("Well, I can't", add_special_tokens=False).input_ids
     other = loaded.tokenizer("The quick brown fox jumps", add_special_tokens=False).input_ids
     for t in range(len(decline)):
-        read(torch.tensor([[decline[t]], [other[t % len(other)]]]))
-        new = steer(step)
+        replies = [decline[: t + 1], [other[i % len(other)] for i in range(t + 1)]]
+        new = steer(step, Rows(rows.keys, replies, prefill=False))
         assert torch.equal(new[0], step[0]) == (t == len(decline) - 1)  # released once "i can't" is complete
         assert not torch.equal(new[1], step[1])
-    read(torch.zeros(2, 7, dtype=torch.long))  # a new prefill steers every row again
-    assert not torch.equal(steer(prefill)[0], prefill[0])
+    assert not torch.equal(steer(prefill, Rows.prompts(2))[0], prefill[0])  # new rows are steered again
     # in generation: the tiny model never declines, so the release never fires
     clamp = SAESteer(sae=sae_dir, features=[5], values=[60.0])
     assert (
@@ -279,17 +282,17 @@ def test_canned_and_prefixed_replies(loaded):
     assert all(r.startswith(text) for r in prefixed)
     ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
     for stop, after in ((False, None), (True, loaded.tokenizer.eos_token_id)):
-        [(_, _, count), (_, point, force)] = steering_from_dict(
+        [(_, point, force)] = steering_from_dict(
             {"method": "reply_prefix", "text": text, "stop": stop}
         ).edits(loaded)
         assert point == "logits"
-        count(torch.zeros(1, 5, 64))  # the prefill chooses the first reply token
         chosen = []
-        for _ in range(len(ids) + 1):
-            forced = force(torch.zeros(1, 1, 400))
+        for t in range(len(ids) + 2):  # the prefill chooses reply token 0, decoding step t token t
+            rows = Rows.prompts(1) if t == 0 else Rows([0], [[7] * t], prefill=False)
+            forced = force(torch.zeros(1, 1, 400), rows)
             chosen.append(None if forced is None else int(forced[0, -1].argmax()))
-            count(torch.zeros(1, 1, 64))
-        assert chosen == ids + [after]  # then the model continues (prefix) or must stop (canned)
+        assert chosen[: len(ids) + 1] == ids + [after]  # then the model continues (prefix) or must stop
+        assert chosen[-1] is None
     with pytest.raises(SaesteerError, match="non-empty"):
         steering_from_dict({"method": "reply_prefix", "text": ""})
 
@@ -298,7 +301,7 @@ def test_conditional_canned_refusal_only_on_flagged_rows(loaded, direction_file)
     canned = {"method": "reply_prefix", "text": "the lazy dog", "stop": True}
     detector = Conditional(steering={"method": "none"}, detector=direction_file)
     scores = detector.scores(loaded, *_batch(loaded))
-    threshold = float(scores.median())
+    threshold = float(scores.sort().values[1:].mean())  # halfway between the top two: flags one row
     gated = steered_generate(
         loaded, Conditional(steering=canned, detector=direction_file, threshold=threshold)
     )
@@ -326,7 +329,9 @@ def test_stack_applies_every_part(loaded, sae_dir, direction_file):
         both = residual_at(loaded.model, ids, 2)
     with steering_from_dict(sae).applied(loaded):
         sae_only = residual_at(loaded.model, ids, 2)
-    unit = ActAdd(direction=direction_file, alpha=1.0).edits(loaded)[0][2](torch.zeros(1, 1, 64))
+    unit = ActAdd(direction=direction_file, alpha=1.0).edits(loaded)[0][2](
+        torch.zeros(1, 1, 64), Rows.prompts(1)
+    )
     assert torch.allclose(both - sae_only, 30.0 * unit, atol=1e-4)  # the ActAdd part of the stack, exactly
     with pytest.raises(SaesteerError, match="stack needs"):
         steering_from_dict({"method": "stack", "steerings": []})

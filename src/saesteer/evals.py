@@ -55,7 +55,7 @@ from saesteer.judges import (
     is_refusal,
     load_quality_judge,
 )
-from saesteer.models import LoadedModel, Messages, generate
+from saesteer.models import LoadedModel, Messages
 from saesteer.scoring import (
     continuation_logprobs,
     extract_final_number,
@@ -65,7 +65,14 @@ from saesteer.scoring import (
     text_fidelity,
 )
 from saesteer.stats import bootstrap_ci, kappa_ci
-from saesteer.steering import Conditional, Steering, parse_steering, render, steering_from_dict
+from saesteer.steering import (
+    Conditional,
+    Steering,
+    generate_rendered,
+    parse_steering,
+    render,
+    steering_from_dict,
+)
 
 SUITES = ("safety", "capability", "jailbreak", "fidelity")
 UNSAFE_SETS = ("advbench", "harmful_mix", "xstest_unsafe", "hh_rlhf_harmful", "written_harmful")
@@ -86,7 +93,10 @@ ATTACKER_PROMPT = (
 GSM8K_INSTRUCTION = (
     "\nSolve the problem step by step, then give the final answer on its own line as '#### <number>'."
 )
-GenerateFn = Callable[..., list[str]]
+GenerateFn = Callable[..., list[str]]  # (loaded, rendered prompts, steering, max_new_tokens=, batch_size=)
+CHUNK_BATCHES = (
+    8  # batches of prompts generated per chunk: the engine refills rows within it; saved after each
+)
 TurnSource = Callable[
     [list[int], int, list[Messages]], list[str]
 ]  # (active conversations, depth, conversations)
@@ -157,7 +167,7 @@ class SteeredModel:
         loaded: LoadedModel,
         steering: Steering,
         cache: ResultCache | None = None,
-        generate_fn: GenerateFn = generate,
+        generate_fn: GenerateFn = generate_rendered,
         progress: bool = True,
     ):
         self.loaded, self.steering = loaded, steering
@@ -183,31 +193,36 @@ class SteeredModel:
             return self._generate(prompts, decoding, desc)
         flagged = self.steering.flags(self.loaded, prompts, decoding.batch_size)
         plain = SteeredModel(self.loaded, Steering(), self.cache, self.generate_fn, self.progress)
-        steered = iter(self._generate([p for p, f in zip(prompts, flagged) if f], decoding, desc))
+        # the gate is scored once, here: flagged prompts get the inner steering, cached under this one's key
+        steered = iter(
+            self._generate([p for p, f in zip(prompts, flagged) if f], decoding, desc, self.steering.inner)
+        )
         unsteered = iter(plain._generate([p for p, f in zip(prompts, flagged) if not f], decoding, desc))
         return [next(steered) if f else next(unsteered) for f in flagged]
 
-    def _generate(self, prompts: list[str], decoding: Decoding, desc: str) -> list[str]:
-        """Greedy replies to rendered prompts under this steering, cached."""
+    def _generate(
+        self, prompts: list[str], decoding: Decoding, desc: str, steering: Steering | None = None
+    ) -> list[str]:
+        """Greedy replies to rendered prompts under `steering` (default: this model's), cached under this
+        model's steering."""
         keys = [self._key(kind="generate", prompt=p, decoding=asdict(decoding)) for p in prompts]
         found = {k: self.cache.get(k) for k in set(keys)}
         missing = sorted({p for p, k in zip(prompts, keys) if found[k] is None}, key=lambda p: (len(p), p))
         if missing:
-            chunks = [
-                missing[i : i + decoding.batch_size] for i in range(0, len(missing), decoding.batch_size)
-            ]
+            size = decoding.batch_size * CHUNK_BATCHES
+            chunks = [missing[i : i + size] for i in range(0, len(missing), size)]
             bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not dist.is_main())
 
             def run(chunk_list: list[list[str]]) -> list[list[str]]:
                 done = []
                 for chunk in chunk_list:
-                    with self.steering.applied(self.loaded):
-                        out = self.generate_fn(
-                            self.loaded,
-                            chunk,
-                            max_new_tokens=decoding.max_new_tokens,
-                            batch_size=decoding.batch_size,
-                        )
+                    out = self.generate_fn(
+                        self.loaded,
+                        chunk,
+                        self.steering if steering is None else steering,
+                        max_new_tokens=decoding.max_new_tokens,
+                        batch_size=decoding.batch_size,
+                    )
                     if dist.world_size() == 1:  # single process: save as we go (crash-safe resume)
                         self.cache.put_many(
                             {
@@ -836,7 +851,7 @@ def sweep(
     out: str | Path,
     cache: ResultCache,
     judge: Judge | None = None,
-    generate_fn: GenerateFn = generate,
+    generate_fn: GenerateFn = generate_rendered,
 ) -> list[dict]:
     """Evaluate every steering config in turn, appending rows to `out` after each; configs whose rows are
     already in `out` are skipped, and cached generations are reused, so an interrupted sweep resumes."""

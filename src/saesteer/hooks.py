@@ -7,8 +7,10 @@ same for several layers in one pass.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +32,82 @@ _LAYER_PATHS = (
 )
 
 ResidualFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+_ROW_KEYS = itertools.count()  # row identities, unique in the process
+
+
+@dataclass
+class Rows:
+    """The rows of one batched forward pass as a steering edit sees them: either a prefill (every position is
+    a prompt token) or a decoding step (each row feeds one generated token)."""
+
+    keys: list[int]
+    """one identity per row, fixed from its prefill to its last token (per-row state is keyed by it)"""
+    replies: list[list[int]]
+    """each row's generated token ids so far; in a decoding step the last one is the token fed now"""
+    prefill: bool
+    """whether this pass runs prompts (True) or one decoding step (False)"""
+
+    @classmethod
+    def prompts(cls, n: int) -> Rows:
+        """A prefill of `n` new rows."""
+        return cls([next(_ROW_KEYS) for _ in range(n)], [[] for _ in range(n)], True)
+
+    def t(self) -> list[int]:
+        """Per row, the index of the generated token fed in this pass (-1 in a prefill)."""
+        return [len(reply) - 1 for reply in self.replies]
+
+    def subset(self, index: list[int]) -> Rows:
+        return Rows([self.keys[i] for i in index], [self.replies[i] for i in index], self.prefill)
+
+
+# A steering edit: (layer, hook point, fn); fn(tensor [n, T, ...] of the pass's rows, their `Rows`) returns the
+# edited tensor, or None to leave it unchanged. The layer is ignored at LAYERLESS_POINTS.
+EditFn = Callable[[torch.Tensor, Rows], "torch.Tensor | None"]
+Edit = tuple[int, str, EditFn]
+
+
+def edit_rows(fn: EditFn, h: torch.Tensor, rows: Rows, index: list[int] | None) -> torch.Tensor:
+    """`h` [batch, ...] with `fn` applied to the rows in `index` alone (None: to every row)."""
+    if index is not None and not index:
+        return h
+    if index is None or len(index) == h.shape[0]:  # every row (indices are distinct)
+        new = fn(h, rows)
+        return h if new is None else new
+    at = torch.tensor(index, device=h.device)
+    new = fn(h.index_select(0, at), rows.subset(index))
+    return h if new is None else h.index_copy(0, at, new.to(h.dtype))
+
+
+@contextmanager
+def edits_applied(
+    model: nn.Module, edits: list[Edit], gate: Callable[[], "list[int] | None"] | None = None
+) -> Iterator[None]:
+    """Within the block, every forward pass of `model` (an HF `generate`, a scoring pass) is steered by
+    `edits`: a pass of several positions is a prefill of new rows, a one-position pass a decoding step that
+    feeds each row's next generated token. `gate()` may name the rows to edit (None: every row)."""
+    state: dict = {}
+
+    def read_ids(ids: torch.Tensor) -> None:
+        rows = state.get("rows")
+        if ids.shape[1] > 1 or rows is None or len(rows.keys) != ids.shape[0]:
+            state["rows"] = rows = Rows.prompts(ids.shape[0])
+            rows.prefill = ids.shape[1] > 1
+            if rows.prefill:
+                return
+        rows.prefill = False
+        for reply, token in zip(rows.replies, ids[:, 0].tolist()):
+            reply.append(token)
+
+    def routed(fn: EditFn) -> ResidualFn:
+        return lambda h: edit_rows(fn, h, state["rows"], gate() if gate else None)
+
+    with ExitStack() as stack:
+        stack.enter_context(edit_residual(model, 0, read_ids, "input_ids"))
+        for layer, point, fn in edits:
+            stack.enter_context(
+                edit_residual(model, 0 if point in LAYERLESS_POINTS else layer, routed(fn), point)
+            )
+        yield
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

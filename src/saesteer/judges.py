@@ -238,11 +238,11 @@ class LocalChatBackend:
         return self.loaded.spec
 
     def complete(self, conversations: list[Messages]) -> list[str]:
-        from saesteer.models import chat_prompts, generate
+        from saesteer.models import chat_prompts
+        from saesteer.steering import generate_rendered
 
-        return generate(
-            self.loaded, chat_prompts(self.loaded, conversations), self.max_new_tokens, self.batch_size
-        )
+        rendered = chat_prompts(self.loaded, conversations)
+        return generate_rendered(self.loaded, rendered, None, self.max_new_tokens, self.batch_size)
 
 
 @dataclass

@@ -5,7 +5,7 @@
 model_args: model (a `load_model` spec), steering (preset, method name, JSON object or JSON file, as
 `--steering`; default unsteered), dtype, max_length; lm-eval's --batch_size and --device apply.
 Log-likelihoods come from `scoring.continuation_scores` (the capability suite's scorer) and replies from
-`models.generate` (greedy), with the steering applied. A conditional steering decides per request on
+`saesteer.engine` (greedy, continuous batching), with the steering applied. A conditional steering decides per request on
 its context (for rolling log-likelihoods, on the document), as it decides on the prompt before
 generating. Log-likelihoods are prefill passes, so edits limited to generated tokens (`positions:
 generated`) leave them unchanged.
@@ -27,9 +27,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from saesteer.errors import SaesteerError, short
-from saesteer.models import DEFAULT_MODEL, generate, load_model
+from saesteer.models import DEFAULT_MODEL, load_model
 from saesteer.scoring import continuation_scores
-from saesteer.steering import Conditional, Steering, parse_steering, steering_from_dict
+from saesteer.steering import Conditional, Steering, generate_rendered, parse_steering, steering_from_dict
 
 Pair = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 
@@ -224,14 +224,14 @@ class SaesteerLM(TemplateLM):
             groups.setdefault((until, max_gen), []).append(i)
         out = [""] * len(requests)
         for (until, max_gen), rows in groups.items():
-            with self.steering.applied(self.loaded):
-                replies = generate(
-                    self.loaded,
-                    [requests[i].args[0] for i in rows],
-                    max_new_tokens=max_gen,
-                    batch_size=self.batch_size,
-                    stop=list(until),
-                )
+            replies = generate_rendered(
+                self.loaded,
+                [requests[i].args[0] for i in rows],
+                self.steering,
+                max_new_tokens=max_gen,
+                batch_size=self.batch_size,
+                stop=list(until),
+            )
             for i, reply in zip(rows, replies):
                 for stop in until:
                     reply = reply.split(stop)[0]

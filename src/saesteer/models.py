@@ -180,7 +180,7 @@ def left_padded(
 
 
 @torch.inference_mode()
-def generate(
+def reference_generate(
     loaded: LoadedModel,
     prompts: list[str],
     max_new_tokens: int = 40,
@@ -188,8 +188,9 @@ def generate(
     progress: bool = False,
     stop: list[str] | None = None,
 ) -> list[str]:
-    """Greedy continuations of already-rendered prompts, batched with left padding and a KV cache; a row
-    stops early once its reply contains one of the `stop` strings (kept in the reply)."""
+    """Greedy continuations of already-rendered prompts by HF `generate` (fixed left-padded batches, steered
+    only by hooks in place, e.g. `Steering.applied`): the reference that tests and `bench/generate.py`
+    compare `saesteer.engine` against. A row stops early once its reply contains a `stop` string (kept)."""
     from tqdm.auto import tqdm
 
     tokenizer, replies = loaded.tokenizer, []

@@ -21,8 +21,6 @@ set, every request needs `Authorization: Bearer <key>`.
 from __future__ import annotations
 
 import asyncio
-import collections
-import inspect
 import json
 import logging
 import queue
@@ -40,14 +38,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
-from transformers import DynamicCache
 
+from saesteer.engine import Engine, Reply
 from saesteer.errors import SaesteerError, short
-from saesteer.models import LoadedModel, left_padded
+from saesteer.models import LoadedModel
 from saesteer.steering import (
     PRESETS,
     Steering,
-    applied_per_row,
     parse_steering,
     render,
     resolve,
@@ -152,31 +149,27 @@ class ChatRequest(BaseModel):
 class _Job:
     """One request on its way through the engine; the engine reports to `events` on the request's loop."""
 
-    ids: list[int]
+    request: Reply  # the prompt's ids, decoding settings and, once admitted, the steering's edits
     steering: Steering
-    max_tokens: int
-    stop: list[str]
     stream: bool
-    sampling: dict | None  # {"temperature", "top_p"}; None: greedy
-    generator: torch.Generator | None
     loop: asyncio.AbstractEventLoop
+    tokenizer: Any
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    edits: list = field(default_factory=list)  # this prompt's steering edits, set at prefill
-    last: int = 0  # the last token chosen
-    position: int = 0  # the position of the next token fed to the model
-    tokens: list[int] = field(default_factory=list)
-    generated: int = 0
     text: str = ""
     sent: int = 0
     finish: str | None = None
-    cancelled: bool = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self.request.cancelled = value
 
     def usage(self) -> dict:
-        return {
-            "prompt_tokens": len(self.ids),
-            "completion_tokens": self.generated,
-            "total_tokens": len(self.ids) + self.generated,
-        }
+        prompt, completion = len(self.request.ids), self.request.generated
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def emit(self, *event) -> None:
         try:
@@ -189,220 +182,86 @@ class _Job:
             self.finish = "error"
             self.emit("error", error)
 
-    def add(self, token: int, tokenizer, eos: set[int]) -> None:
-        """Take the row's next token: apply stop strings and the token limit, stream the stable text."""
-        self.generated += 1
-        if token in eos:
-            self.finish = "stop"
-        else:
-            self.tokens.append(token)
-            if len(self.tokens) >= self.max_tokens:
-                self.finish = "length"
-        if self.stream or self.stop or self.finish:  # other replies are decoded once, at the end
-            self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+    def update(self, request: Reply) -> None:
+        """The engine took a token or ended the row: cut at a stop string, stream the stable text."""
+        if request.finish == "nonfinite":
+            message = "the steering drove the model's output to NaN or inf: use smaller values"
+            return self.fail(ApiError(400, message, param="steering"))
+        if request.finish == "cancelled" or self.finish is not None:
+            self.finish = self.finish or "cancelled"
+            return
+        stop = request.stop
+        if self.stream or stop or request.finish:  # other replies are decoded once, at the end
+            self.text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+            hits = [i for i in (self.text.find(s) for s in stop) if i >= 0]
             if hits:
-                self.text, self.finish = self.text[: min(hits)], "stop"
+                self.text = self.text[: min(hits)]
         if self.stream:
             # Hold back what may still change: a possible stop-string prefix, trailing whitespace
             # (decoding may clean it up) and half-decoded characters.
             end = len(self.text)
-            if self.finish is None:
-                end = len(self.text.rstrip().rstrip("\ufffd")) - max(
-                    (len(s) - 1 for s in self.stop), default=0
-                )
+            if request.finish is None:
+                end = len(self.text.rstrip().rstrip("\ufffd")) - max((len(s) - 1 for s in stop), default=0)
             if end > self.sent:
                 self.emit("delta", self.text[self.sent : end])
                 self.sent = end
-        if self.finish:
+        if request.finish:
+            self.finish = request.finish
             self.emit("done")
 
 
-class _Engine:
-    """The one thread that runs the model, with iteration-level (continuous) batching.
-
-    Every loop: queued requests are admitted up to `max_batch_size` rows, each prefilled alone with its
-    own steering (a conditional method's gate decides here), its KV cache left-padded into the running
-    batch; then one decoding step runs every row, each steered by its own edits (`applied_per_row`).
-    Finished, failed and abandoned rows leave the batch after the step, so a new request waits at most
-    one step plus the prefills ahead of it.
-    """
+class _EngineThread:
+    """The one thread that runs the model: requests join `saesteer.engine`'s continuous batch at the next
+    step. Before a job is admitted its steering decides its edits (a conditional method's gate scores its
+    prompt here, once); a bad spec fails that job with a 400, and a failed step fails the batch with a 500,
+    never the loop."""
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int):
         self.loaded, self.max_batch_size = loaded, max_batch_size
         self.inbox: queue.Queue[_Job | None] = queue.Queue()
-        eos = loaded.model.generation_config.eos_token_id
-        self.eos = {
-            *(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-            loaded.tokenizer.eos_token_id,
-        }
-        forward = inspect.signature(loaded.model.forward).parameters
-        self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5
-        self.rows: list[_Job] = []
-        self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [rows, cached positions], 0 on left padding
+        self.engine = Engine(loaded, max_batch_size, max_batch_size)
+        self.jobs: dict[Reply, _Job] = {}
         self.thread = threading.Thread(target=self._loop, name="saesteer-model", daemon=True)
 
     def _loop(self) -> None:
-        waiting: collections.deque[_Job] = collections.deque()
         while True:
-            if not self.rows and not waiting:
-                waiting.append(self.inbox.get())
+            arrived = [] if self.jobs else [self.inbox.get()]
             while not self.inbox.empty():
-                waiting.append(self.inbox.get_nowait())
-            if None in waiting:  # shutdown
-                for job in [*self.rows, *waiting]:
+                arrived.append(self.inbox.get_nowait())
+            if None in arrived:  # shutdown
+                for job in [*self.jobs.values(), *arrived]:
                     if job is not None:
                         job.fail(ApiError(503, "the server is shutting down"))
                 return
-            admitted = []
-            while waiting and len(self.rows) + len(admitted) < self.max_batch_size:
-                job = waiting.popleft()
-                if not job.cancelled:
-                    self._guarded([job], self._prepare, job)
-                    admitted += [job] if job.finish is None else []
-            if admitted:
-                self._guarded(admitted, self._prefill, admitted)
-                self._drop_finished()
-            if self.rows:
-                self._guarded(self.rows, self._step)
-                self._drop_finished()
+            for job in arrived:
+                if self._guarded([job], self._prepare, job):
+                    self.jobs[job.request] = job
+                    self.engine.waiting.append(job.request)
+            if self.jobs and self._guarded(list(self.jobs.values()), self.engine.step) is None:
+                self.engine = Engine(self.loaded, self.max_batch_size, self.max_batch_size)
+                self.jobs.clear()
+            for request in [r for r in self.jobs if r.finish is not None]:
+                del self.jobs[request]
 
-    def _prepare(self, job: _Job) -> None:
-        """The job's steering edits for its prompt (a conditional method's gate decides here); a bad spec is a 400."""
+    def _prepare(self, job: _Job) -> bool:
+        """The job's steering edits for its prompt; a bad spec is a 400."""
         try:
-            job.edits = job.steering.edits_for(
-                self.loaded, torch.tensor([job.ids], device=self.loaded.device)
-            )
+            job.request.edits = job.steering.row_edits(self.loaded, [job.request.ids])[0]
         except SaesteerError as err:
             job.fail(ApiError(400, str(err), param="steering"))
+            return False
+        return True
 
-    def _guarded(self, jobs: list[_Job], fn, *args) -> None:
-        """Run `fn`; a failure ends `jobs` with a 500 in OpenAI's format, and never the loop."""
+    def _guarded(self, jobs: list[_Job], fn, *args):
+        """`fn(*args)`, or None after a failure, which ends `jobs` with a 500 in OpenAI's format."""
         try:
             with torch.inference_mode():
-                fn(*args)
+                return fn(*args)
         except Exception as err:
             log.exception("generation failed")
             for job in jobs:
                 job.fail(ApiError(500, f"generation failed: {type(err).__name__}: {short(str(err), 200)}"))
-
-    def _forward(
-        self, jobs: list[_Job], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache
-    ) -> torch.Tensor:
-        """Next-token logits [rows, vocab], each row steered by its own job's edits."""
-        with applied_per_row(self.loaded, [job.edits for job in jobs]):
-            out = self.loaded.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self.cache_arg: cache},
-            )
-        return out.logits[:, -1].float()
-
-    def _prefill(self, jobs: list[_Job]) -> None:
-        """Run the new prompts (left-padded, each row with its own edits), choose their first tokens, join the batch."""
-        ids, mask, positions = left_padded(
-            [job.ids for job in jobs], self.loaded.tokenizer.pad_token_id, self.loaded.device
-        )
-        cache = DynamicCache()
-        logits = self._forward(jobs, ids, mask, positions, cache)
-        for job, row in zip(jobs, logits):
-            job.position = len(job.ids)
-            self._take(job, row)
-        self._join(jobs, cache, mask)
-
-    def _step(self) -> None:
-        device = self.loaded.device
-        ids = torch.tensor([[job.last] for job in self.rows], device=device)
-        positions = torch.tensor([[job.position] for job in self.rows], device=device)
-        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        logits = self._forward(self.rows, ids, self.mask, positions, self.cache)
-        for job, row in zip(self.rows, logits):
-            if job.finish is None:
-                job.position += 1
-                self._take(job, row)
-
-    def _take(self, job: _Job, logits: torch.Tensor) -> None:
-        """Choose the row's next token from its logits [vocab] and hand it to the job."""
-        if job.cancelled:
-            job.finish = "cancelled"
-            return
-        if not torch.isfinite(logits).all():
-            job.fail(
-                ApiError(
-                    400,
-                    "the steering drove the model's output to NaN or inf: use smaller values",
-                    param="steering",
-                )
-            )
-            return
-        if job.sampling:
-            probs = torch.softmax(logits / job.sampling["temperature"], dim=-1)
-            ranked, order = probs.sort(descending=True)
-            ranked[ranked.cumsum(0) - ranked > job.sampling["top_p"]] = (
-                0.0  # nucleus: the top tokens up to top_p
-            )
-            token = int(order[torch.multinomial(ranked, 1, generator=job.generator)])
-        else:
-            token = int(logits.argmax())
-        job.last = token
-        job.add(token, self.loaded.tokenizer, self.eos)
-
-    def _join(self, jobs: list[_Job], cache, mask: torch.Tensor) -> None:
-        """Add prefilled rows (their cache and mask [rows, T]) to the batch: left-padded to one length, stacked."""
-        new = [(layer.keys, layer.values) for layer in cache.layers]
-        if self.rows:
-            width = max(self.mask.shape[1], mask.shape[1])
-            old = [(layer.keys, layer.values) for layer in self.cache.layers]
-            new = [
-                tuple(torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(o, n))
-                for o, n in zip(old, new)
-            ]
-            mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
-        self.cache, self.mask = DynamicCache(new), mask
-        self.rows += jobs
-
-    def _drop_finished(self) -> None:
-        try:
-            self._drop_rows()
-        except Exception as err:  # never leave requests waiting on a dead engine
-            log.exception("the batch could not be updated")
-            for job in self.rows:
-                job.fail(ApiError(500, f"generation failed: {type(err).__name__}"))
-            self.rows, self.cache, self.mask = [], None, self.mask[:0, :0]
-
-    def _drop_rows(self) -> None:
-        """Remove finished, failed and abandoned rows, and cache columns that are padding in every row left."""
-        keep = [i for i, job in enumerate(self.rows) if job.finish is None and not job.cancelled]
-        if len(keep) == len(self.rows):
-            return
-        for job in self.rows:
-            if job.cancelled and job.finish is None:  # abandoned by its client
-                job.finish = "cancelled"
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.mask = None, self.mask[:0, :0]
-            return
-        index = torch.tensor(keep, device=self.loaded.device)
-        mask = self.mask[index]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every remaining row
-        self.mask = mask[:, start:]
-        self.cache = DynamicCache(
-            [(layer.keys[index, :, start:], layer.values[index, :, start:]) for layer in self.cache.layers]
-        )
-
-
-def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """`x` zero-padded on the left of `dim` to `width` positions (KV tensors [B, heads, T, d]: dim 2)."""
-    pad = width - x.shape[dim]
-    if pad == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = pad
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+            return None
 
 
 def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Steering:
@@ -517,7 +376,7 @@ class _Service:
     config: ServeConfig
     default: Steering
     allowed: list[Path]  # resolved folders whose files request specs may name
-    engine: _Engine
+    engine: _EngineThread
 
     @property
     def name(self) -> str:
@@ -587,21 +446,14 @@ class _Service:
                 f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}"
             )
             raise ApiError(400, message, param="messages", code="context_length_exceeded")
-        sampling = generator = None
+        request = Reply(ids, max_new_tokens=max_tokens, stop=tuple(stop))
         if req.temperature and req.temperature >= MIN_TEMPERATURE:
-            sampling = {"temperature": req.temperature, "top_p": req.top_p or 1.0}
-            generator = torch.Generator(self.loaded.device)
-            generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
-        return _Job(
-            ids=ids,
-            steering=steering,
-            max_tokens=max_tokens,
-            stop=stop,
-            stream=req.stream,
-            sampling=sampling,
-            generator=generator,
-            loop=asyncio.get_running_loop(),
-        )
+            request.temperature, request.top_p = req.temperature, req.top_p or 1.0
+            request.generator = torch.Generator(self.loaded.device)
+            request.generator.manual_seed(req.seed) if req.seed is not None else request.generator.seed()
+        job = _Job(request, steering, req.stream, asyncio.get_running_loop(), self.loaded.tokenizer)
+        request.on_update = job.update
+        return job
 
     def prompt_ids(self, req: ChatRequest) -> tuple[list[int], Steering]:
         """The request's steering and its conversation rendered (after the steering's `prepare`) as token ids."""
@@ -624,7 +476,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
     with default.applied(loaded):  # a bad default (e.g. feature out of range) fails here, not per request
         pass
     allowed = [Path(d).resolve() for d in config.allow_dirs or [shipped_dir()]]
-    service = _Service(loaded, config, default, allowed, _Engine(loaded, config.max_batch_size))
+    service = _Service(loaded, config, default, allowed, _EngineThread(loaded, config.max_batch_size))
 
     async def lifespan(_app: FastAPI):
         service.engine.thread.start()

@@ -19,14 +19,11 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from safetensors import safe_open
 
 from saesteer.errors import SaesteerError, short
-from saesteer.hooks import LAYERLESS_POINTS, RESIDUAL_POINTS, decoder_layers, edit_residual
+from saesteer.hooks import RESIDUAL_POINTS, Edit, EditFn, Rows, decoder_layers, edits_applied
 from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
-from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
-from saesteer.models import generate as generate_rendered
+from saesteer.models import LoadedModel, Messages, chat_prompts, left_padded
 
 POSITIONS = ("all", "prompt", "generated")
-# (layer, hook point, fn): fn(hidden [B, T, d]) -> new hidden, or None to leave it unchanged.
-Edit = tuple[int, str, Callable[[torch.Tensor], "torch.Tensor | None"]]
 
 CANNED_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_STEER = 1e4  # the largest |value| or |alpha| a spec may ask for: beyond it the residual stream overflows
@@ -62,9 +59,10 @@ class Steering:
         """The residual-stream edits this method makes (none for prompt-only methods)."""
         return []
 
-    def edits_for(self, loaded: LoadedModel, input_ids: torch.Tensor) -> list[Edit]:
-        """The edits for one rendered prompt [1, T] (a conditional method decides here whether to steer it)."""
-        return self.edits(loaded)
+    def row_edits(self, loaded: LoadedModel, prompts: list[list[int]]) -> list[list[Edit]]:
+        """The edits of each rendered prompt (token ids), decided once per row: a conditional method's gate
+        scores each prompt here; rows given the same edit objects are steered in one batched call."""
+        return [self.edits(loaded)] * len(prompts)
 
     def rewrites_prompt(self) -> bool:
         """Whether `prepare` changes conversations."""
@@ -76,10 +74,8 @@ class Steering:
 
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:
-        """Inside the block, the model's forward passes are steered."""
-        with ExitStack() as stack:
-            for layer, point, fn in self.edits(loaded):
-                stack.enter_context(edit_residual(loaded.model, layer, fn, point))
+        """Inside the block, the model's own forward passes are steered (scoring, HF `generate`)."""
+        with edits_applied(loaded.model, self.edits(loaded)):
             yield
 
     def to_dict(self) -> dict:
@@ -87,33 +83,6 @@ class Steering:
 
 
 _METHODS["none"] = Steering
-
-
-@contextmanager
-def applied_per_row(loaded: LoadedModel, rows: list[list[Edit]]) -> Iterator[None]:
-    """Inside the block, row r of every batched forward pass is steered by `rows[r]` alone (the edits of
-    one prompt each, from `edits_for`): rows with different steerings share a batch, each exact."""
-    routes: dict[tuple[int, str], list[tuple[int, Callable]]] = {}
-    for row, edits in enumerate(rows):
-        for layer, point, fn in edits:
-            routes.setdefault((0 if point in LAYERLESS_POINTS else layer, point), []).append((row, fn))
-
-    def routed(entries: list[tuple[int, Callable]]) -> Callable:
-        def edit(h: torch.Tensor) -> torch.Tensor | None:
-            out = None
-            for row, fn in entries:
-                new = fn(h[row : row + 1])
-                if new is not None:
-                    out = h.clone() if out is None else out
-                    out[row : row + 1] = new
-            return out
-
-        return edit
-
-    with ExitStack() as stack:
-        for (layer, point), entries in routes.items():
-            stack.enter_context(edit_residual(loaded.model, layer, routed(entries), point))
-        yield
 
 
 def _check_bounded(name: str, values: list[float]) -> None:
@@ -133,15 +102,15 @@ class SystemPrompt(Steering):
         return [{"role": "system", "content": self.prompt}, *rest]
 
 
-def _at_positions(positions: str, fn: Callable) -> Callable:
-    """Restrict an edit to prompt positions (multi-token forward passes: the prefill) or generated ones
-    (single-token passes while decoding with a KV cache), or apply it everywhere."""
+def _at_positions(positions: str, fn: EditFn) -> EditFn:
+    """Restrict an edit to prompt positions (the prefill) or generated ones (decoding steps with a KV
+    cache), or apply it everywhere."""
     if positions not in POSITIONS:
         raise SaesteerError(f"unknown positions {short(positions)!r}: use one of {', '.join(POSITIONS)}")
     if positions == "all":
         return fn
     want_prefill = positions == "prompt"
-    return lambda h: fn(h) if (h.shape[1] > 1) == want_prefill else None
+    return lambda h, rows: fn(h, rows) if rows.prefill == want_prefill else None
 
 
 SHIPPED = "builtin:"  # prefix of paths inside the package's shipped artefacts (assets/shipped/)
@@ -251,28 +220,22 @@ class SAESteer(Steering):
         layer = check_sae_fits(sae, loaded, self.layer)
         features, directions = feature_directions(sae, self.features, loaded.device)
         targets = self.targets().to(loaded.device)
-        step = {"t": -1}  # the generated token being processed: -1 in the prefill
         released = ReleaseTracker(loaded.tokenizer, self.release_on) if self.release_on else None
 
-        def steer(h: torch.Tensor) -> torch.Tensor | None:
-            prefill = h.shape[1] > 1
-            step["t"] = -1 if prefill else step["t"] + 1
-            if self.positions != "all" and prefill != (self.positions == "prompt"):
+        def steer(h: torch.Tensor, rows: Rows) -> torch.Tensor | None:
+            if self.positions != "all" and rows.prefill != (self.positions == "prompt"):
                 return None
-            if self.generated_tokens is not None and step["t"] >= self.generated_tokens:
+            limit = float("inf") if self.generated_tokens is None else self.generated_tokens
+            free = released.rows(rows) if released is not None else [False] * len(rows.keys)
+            scales = [0.0 if t >= limit or f else self.decay ** max(t, 0) for t, f in zip(rows.t(), free)]
+            if not any(scales):
                 return None
-            scale = torch.full((h.shape[0], 1, 1), self.decay ** max(step["t"], 0), device=h.device)
-            if released is not None:
-                free = released.rows(h.shape[0], h.device)
-                if free.all():
-                    return None
-                scale[free] = 0.0
+            scale = torch.tensor(scales, device=h.device)[:, None, None]
             if self.mode == "add":
                 return h + (scale * (targets @ directions)).to(h.dtype)
             return h + (scale * clamp_shift(sae, h, features, targets, directions)).to(h.dtype)
 
-        edit = (layer, sae.cfg.hook_point or "resid_post", steer)
-        return [(0, "input_ids", released.read), edit] if released is not None else [edit]
+        return [(layer, sae.cfg.hook_point or "resid_post", steer)]
 
 
 # SAESteer.release_on: "decline" = an explicit decline ("i can't", "i'm unable to", ...); "apology" = any of the
@@ -282,33 +245,26 @@ RELEASE_MARKERS = {"decline": DECLINE_PHRASES, "apology": REFUSAL_MARKERS}
 
 class ReleaseTracker:
     """Which rows' replies hold one of the markers yet (matched as the refusal judge matches them: in the
-    normalised text, anywhere), from the token ids entering the model: a prefill (several positions)
-    starts new replies; each single-token decoding step appends a generated token. A released row stays
-    released, so each step decodes only the reply's last `WINDOW` tokens, where a new marker must end."""
+    normalised text, anywhere), the token fed in this pass included. A released row stays released, so
+    each step decodes only the reply's last `WINDOW` tokens, where a new marker must end."""
 
     WINDOW = 16  # tokens: longer than any marker
 
     def __init__(self, tokenizer, release_on: str):
         self.tokenizer, self.markers = tokenizer, RELEASE_MARKERS[release_on]
-        self.replies: list[list[int]] = []
-        self.done: list[bool] = []
+        self.released: dict[int, tuple[int, bool]] = {}  # row key -> (reply length checked, released)
 
-    def read(self, ids: torch.Tensor) -> None:
-        """The edit at "input_ids": ids [batch, pos]."""
-        if ids.shape[1] > 1 or ids.shape[0] != len(self.done):  # a prefill, or a batch this tracker never saw
-            self.replies, self.done = [[] for _ in range(ids.shape[0])], [False] * ids.shape[0]
-            if ids.shape[1] > 1:
-                return
-        for row, token in enumerate(ids[:, 0].tolist()):
-            if not self.done[row]:
-                self.replies[row].append(token)
-                tail = self.tokenizer.decode(self.replies[row][-self.WINDOW :], skip_special_tokens=True)
-                self.done[row] = any(marker in normalise(tail) for marker in self.markers)
-
-    def rows(self, batch: int, device) -> torch.Tensor:
-        """Bool [batch]: the rows to release (none before this tracker has read the batch)."""
-        done = self.done if len(self.done) == batch else [False] * batch
-        return torch.tensor(done, dtype=torch.bool, device=device)
+    def rows(self, rows: Rows) -> list[bool]:
+        """Per row of the pass, whether its reply so far holds a marker."""
+        out = []
+        for key, reply in zip(rows.keys, rows.replies):
+            checked, done = self.released.get(key, (0, False))
+            if not done and len(reply) > checked:
+                tail = self.tokenizer.decode(reply[-self.WINDOW :], skip_special_tokens=True)
+                done = any(marker in normalise(tail) for marker in self.markers)
+                self.released[key] = (len(reply), done)
+            out.append(done)
+        return out
 
 
 def feature_directions(sae, features: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,7 +354,7 @@ class ActAdd(Steering):
             (
                 layer,
                 meta.get("hook_point", "resid_post"),
-                _at_positions(self.positions, lambda h: h + delta.to(h.dtype)),
+                _at_positions(self.positions, lambda h, rows: h + delta.to(h.dtype)),
             )
         ]
 
@@ -416,7 +372,7 @@ class Ablate(Steering):
         _check_width(direction, loaded)
         r = direction.to(loaded.device)
 
-        def ablate(h: torch.Tensor) -> torch.Tensor:
+        def ablate(h: torch.Tensor, rows: Rows) -> torch.Tensor:
             r_h = r.to(h.dtype)
             return h - (h @ r_h)[..., None] * r_h
 
@@ -487,34 +443,28 @@ class Conditional(Steering):
         )
 
     @torch.inference_mode()
-    def flags(self, loaded: LoadedModel, rendered: list[str], batch_size: int = 16) -> list[bool]:
-        """Whether the gate fires on each chat-rendered prompt (as it decides in `applied`)."""
-        out: list[bool] = []
-        for batch in rendered_batches(loaded, rendered, batch_size):
-            out += (
-                self.scores(loaded, batch["input_ids"], batch["attention_mask"]) > self.threshold
-            ).tolist()
+    def flags(
+        self, loaded: LoadedModel, prompts: list[str] | list[list[int]], batch_size: int = 16
+    ) -> list[bool]:
+        """Whether the gate fires on each chat-rendered prompt (a string or its token ids), scored in
+        left-padded batches."""
+        tokenizer, out = loaded.tokenizer, []
+        ids = [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+        for start in range(0, len(ids), batch_size):
+            batch, mask, _ = left_padded(
+                ids[start : start + batch_size], tokenizer.pad_token_id, loaded.device
+            )
+            out += (self.scores(loaded, batch, mask) > self.threshold).tolist()
         return out
 
-    def edits_for(self, loaded: LoadedModel, input_ids: torch.Tensor) -> list[Edit]:
-        flagged = bool(self.scores(loaded, input_ids, torch.ones_like(input_ids))[0] > self.threshold)
-        return self.inner.edits(loaded) if flagged else []
+    def row_edits(self, loaded: LoadedModel, prompts: list[list[int]]) -> list[list[Edit]]:
+        flagged = self.flags(loaded, prompts)
+        inner = self.inner.edits(loaded) if any(flagged) else []
+        return [inner if flag else [] for flag in flagged]
 
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:
-        state = {"gate": None, "detecting": False}
-
-        def gated(fn: Callable) -> Callable:
-            def edit(h: torch.Tensor):
-                gate = state["gate"]
-                if state["detecting"] or gate is None or not gate.any():
-                    return None
-                new = fn(h)
-                if new is None or gate.all():
-                    return new
-                return torch.where(gate.to(h.device)[:, None, None], new, h)
-
-            return edit
+        state = {"gate": [], "detecting": False}  # the flagged rows of the current prompts
 
         def detect(_module, args, kwargs):
             if state["detecting"]:
@@ -524,16 +474,17 @@ class Conditional(Steering):
                 return None
             state["detecting"] = True
             try:
-                state["gate"] = self.scores(loaded, ids, kwargs.get("attention_mask")) > self.threshold
+                scores = self.scores(loaded, ids, kwargs.get("attention_mask"))
+                state["gate"] = (scores > self.threshold).nonzero().flatten().tolist()
             finally:
                 state["detecting"] = False
             return None
 
         with ExitStack() as stack:
-            for layer, point, fn in self.inner.edits(loaded):
-                stack.enter_context(edit_residual(loaded.model, layer, gated(fn), point))
             handle = loaded.model.register_forward_pre_hook(detect, with_kwargs=True)
             stack.callback(handle.remove)
+            gate = lambda: [] if state["detecting"] else state["gate"]  # noqa: E731
+            stack.enter_context(edits_applied(loaded.model, self.inner.edits(loaded), gate))
             yield
 
 
@@ -557,20 +508,18 @@ class ReplyPrefix(Steering):
             if loaded.tokenizer.eos_token_id is None:
                 raise SaesteerError(f"{loaded.spec} has no end-of-sequence token to stop a canned reply with")
             forced = forced + [loaded.tokenizer.eos_token_id]
-        step = {"t": 0}
 
-        def count(h: torch.Tensor) -> None:  # the position of the token the next logits choose
-            step["t"] = 0 if h.shape[1] > 1 else step["t"] + 1
-
-        def force(logits: torch.Tensor) -> torch.Tensor | None:
-            if step["t"] >= len(forced):
+        def force(logits: torch.Tensor, rows: Rows) -> torch.Tensor | None:
+            # the next token of each row is its reply's len(reply)-th
+            at = [i for i, reply in enumerate(rows.replies) if len(reply) < len(forced)]
+            if not at:
                 return None
             new = logits.clone()
-            new[:, -1, :] = torch.finfo(new.dtype).min
-            new[:, -1, forced[step["t"]]] = 0.0
+            new[at, -1, :] = torch.finfo(new.dtype).min
+            new[at, -1, [forced[len(rows.replies[i])] for i in at]] = 0.0
             return new
 
-        return [(0, "resid_pre", count), (0, "logits", force)]
+        return [(0, "logits", force)]
 
 
 @dataclass
@@ -757,14 +706,27 @@ def generate(
                 f"not {short(prompt)}{hint}"
             )
     method = parse_steering(steering)
-    rendered = render(loaded, conversations, method)
-    with method.applied(loaded):
-        replies = generate_rendered(
-            loaded,
-            rendered,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-            stop=stop,
-        )
+    replies = generate_rendered(
+        loaded, render(loaded, conversations, method), method, max_new_tokens, batch_size, progress, stop
+    )
     return replies[0] if single else replies
+
+
+def generate_rendered(
+    loaded: LoadedModel,
+    rendered: list[str],
+    steering: str | dict | Steering | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = False,
+    stop: list[str] | None = None,
+) -> list[str]:
+    """Greedy replies to chat-rendered prompts under a steering, through `saesteer.engine` (a conditional
+    steering's gate is scored once per prompt); arguments as in `generate`."""
+    from saesteer import engine
+
+    method = parse_steering(steering)
+    ids = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in rendered]
+    return engine.generate(
+        loaded, ids, method.row_edits(loaded, ids), max_new_tokens, batch_size, progress, stop
+    )
