@@ -68,6 +68,7 @@ class Reply:
 DECODE_ROWS = 128  # rows decoded together: CPU matmuls of 576-wide layers reach ~90% of peak from ~128 rows
 MIN_PREFIX = 8  # the shortest prompt prefix shared by a prefill's rows that is computed once and cached
 PREFIX_ENTRIES = 16  # cached (prefix, edits) pairs, least recently used dropped first
+KV_BUDGET = 4 << 30  # bytes of KV cache `run` may reserve: fewer rows decode together when replies are long
 
 
 class Engine:
@@ -95,9 +96,10 @@ class Engine:
 
         self.waiting.extend(sorted(replies, key=lambda r: len(r.ids)))
         if replies:
-            self.forward.reserve(
-                min(self.max_batch, len(replies)), max(len(r.ids) + r.max_new_tokens for r in replies)
-            )
+            width = max(len(r.ids) + r.max_new_tokens for r in replies)
+            self.max_batch = min(self.max_batch, max(1, KV_BUDGET // self.forward.row_bytes(width)))
+            self.prefill = min(self.prefill, self.max_batch)
+            self.forward.reserve(min(self.max_batch, len(replies)), width)
         with tqdm(total=len(replies), desc=desc, disable=not progress) as bar:
             while self.rows or self.waiting:
                 bar.update(len(self.step()))
@@ -247,6 +249,10 @@ class _LlamaForward:
         self.device, self.dtype = loaded.device, loaded.dtype
         self.k = self.v = torch.zeros(len(self.layers), 0, self.kv_heads, 0, self.head_dim)
         self.lengths: list[int] = []  # tokens cached per row
+
+    def row_bytes(self, width: int) -> int:
+        """The cache's bytes per row of `width` positions."""
+        return 2 * len(self.layers) * self.kv_heads * width * self.head_dim * self.dtype.itemsize
 
     def reserve(self, rows: int, width: int) -> None:
         """Grow the cache to hold at least `rows` rows of `width` positions, keeping what it holds."""
@@ -399,6 +405,10 @@ class _HFForward:
                 **{self.cache_arg: cache},
             )
         return out.logits[:, -1].float()
+
+    def row_bytes(self, width: int) -> int:
+        """Unbounded here: the cache grows as it goes, as HF `generate`'s does."""
+        return 1
 
     def reserve(self, rows: int, width: int) -> None:
         """Nothing to reserve: the cache grows as it goes."""

@@ -94,9 +94,8 @@ GSM8K_INSTRUCTION = (
     "\nSolve the problem step by step, then give the final answer on its own line as '#### <number>'."
 )
 GenerateFn = Callable[..., list[str]]  # (loaded, rendered prompts, steering, max_new_tokens=, batch_size=)
-CHUNK_BATCHES = (
-    8  # batches of prompts generated per chunk: the engine refills rows within it; saved after each
-)
+# batches of prompts per engine run: it refills rows within the run, and the replies are saved after each
+CHUNK_BATCHES = 32
 TurnSource = Callable[
     [list[int], int, list[Messages]], list[str]
 ]  # (active conversations, depth, conversations)
@@ -408,10 +407,14 @@ def run_safety(run: Run) -> None:
     pooled: dict[str, list[float]] = {"unsafe": [], "safe": []}
     pooled_quality: dict[str, list[str]] = {"unsafe": [], "safe": []}
     wall_total = 0.0
-    for name, prompts in safety_datasets(run.config):
+    datasets = [(name, run.pick(prompts, name)) for name, prompts in safety_datasets(run.config)]
+    with _timer() as elapsed:  # every set's prompts in one engine run: fuller batches than one run per set
+        everything = [prompt for _, chosen in datasets for prompt in chosen]
+        generated = iter(run.model.replies(_single_turn(everything), run.config.decoding, desc="safety"))
+    wall_total += elapsed()
+    for name, chosen in datasets:
         with _timer() as elapsed:
-            chosen = run.pick(prompts, name)
-            replies = run.model.replies(_single_turn(chosen), run.config.decoding, desc=f"safety {name}")
+            replies = [next(generated) for _ in chosen]
             verdicts = run.verdicts([p.text for p in chosen], replies)
             label = chosen[0].label
             categories = run.quality([p.text for p in chosen], replies, label)

@@ -1,8 +1,10 @@
 """Steering methods behind one interface, so evals, the CLI and the server treat them alike.
 
-A `Steering` may rewrite the conversation (`prepare`) and may edit the residual stream during every
-forward pass inside `with steering.applied(loaded): ...`. Every method serialises to JSON
-(`to_dict` / `steering_from_dict`).
+A `Steering` may rewrite the conversation (`prepare`) and may edit the residual stream: `row_edits` gives
+each rendered prompt its edits (`hooks.Edit`, called with the rows of each forward pass and their replies
+so far), which `saesteer.engine` applies row by row while it generates; `with steering.applied(loaded):`
+applies the same edits through hooks to the model's own forward passes (scoring, HF `generate`). Every
+method serialises to JSON (`to_dict` / `steering_from_dict`).
 """
 
 from __future__ import annotations
