@@ -30,9 +30,10 @@ from pathlib import Path
 
 import httpx
 import openai
-from steer import PROMPTS  # the same prompt mix as the steering bench (bench/ is on sys.path)
+from generate import bench_prompts  # the generation bench's validation prompts (bench/ is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
+PROMPTS = bench_prompts(64)
 LONG_PROMPT = "Write a long, detailed essay on the history of the Roman Empire, century by century."
 
 

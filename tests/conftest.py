@@ -143,6 +143,21 @@ def tiny_loaded():
     )
 
 
+def save_steering_sae(folder: Path) -> str:
+    """A random TopK SAE for the tiny models' layer 1 (64 -> 256 latents, k 8, encoder biases spread so
+    every latent can fire), saved in `folder`; returns its path (the SAE loader's cache cleared)."""
+    from saesteer.sae import SAE, SAEConfig
+    from saesteer.steering import load_sae
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+    sae.save(folder)
+    load_sae.cache_clear()
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def tiny_sae(tmp_path_factory):
     """A random TopK SAE for the tiny Llama's layer 1 (64 -> 128 latents, k 8), saved in SAELens format."""

@@ -77,12 +77,15 @@ def test_discover_writes_candidates_and_specs(monkeypatch, capsys, tiny_model_di
         "4",
         "--detector-layer",
         "3",
+        "--detector-negatives",
+        "6",
         "--out",
         str(tmp_path),
     )
     assert code == 0, out.err
     result = json.loads((tmp_path / "discovery.json").read_text())
     assert result["n_harmful"] == 8 and len(result["candidates"]) <= 4 and result["judge"] == "strict"
+    assert result["detector"]["n_negatives"] == 12  # 6 each of XSTest-safe and the benign set
     assert set(result["specs"]) >= {"actadd", "sae_clamp", "conditional_sae", "control_clamp"}
     assert 0.9 <= result["detector"]["harmful_flagged"] <= 1.0
     screened = [

@@ -3,13 +3,12 @@ every family: unsteered and under each steering method, alone and mixed in one c
 
 import pytest
 import torch
-from conftest import FAMILIES, make_model, make_tokenizer
+from conftest import FAMILIES, make_model, make_tokenizer, save_steering_sae
 
 from saesteer import engine
 from saesteer.engine import Engine, Reply
 from saesteer.models import LoadedModel, chat_prompts, reference_generate
-from saesteer.sae import SAE, SAEConfig
-from saesteer.steering import load_sae, save_direction, steering_from_dict
+from saesteer.steering import save_direction, steering_from_dict
 
 QUESTIONS = [
     "the quick brown fox",
@@ -30,16 +29,11 @@ def loaded_tiny(family: str) -> LoadedModel:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine")
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.5)
-    sae.save(folder / "sae")
-    load_sae.cache_clear()
+    sae = save_steering_sae(folder / "sae")
     save_direction(
         folder / "dir.safetensors", torch.randn(64, generator=torch.Generator().manual_seed(2)), 2, "tiny"
     )
-    return {"sae": str(folder / "sae"), "direction": str(folder / "dir.safetensors")}
+    return {"sae": sae, "direction": str(folder / "dir.safetensors")}
 
 
 def specs(files) -> dict[str, dict]:

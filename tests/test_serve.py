@@ -16,13 +16,12 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import run_cli
+from conftest import run_cli, save_steering_sae
 
 from saesteer.errors import short
 from saesteer.models import chat_prompts, load_model, reference_generate
-from saesteer.sae import SAE, SAEConfig
 from saesteer.serve import ServeConfig, create_app
-from saesteer.steering import PRESETS, load_sae, save_direction, steering_from_dict
+from saesteer.steering import PRESETS, save_direction, steering_from_dict
 
 QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps", "lazy dog"]
 LIMITS = dict(
@@ -58,12 +57,7 @@ def specs(tmp_path_factory):
         layer=2,
         model="tiny",
     )
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.5)
-    sae.save(folder / "sae")
-    load_sae.cache_clear()
+    save_steering_sae(folder / "sae")
     return {
         "folder": str(folder),
         "actadd": {"method": "actadd", "direction": str(folder / "refusal.safetensors"), "alpha": 30.0},

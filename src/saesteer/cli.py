@@ -381,6 +381,12 @@ def discover(
     detector_recall: float = typer.Option(
         0.9, min=0.0, max=1.0, help="share of harmful train prompts the detector must flag"
     ),
+    detector_negatives: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="use at most this many TRAIN prompts of each benign source (XSTest-safe, the shipped benign set) "
+        "as the detector's negatives (default: all)",
+    ),
     alpaca_harmless: int = typer.Option(
         0,
         help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
@@ -439,7 +445,10 @@ def discover(
     )
     result["judge"] = judge
     out.mkdir(parents=True, exist_ok=True)
-    negatives = harmless + [p.text for p in safety_prompts("benign", "train")]
+    negatives = (
+        harmless[:detector_negatives]
+        + [p.text for p in safety_prompts("benign", "train")][:detector_negatives]
+    )
     if alpaca_harmless:
         negatives += [p.text for p in safety_prompts("harmless", "train")][:alpaca_harmless]
     result["specs"] = baseline_specs(

@@ -81,7 +81,11 @@ class Engine:
         self.eos = {*(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
         self.eos.add(loaded.tokenizer.eos_token_id)
         family = getattr(loaded.model.config, "model_type", None) in LLAMA_FAMILY
-        self.forward = (_LlamaForward if family else _HFForward)(loaded, self._edit, lambda: self._groups)
+        self.forward = (
+            _LlamaForward(loaded, self._edit)
+            if family
+            else _HFForward(loaded, self._edit, lambda: self._groups)
+        )
         self.rows: list[Reply] = []
         self.waiting: collections.deque[Reply] = collections.deque()
         self._groups: dict[tuple[int, str], list[tuple[Callable, list[int] | None]]] = {}
@@ -237,7 +241,7 @@ class Engine:
 class _LlamaForward:
     """Llama-family forward passes over a preallocated KV cache [layers, rows, kv heads, width, head dim]."""
 
-    def __init__(self, loaded: LoadedModel, edit: Callable, _groups: Callable):
+    def __init__(self, loaded: LoadedModel, edit: Callable):
         self.model, self.edit = loaded.model, edit
         self.layers = decoder_layers(loaded.model)
         attention = self.layers[0].self_attn
@@ -384,6 +388,7 @@ class _HFForward:
     """Any causal LM's own forward with a left-padded `DynamicCache`, steered through forward hooks."""
 
     def __init__(self, loaded: LoadedModel, edit: Callable, groups: Callable):
+        """`groups()`: the hook points the next pass edits (the engine's plan)."""
         self.loaded, self.edit, self.groups = loaded, edit, groups
         forward = inspect.signature(loaded.model.forward).parameters
         self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed in transformers 5

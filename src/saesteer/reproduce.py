@@ -186,6 +186,8 @@ class ReproduceConfig:
     """held-out contexts of the SAE evaluation"""
     discover_limit: int = 0
     """harmful TRAIN prompts for discovery, 0 = all"""
+    detector_negatives: int = 0
+    """TRAIN prompts per benign source (XSTest-safe, the benign set) for discovery's harm detector, 0 = all"""
     n_candidates: int = 4
     """features screened: best by contrast ..."""
     n_attribution: int = 8
@@ -253,6 +255,7 @@ PRESETS = {
         dead_tokens=16_384,
         sae_eval_contexts=2,
         discover_limit=8,
+        detector_negatives=16,
         n_candidates=2,
         n_attribution=2,
         screen_values="8",
@@ -411,6 +414,8 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
         ]
         if config.discover_limit:
             args += ["--limit", config.discover_limit]
+        if config.detector_negatives:
+            args += ["--detector-negatives", config.detector_negatives]
         pipeline.saesteer("discover", *args)
     return json.loads((folder / "discovery.json").read_text())
 
