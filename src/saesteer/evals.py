@@ -180,7 +180,7 @@ class SteeredModel:
 
     def _key(self, **parts) -> str:
         return ResultCache.key(
-            model=self.loaded.spec, steering=self.steering.to_dict(), **self._files, **parts
+            model=self.loaded.identity, steering=self.steering.to_dict(), **self._files, **parts
         )
 
     def replies(self, conversations: list[Messages], decoding: Decoding, desc: str = "generate") -> list[str]:
@@ -342,7 +342,7 @@ class Run:
         self.rows.append(
             {
                 "config": {
-                    "model": self.config.model,
+                    "model": self.model.loaded.identity,
                     "steering": self.model.steering.to_dict(),
                     "suite": suite,
                     "dataset": dataset,
@@ -749,7 +749,7 @@ def agreement_rows(run: Run, other: Judge, sample: int) -> list[dict]:
     theirs = [is_refusal(v) for v in other.judge([p for p, _, _ in pairs], [r for _, r, _ in pairs])]
     kappa, low, high = kappa_ci(mine, theirs, run.config.seed, run.config.bootstrap)
     base = {
-        "model": run.config.model,
+        "model": run.model.loaded.identity,
         "steering": run.model.steering.to_dict(),
         "suite": "judge",
         "dataset": f"{run.judge.name} vs {other.name}",
@@ -870,7 +870,7 @@ def sweep(
         todo = []
         for suite in config.suites:
             probe = {
-                "model": config.model,
+                "model": loaded.identity,
                 "steering": steering.to_dict(),
                 "suite": suite,
                 "split": config.split,

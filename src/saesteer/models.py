@@ -29,6 +29,12 @@ class LoadedModel:
     dtype: torch.dtype
 
     @property
+    def identity(self) -> str:
+        """What cache keys and result rows name: the spec, with the dtype when it is not float32 (replies
+        differ by dtype), e.g. `smollm2-135m-instruct@bfloat16`."""
+        return self.spec if self.dtype == torch.float32 else f"{self.spec}@{str(self.dtype).split('.')[-1]}"
+
+    @property
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers
 

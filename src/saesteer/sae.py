@@ -152,6 +152,12 @@ class _LatentMajor:
         return out.view(self.shape[1], -1)
 
 
+def _exact_preacts(indices: Tensor, xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """Pre-activations [B, kk] of the chosen latents `indices` [B, kk] in the dtype of xc [B, d]: the chosen
+    (token, latent) pairs only, so a top-k chosen from a low-precision matmul gets exact values."""
+    return _LatentMajor(indices, W_enc.shape[0]).sampled_dots(W_enc, xc) + b_enc[indices]
+
+
 class _TopKEncode(torch.autograd.Function):
     """z = ReLU(TopK(W_enc (x - b_dec) + b_enc)) as (values, indices), plus AuxK's top-k_aux
     over the `dead` latents. Backward is sparse: only selected (token, latent) pairs get grads."""
@@ -159,17 +165,22 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux, workspace):
         xc = x - b_dec
-        pre = (
-            torch.addmm(b_enc, xc, W_enc.T)
-            if workspace is None
-            else torch.addmm(b_enc, xc, W_enc.T, out=workspace)
-        )
+        low = workspace is not None and workspace.dtype != xc.dtype  # select in low precision
+        if workspace is None:
+            pre = torch.addmm(b_enc, xc, W_enc.T)
+        else:
+            dt = workspace.dtype
+            pre = torch.addmm(b_enc.to(dt), xc.to(dt), W_enc.to(dt).T, out=workspace)
         values, indices = pre.topk(k, dim=1, sorted=False)
+        if low:
+            values = _exact_preacts(indices, xc, W_enc, b_enc)
         values.relu_()
         if dead is not None and k_aux > 0:
             aux_values, pos = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
-            aux_values.relu_()
             aux_indices = dead[pos]
+            if low:
+                aux_values = _exact_preacts(aux_indices, xc, W_enc, b_enc)
+            aux_values.relu_()
         else:
             aux_values = values.new_empty(x.shape[0], 0)
             aux_indices = indices.new_empty(x.shape[0], 0)
@@ -321,7 +332,9 @@ class SAE(nn.Module):
         top-k_aux (k_aux = d_in/2) of them reconstruct the residual. total_variance: the FVU
         denominator; pass the global value when the batch is sharded across ranks. workspace: an
         optional reusable [B, n_latents] buffer for the pre-activations (a fresh 75 MB allocation
-        per step costs ~10% on CPU, in page faults). TopK SAEs only.
+        per step costs ~10% on CPU, in page faults); the dense encoder matmul runs in its dtype, and when
+        that is lower than x's (bfloat16) it only chooses each token's top-k: the chosen latents' values,
+        the loss and every gradient stay in x's precision. TopK SAEs only.
         """
         if self.cfg.architecture != "topk":
             raise SAEError(f"only topk SAEs train, this one is {self.cfg.architecture}")

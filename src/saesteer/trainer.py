@@ -28,6 +28,7 @@ from saesteer.errors import SaesteerError
 from saesteer.sae import SAE, SAEConfig, SAEError
 
 CHECKPOINT = "checkpoint.safetensors"
+SELECT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # TrainConfig.dtype
 # A resumed run must agree with its checkpoint on these (total_tokens may grow).
 RESUME_KEYS = (
     "n_latents",
@@ -90,6 +91,10 @@ class TrainConfig:
     """steps between checkpoints"""
     log_every: int = 20
     """steps between progress-bar loss updates"""
+    dtype: str = "float32"
+    """the dense encoder matmul that chooses each token's top-k latents: float32, or bfloat16 (~1.8x faster
+    matmul on CPUs with AVX512-BF16 or AMX and on GPUs); the chosen latents' values, the loss, the gradients
+    and the weights stay float32"""
     resume: bool = False
     """continue from out/checkpoint.safetensors if it exists"""
     device: str | None = None
@@ -97,6 +102,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
+        if self.dtype not in SELECT_DTYPES:
+            raise TrainError(f"dtype must be one of {', '.join(SELECT_DTYPES)}, got {self.dtype!r}")
         for name in (
             "k",
             "batch_size",
@@ -249,7 +256,7 @@ class Trainer:
             raise TrainError(f"step {self.step_count}: the activation batch contains NaN or Inf")
         dead = self.dead_latents() if cfg.auxk_coef > 0 else None
         if self.workspace is None or self.workspace.shape[0] != x.shape[0]:
-            self.workspace = x.new_empty(x.shape[0], n)
+            self.workspace = x.new_empty(x.shape[0], n, dtype=SELECT_DTYPES[cfg.dtype])
         outputs = sae.training_loss(
             x, dead if dead is not None and dead.numel() else None, total_variance, self.workspace
         )
