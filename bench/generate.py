@@ -87,7 +87,7 @@ def llama_cpp(rendered: list[str], tokens: int) -> dict:
     try:
         from llama_cpp import Llama
     except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python: bench only)"}
+        return {"skipped": "llama-cpp-python is not installed (pip install -e '.[llamacpp]': bench only)"}
     folder, extra = resolve_spec("smollm2-135m-instruct")
     llm = Llama(model_path=str(Path(folder) / extra["gguf_file"]), n_threads=2, n_ctx=512, verbose=False)
     made, start = 0, time.perf_counter()

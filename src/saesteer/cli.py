@@ -81,8 +81,8 @@ _MODEL, _DEVICE = opt(COLLECT, "model"), opt(COLLECT, "device")
 _DTYPE = typer.Option(
     None,
     help="the model's weights and activations: float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs "
-    "that support it); bfloat16 generates ~1.8x faster on CPUs with AVX512-BF16 or AMX and changes some "
-    "replies (README, Benchmarks)",
+    "that support it); bfloat16 generates faster on CPUs with AVX512-BF16 or AMX and changes some replies "
+    "(README, Benchmarks)",
 )
 
 
