@@ -57,6 +57,18 @@ def new_path(loaded, steering, rendered, tokens, rows):
     return loaded.tokenizer.batch_decode([r.tokens for r in replies], skip_special_tokens=True)
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and its bf16 instruction sets, from /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = {k.strip(): v.strip() for k, v in fields.items()}
+    bf16 = sorted(set(flags.get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
+    return {"cpu": flags.get("model name", ""), "bf16_instructions": bf16}
+
+
 def timed(fn, *args) -> tuple[list[str], float]:
     start = time.perf_counter()
     out = fn(*args)
@@ -153,7 +165,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         return row
 
-    identity, at_rows = {}, {}
+    identical_at_64, at_rows = {}, {}
     for name in STEERINGS:
         steering = parse_steering(name)
         for batch in (1, 16, 64):
@@ -163,7 +175,7 @@ def main() -> None:
             new, new_s = timed(new_path, loaded, steering, rendered[:n], args.tokens, batch)
             record("engine", name, batch, new, new_s, speedup=round(old_s / new_s, 2))
             if batch == 64:
-                identity[name] = {"identical": sum(a == b for a, b in zip(old, new)), "of": n}
+                identical_at_64[name] = {"identical": sum(a == b for a, b in zip(old, new)), "of": n}
         at_rows[name], new_s = timed(new_path, loaded, steering, rendered, args.tokens, DECODE_ROWS)
         record("engine", name, DECODE_ROWS, at_rows[name], new_s)
     refusal = steering_from_dict(parse_steering("refusal").to_dict())
@@ -186,6 +198,7 @@ def main() -> None:
     summary = {
         "machine": {
             "processor": platform.processor() or platform.machine(),
+            **cpu_info(),
             "threads": torch.get_num_threads(),
         },
         "model": args.model,
@@ -193,7 +206,7 @@ def main() -> None:
         "tokens": args.tokens,
         "matmul_peak_gflops": round(peak, 1),
         "compute_limit_tokens_per_s": round(limit, 1),
-        "identical_replies_at_batch_64": identity,
+        "identical_replies_at_batch_64": identical_at_64,
         "bfloat16": bf16,
         "llama_cpp": cpp,
         "rows": rows,

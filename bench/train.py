@@ -166,7 +166,7 @@ def main() -> None:
             elapsed = sum(_timed(lambda i=i: step(data[i % len(data)])) for i in range(args.steps))
             tok_s = args.steps * BATCH / elapsed
             best[name] = max(best.get(name, 0.0), tok_s)
-            print(f"  round {r + 1}: {name:9s} {tok_s:9,.0f} tok/s")
+            print(f"  round {r + 1}: {name:13s} {tok_s:9,.0f} tok/s")
     roofline = {dtype: flops / (2 * D * N) for dtype, flops in peak.items()}
     for dtype, flops in peak.items():
         print(

@@ -250,7 +250,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
 def test_bfloat16_selection_keeps_exact_values_and_trains_as_float32(tmp_path):
     """dtype bfloat16 only chooses the top-k: the chosen latents' values are the float32 pre-activations, and
     training reaches the float32 run's FVU (within 2%) on the same data and seed."""
-    from saesteer.sae import SAE, SAEConfig
+    from saesteer.sae import SAE, SAEConfig, _TopKEncode
 
     _, x = sparse_data(n_tokens=8192)
     sae = SAE(SAEConfig(d_in=32, n_latents=64, k=3))
@@ -258,6 +258,13 @@ def test_bfloat16_selection_keeps_exact_values_and_trains_as_float32(tmp_path):
     out = sae.training_loss(x[:512], workspace=workspace)
     pre = (x[:512] - sae.b_dec) @ sae.W_enc.T + sae.b_enc
     assert torch.allclose(out.values, pre.gather(1, out.indices).relu(), atol=1e-5)
+    dead = torch.arange(0, 64, 2)  # AuxK's top-k over "dead" latents: chosen in bf16, valued in fp32 too
+    with torch.no_grad():
+        *_, aux_values, aux_indices = _TopKEncode.apply(
+            x[:512], sae.W_enc, sae.b_enc, sae.b_dec, 3, dead, 16, workspace
+        )
+    assert set(aux_indices.unique().tolist()) <= set(dead.tolist())
+    assert torch.allclose(aux_values, pre.gather(1, aux_indices).relu(), atol=1e-5)
 
     fvu = {}
     for dtype in ("float32", "bfloat16"):

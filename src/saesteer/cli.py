@@ -81,8 +81,8 @@ _MODEL, _DEVICE = opt(COLLECT, "model"), opt(COLLECT, "device")
 _DTYPE = typer.Option(
     None,
     help="the model's weights and activations: float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs "
-    "that support it); bfloat16 generates faster on CPUs with AVX512-BF16 or AMX and changes some replies "
-    "(README, Benchmarks)",
+    "that support it); bfloat16 generates faster on CPUs with AVX512-BF16 but changes most replies, and a "
+    "reply can depend on the replies generated beside it (README, How it works)",
 )
 
 
@@ -724,11 +724,12 @@ def eval_command(
         write_judged,
     )
     from saesteer.judges import StringMatchJudge, load_judge
-    from saesteer.models import load_model
+    from saesteer.models import load_model, pick_dtype
     from saesteer.steering import steering_from_dict
 
     for path in (out, replies, cache or Path(f"{out}.cache.jsonl")):
         _writable_out(path, "file", "--out" if path == out else "--replies" if path == replies else "--cache")
+    pick_dtype(None, dtype)  # a bad --dtype fails before the judge or the model loads
     _dist().init()
     config = _eval_config(
         model,
@@ -800,10 +801,11 @@ def sweep(
     from saesteer.evals import load_sweep_file, read_rows, summary_table
     from saesteer.evals import sweep as run_sweep
     from saesteer.judges import load_judge
-    from saesteer.models import load_model
+    from saesteer.models import load_model, pick_dtype
 
     _writable_out(out, "file")
     _writable_out(cache or Path(f"{out}.cache.jsonl"), "file", "--cache")
+    pick_dtype(None, dtype)  # a bad --dtype fails before the judge or the model loads
     _dist().init()
     steerings = load_sweep_file(grid)
     config = _eval_config(

@@ -35,7 +35,8 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     """default alias, hub id, local folder or .gguf file"""
     dtype: str | None = None
-    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it)"""
+    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it; bfloat16 changes most
+    replies)"""
     out: str = "runs/demo"
     """folder for results, examples and the HTML report"""
     methods: tuple[str, ...] = ("refusal", "refusal_conditional")

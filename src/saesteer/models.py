@@ -62,8 +62,8 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """float32 on cpu/mps; bfloat16 on GPUs that support it; an explicit choice wins."""
+def pick_dtype(device: torch.device | None, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """float32 on cpu/mps (and for device None); bfloat16 on GPUs that support it; an explicit choice wins."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype:
@@ -78,7 +78,7 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
             }[dtype]
         except KeyError:
             raise SaesteerError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 

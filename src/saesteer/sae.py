@@ -165,7 +165,8 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k, dead, k_aux, workspace):
         xc = x - b_dec
-        low = workspace is not None and workspace.dtype != xc.dtype  # select in low precision
+        # a lower-precision workspace only chooses the top-k; the chosen values are recomputed in xc's dtype
+        low = workspace is not None and workspace.dtype.itemsize < xc.dtype.itemsize
         if workspace is None:
             pre = torch.addmm(b_enc, xc, W_enc.T)
         else:

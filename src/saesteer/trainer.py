@@ -93,8 +93,8 @@ class TrainConfig:
     """steps between progress-bar loss updates"""
     dtype: str = "float32"
     """the dense encoder matmul that chooses each token's top-k latents: float32, or bfloat16 (faster on CPUs
-    with AVX512-BF16 or AMX and on GPUs); the chosen latents' values, the loss, the gradients and the weights
-    stay float32"""
+    with AVX512-BF16 and on GPUs); the chosen latents' values, the loss, the gradients and the weights stay
+    float32"""
     resume: bool = False
     """continue from out/checkpoint.safetensors if it exists"""
     device: str | None = None
