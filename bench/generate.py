@@ -151,10 +151,18 @@ def main() -> None:
     )
     rows: list[dict] = []
 
-    def record(engine: str, steering: str, batch: int, replies: list[str], seconds: float, **extra) -> dict:
+    def record(
+        engine: str,
+        steering: str,
+        batch: int,
+        replies: list[str],
+        seconds: float,
+        bf16_limit: float | None = None,
+        **extra,
+    ) -> dict:
         rate = count_tokens(loaded, replies) / seconds
-        if "bf16_limit" in extra:
-            extra["bf16_limit_pct"] = round(100 * rate / extra.pop("bf16_limit"), 1)
+        if bf16_limit is not None:
+            extra["bf16_limit_pct"] = round(100 * rate / bf16_limit, 1)
         row = {"engine": engine, "steering": steering, "batch": batch, "prompts": len(replies)}
         row |= {
             "seconds": round(seconds, 2),

@@ -28,7 +28,7 @@ from saesteer.errors import SaesteerError
 from saesteer.sae import SAE, SAEConfig, SAEError
 
 CHECKPOINT = "checkpoint.safetensors"
-SELECT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # TrainConfig.dtype
+SELECT_DTYPES = ("float32", "bfloat16")  # TrainConfig.dtype: names of torch dtypes
 # A resumed run must agree with its checkpoint on these (total_tokens may grow).
 RESUME_KEYS = (
     "n_latents",
@@ -256,7 +256,7 @@ class Trainer:
             raise TrainError(f"step {self.step_count}: the activation batch contains NaN or Inf")
         dead = self.dead_latents() if cfg.auxk_coef > 0 else None
         if self.workspace is None or self.workspace.shape[0] != x.shape[0]:
-            self.workspace = x.new_empty(x.shape[0], n, dtype=SELECT_DTYPES[cfg.dtype])
+            self.workspace = x.new_empty(x.shape[0], n, dtype=getattr(torch, cfg.dtype))
         outputs = sae.training_loss(
             x, dead if dead is not None and dead.numel() else None, total_variance, self.workspace
         )
