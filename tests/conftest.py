@@ -146,8 +146,8 @@ def tiny_loaded():
 def save_steering_sae(folder: Path) -> str:
     """A random TopK SAE for the tiny models' layer 1 (64 -> 256 latents, k 8, encoder biases spread so
     every latent can fire), saved in `folder`; returns its path (the SAE loader's cache cleared)."""
+    from saesteer.artefacts import load_sae
     from saesteer.sae import SAE, SAEConfig
-    from saesteer.steering import load_sae
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=64, n_latents=256, k=8, norm_scale=0.37, layer=1, model="tiny"))

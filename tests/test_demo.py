@@ -8,8 +8,9 @@ import json
 import pytest
 from conftest import needs_default_model, run_cli
 
+from saesteer.artefacts import shipped_dir
 from saesteer.demo import DEMO_SETS, DemoConfig, run_demo
-from saesteer.steering import PRESETS, shipped_dir
+from saesteer.steering import PRESETS
 
 
 def test_demo_fallback_trains_an_sae_and_writes_the_report(tiny_model_dir, tmp_path, one_thread, capsys):

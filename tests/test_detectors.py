@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from saesteer import detectors
-from saesteer.detectors import Candidate, Detector, GateConfig, Pool
+from saesteer import detectors, gate, stats
+from saesteer.artefacts import save_direction
+from saesteer.detectors import Detector
 from saesteer.errors import SaesteerError
+from saesteer.gate import Candidate, GateConfig, Pool
 from saesteer.models import chat_prompts, reference_generate
-from saesteer.steering import Conditional, save_direction
+from saesteer.steering import Conditional
 
 HARMFUL = ["the quick brown fox jumps", "quick quick fox", "brown fox over the fox", "the fox jumps quick"]
 BENIGN = ["lazy dog sleeps", "the lazy dog", "sparse autoencoders steer models", "models over the lazy dog"]
@@ -18,11 +20,11 @@ BENIGN = ["lazy dog sleeps", "the lazy dog", "sparse autoencoders steer models",
 
 @pytest.fixture(scope="module")
 def tiny_pool(tiny_loaded):
-    pool = detectors.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
-    keys = detectors.feature_keys(
+    pool = gate.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
+    keys = gate.feature_keys(
         (Candidate("probe", (1,), "user"), Candidate("ensemble", (1, 3), "last", 2)), None
     )
-    detectors.extract_features(tiny_loaded, pool, keys, batch_size=3)
+    gate.extract_features(tiny_loaded, pool, keys, batch_size=3)
     return pool
 
 
@@ -37,8 +39,8 @@ def tiny_pool(tiny_loaded):
 def test_cached_feature_scores_equal_live_scores_and_survive_a_save(
     tiny_loaded, tiny_pool, tmp_path, candidate, one_thread
 ):
-    detector = detectors.fit(candidate, tiny_pool)
-    cached = detectors.pooled_scores(detector, tiny_pool, candidate)
+    detector = gate.fit(candidate, tiny_pool)
+    cached = gate.pooled_scores(detector, tiny_pool, candidate)
     live = detectors.score_prompts(tiny_loaded, detector, HARMFUL + BENIGN, batch_size=3).numpy()
     assert np.allclose(cached, live, atol=1e-4)
     detector.save(tmp_path / "d.safetensors", "tiny", threshold=0.5)
@@ -94,18 +96,18 @@ def test_user_messages_are_recovered_from_a_rendering(tiny_loaded):
 
 
 def test_clopper_pearson_and_the_guaranteed_threshold():
-    low, high = detectors.clopper_pearson(0, 10)
+    low, high = stats.clopper_pearson(0, 10)
     assert low == 0.0 and high == pytest.approx(0.3085, abs=1e-4)  # 1 - 0.025 ** (1 / 10)
-    assert detectors.upper_bound(0, 150) == pytest.approx(1 - 0.05 ** (1 / 150))
+    assert stats.upper_bound(0, 150) == pytest.approx(1 - 0.05 ** (1 / 150))
     scores = {"a": np.arange(150, dtype=float), "b": np.arange(300, dtype=float) / 10}
-    found = detectors.guaranteed_threshold(scores, max_fpr=0.05)
+    found = gate.guaranteed_threshold(scores, max_fpr=0.05)
     for values in scores.values():
         k = int((values > found["threshold"]).sum())
-        assert detectors.upper_bound(k, len(values)) <= 0.05
+        assert stats.upper_bound(k, len(values)) <= 0.05
     # one less would break the bound on the source that decides it (a: the highest scores)
     k_a = int((scores["a"] > found["threshold"]).sum())
-    assert detectors.upper_bound(k_a + 1, 150) > 0.05 and found["infeasible"] == []
-    tiny = detectors.guaranteed_threshold({"small": np.array([1.0, 2.0, 3.0])}, max_fpr=0.05)
+    assert stats.upper_bound(k_a + 1, 150) > 0.05 and found["infeasible"] == []
+    tiny = gate.guaranteed_threshold({"small": np.array([1.0, 2.0, 3.0])}, max_fpr=0.05)
     assert tiny["infeasible"] == ["small"] and tiny["threshold"] == 3.0
 
 
@@ -135,7 +137,7 @@ def _synthetic_pool(seed=0) -> Pool:
 def test_leave_one_source_out_reports_each_left_out_source_and_the_worst_fold():
     pool = _synthetic_pool()
     config = GateConfig(candidates=(), max_fpr=0.1, folds=3)
-    result = detectors.leave_one_source_out(Candidate("probe", (0,), "user", c=1.0), pool, None, config)
+    result = gate.leave_one_source_out(Candidate("probe", (0,), "user", c=1.0), pool, None, config)
     assert set(result["folds"]) == set(pool.sources)
     # a harmful source leaves with the benign source of its style: one detector, one threshold per pair
     pairs = {s: tuple(f["fold"]) for s, f in result["folds"].items()}
@@ -171,7 +173,7 @@ def test_candidates_rank_by_their_worst_fold_then_the_next_worst():
     recalls_more_but_over_refuses = _result([0.95, 0.99], [0.4, 0.0])
     ranked = sorted(
         [floor, recalls_more_but_over_refuses, floor_but_better_next, meets],
-        key=lambda r: detectors.rank_key(r, 0.03, 0.7),
+        key=lambda r: gate.rank_key(r, 0.03, 0.7),
         reverse=True,
     )
     # worst successes: meets 0.7 (and meets both targets), over-refuser 0.6, the floors 0.0 (then 0.6 > 0.5)
@@ -180,7 +182,7 @@ def test_candidates_rank_by_their_worst_fold_then_the_next_worst():
 
 def test_source_weights_give_each_class_and_source_equal_mass():
     pool = Pool(["a"] * 10 + ["b"] * 30 + ["c"] * 5, np.array([1] * 40 + [0] * 5), [""] * 45)
-    weights = detectors._source_weights(pool)
+    weights = gate._source_weights(pool)
     assert weights[:10].sum() == pytest.approx(weights[10:40].sum()) == pytest.approx(weights[40:].sum() / 2)
 
 
@@ -188,9 +190,9 @@ def test_a_harmful_early_turn_gates_the_conversation_and_unflagged_rows_stay_uns
     tiny_loaded, tmp_path, one_thread
 ):
     harmful_turn, benign_turn = "the quick brown fox jumps", "lazy dog"
-    pool = detectors.build_pool({"advbench": [harmful_turn], "xstest_safe": [benign_turn]}, {"advbench"})
-    detectors.extract_features(tiny_loaded, pool, [(1, "user", 0, None)])
-    detector = detectors.fit(Candidate("dim", (1,), "user"), pool)
+    pool = gate.build_pool({"advbench": [harmful_turn], "xstest_safe": [benign_turn]}, {"advbench"})
+    gate.extract_features(tiny_loaded, pool, [(1, "user", 0, None)])
+    detector = gate.fit(Candidate("dim", (1,), "user"), pool)
     path = tmp_path / "gate.safetensors"
     detector.save(path, "tiny")
     flagged = [
@@ -289,7 +291,7 @@ def test_gate_cli_trains_validates_and_saves_a_usable_detector(
     )
     assert code == 0, captured.err
     summary = json.loads((out / "gate.json").read_text())
-    vendored = set(detectors.HARMFUL_SOURCES) | set(detectors.BENIGN_SOURCES)
+    vendored = set(gate.HARMFUL_SOURCES) | set(gate.BENIGN_SOURCES)
     assert all(set(r["folds"]) == vendored for r in summary["loso"]) and len(summary["loso"]) >= 5
     assert (
         summary["chosen"] == summary["ranking"][0]
@@ -302,12 +304,12 @@ def test_gate_cli_trains_validates_and_saves_a_usable_detector(
     assert set(summary["test"]["chosen"]) >= vendored and all(
         r["n"] <= 6 for r in summary["test"]["chosen"].values()
     )
-    gate = Conditional(
+    conditional = Conditional(
         steering={"method": "none"},
         detector=str(out / "detector.safetensors"),
         threshold=summary["threshold"]["threshold"],
     )
-    assert gate.scores(*_loaded_batch(tiny_model_dir)).shape == (2,)
+    assert conditional.scores(*_loaded_batch(tiny_model_dir)).shape == (2,)
     code, captured = run_cli(monkeypatch, capsys, "gate", "--model", str(tiny_model_dir), "--max-fpr", "2")
     assert code == 2 and "--max-fpr" in captured.err and "Traceback" not in captured.err
 
@@ -349,7 +351,7 @@ def test_ship_gate_installs_the_detector_and_keeps_the_replaced_presets(tmp_path
         "values": [8.0],
         "generated_tokens": 8,
     }
-    preset = detectors.ship_gate(tmp_path / "d.safetensors", 3.5, dest, new_inner)
+    preset = gate.ship_gate(tmp_path / "d.safetensors", 3.5, dest, new_inner)
     presets = json.loads((dest / "steering.json").read_text())["presets"]
     assert (
         preset == presets["refusal_conditional"]
@@ -361,23 +363,23 @@ def test_ship_gate_installs_the_detector_and_keeps_the_replaced_presets(tmp_path
         presets["refusal_conditional_previous"] == old
         and (dest / "harm-gate.safetensors").read_bytes() == b"detector"
     )
-    detectors.ship_gate(tmp_path / "d.safetensors", 4.0, dest)  # again: the first previous presets stay
+    gate.ship_gate(tmp_path / "d.safetensors", 4.0, dest)  # again: the first previous presets stay
     presets = json.loads((dest / "steering.json").read_text())["presets"]
     assert (
         presets["refusal_conditional_previous"] == old
         and presets["refusal_conditional"]["steering"] == new_inner
     )
     with pytest.raises(SaesteerError, match="no shipped presets"):
-        detectors.ship_gate(tmp_path / "d.safetensors", 1.0, tmp_path / "nowhere")
+        gate.ship_gate(tmp_path / "d.safetensors", 1.0, tmp_path / "nowhere")
 
 
 def test_sae_code_probe_scores_equal_live_scores(tiny_loaded, tiny_sae, one_thread):
     sae = str(tiny_sae)
-    pool = detectors.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
+    pool = gate.build_pool({"advbench": HARMFUL, "xstest_safe": BENIGN}, {"advbench"})
     candidate = Candidate("sae_probe", (1,), "user", c=10.0)
-    detectors.extract_features(tiny_loaded, pool, detectors.feature_keys((candidate,), sae), batch_size=3)
-    detector = detectors.fit(candidate, pool, sae)
+    gate.extract_features(tiny_loaded, pool, gate.feature_keys((candidate,), sae), batch_size=3)
+    detector = gate.fit(candidate, pool, sae)
     assert detector.sae == sae and detector.weight.shape == (1, 128)
-    cached = detectors.pooled_scores(detector, pool, candidate, sae)
+    cached = gate.pooled_scores(detector, pool, candidate, sae)
     live = detectors.score_prompts(tiny_loaded, detector, HARMFUL + BENIGN, batch_size=3).numpy()
     assert np.allclose(cached, live, atol=1e-4)

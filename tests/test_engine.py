@@ -6,9 +6,10 @@ import torch
 from conftest import FAMILIES, make_model, make_tokenizer, save_steering_sae
 
 from saesteer import engine
+from saesteer.artefacts import save_direction
 from saesteer.engine import Engine, Reply
 from saesteer.models import LoadedModel, chat_prompts, reference_generate
-from saesteer.steering import save_direction, steering_from_dict
+from saesteer.steering import steering_from_dict
 
 QUESTIONS = [
     "the quick brown fox",

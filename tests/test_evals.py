@@ -8,7 +8,8 @@ import torch
 from conftest import make_model, make_tokenizer, run_cli
 
 from saesteer import evals
-from saesteer.cache import ResultCache, artefact_digest
+from saesteer.artefacts import artefact_digest
+from saesteer.cache import ResultCache
 from saesteer.errors import SaesteerError
 from saesteer.evals import Decoding, EvalConfig, SteeredModel, evaluate, expand_grid
 from saesteer.evalsets import MultipleChoice
@@ -271,7 +272,8 @@ def test_cache_hit_avoids_regeneration_and_survives_a_torn_line(tiny, tmp_path):
 
 
 def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_path):
-    from saesteer.steering import ActAdd, save_direction
+    from saesteer.artefacts import save_direction
+    from saesteer.steering import ActAdd
 
     direction = tmp_path / "d.safetensors"
     save_direction(direction, torch.ones(tiny.d_model), layer=1, model="tiny")
@@ -312,9 +314,7 @@ def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_pa
         config,
     )
     assert changed.calls == first.calls
-    assert artefact_digest({"method": "none"}) == "" and artefact_digest(
-        {"method": "conditional", "detector": str(direction)}
-    )
+    assert artefact_digest([]) == "" and artefact_digest([str(direction)])
 
 
 def test_loglik_cache(tiny, tmp_path):
@@ -380,9 +380,6 @@ def test_parse_helpers():
         "safety",
         "fidelity",
     )
-    assert evals.parse_steering_spec(None) == {"method": "none"}
-    assert evals.parse_steering_spec("system_prompt")["method"] == "system_prompt"
-    assert evals.parse_steering_spec('{"method": "system_prompt", "prompt": "x"}')["prompt"] == "x"
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
+from saesteer.artefacts import load_sae
 from saesteer.errors import SaesteerError
 from saesteer.features import (
     DiscoverConfig,
@@ -17,7 +18,6 @@ from saesteer.features import (
 from saesteer.hooks import residual_at
 from saesteer.models import chat_prompts
 from saesteer.sae import SAE, SAEConfig
-from saesteer.steering import load_sae
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,8 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
 
 
 def test_refusal_attribution_is_the_derivative_along_each_decoder_direction(loaded, sae_dir):
+    from saesteer.artefacts import load_sae
     from saesteer.features import refusal_attribution, reply_logprob
-    from saesteer.steering import load_sae
 
     sae = load_sae(sae_dir)
     prompts, refusals, compliances = (

@@ -15,11 +15,12 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from saesteer.artefacts import save_direction  # noqa: E402
 from saesteer.errors import SaesteerError  # noqa: E402
 from saesteer.evals import SteeredModel  # noqa: E402
 from saesteer.lmeval import SaesteerLM  # noqa: E402
 from saesteer.models import reference_generate  # noqa: E402
-from saesteer.steering import Conditional, Steering, save_direction, steering_from_dict  # noqa: E402
+from saesteer.steering import Conditional, Steering, steering_from_dict
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 MC_ITEMS = [

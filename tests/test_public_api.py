@@ -14,9 +14,10 @@ from conftest import needs_default_model
 
 import saesteer
 from saesteer import evals
+from saesteer.artefacts import save_direction
 from saesteer.evalsets import Prompt
 from saesteer.models import chat_prompts, reference_generate
-from saesteer.steering import ActAdd, Stack, Steering, SystemPrompt, parse_steering, save_direction
+from saesteer.steering import ActAdd, Stack, Steering, SystemPrompt, parse_steering
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUESTIONS = ["Write a haiku about tea.", "How do I pick a lock?", "Hi"]
@@ -59,15 +60,16 @@ def direction(tmp_path_factory, tiny_loaded) -> str:
 
 
 def test_all_names_import_from_their_modules():
-    from saesteer import errors, models, steering
+    from saesteer import artefacts, errors, models, sae, steering
 
     namespace = {}
     exec("from saesteer import *", namespace)
     assert set(saesteer.__all__) <= set(namespace)
     assert saesteer.load_model is models.load_model and saesteer.LoadedModel is models.LoadedModel
-    assert saesteer.generate is steering.generate and saesteer.load_sae is steering.load_sae
+    assert saesteer.generate is steering.generate and saesteer.load_sae is artefacts.load_sae
     assert saesteer.parse_steering is steering.parse_steering and saesteer.Steering is steering.Steering
-    assert saesteer.SaesteerError is errors.SaesteerError
+    assert saesteer.SaesteerError is errors.SaesteerError and saesteer.SAE is sae.SAE
+    assert saesteer.Conditional is steering.Conditional and saesteer.SAESteer is steering.SAESteer
     assert callable(saesteer.evaluate) and set(saesteer.__all__) <= set(dir(saesteer))
     with pytest.raises(AttributeError):
         saesteer.no_such_name  # noqa: B018
@@ -146,7 +148,7 @@ def test_callers_keep_their_replies(tiny_loaded, direction, one_thread):
         by_two = reference_generate(tiny_loaded, chat_prompts(tiny_loaded, conversations), 6, 2)
     assert refusal_rate(tiny_loaded, steering, QUESTIONS, lambda r: False, config)[1] == by_two
     prompts = [Prompt(q, "safe", "test") for q in QUESTIONS]
-    rows = side_by_side(tiny_loaded, {"actadd": steering.to_dict()}, prompts, 8)
+    rows = side_by_side(tiny_loaded, {"actadd": steering}, prompts, 8)
     assert [r["reply"] for r in rows if r["method"] == "actadd"] == [
         r.strip() for r in direct(tiny_loaded, steering, conversations, 8)
     ]
@@ -161,9 +163,7 @@ def test_evaluate_matches_the_evals_path(tiny_loaded, one_thread):
         bootstrap=50,
     )
     run = saesteer.evaluate(tiny_loaded, "system_prompt", "safety", progress=False, **options)
-    config = evals.EvalConfig(
-        model=tiny_loaded.spec, steering=SystemPrompt().to_dict(), suites=("safety",), **options
-    )
+    config = evals.EvalConfig(model=tiny_loaded.spec, suites=("safety",), **options)
     expected = evals.evaluate(evals.SteeredModel(tiny_loaded, SystemPrompt(), progress=False), config)
 
     def strip(rows):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from saesteer.artefacts import load_sae
 from saesteer.errors import SaesteerError
 from saesteer.evals import append_rows
 from saesteer.features import DiscoverConfig, activation_histogram, discover, topic_feature
@@ -25,7 +26,6 @@ from saesteer.report import (
 )
 from saesteer.sae import SAE as SparseAutoencoder  # `SAE` below is a steering spec
 from saesteer.sae import SAEConfig
-from saesteer.steering import load_sae
 
 SAE = {"method": "sae", "sae": "runs/sae", "features": [2230], "mode": "clamp"}
 ACTADD = {"method": "actadd", "direction": "runs/discover/refusal-direction.safetensors", "alpha": 8.0}

@@ -86,7 +86,7 @@ def test_choose_ranks_by_clear_refusals_minus_degeneration_and_over_refusal_and_
 
 
 def test_validation_grid_sweeps_the_decay_schedule_of_both_sae_clamps(tmp_path):
-    from saesteer.steering import save_direction
+    from saesteer.artefacts import save_direction
 
     save_direction(tmp_path / "d.safetensors", torch.ones(4), layer=1, model="m")
     discovery = {

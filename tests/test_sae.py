@@ -305,7 +305,7 @@ def test_errors_are_one_line_saesteer_errors(tmp_path):
 def test_real_sae_lens_loads_the_shipped_sae(tmp_path):
     """The SAE shipped in the package (bf16, SAELens format) loads with the real sae_lens and encodes
     like ours on activation-sized inputs."""
-    from saesteer.steering import shipped_dir
+    from saesteer.artefacts import shipped_dir
 
     python = _python_with("sae_lens", "SAESTEER_SAELENS_PYTHON")
     if python is None:

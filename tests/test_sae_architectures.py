@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from saesteer.artefacts import load_sae
 from saesteer.errors import SaesteerError
 from saesteer.hooks import Rows
 from saesteer.models import reference_generate
 from saesteer.sae import SAE, SAEConfig, SAEError, reconstruction_metrics
-from saesteer.steering import SAESteer, load_sae
+from saesteer.steering import SAESteer
 
 sae_lens = pytest.importorskip("sae_lens")  # test extra; importing it takes ~8 s
 

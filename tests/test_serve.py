@@ -18,10 +18,11 @@ import torch
 import uvicorn
 from conftest import run_cli, save_steering_sae
 
+from saesteer.artefacts import save_direction
 from saesteer.errors import short
 from saesteer.models import chat_prompts, load_model, reference_generate
 from saesteer.serve import ServeConfig, create_app
-from saesteer.steering import PRESETS, save_direction, steering_from_dict
+from saesteer.steering import PRESETS, steering_from_dict
 
 QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps", "lazy dog"]
 LIMITS = dict(

@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from saesteer.artefacts import load_sae, save_direction
 from saesteer.errors import SaesteerError
 from saesteer.hooks import Rows, residual_at
 from saesteer.models import chat_prompts, reference_generate
@@ -17,8 +18,6 @@ from saesteer.steering import (
     SAESteer,
     Steering,
     SystemPrompt,
-    load_sae,
-    save_direction,
     steering_from_dict,
 )
 

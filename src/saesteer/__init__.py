@@ -20,9 +20,17 @@ from saesteer.errors import SaesteerError
 
 __version__ = "0.1.0"
 __all__ = [
+    "SAE",
+    "Ablate",
+    "ActAdd",
+    "Conditional",
     "LoadedModel",
+    "ReplyPrefix",
+    "SAESteer",
     "SaesteerError",
+    "Stack",
     "Steering",
+    "SystemPrompt",
     "evaluate",
     "generate",
     "load_model",
@@ -33,19 +41,45 @@ __all__ = [
 _LAZY = {  # public name -> the module that defines it, imported on first access
     "LoadedModel": "saesteer.models",
     "load_model": "saesteer.models",
-    "Steering": "saesteer.steering",
-    "generate": "saesteer.steering",
-    "load_sae": "saesteer.steering",
-    "parse_steering": "saesteer.steering",
+    "SAE": "saesteer.sae",
+    "load_sae": "saesteer.artefacts",
+    **{
+        name: "saesteer.steering"
+        for name in (
+            "Steering",
+            "SAESteer",
+            "ActAdd",
+            "Ablate",
+            "Conditional",
+            "ReplyPrefix",
+            "Stack",
+            "SystemPrompt",
+            "generate",
+            "parse_steering",
+        )
+    },
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports these lazily
     from pathlib import Path
 
+    from saesteer.artefacts import load_sae
     from saesteer.evals import Run
     from saesteer.judges import Judge
     from saesteer.models import LoadedModel, load_model
-    from saesteer.steering import Steering, generate, load_sae, parse_steering
+    from saesteer.sae import SAE
+    from saesteer.steering import (
+        Ablate,
+        ActAdd,
+        Conditional,
+        ReplyPrefix,
+        SAESteer,
+        Stack,
+        Steering,
+        SystemPrompt,
+        generate,
+        parse_steering,
+    )
 
 
 def __getattr__(name: str):
@@ -98,6 +132,6 @@ def evaluate(
         )
     method = parse_steering(steering)
     names = evals.parse_suites(suites if isinstance(suites, str) else ",".join(suites))
-    config = evals.EvalConfig(model=loaded.spec, steering=method.to_dict(), suites=names, **options)
+    config = evals.EvalConfig(model=loaded.spec, suites=names, **options)
     model = evals.SteeredModel(loaded, method, ResultCache(cache), progress=progress)
     return evals.evaluate(model, config, judge)

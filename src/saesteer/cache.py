@@ -5,14 +5,12 @@ do not recompute them, and a retrained SAE or direction saved at the same path i
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 
 from saesteer import dist
-from saesteer.steering import resolve
 
 
 class ResultCache:
@@ -57,38 +55,3 @@ class ResultCache:
             )
             f.flush()
             os.fsync(f.fileno())
-
-
-ARTEFACT_KEYS = ("sae", "direction", "detector")  # steering-spec fields that name files
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def artefact_digest(spec: dict) -> str:
-    """SHA-256 over the contents of every file a steering spec names (SAE folders: every file in them);
-    empty when it names none."""
-    paths: list[Path] = []
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, value in sorted(node.items()):
-                if key in ARTEFACT_KEYS and isinstance(value, str) and value:
-                    path = Path(resolve(value))
-                    if path.is_dir():
-                        paths.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-                    elif path.is_file():
-                        paths.append(path)
-                walk(value)
-
-    walk(spec)
-    if not paths:
-        return ""
-    digests = "".join(_file_digest(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
-    return hashlib.sha256(digests.encode()).hexdigest()

@@ -24,7 +24,7 @@ app = typer.Typer(
 # The config dataclasses whose fields the options below come from ("module:Class" under saesteer; read from
 # the source, so importing the CLI loads neither torch nor the server's optional dependencies).
 COLLECT, SOURCE, TRAIN = "activations:CollectConfig", "corpus:TextSource", "trainer:TrainConfig"
-DISCOVER, GATE, REPRODUCE = "features:DiscoverConfig", "detectors:GateConfig", "reproduce:ReproduceConfig"
+DISCOVER, GATE, REPRODUCE = "features:DiscoverConfig", "gate:GateConfig", "reproduce:ReproduceConfig"
 FIT = "features:FitConfig"
 EVAL, DECODING, SERVE, DEMO = "evals:EvalConfig", "evals:Decoding", "serve:ServeConfig", "demo:DemoConfig"
 
@@ -290,10 +290,10 @@ def evaluate_sae(
     out: Optional[Path] = typer.Option(None, help="also write the metrics to this JSON file"),
 ) -> None:
     """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
+    from saesteer.artefacts import load_sae
     from saesteer.models import load_model
     from saesteer.sae import evaluate_sae as run_evaluate
     from saesteer.sae import heldout_contexts
-    from saesteer.steering import load_sae
 
     _writable_out(out, "file")
     loaded_sae = load_sae(sae)
@@ -511,10 +511,11 @@ def fit(
     import json
     from dataclasses import asdict
 
+    from saesteer.artefacts import load_sae
     from saesteer.evalsets import safety_prompts
     from saesteer.features import FIT_SETS, FitConfig, fit_clamp_values, refusal_candidates
     from saesteer.models import load_model
-    from saesteer.steering import SAESteer, check_sae_fits, load_sae, steering_from_dict
+    from saesteer.steering import SAESteer, check_sae_fits, steering_from_dict
 
     _writable_out(out, "dir")
     if (features is None) == (candidates == 0):
@@ -575,9 +576,10 @@ def gate(
 ) -> None:
     """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
     the best worst fold, set its threshold with a 95% false-positive guarantee, and score it on TEST."""
-    from saesteer.detectors import GateConfig, run_gate, ship_gate
+    from saesteer.artefacts import shipped_dir
+    from saesteer.gate import GateConfig, run_gate, ship_gate
     from saesteer.models import load_model
-    from saesteer.steering import Conditional, parse_steering, shipped_dir
+    from saesteer.steering import Conditional, parse_steering
 
     if not 0 < max_fpr < 1:
         raise SaesteerError(f"--max-fpr must be between 0 and 1, not {max_fpr}")
@@ -606,7 +608,6 @@ def gate(
 
 def _eval_config(
     model: str,
-    steering: Optional[str],
     suite: str,
     limit: str,
     split: str,
@@ -619,7 +620,7 @@ def _eval_config(
     label: Optional[str],
     column: Optional[str],
 ):
-    from saesteer.evals import Decoding, EvalConfig, parse_limits, parse_steering_spec, parse_suites
+    from saesteer.evals import Decoding, EvalConfig, parse_limits, parse_suites
     from saesteer.evalsets import load_prompt_file
 
     if (prompts is None) != (label is None):
@@ -628,7 +629,6 @@ def _eval_config(
     default_limit, limits = parse_limits(limit)
     return EvalConfig(
         model=model,
-        steering=parse_steering_spec(steering),
         suites=parse_suites(suite),
         split=split,
         limit=default_limit,
@@ -725,15 +725,15 @@ def eval_command(
     )
     from saesteer.judges import StringMatchJudge, load_judge
     from saesteer.models import load_model, pick_dtype
-    from saesteer.steering import steering_from_dict
+    from saesteer.steering import parse_steering
 
     for path in (out, replies, cache or Path(f"{out}.cache.jsonl")):
         _writable_out(path, "file", "--out" if path == out else "--replies" if path == replies else "--cache")
     pick_dtype(None, dtype)  # a bad --dtype fails before the judge or the model loads
     _dist().init()
+    method = parse_steering(steering)  # the spec's one parse: evals carry this object to the engine
     config = _eval_config(
         model,
-        steering,
         suite,
         limit,
         split,
@@ -753,9 +753,7 @@ def eval_command(
 
         config.attacker = load_chat_backend(attacker, max_tokens=96, device=device)
     loaded = load_model(model, device=device, dtype=dtype)
-    steered = SteeredModel(
-        loaded, steering_from_dict(config.steering), ResultCache(cache or Path(f"{out}.cache.jsonl"))
-    )
+    steered = SteeredModel(loaded, method, ResultCache(cache or Path(f"{out}.cache.jsonl")))
     run = evaluate(steered, config, the_judge)
     if judge != "string" and agreement_sample > 0 and run.judged:
         run.rows += agreement_rows(run, StringMatchJudge(), agreement_sample)
@@ -810,7 +808,6 @@ def sweep(
     steerings = load_sweep_file(grid)
     config = _eval_config(
         model,
-        None,
         suite,
         limit,
         split,

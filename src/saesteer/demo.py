@@ -13,11 +13,17 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from saesteer.activations import CollectConfig, collect
+from saesteer.artefacts import shipped_dir
 from saesteer.cache import ResultCache
 from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, evaluate
 from saesteer.evalsets import safety_prompts
+from saesteer.features import DiscoverConfig, baseline_specs, discover
+from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model
-from saesteer.steering import PRESETS, generate, parse_steering, shipped_dir, steering_from_dict
+from saesteer.report import build_report, write_examples
+from saesteer.steering import PRESETS, Steering, generate, parse_steering
+from saesteer.trainer import TrainConfig, train
 
 DEMO_SETS = (
     "advbench",
@@ -62,10 +68,6 @@ def fallback_presets(
 ) -> tuple[dict[str, dict], Path]:
     """Train a small SAE on the bundled corpus slice and discover a refusal feature on TRAIN prompts;
     return steering presets like the shipped ones and the discovery file."""
-    from saesteer.activations import CollectConfig, collect
-    from saesteer.features import DiscoverConfig, baseline_specs, discover
-    from saesteer.judges import StringMatchJudge, is_refusal
-    from saesteer.trainer import TrainConfig, train
 
     layer = min(10, loaded.n_layers - 1)
     print(f"no shipped steering presets for {loaded.spec}: training a small SAE at layer {layer} first")
@@ -110,13 +112,13 @@ def fallback_presets(
 
 
 def side_by_side(
-    loaded: LoadedModel, methods: dict[str, dict], prompts: list, max_new_tokens: int
+    loaded: LoadedModel, methods: dict[str, Steering], prompts: list, max_new_tokens: int
 ) -> list[dict]:
     """Every prompt's reply under every method (unsteered first), as example rows for the report."""
     rows = []
-    for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
-        steering = steering_from_dict(spec)
+    for name, steering in {"unsteered": Steering(), **methods}.items():
         replies = generate(loaded, [p.text for p in prompts], steering, max_new_tokens)
+        spec = steering.to_dict()
         rows += [
             {"prompt": p.text, "label": p.label, "method": name, "steering": spec, "reply": r.strip()}
             for p, r in zip(prompts, replies)
@@ -135,7 +137,6 @@ def print_side_by_side(rows: list[dict], width: int = 100) -> None:
 
 def run_demo(config: DemoConfig) -> tuple[Path, Path]:
     """Side-by-side replies, a small safety eval with CIs, and the HTML report; returns (html, markdown)."""
-    from saesteer.report import build_report, write_examples
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +146,7 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
         presets, discovery = dict(PRESETS), shipped_dir() / "discovery.json"
     else:
         presets, discovery = fallback_presets(loaded, out, config.fallback_tokens, config.fallback_prompts)
-    methods = {
-        name: presets[name] if name in presets else parse_steering(name).to_dict() for name in config.methods
-    }
+    methods = {name: parse_steering(presets.get(name, name)) for name in config.methods}
 
     prompts = [  # harmful and benign, imperative and everyday (the written sets' test splits open with it)
         p
@@ -161,11 +160,10 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
     results = out / "results.jsonl"
     results.unlink(missing_ok=True)
     cache = ResultCache(out / "generations.cache.jsonl")
-    for name, spec in {"unsteered": {"method": "none"}, **methods}.items():
+    for name, steering in {"unsteered": Steering(), **methods}.items():
         print(f"\nsafety eval ({name}): {config.limit} TEST prompts per set of {', '.join(DEMO_SETS)}")
         eval_config = EvalConfig(
             model=config.model,
-            steering=spec,
             suites=("safety",),
             split="test",
             limit=config.limit,
@@ -173,7 +171,7 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
             decoding=Decoding(config.max_new_tokens),
             safety_sets=DEMO_SETS,
         )
-        run = evaluate(SteeredModel(loaded, steering_from_dict(spec), cache), eval_config)
+        run = evaluate(SteeredModel(loaded, steering, cache), eval_config)
         append_rows(results, run.rows)
         for row in run.rows:
             if row["metric"] in (

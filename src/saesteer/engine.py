@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from saesteer.hooks import LAYERLESS_POINTS, Edit, Rows, decoder_layers, edit_residual, edit_rows
 from saesteer.models import LoadedModel, left_padded
@@ -96,7 +97,6 @@ class Engine:
 
     def run(self, replies: list[Reply], progress: bool = False, desc: str = "generate") -> list[Reply]:
         """Decode every reply to its end (shortest prompts first, so batches pad little); returns them."""
-        from tqdm.auto import tqdm
 
         self.waiting.extend(sorted(replies, key=lambda r: len(r.ids)))
         if replies:

@@ -36,7 +36,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saesteer import dist, evalsets
-from saesteer.cache import ResultCache, artefact_digest
+from saesteer.artefacts import artefact_digest
+from saesteer.cache import ResultCache
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP,
@@ -69,7 +70,6 @@ from saesteer.steering import (
     Conditional,
     Steering,
     generate_rendered,
-    parse_steering,
     render,
     steering_from_dict,
 )
@@ -117,8 +117,6 @@ class EvalConfig:
 
     model: str = "smollm2-135m-instruct"
     """default alias, hub id, local folder or .gguf file"""
-    steering: dict = field(default_factory=lambda: {"method": "none"})
-    """the steering spec (as in steering_from_dict; default: unsteered)"""
     suites: tuple[str, ...] = ("safety",)
     """suites to run: safety, capability, jailbreak, fidelity"""
     split: str = "test"
@@ -172,7 +170,7 @@ class SteeredModel:
         self.loaded, self.steering = loaded, steering
         self.cache = cache or ResultCache(None)
         self.generate_fn, self.progress = generate_fn, progress
-        files = artefact_digest(steering.to_dict())
+        files = artefact_digest(steering.files())
         self._files = {"files": files} if files else {}  # unchanged keys for steerings that name no files
 
     def render(self, conversations: list[Messages]) -> list[str]:
@@ -784,14 +782,6 @@ def agreement_rows(run: Run, other: Judge, sample: int) -> list[dict]:
     ]
 
 
-def parse_steering_spec(spec: str | None) -> dict:
-    """A steering dict from a preset name, a JSON string or a JSON file; None is unsteered."""
-    return parse_steering(spec).to_dict()
-
-
-# ---------------------------------------------------------------------------------------------- sweeps
-
-
 def expand_grid(spec) -> list[dict]:
     """Steering dicts from a sweep file's content.
 
@@ -889,7 +879,7 @@ def sweep(
         if not todo:
             continue
         model = SteeredModel(loaded, steering, cache, generate_fn=generate_fn)
-        rows = evaluate(model, replace(config, steering=steering.to_dict(), suites=tuple(todo)), judge).rows
+        rows = evaluate(model, replace(config, suites=tuple(todo)), judge).rows
         append_rows(out, rows)
         all_rows.extend(rows)
     return all_rows

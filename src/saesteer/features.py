@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from saesteer.artefacts import load_sae, save_direction
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
+from saesteer.detectors import Detector, score_prompts
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import edit_residual, residual_at
 from saesteer.models import LoadedModel, chat_prompts, rendered_batches
@@ -32,7 +34,6 @@ from saesteer.steering import (
     clamp_shift,
     feature_directions,
     generate,
-    load_sae,
 )
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
@@ -557,8 +558,6 @@ def baseline_specs(
     `detector_harmless` if given) and ready steering specs built from the discovery result, all from TRAIN
     prompts. The unconditional clamp takes the candidate with the best screen score (refusal gain minus
     over-refusal); the conditional one, whose gate keeps safe prompts unsteered, the one that refuses most."""
-    from saesteer.detectors import Detector, score_prompts
-    from saesteer.steering import save_direction
 
     loaded.check_layer(detector_layer)
     detector_harmless = detector_harmless or harmless

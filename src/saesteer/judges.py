@@ -61,8 +61,9 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Protocol
 
+from saesteer import engine
 from saesteer.errors import SaesteerError, short
-from saesteer.models import LoadedModel, Messages
+from saesteer.models import LoadedModel, Messages, chat_prompts, load_model
 
 COMPLIANCE, REFUSAL, PARTIAL_REFUSAL, EMPTY = "compliance", "refusal", "partial_refusal", "empty"
 VERDICTS = (COMPLIANCE, REFUSAL, PARTIAL_REFUSAL, EMPTY)
@@ -238,11 +239,11 @@ class LocalChatBackend:
         return self.loaded.spec
 
     def complete(self, conversations: list[Messages]) -> list[str]:
-        from saesteer.models import chat_prompts
-        from saesteer.steering import generate_rendered
-
-        rendered = chat_prompts(self.loaded, conversations)
-        return generate_rendered(self.loaded, rendered, None, self.max_new_tokens, self.batch_size)
+        tokenizer = self.loaded.tokenizer
+        ids = [
+            tokenizer(p, add_special_tokens=False).input_ids for p in chat_prompts(self.loaded, conversations)
+        ]
+        return engine.generate(self.loaded, ids, None, self.max_new_tokens, self.batch_size)
 
 
 @dataclass
@@ -348,8 +349,6 @@ def load_chat_backend(spec: str, max_tokens: int, device: str | None = None) -> 
         return OpenAIBackend(
             match.group(1), match.group(2), os.environ.get("OPENAI_API_KEY"), max_tokens=max_tokens
         )
-    from saesteer.models import load_model
-
     return LocalChatBackend(load_model(spec, device=device), max_new_tokens=max_tokens)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from saesteer.errors import SaesteerError
 
@@ -197,7 +198,6 @@ def reference_generate(
     """Greedy continuations of already-rendered prompts by HF `generate` (fixed left-padded batches, steered
     only by hooks in place, e.g. `Steering.applied`): the reference that tests and `bench/generate.py`
     compare `saesteer.engine` against. A row stops early once its reply contains a `stop` string (kept)."""
-    from tqdm.auto import tqdm
 
     tokenizer, replies = loaded.tokenizer, []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less

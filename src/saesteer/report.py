@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import imread
 
 from saesteer.errors import SaesteerError
 
@@ -787,7 +788,6 @@ def screenshot(
 
 def check_not_blank(png_path: Path, width: int, height: int) -> None:
     """Error unless the PNG has the expected size, many colours and a fair share of non-background pixels."""
-    from matplotlib.image import imread
 
     pixels = imread(png_path)[..., :3]
     if pixels.shape[:2] != (height, width):

@@ -9,20 +9,28 @@ method (test splits) -> results.md and trade-off plot (built with `saesteer.repo
 from __future__ import annotations
 
 import functools
+import gzip
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from saesteer.artefacts import save_direction
+from saesteer.corpus import parse_transcript
 from saesteer.errors import SaesteerError
-from saesteer.evalsets import safety_prompts
-from saesteer.features import diff_in_means
+from saesteer.evals import read_rows
+from saesteer.evalsets import hh_rlhf_dialogues, safety_prompts
+from saesteer.features import TEMPLATED_REFUSALS, diff_in_means
 from saesteer.judges import StringMatchJudge, is_refusal
-from saesteer.models import LoadedModel
+from saesteer.models import LoadedModel, load_model
 from saesteer.report import (
     CLEAR,
     DEGENERATE_UNSAFE,
@@ -37,7 +45,8 @@ from saesteer.report import (
     steering_label,
     trade_off_plot,
 )
-from saesteer.steering import ActAdd, Steering, generate, save_direction
+from saesteer.sae import SAE
+from saesteer.steering import ActAdd, Steering, generate
 
 
 @dataclass
@@ -115,11 +124,6 @@ def build_sae_data(shared: Path, out: Path) -> dict:
     the fidelity eval's held-out text) linked in, hh-rlhf harmless dialogues (MIT) as chat `messages`
     except the jailbreak eval's validation/test dialogues, and AdvBench TRAIN prompts (MIT) answered
     with templated refusals so refusal contexts are represented."""
-    import gzip
-
-    from saesteer.corpus import parse_transcript
-    from saesteer.evalsets import hh_rlhf_dialogues
-    from saesteer.features import TEMPLATED_REFUSALS
 
     out.mkdir(parents=True, exist_ok=True)
     linked = []
@@ -306,7 +310,6 @@ class Pipeline:
 
 
 def _quote(arg: str) -> str:
-    import shlex
 
     return shlex.quote(arg)
 
@@ -314,7 +317,6 @@ def _quote(arg: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _load(model: str) -> LoadedModel:
     """One model per process for the in-process stages (the layer scan)."""
-    from saesteer.models import load_model
 
     return load_model(model)
 
@@ -449,7 +451,6 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
 
 def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
     """Every steering config tried on VALIDATION prompts: one curve per method."""
-    from safetensors import safe_open
 
     specs = discovery["specs"]
     actadd = specs["actadd"]
@@ -559,7 +560,6 @@ def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
         "select",
         *sweep_args(config, grid, "validation", "safety", str(config.select_limit), rows_path, config.judge),
     )
-    from saesteer.evals import read_rows
 
     chosen = choose(read_rows(rows_path), discovery)
     (out / "chosen.json").write_text(json.dumps(chosen, indent=2))
@@ -686,7 +686,6 @@ def plot_tradeoff(validation: list[dict], test: list[dict], discovery: dict, pat
 
 def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) -> Path:
     """results.md (tables, goal check, chosen configs, timings) and tradeoff.png from the run's files."""
-    from saesteer.evals import read_rows
 
     out, config = pipeline.out, pipeline.config
     test_rows, validation_rows = read_rows(main), read_rows(out / "validation.jsonl")
@@ -800,11 +799,6 @@ Load it with `saesteer.sae.SAE.load(path)` or `sae_lens.SAE.load_from_disk(path)
 
 def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict], dest: Path) -> Path:
     """Write the shipped artefacts: bf16 SAE + model card, directions, steering presets, discovery."""
-    import shutil
-
-    import torch
-
-    from saesteer.sae import SAE
 
     config, out = pipeline.config, pipeline.out
     dest.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ the AuxK latents).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -38,7 +39,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.errors import SaesteerError, short
+from saesteer.hooks import edit_residual, residual_at
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -649,7 +652,6 @@ def spliced_metrics(
     Positions holding `skip_ids` (BOS/EOS/special tokens, which training caches drop) keep their
     clean activations in both interventions.
     """
-    from saesteer.hooks import edit_residual
 
     device = next(model.parameters()).device
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
@@ -693,9 +695,6 @@ def heldout_contexts(
 ) -> Tensor:
     """`n_contexts` token contexts [n, ctx] the SAE was not trained on: from `data` if given, else
     from its training text source, skipping the contexts its activation cache used."""
-    import itertools
-
-    from saesteer.corpus import TextSource, iter_documents, pack_contexts
 
     record = sae.cfg.training_data
     if data is None and not record.get("data"):
@@ -719,7 +718,6 @@ def heldout_contexts(
 def evaluate_sae(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
     """Reconstruction metrics on the contexts' activations (special-token positions dropped, as in
     training caches) plus the spliced-model metrics, at the SAE's layer and hook point."""
-    from saesteer.hooks import residual_at
 
     if sae.cfg.layer is None:
         raise SAEError("the SAE does not record its layer; cannot splice it into the model")

@@ -39,18 +39,11 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
+from saesteer.artefacts import resolve, shipped_dir
 from saesteer.engine import Engine, Reply
 from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel
-from saesteer.steering import (
-    PRESETS,
-    Steering,
-    parse_steering,
-    render,
-    resolve,
-    shipped_dir,
-    steering_from_dict,
-)
+from saesteer.steering import PRESETS, Steering, parse_steering, render, steering_from_dict
 
 log = logging.getLogger("saesteer.serve")
 MIN_TEMPERATURE = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.stats import beta
 
 from saesteer.errors import SaesteerError
 
@@ -59,3 +60,16 @@ def kappa_ci(a: list, b: list, seed: int = 0, n_resamples: int = 1000) -> tuple[
     kappa = cohen_kappa(a, b)
     low, high = np.quantile(kappas, [0.025, 0.975])
     return kappa, float(min(low, kappa)), float(max(high, kappa))
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided exact binomial interval for k successes in n trials."""
+    alpha = 1 - level
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def upper_bound(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided exact upper confidence bound for the rate behind k of n."""
+    return 1.0 if k == n else float(beta.ppf(level, k + 1, n - k))

@@ -10,7 +10,8 @@ method serialises to JSON (`to_dict` / `steering_from_dict`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import json
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import ClassVar
 
 import torch
 from pydantic import ConfigDict, TypeAdapter, ValidationError
-from safetensors import safe_open
 
+from saesteer import engine
+from saesteer.artefacts import exists, load_direction, load_sae, shipped_dir
+from saesteer.detectors import gate_scores, load_detector
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import RESIDUAL_POINTS, Edit, EditFn, Rows, decoder_layers, edits_applied
 from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
@@ -113,47 +116,6 @@ def _at_positions(positions: str, fn: EditFn) -> EditFn:
         return fn
     want_prefill = positions == "prompt"
     return lambda h, rows: fn(h, rows) if rows.prefill == want_prefill else None
-
-
-SHIPPED = "builtin:"  # prefix of paths inside the package's shipped artefacts (assets/shipped/)
-
-
-def shipped_dir() -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("saesteer") / "assets" / "shipped"))
-
-
-def resolve(path: str) -> str:
-    """A file path, with `builtin:<name>` mapped into the shipped artefacts (and never out of them)."""
-    if not path.startswith(SHIPPED):
-        return path
-    shipped = shipped_dir()
-    target = shipped / path[len(SHIPPED) :]
-    if not target.resolve().is_relative_to(shipped.resolve()):
-        raise SaesteerError(f"{short(path)} leaves the shipped artefacts: builtin: names a file inside them")
-    return str(target)
-
-
-@functools.lru_cache(maxsize=8)
-def load_sae(path: str):
-    """Load (once per path, then cached) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope
-    .npz file, `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry).
-
-    Returns a `saesteer.sae.SAE` in eval mode with frozen weights: `encode` maps raw residual activations
-    [..., d_in] to latent codes [..., n_latents] in the SAE's latent units (the units of an `sae` steering's
-    `values`), `decode` maps codes back to raw activations [..., d_in]; `cfg` holds d_in, n_latents, k,
-    layer and hook_point. Raises SaesteerError when the path holds no SAE."""
-    from saesteer.sae import SAE
-
-    if path.startswith("saelens:"):
-        release, _, sae_id = path.removeprefix("saelens:").partition("/")
-        if not (release and sae_id):
-            raise SaesteerError(f"{short(path)} is not saelens:<release>/<sae id>")
-        return SAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
-    if not _exists(resolve(path), Path.exists):
-        raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file")
-    return SAE.load(resolve(path)).eval().requires_grad_(False)
 
 
 @dataclass
@@ -306,33 +268,6 @@ def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
     return loaded.check_layer(layer)
 
 
-def save_direction(
-    path: str | Path, direction: torch.Tensor, layer: int, model: str, hook_point: str = "resid_post", **meta
-) -> None:
-    """Write a direction with the layer and model it belongs to (safetensors, string metadata)."""
-    from safetensors.torch import save_file
-
-    info = {
-        "layer": str(layer),
-        "model": model,
-        "hook_point": hook_point,
-        **{k: str(v) for k, v in meta.items()},
-    }
-    save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path), metadata=info)
-
-
-@functools.lru_cache(maxsize=16)
-def load_direction(path: str) -> tuple[torch.Tensor, dict]:
-    """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per path
-    (the conditional detector asks for it at every prefill)."""
-    try:
-        with safe_open(resolve(path), "pt") as f:
-            direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
-    except Exception as err:  # missing file, bad header, missing tensor
-        raise SaesteerError(f"cannot read direction file {short(path)}: {short(str(err), 200)}") from None
-    return direction / direction.norm(), meta
-
-
 @dataclass
 class ActAdd(Steering):
     """Baseline (Arditi et al. 2024): add alpha times the unit difference-in-means refusal direction."""
@@ -438,7 +373,6 @@ class Conditional(Steering):
         self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gate score per prompt row (left-padded batches)."""
-        from saesteer.detectors import gate_scores, load_detector
 
         return gate_scores(
             loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask
@@ -604,7 +538,6 @@ def _check_size(value, depth: int = 0) -> None:
 def _presets() -> dict[str, dict]:
     """Built-in presets plus the shipped steering configs (assets/shipped/steering.json, chosen by
     `saesteer reproduce` on validation splits), e.g. `refusal` and `refusal_conditional`."""
-    import json
 
     presets = {"none": {"method": "none"}, "system_prompt": {"method": "system_prompt"}}
     shipped = shipped_dir() / "steering.json"
@@ -616,18 +549,9 @@ def _presets() -> dict[str, dict]:
 PRESETS: dict[str, dict] = _presets()
 
 
-def _exists(path: str, test: Callable[[Path], bool]) -> bool:
-    """`test(Path(path))`, False where the name cannot be a path at all (too long, NUL byte)."""
-    try:
-        return test(Path(path))
-    except (OSError, ValueError):
-        return False
-
-
 def parse_steering(spec: str | dict | Steering | None) -> Steering:
     """A steering method from a preset or method name, a JSON object (as a string or a dict), or a path to
     a JSON file; a `Steering` is returned as is, None or "" is unsteered."""
-    import json
 
     if isinstance(spec, Steering):
         return spec
@@ -643,9 +567,9 @@ def parse_steering(spec: str | dict | Steering | None) -> Steering:
     if not text.startswith("{"):
         if text in PRESETS:
             return steering_from_dict(PRESETS[text])
-        if not (text.endswith(".json") or _exists(text, Path.is_file)):
+        if not (text.endswith(".json") or exists(text, Path.is_file)):
             return steering_from_dict({"method": text})
-        if not _exists(text, Path.is_file):
+        if not exists(text, Path.is_file):
             raise SaesteerError(f"no such steering file: {short(text)}")
         try:
             text = Path(text).read_text(encoding="utf-8")
@@ -717,18 +641,16 @@ def generate(
 def generate_rendered(
     loaded: LoadedModel,
     rendered: list[str],
-    steering: str | dict | Steering | None = None,
+    steering: Steering,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = False,
     stop: list[str] | None = None,
 ) -> list[str]:
-    """Greedy replies to chat-rendered prompts under a steering, through `saesteer.engine` (a conditional
-    steering's gate is scored once per prompt); arguments as in `generate`."""
-    from saesteer import engine
-
-    method = parse_steering(steering)
+    """Greedy replies to chat-rendered prompts under a parsed steering, through `saesteer.engine`: each row's
+    edits are decided once (`row_edits`: a conditional steering's gate is scored there, once per prompt);
+    arguments as in `generate`."""
     ids = [loaded.tokenizer(p, add_special_tokens=False).input_ids for p in rendered]
     return engine.generate(
-        loaded, ids, method.row_edits(loaded, ids), max_new_tokens, batch_size, progress, stop
+        loaded, ids, steering.row_edits(loaded, ids), max_new_tokens, batch_size, progress, stop
     )

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saesteer import dist
+from saesteer.activations import ActivationStore
 from saesteer.errors import SaesteerError
 from saesteer.sae import SAE, SAEConfig, SAEError
 
@@ -300,8 +301,6 @@ class Trainer:
 def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) an SAE; returns it with the per-step losses. Writes `cfg.out` on rank 0."""
     if source is None:
-        from saesteer.activations import ActivationStore
-
         source = ActivationStore(cfg.activations)
     rank, world = dist.rank_world()
     if cfg.batch_size % world:

@@ -1,0 +1,114 @@
+"""Artefacts on disk, read once: the shipped folder (`builtin:` names), SAEs, direction files and the digests
+that key cached results to the exact files a steering read. A leaf of the package: it imports no steering,
+gate or evaluation code, so every runtime module can load artefacts through it."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from saesteer.errors import SaesteerError, short
+from saesteer.sae import SAE
+
+SHIPPED = "builtin:"  # prefix of paths inside the package's shipped artefacts (assets/shipped/)
+
+
+def shipped_dir() -> Path:
+    """The folder of the package's shipped artefacts (assets/shipped/)."""
+    return Path(str(files("saesteer") / "assets" / "shipped"))
+
+
+def resolve(path: str) -> str:
+    """A file path, with `builtin:<name>` mapped into the shipped artefacts (and never out of them)."""
+    if not path.startswith(SHIPPED):
+        return path
+    shipped = shipped_dir()
+    target = shipped / path[len(SHIPPED) :]
+    if not target.resolve().is_relative_to(shipped.resolve()):
+        raise SaesteerError(f"{short(path)} leaves the shipped artefacts: builtin: names a file inside them")
+    return str(target)
+
+
+@functools.lru_cache(maxsize=8)
+def load_sae(path: str):
+    """Load (once per path, then cached) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope
+    .npz file, `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry).
+
+    Returns a `saesteer.sae.SAE` in eval mode with frozen weights: `encode` maps raw residual activations
+    [..., d_in] to latent codes [..., n_latents] in the SAE's latent units (the units of an `sae` steering's
+    `values`), `decode` maps codes back to raw activations [..., d_in]; `cfg` holds d_in, n_latents, k,
+    layer and hook_point. Raises SaesteerError when the path holds no SAE."""
+    if path.startswith("saelens:"):
+        release, _, sae_id = path.removeprefix("saelens:").partition("/")
+        if not (release and sae_id):
+            raise SaesteerError(f"{short(path)} is not saelens:<release>/<sae id>")
+        return SAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
+    if not exists(resolve(path), Path.exists):
+        raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file")
+    return SAE.load(resolve(path)).eval().requires_grad_(False)
+
+
+def save_direction(
+    path: str | Path, direction: torch.Tensor, layer: int, model: str, hook_point: str = "resid_post", **meta
+) -> None:
+    """Write a direction with the layer and model it belongs to (safetensors, string metadata)."""
+    info = {
+        "layer": str(layer),
+        "model": model,
+        "hook_point": hook_point,
+        **{k: str(v) for k, v in meta.items()},
+    }
+    save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path), metadata=info)
+
+
+@functools.lru_cache(maxsize=16)
+def load_direction(path: str) -> tuple[torch.Tensor, dict]:
+    """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per path
+    (the conditional detector asks for it at every prefill)."""
+    try:
+        with safe_open(resolve(path), "pt") as f:
+            direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
+    except Exception as err:  # missing file, bad header, missing tensor
+        raise SaesteerError(f"cannot read direction file {short(path)}: {short(str(err), 200)}") from None
+    return direction / direction.norm(), meta
+
+
+def exists(path: str, test: Callable[[Path], bool]) -> bool:
+    """`test(Path(path))`, False where the name cannot be a path at all (too long, NUL byte)."""
+    try:
+        return test(Path(path))
+    except (OSError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artefact_digest(paths: list[str]) -> str:
+    """SHA-256 over the contents of the named files, in order (a folder: every file in it, sorted); empty
+    when there are none. Cached results carry it, so a retrained SAE saved at the same path is never served
+    stale replies."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(resolve(name)) if name else None
+        if path is not None and path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path is not None and path.is_file():
+            found.append(path)
+    if not found:
+        return ""
+    digests = "".join(_file_digest(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in found)
+    return hashlib.sha256(digests.encode()).hexdigest()
