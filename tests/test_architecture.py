@@ -14,3 +14,11 @@ def test_the_package_keeps_its_layers_so_it_has_no_import_cycle():
     done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "1 kept, 0 broken" in done.stdout
+
+
+def test_the_config_tree_imports_without_torch():
+    code = (
+        "import sys, saesteer.config; "
+        "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

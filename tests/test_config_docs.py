@@ -11,19 +11,19 @@ from saesteer import cli
 from saesteer.configdoc import MISSING, field_docs
 
 CONFIGS = [
-    "activations:CollectConfig",
-    "corpus:TextSource",
-    "demo:DemoConfig",
-    "gate:Candidate",
-    "gate:GateConfig",
-    "evals:Decoding",
-    "evals:EvalConfig",
-    "features:DiscoverConfig",
-    "reproduce:LayerScanConfig",
-    "reproduce:ReproduceConfig",
+    "config:CollectConfig",
+    "config:TextSource",
+    "config:DemoConfig",
+    "config:Candidate",
+    "config:GateConfig",
+    "config:Decoding",
+    "config:EvalConfig",
+    "config:DiscoverConfig",
+    "config:LayerScanConfig",
+    "config:ReproduceConfig",
     "sae:SAEConfig",
-    "serve:ServeConfig",
-    "trainer:TrainConfig",
+    "config:ServeConfig",
+    "config:TrainConfig",
 ]
 
 
@@ -81,24 +81,24 @@ def test_cli_options_have_help_without_timings():
 # options whose default is, by design, not the field of the same meaning (they leave it to a config file)
 def test_cli_defaults_are_the_dataclass_defaults():
     mapping = {
-        ("collect", "layer"): ("activations:CollectConfig", "layer"),
-        ("collect", "tokens"): ("activations:CollectConfig", "tokens"),
-        ("collect", "data"): ("corpus:TextSource", "data"),
-        ("collect", "passes"): ("corpus:TextSource", "passes"),
-        ("collect", "out"): ("trainer:TrainConfig", "activations"),
-        ("discover", "n_candidates"): ("features:DiscoverConfig", "n_candidates"),
-        ("discover", "max_new_tokens"): ("features:DiscoverConfig", "max_new_tokens"),
-        ("gate", "max_fpr"): ("gate:GateConfig", "max_fpr"),
-        ("gate", "sae"): ("gate:GateConfig", "sae"),
-        ("eval", "split"): ("evals:EvalConfig", "split"),
-        ("eval", "max_new_tokens"): ("evals:Decoding", "max_new_tokens"),
-        ("eval", "mmlu_shots"): ("evals:EvalConfig", "mmlu_shots"),
-        ("eval", "jailbreak_turns"): ("evals:EvalConfig", "jailbreak_turns"),
-        ("serve", "max_tokens"): ("serve:ServeConfig", "max_tokens"),
-        ("serve", "max_batch_size"): ("serve:ServeConfig", "max_batch_size"),
-        ("demo", "limit"): ("demo:DemoConfig", "limit"),
-        ("demo", "method"): ("demo:DemoConfig", "methods"),
-        ("demo", "max_new_tokens"): ("demo:DemoConfig", "max_new_tokens"),
+        ("collect", "layer"): ("config:CollectConfig", "layer"),
+        ("collect", "tokens"): ("config:CollectConfig", "tokens"),
+        ("collect", "data"): ("config:TextSource", "data"),
+        ("collect", "passes"): ("config:TextSource", "passes"),
+        ("collect", "out"): ("config:TrainConfig", "activations"),
+        ("discover", "n_candidates"): ("config:DiscoverConfig", "n_candidates"),
+        ("discover", "max_new_tokens"): ("config:DiscoverConfig", "max_new_tokens"),
+        ("gate", "max_fpr"): ("config:GateConfig", "max_fpr"),
+        ("gate", "sae"): ("config:GateConfig", "sae"),
+        ("eval", "split"): ("config:EvalConfig", "split"),
+        ("eval", "max_new_tokens"): ("config:Decoding", "max_new_tokens"),
+        ("eval", "mmlu_shots"): ("config:EvalConfig", "mmlu_shots"),
+        ("eval", "jailbreak_turns"): ("config:EvalConfig", "jailbreak_turns"),
+        ("serve", "max_tokens"): ("config:ServeConfig", "max_tokens"),
+        ("serve", "max_batch_size"): ("config:ServeConfig", "max_batch_size"),
+        ("demo", "limit"): ("config:DemoConfig", "limit"),
+        ("demo", "method"): ("config:DemoConfig", "methods"),
+        ("demo", "max_new_tokens"): ("config:DemoConfig", "max_new_tokens"),
     }
     options = {(command, param.name): param for command, param in _options()}
     for (command, option), (config, name) in mapping.items():
@@ -106,12 +106,10 @@ def test_cli_defaults_are_the_dataclass_defaults():
         default = options[command, option].default
         expected = _runtime_default(field)
         assert (list(expected) if isinstance(expected, tuple) else expected) == default, (command, option)
-    assert options["eval", "suite"].default == ",".join(_class("evals:EvalConfig")().suites)
-    assert options["eval", "limit"].default == str(_class("evals:EvalConfig")().limit)
+    assert options["eval", "suite"].default == ",".join(_class("config:EvalConfig")().suites)
+    assert options["eval", "limit"].default == str(_class("config:EvalConfig")().limit)
     assert options["discover", "screen_values"].default == "8,16"
-    assert options["collect", "keep_special"].default is (
-        not _class("activations:CollectConfig")().drop_special
-    )
+    assert options["collect", "keep_special"].default is (not _class("config:CollectConfig")().drop_special)
     for option in ("k", "tokens", "lr", "seed", "activations"):  # train: None = not given, the config decides
         assert options["train", option].default is None
     assert "(default: 20,000,000)" in options["train", "tokens"].help

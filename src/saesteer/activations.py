@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,43 +31,16 @@ from safetensors.torch import load, load_file, save_file
 from tqdm.auto import tqdm
 
 from saesteer import dist
-from saesteer.corpus import TextSource, iter_documents, pack_contexts, source_hash
+from saesteer.config import CollectConfig
+from saesteer.corpus import iter_documents, pack_contexts, source_hash
 from saesteer.errors import SaesteerError
 from saesteer.hooks import residual_at
-from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model
+from saesteer.models import LoadedModel, load_model
 
 MANIFEST = "manifest.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that define a collection: a folder holding a collection that differs in any of them is refused.
 IDENTITY = ("model", "layer", "hook_point", "ctx", "dtype", "drop_special", "contexts_per_shard", "data")
-
-
-@dataclass
-class CollectConfig:
-    """What to collect. `tokens` counts model input tokens (n_tokens in the manifest is what was kept)."""
-
-    model: str = DEFAULT_MODEL
-    """default alias, hub id, local folder or .gguf file"""
-    layer: int = 10
-    """decoder layer whose residual stream is collected"""
-    hook_point: str = "resid_post"
-    """resid_post (layer output) or resid_pre (layer input)"""
-    data: TextSource = field(default_factory=TextSource)
-    """where the text comes from and how records become text"""
-    tokens: int = 100_000
-    """model input tokens to process"""
-    ctx: int = 256
-    """context length (each starts with BOS)"""
-    batch_size: int = 8
-    """contexts per forward pass"""
-    contexts_per_shard: int = 256
-    """contexts per safetensors shard"""
-    dtype: str = "bfloat16"
-    """cache dtype: bfloat16 or float16"""
-    drop_special: bool = True
-    """drop BOS/EOS/special-token positions (their norms are outliers)"""
-    device: str | None = None
-    """cpu, cuda, mps (default: best available)"""
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

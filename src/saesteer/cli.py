@@ -23,10 +23,15 @@ app = typer.Typer(
 
 # The config dataclasses whose fields the options below come from ("module:Class" under saesteer; read from
 # the source, so importing the CLI loads neither torch nor the server's optional dependencies).
-COLLECT, SOURCE, TRAIN = "activations:CollectConfig", "corpus:TextSource", "trainer:TrainConfig"
-DISCOVER, GATE, REPRODUCE = "features:DiscoverConfig", "gate:GateConfig", "reproduce:ReproduceConfig"
-FIT = "features:FitConfig"
-EVAL, DECODING, SERVE, DEMO = "evals:EvalConfig", "evals:Decoding", "serve:ServeConfig", "demo:DemoConfig"
+COLLECT, SOURCE, TRAIN = "config:CollectConfig", "config:TextSource", "config:TrainConfig"
+DISCOVER, GATE, REPRODUCE = "config:DiscoverConfig", "config:GateConfig", "config:ReproduceConfig"
+FIT = "config:FitConfig"
+EVAL, DECODING, SERVE, DEMO = (
+    "config:EvalConfig",
+    "config:Decoding",
+    "config:ServeConfig",
+    "config:DemoConfig",
+)
 
 
 def _shown(value) -> str:

@@ -11,37 +11,14 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from saesteer.config import TextSource
 from saesteer.errors import SaesteerError
 
-DEFAULT_DATA = "builtin:corpus-slice"
 _BUILTIN = {"builtin:corpus-slice": "corpus_slice.jsonl.gz"}
 _SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
-
-
-@dataclass(frozen=True)
-class TextSource:
-    """Where documents come from and how to turn a record into text.
-
-    Records holding a `messages` list are always chat-formatted. A folder's files are read round-robin,
-    one record from each in turn, so any prefix of the stream mixes all of them.
-    """
-
-    data: str = DEFAULT_DATA
-    """file/folder of .txt/.jsonl/.json(.gz), hf:<dataset id>, or builtin:corpus-slice (shipped)"""
-    field: str = "text"
-    """text field of JSON records"""
-    chat: str | None = None
-    """'prompt_field,response_field': chat-format records with the model's template; 'transcript': `field` is a
-    'Human: ... Assistant: ...' dialogue (hh-rlhf style), rendered the same way"""
-    split: str = "train"
-    """split of an hf: dataset"""
-    passes: int = 1
-    """read the data this many times over (if more tokens are needed than one pass holds; packing offsets differ
-    between passes)"""
 
 
 def builtin_path(name: str) -> Path:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 from saesteer.activations import CollectConfig, collect
 from saesteer.artefacts import shipped_dir
 from saesteer.cache import ResultCache
+from saesteer.config import DemoConfig
 from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, evaluate
 from saesteer.evalsets import safety_prompts
 from saesteer.features import DiscoverConfig, baseline_specs, discover
@@ -32,35 +32,6 @@ DEMO_SETS = (
     "xstest_safe",
     "written_benign",
 )  # vendored: no ../shared needed
-
-
-@dataclass
-class DemoConfig:
-    """What the demo runs; the sizes keep it short on a CPU."""
-
-    model: str = DEFAULT_MODEL
-    """default alias, hub id, local folder or .gguf file"""
-    dtype: str | None = None
-    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it; bfloat16 changes most
-    replies)"""
-    out: str = "runs/demo"
-    """folder for results, examples and the HTML report"""
-    methods: tuple[str, ...] = ("refusal", "refusal_conditional")
-    """steering presets, JSON specs or files to compare"""
-    examples: int = 3
-    """harmful and safe TEST prompts shown side by side"""
-    limit: int = 32
-    """TEST prompts per safety set in the small eval"""
-    max_new_tokens: int = 64
-    """greedy reply length (loops grow with the reply: shorter replies hide them)"""
-    seed: int = 0
-    """seed of the eval's prompt samples and bootstrap CIs"""
-    train_sae: bool = False
-    """train a small SAE instead of using the shipped one (even when presets are shipped)"""
-    fallback_tokens: int = 200_000
-    """activations collected for the fallback SAE (trained for 3 epochs)"""
-    fallback_prompts: int = 48
-    """harmful and harmless TRAIN prompts for the fallback discovery"""
 
 
 def fallback_presets(

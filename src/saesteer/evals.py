@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from saesteer import dist, evalsets
 from saesteer.artefacts import artefact_digest
 from saesteer.cache import ResultCache
+from saesteer.config import Decoding, EvalConfig
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP,
@@ -99,58 +100,6 @@ CHUNK_BATCHES = 32
 TurnSource = Callable[
     [list[int], int, list[Messages]], list[str]
 ]  # (active conversations, depth, conversations)
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Greedy decoding settings (part of every cache key and result row)."""
-
-    max_new_tokens: int = 64
-    """greedy reply length (safety, jailbreak, degeneration)"""
-    batch_size: int = 16
-    """generation batch size"""
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate: one model under one steering, some suites, one split."""
-
-    model: str = "smollm2-135m-instruct"
-    """default alias, hub id, local folder or .gguf file"""
-    suites: tuple[str, ...] = ("safety",)
-    """suites to run: safety, capability, jailbreak, fidelity"""
-    split: str = "test"
-    """train, validation or test (report on test; tune on train/validation)"""
-    limit: int | None = 100
-    """items per dataset (a seeded sample; None: all)"""
-    limits: dict[str, int] = field(default_factory=dict)
-    """per-dataset overrides of `limit`, e.g. {"mmlu": 100}"""
-    seed: int = 0
-    """seed of the item samples and bootstrap CIs"""
-    decoding: Decoding = field(default_factory=Decoding)
-    """greedy reply length and generation batch size"""
-    gsm8k_max_new_tokens: int = 256
-    """greedy reply length for GSM8K"""
-    mmlu_shots: int = 5
-    """MMLU few-shot examples from the dev set"""
-    score_batch_size: int = 8
-    """batch size of log-likelihood scoring (MMLU, TruthfulQA, text fidelity)"""
-    jailbreak_turns: int = 4
-    """user turns per jailbreak conversation (Crescendo always ends on the goal)"""
-    attacker: ChatBackend | None = None
-    """chat model that writes Crescendo's escalating turns (default: the built-in templated escalation)"""
-    fidelity_tokens: int = 256
-    """tokens per held-out text in the fidelity suite (KL and perplexity)"""
-    bootstrap: int = 1000
-    """bootstrap resamples per 95% CI"""
-    user_prompts: list[evalsets.Prompt] | None = None
-    """your own labelled prompts, evaluated instead of the built-in safety sets"""
-    user_prompts_name: str | None = None
-    """dataset name of `user_prompts` in result rows (default: user)"""
-    safety_sets: tuple[str, ...] | None = None
-    """safety sets to evaluate (default: every available set)"""
-    quality_judge: str = "rules"
-    """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
 
 
 # ------------------------------------------------------------------------------------------ the model

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saesteer.artefacts import load_sae, save_direction
+from saesteer.config import DiscoverConfig, FitConfig
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.detectors import Detector, score_prompts
 from saesteer.errors import SaesteerError, short
@@ -44,34 +45,6 @@ TEMPLATED_REFUSALS = (
     "Sorry, I can't do that. Is there something else I can help you with?",
 )
 Judge = Callable[[str], bool]
-
-
-@dataclass
-class DiscoverConfig:
-    """Sizes and thresholds of the discovery run; every prompt list it reads is a TRAIN split."""
-
-    n_candidates: int = 8
-    """features ranked best by contrast to screen causally"""
-    n_attribution: int = 8
-    """... and ranked best by attribution (a feature in both is screened once)"""
-    attribution_prompts: int = 64
-    """harmful TRAIN prompts (with a compliant reply) for the attribution gradient"""
-    max_corpus_freq: float = 0.05
-    """drop features firing on more than this fraction of corpus tokens"""
-    min_refusal_freq: float = 0.2
-    """... or on fewer than this fraction of refusal replies"""
-    corpus_tokens: int = 16_384
-    """corpus tokens encoded for feature frequencies and top contexts"""
-    top_contexts: int = 5
-    """top-activating corpus contexts kept per feature"""
-    screen_values: tuple[float, ...] = (8.0, 16.0)
-    """clamp values tried in the causal screen"""
-    screen_prompts: int = 24
-    """harmful and harmless TRAIN prompts per screen config"""
-    max_new_tokens: int = 64
-    """tokens generated per reply, judged for refusal (loops show only in longer replies)"""
-    batch_size: int = 16
-    """prompts per generation or forward batch"""
 
 
 @dataclass
@@ -618,20 +591,6 @@ FIT_SETS = (
     "hh_rlhf_harmful",
     "written_harmful",
 )  # TRAIN prompts of `saesteer fit`
-
-
-@dataclass
-class FitConfig:
-    """Clamp values fitted by gradient descent toward a complete refusal (`fit_clamp_values`)."""
-
-    steps: int = 30
-    """Adam steps on the values"""
-    lr: float = 0.5
-    """Adam learning rate, in latent units"""
-    l1: float = 0.0
-    """penalty per latent unit of sum |value|: pushes the values of unneeded features to 0"""
-    batch_size: int = 16
-    """prompts per forward and backward pass"""
 
 
 def complete_refusals(loaded: LoadedModel, n: int) -> list[str]:

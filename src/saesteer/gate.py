@@ -32,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from saesteer.artefacts import load_sae
+from saesteer.config import Candidate, GateConfig
 from saesteer.detectors import (
     Detector,
     features_of,
@@ -75,71 +76,6 @@ HELD_OUT_SOURCES = (
 HARMFUL_HELD_OUT = ("harmful_mix",)
 DEV_SPLITS = ("train", "validation")
 HELD_OUT_LIMIT = 1000  # prompts scored per held-out source (a seeded sample of the large Alpaca set)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One detector recipe tried in leave-one-source-out validation."""
-
-    kind: str
-    """dim (difference of means), probe (logistic), ensemble (a probe per layer, averaged) or sae_probe (SAE codes)"""
-    layers: tuple
-    """decoder layers; a float in (0, 1) is a fraction of the model's depth"""
-    pooling: str = "user"
-    """user (mean over the user's message), max (per-feature max over it) or last (mean over the last `tokens`
-    positions)"""
-    tokens: int = 4
-    """positions averaged by `last` pooling"""
-    c: float = 0.1
-    """inverse regularisation strength of the logistic probes"""
-
-    @property
-    def name(self) -> str:
-        pool = f"last{self.tokens}" if self.pooling == "last" else self.pooling
-        reg = f" C={self.c:g}" if self.kind != "dim" else ""
-        return f"{self.kind} L{'+'.join(map(str, self.layers))} {pool}{reg}"
-
-
-@dataclass
-class GateConfig:
-    """What `saesteer gate` trains and how it chooses."""
-
-    candidates: tuple[Candidate, ...] = (
-        Candidate("dim", (0.6,), "last", 4),  # the old detector: the baseline row
-        Candidate("dim", (0.6,), "user"),
-        Candidate("probe", (0.4,), "last", 4),
-        Candidate("probe", (0.6,), "last", 4),
-        Candidate("probe", (0.2,), "user"),
-        Candidate("probe", (0.4,), "user"),
-        Candidate("probe", (0.6,), "user"),
-        Candidate("probe", (0.8,), "user"),
-        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "user"),
-        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "last", 4),
-        Candidate("probe", (0.4,), "user", c=0.01),
-        Candidate("probe", (0.4,), "user", c=1.0),
-        Candidate("probe", (0.6,), "user", c=0.01),
-        Candidate("probe", (0.6,), "max"),
-        Candidate("sae_probe", (), "user", c=0.05),
-        Candidate("sae_probe", (), "max", c=0.05),
-    )
-    """detector recipes compared; layers as fractions of the model's depth (0.6 = layer 18 of 30), a `sae_probe`
-    reads the SAE's own layer"""
-    sae: str | None = "builtin:sae"
-    """SAE for the sparse SAE-code probe candidates (skipped if empty or its width does not fit the model)"""
-    max_fpr: float = 0.05
-    """bound on the 95% upper confidence bound of each benign source's false-positive rate"""
-    target_fpr: float = 0.03
-    """a candidate meets the bar when its worst left-out benign source stays at or below this"""
-    target_recall: float = 0.7
-    """... and its worst left-out harmful source reaches this"""
-    folds: int = 3
-    """cross-fitting folds for the out-of-fold threshold scores"""
-    limit: int | None = None
-    """development prompts per source (default: all)"""
-    batch_size: int = 16
-    """prompts per forward pass"""
-    seed: int = 0
-    """seed of the prompt samples, folds and probe fits"""
 
 
 # ---------------------------------------------------------------- data and features

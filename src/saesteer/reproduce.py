@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from saesteer.artefacts import save_direction
+from saesteer.config import LayerScanConfig, ReproduceConfig
 from saesteer.corpus import parse_transcript
 from saesteer.errors import SaesteerError
 from saesteer.evals import read_rows
@@ -47,23 +48,6 @@ from saesteer.report import (
 )
 from saesteer.sae import SAE
 from saesteer.steering import ActAdd, Steering, generate
-
-
-@dataclass
-class LayerScanConfig:
-    """Which layers and ActAdd strengths to try, on how many prompts."""
-
-    layers: tuple[int, ...] = (4, 6, 8, 10, 12, 14)
-    """decoder layers scanned"""
-    multipliers: tuple[float, ...] = (8.0,)
-    """ActAdd alpha = multiplier x |diff-in-means| at that layer; 1x and 2x barely change this model (measured:
-    <= 6% refusal at every layer 4-18), so the scan uses 8x"""
-    train_prompts: int = 64
-    """harmful and harmless TRAIN prompts for the direction"""
-    val_prompts: int = 24
-    """harmful and harmless VALIDATION prompts to judge the steered replies"""
-    max_new_tokens: int = 40
-    """tokens generated per judged reply"""
 
 
 def refusal_share(
@@ -158,73 +142,6 @@ def build_sae_data(shared: Path, out: Path) -> dict:
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=2))  # beside the folder: not read as data
     return info
-
-
-@dataclass
-class ReproduceConfig:
-    """Sizes of every stage. `full` is the reported run; `quick` and `tiny` (CI) shrink n."""
-
-    out: str = "runs/reproduce"
-    """output folder (rerun to resume)"""
-    shared: str = "../shared/datasets"
-    """the shared datasets folder with the SAE training corpus, which is not shipped"""
-    model: str = "smollm2-135m-instruct"
-    """default alias, hub id, local folder or .gguf file"""
-    layer: int | None = None
-    """decoder layer of the SAE and the steering (default: the layer scan's choice)"""
-    scan: LayerScanConfig | None = field(default_factory=LayerScanConfig)
-    """the layer scan (None: skip it and use `layer`)"""
-    collect_tokens: int = 4_000_000
-    """activations collected for the SAE"""
-    passes: int = 1
-    """passes over the corpus while collecting"""
-    train_tokens: int = 10_000_000
-    """SAE training tokens (more than collect_tokens: several epochs)"""
-    expansion_factor: int = 12
-    """SAE latents per model dimension (12: 6,912 latents, 15.9 MB in bf16, within the shipping budget)"""
-    k: int = 32
-    """active SAE latents per token"""
-    dead_tokens: int = 2_000_000
-    """tokens without firing before a latent counts as dead"""
-    sae_eval_contexts: int = 64
-    """held-out contexts of the SAE evaluation"""
-    discover_limit: int = 0
-    """harmful TRAIN prompts for discovery, 0 = all"""
-    detector_negatives: int = 0
-    """TRAIN prompts per benign source (XSTest-safe, the benign set) for discovery's harm detector, 0 = all"""
-    n_candidates: int = 4
-    """features screened: best by contrast ..."""
-    n_attribution: int = 8
-    """... and best by attribution"""
-    screen_values: str = "8,16"
-    """clamp values of the causal screen, comma-separated"""
-    screen_prompts: int = 16
-    """harmful and harmless TRAIN prompts per screen config"""
-    detector_layer: int = 18
-    """layer of the conditional-steering harm detector"""
-    select_limit: int = 24
-    """VALIDATION prompts per safety set"""
-    gate_limit: int | None = None
-    """development prompts per source for the harm gate (`saesteer gate`; default: all)"""
-    gate_max_fpr: float = 0.05
-    """the gate threshold's bound on each benign source's 95% upper false-positive bound"""
-    clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
-    """SAE clamp values compared on VALIDATION"""
-    decays: tuple[float, ...] = (1.0, 0.9)
-    """schedules of the SAE clamps (plain and conditional) compared on VALIDATION: the edit on generated token
-    t is scaled by decay**t (1: the paper's constant clamp)"""
-    actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)
-    """ActAdd strengths compared on VALIDATION, x |diff-in-means|"""
-    test_limit: str = "100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24"
-    """TEST items per dataset (as `saesteer eval --limit`)"""
-    mmlu_shots: int = 3
-    """MMLU few-shot examples from the dev set"""
-    max_new_tokens: int = 64
-    """judged reply length: loops grow with length, so shorter replies hide them"""
-    judge: str = "strict"
-    """refusal judge of discovery and the evaluations"""
-    seed: int = 0
-    """seed of every sample, SAE initialisation and bootstrap"""
 
 
 PRESETS = {

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException
 
 from saesteer.artefacts import resolve, shipped_dir
+from saesteer.config import ServeConfig
 from saesteer.engine import Engine, Reply
 from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel
@@ -49,42 +50,6 @@ log = logging.getLogger("saesteer.serve")
 MIN_TEMPERATURE = (
     1e-3  # below it a request decodes greedily: float32 logits / 1e-300 overflow to NaN probabilities
 )
-
-
-@dataclass
-class ServeConfig:
-    """Server settings; `steering` is the default for requests that name none (preset, JSON or file)."""
-
-    model_name: str | None = None
-    """model name reported in the API (default: the model spec)"""
-    steering: str | None = None
-    """default steering for requests that name none: preset, JSON spec or JSON file"""
-    max_tokens: int = 512
-    """largest max_tokens a request may ask for"""
-    default_max_tokens: int = 128
-    """max_tokens of requests that set none (capped at max_tokens)"""
-    max_prompt_tokens: int = 2048
-    """longest prompt accepted, in tokens"""
-    max_batch_size: int = 16
-    """most requests generated together (a continuous batch)"""
-    max_body_bytes: int = 1 << 20
-    """largest request body accepted, in bytes"""
-    allow_dirs: list[str] = field(default_factory=list)
-    """folders whose files (SAEs, directions, detectors) requests may name (default: only the shipped artefacts;
-    presets always work)"""
-    api_key: str | None = None
-    """require `Authorization: Bearer <api_key>` on every request"""
-
-    def __post_init__(self):
-        for name in (
-            "max_tokens",
-            "default_max_tokens",
-            "max_prompt_tokens",
-            "max_batch_size",
-            "max_body_bytes",
-        ):
-            if getattr(self, name) < 1:
-                raise SaesteerError(f"{name} must be at least 1, not {getattr(self, name)}")
 
 
 class ApiError(Exception):

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from saesteer import dist
 from saesteer.activations import ActivationStore
-from saesteer.errors import SaesteerError
+from saesteer.config import TrainConfig
+from saesteer.errors import TrainError
 from saesteer.sae import SAE, SAEConfig, SAEError
 
 CHECKPOINT = "checkpoint.safetensors"
-SELECT_DTYPES = ("float32", "bfloat16")  # TrainConfig.dtype: names of torch dtypes
 # A resumed run must agree with its checkpoint on these (total_tokens may grow).
 RESUME_KEYS = (
     "n_latents",
@@ -46,94 +46,6 @@ RESUME_KEYS = (
     "dead_tokens",
     "init_tokens",
 )
-
-
-class TrainError(SaesteerError):
-    """Training cannot start or continue (NaN, bad checkpoint, mismatched config)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run."""
-
-    activations: str = "runs/activations"
-    """activation cache folder (saesteer collect)"""
-    out: str = "runs/sae"
-    """output folder: checkpoint.safetensors and sae/ (the final SAE, SAELens format)"""
-    n_latents: int | None = None
-    """SAE width (default: expansion_factor * d_model)"""
-    expansion_factor: int = 8
-    """latents per model dimension"""
-    k: int = 32
-    """active latents per token"""
-    batch_size: int = 4096
-    """tokens per optimizer step, over all ranks"""
-    total_tokens: int = 20_000_000
-    """total training tokens"""
-    lr: float | None = None
-    """learning rate (default: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14))"""
-    warmup_steps: int = 100
-    """linear learning-rate warmup steps"""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam's beta1 and beta2"""
-    adam_eps: float = 6.25e-10
-    """Adam's epsilon"""
-    grad_clip: float = 1.0
-    """gradient norm clipping bound (0: no clipping)"""
-    auxk_coef: float = 1 / 32
-    """AuxK loss coefficient"""
-    dead_tokens: int = 10_000_000
-    """tokens without firing before a latent counts as dead"""
-    init_tokens: int = 65_536
-    """sample for the normalisation scale and b_dec's geometric median"""
-    seed: int = 0
-    """initialisation and data-order seed"""
-    checkpoint_every: int = 500
-    """steps between checkpoints"""
-    log_every: int = 20
-    """steps between progress-bar loss updates"""
-    dtype: str = "float32"
-    """the dense encoder matmul that chooses each token's top-k latents: float32, or bfloat16 (faster on CPUs
-    with AVX512-BF16 and on GPUs); the chosen latents' values, the loss, the gradients and the weights stay
-    float32"""
-    resume: bool = False
-    """continue from out/checkpoint.safetensors if it exists"""
-    device: str | None = None
-    """cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)"""
-
-    def __post_init__(self):
-        self.adam_betas = tuple(self.adam_betas)
-        if self.dtype not in SELECT_DTYPES:
-            raise TrainError(f"dtype must be one of {', '.join(SELECT_DTYPES)}, got {self.dtype!r}")
-        for name in (
-            "k",
-            "batch_size",
-            "total_tokens",
-            "expansion_factor",
-            "checkpoint_every",
-            "log_every",
-            "init_tokens",
-        ):
-            if getattr(self, name) <= 0:
-                raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides) -> TrainConfig:
-        """A config from a JSON file (keys = field names), with `overrides` on top."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainError(f"cannot read training config {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise TrainError(f"training config {path} must be a JSON object of TrainConfig fields")
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TrainError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-        return cls(**{**data, **overrides})
-
-    @property
-    def steps(self) -> int:
-        return self.total_tokens // self.batch_size
 
 
 class BatchSource(Protocol):

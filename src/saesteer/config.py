@@ -1,0 +1,462 @@
+"""Every stage's settings, one dataclass each, with a docstring under every field: the one source of each
+default. Plain data without torch, so `import saesteer.config` is cheap; the stage modules import their
+config from here, and the CLI builds its options from these fields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from saesteer.errors import SaesteerError, TrainError
+
+if TYPE_CHECKING:
+    from saesteer.evalsets import Prompt
+    from saesteer.judges import ChatBackend
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_DATA = "builtin:corpus-slice"
+SELECT_DTYPES = ("float32", "bfloat16")  # TrainConfig.dtype: names of torch dtypes
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where documents come from and how to turn a record into text.
+
+    Records holding a `messages` list are always chat-formatted. A folder's files are read round-robin,
+    one record from each in turn, so any prefix of the stream mixes all of them.
+    """
+
+    data: str = DEFAULT_DATA
+    """file/folder of .txt/.jsonl/.json(.gz), hf:<dataset id>, or builtin:corpus-slice (shipped)"""
+    field: str = "text"
+    """text field of JSON records"""
+    chat: str | None = None
+    """'prompt_field,response_field': chat-format records with the model's template; 'transcript': `field` is a
+    'Human: ... Assistant: ...' dialogue (hh-rlhf style), rendered the same way"""
+    split: str = "train"
+    """split of an hf: dataset"""
+    passes: int = 1
+    """read the data this many times over (if more tokens are needed than one pass holds; packing offsets differ
+    between passes)"""
+
+
+@dataclass
+class CollectConfig:
+    """What to collect. `tokens` counts model input tokens (n_tokens in the manifest is what was kept)."""
+
+    model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
+    layer: int = 10
+    """decoder layer whose residual stream is collected"""
+    hook_point: str = "resid_post"
+    """resid_post (layer output) or resid_pre (layer input)"""
+    data: TextSource = field(default_factory=TextSource)
+    """where the text comes from and how records become text"""
+    tokens: int = 100_000
+    """model input tokens to process"""
+    ctx: int = 256
+    """context length (each starts with BOS)"""
+    batch_size: int = 8
+    """contexts per forward pass"""
+    contexts_per_shard: int = 256
+    """contexts per safetensors shard"""
+    dtype: str = "bfloat16"
+    """cache dtype: bfloat16 or float16"""
+    drop_special: bool = True
+    """drop BOS/EOS/special-token positions (their norms are outliers)"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    activations: str = "runs/activations"
+    """activation cache folder (saesteer collect)"""
+    out: str = "runs/sae"
+    """output folder: checkpoint.safetensors and sae/ (the final SAE, SAELens format)"""
+    n_latents: int | None = None
+    """SAE width (default: expansion_factor * d_model)"""
+    expansion_factor: int = 8
+    """latents per model dimension"""
+    k: int = 32
+    """active latents per token"""
+    batch_size: int = 4096
+    """tokens per optimizer step, over all ranks"""
+    total_tokens: int = 20_000_000
+    """total training tokens"""
+    lr: float | None = None
+    """learning rate (default: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14))"""
+    warmup_steps: int = 100
+    """linear learning-rate warmup steps"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1 and beta2"""
+    adam_eps: float = 6.25e-10
+    """Adam's epsilon"""
+    grad_clip: float = 1.0
+    """gradient norm clipping bound (0: no clipping)"""
+    auxk_coef: float = 1 / 32
+    """AuxK loss coefficient"""
+    dead_tokens: int = 10_000_000
+    """tokens without firing before a latent counts as dead"""
+    init_tokens: int = 65_536
+    """sample for the normalisation scale and b_dec's geometric median"""
+    seed: int = 0
+    """initialisation and data-order seed"""
+    checkpoint_every: int = 500
+    """steps between checkpoints"""
+    log_every: int = 20
+    """steps between progress-bar loss updates"""
+    dtype: str = "float32"
+    """the dense encoder matmul that chooses each token's top-k latents: float32, or bfloat16 (faster on CPUs
+    with AVX512-BF16 and on GPUs); the chosen latents' values, the loss, the gradients and the weights stay
+    float32"""
+    resume: bool = False
+    """continue from out/checkpoint.safetensors if it exists"""
+    device: str | None = None
+    """cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)"""
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        if self.dtype not in SELECT_DTYPES:
+            raise TrainError(f"dtype must be one of {', '.join(SELECT_DTYPES)}, got {self.dtype!r}")
+        for name in (
+            "k",
+            "batch_size",
+            "total_tokens",
+            "expansion_factor",
+            "checkpoint_every",
+            "log_every",
+            "init_tokens",
+        ):
+            if getattr(self, name) <= 0:
+                raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> TrainConfig:
+        """A config from a JSON file (keys = field names), with `overrides` on top."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrainError(f"cannot read training config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise TrainError(f"training config {path} must be a JSON object of TrainConfig fields")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TrainError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+        return cls(**{**data, **overrides})
+
+    @property
+    def steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+
+@dataclass
+class DiscoverConfig:
+    """Sizes and thresholds of the discovery run; every prompt list it reads is a TRAIN split."""
+
+    n_candidates: int = 8
+    """features ranked best by contrast to screen causally"""
+    n_attribution: int = 8
+    """... and ranked best by attribution (a feature in both is screened once)"""
+    attribution_prompts: int = 64
+    """harmful TRAIN prompts (with a compliant reply) for the attribution gradient"""
+    max_corpus_freq: float = 0.05
+    """drop features firing on more than this fraction of corpus tokens"""
+    min_refusal_freq: float = 0.2
+    """... or on fewer than this fraction of refusal replies"""
+    corpus_tokens: int = 16_384
+    """corpus tokens encoded for feature frequencies and top contexts"""
+    top_contexts: int = 5
+    """top-activating corpus contexts kept per feature"""
+    screen_values: tuple[float, ...] = (8.0, 16.0)
+    """clamp values tried in the causal screen"""
+    screen_prompts: int = 24
+    """harmful and harmless TRAIN prompts per screen config"""
+    max_new_tokens: int = 64
+    """tokens generated per reply, judged for refusal (loops show only in longer replies)"""
+    batch_size: int = 16
+    """prompts per generation or forward batch"""
+
+
+@dataclass
+class FitConfig:
+    """Clamp values fitted by gradient descent toward a complete refusal (`fit_clamp_values`)."""
+
+    steps: int = 30
+    """Adam steps on the values"""
+    lr: float = 0.5
+    """Adam learning rate, in latent units"""
+    l1: float = 0.0
+    """penalty per latent unit of sum |value|: pushes the values of unneeded features to 0"""
+    batch_size: int = 16
+    """prompts per forward and backward pass"""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One detector recipe tried in leave-one-source-out validation."""
+
+    kind: str
+    """dim (difference of means), probe (logistic), ensemble (a probe per layer, averaged) or sae_probe (SAE codes)"""
+    layers: tuple
+    """decoder layers; a float in (0, 1) is a fraction of the model's depth"""
+    pooling: str = "user"
+    """user (mean over the user's message), max (per-feature max over it) or last (mean over the last `tokens`
+    positions)"""
+    tokens: int = 4
+    """positions averaged by `last` pooling"""
+    c: float = 0.1
+    """inverse regularisation strength of the logistic probes"""
+
+    @property
+    def name(self) -> str:
+        pool = f"last{self.tokens}" if self.pooling == "last" else self.pooling
+        reg = f" C={self.c:g}" if self.kind != "dim" else ""
+        return f"{self.kind} L{'+'.join(map(str, self.layers))} {pool}{reg}"
+
+
+@dataclass
+class GateConfig:
+    """What `saesteer gate` trains and how it chooses."""
+
+    candidates: tuple[Candidate, ...] = (
+        Candidate("dim", (0.6,), "last", 4),  # the old detector: the baseline row
+        Candidate("dim", (0.6,), "user"),
+        Candidate("probe", (0.4,), "last", 4),
+        Candidate("probe", (0.6,), "last", 4),
+        Candidate("probe", (0.2,), "user"),
+        Candidate("probe", (0.4,), "user"),
+        Candidate("probe", (0.6,), "user"),
+        Candidate("probe", (0.8,), "user"),
+        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "user"),
+        Candidate("ensemble", (0.2, 0.4, 0.6, 0.8), "last", 4),
+        Candidate("probe", (0.4,), "user", c=0.01),
+        Candidate("probe", (0.4,), "user", c=1.0),
+        Candidate("probe", (0.6,), "user", c=0.01),
+        Candidate("probe", (0.6,), "max"),
+        Candidate("sae_probe", (), "user", c=0.05),
+        Candidate("sae_probe", (), "max", c=0.05),
+    )
+    """detector recipes compared; layers as fractions of the model's depth (0.6 = layer 18 of 30), a `sae_probe`
+    reads the SAE's own layer"""
+    sae: str | None = "builtin:sae"
+    """SAE for the sparse SAE-code probe candidates (skipped if empty or its width does not fit the model)"""
+    max_fpr: float = 0.05
+    """bound on the 95% upper confidence bound of each benign source's false-positive rate"""
+    target_fpr: float = 0.03
+    """a candidate meets the bar when its worst left-out benign source stays at or below this"""
+    target_recall: float = 0.7
+    """... and its worst left-out harmful source reaches this"""
+    folds: int = 3
+    """cross-fitting folds for the out-of-fold threshold scores"""
+    limit: int | None = None
+    """development prompts per source (default: all)"""
+    batch_size: int = 16
+    """prompts per forward pass"""
+    seed: int = 0
+    """seed of the prompt samples, folds and probe fits"""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Greedy decoding settings (part of every cache key and result row)."""
+
+    max_new_tokens: int = 64
+    """greedy reply length (safety, jailbreak, degeneration)"""
+    batch_size: int = 16
+    """generation batch size"""
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate: one model under one steering, some suites, one split."""
+
+    model: str = "smollm2-135m-instruct"
+    """default alias, hub id, local folder or .gguf file"""
+    suites: tuple[str, ...] = ("safety",)
+    """suites to run: safety, capability, jailbreak, fidelity"""
+    split: str = "test"
+    """train, validation or test (report on test; tune on train/validation)"""
+    limit: int | None = 100
+    """items per dataset (a seeded sample; None: all)"""
+    limits: dict[str, int] = field(default_factory=dict)
+    """per-dataset overrides of `limit`, e.g. {"mmlu": 100}"""
+    seed: int = 0
+    """seed of the item samples and bootstrap CIs"""
+    decoding: Decoding = field(default_factory=Decoding)
+    """greedy reply length and generation batch size"""
+    gsm8k_max_new_tokens: int = 256
+    """greedy reply length for GSM8K"""
+    mmlu_shots: int = 5
+    """MMLU few-shot examples from the dev set"""
+    score_batch_size: int = 8
+    """batch size of log-likelihood scoring (MMLU, TruthfulQA, text fidelity)"""
+    jailbreak_turns: int = 4
+    """user turns per jailbreak conversation (Crescendo always ends on the goal)"""
+    attacker: ChatBackend | None = None
+    """chat model that writes Crescendo's escalating turns (default: the built-in templated escalation)"""
+    fidelity_tokens: int = 256
+    """tokens per held-out text in the fidelity suite (KL and perplexity)"""
+    bootstrap: int = 1000
+    """bootstrap resamples per 95% CI"""
+    user_prompts: list[Prompt] | None = None
+    """your own labelled prompts, evaluated instead of the built-in safety sets"""
+    user_prompts_name: str | None = None
+    """dataset name of `user_prompts` in result rows (default: user)"""
+    safety_sets: tuple[str, ...] | None = None
+    """safety sets to evaluate (default: every available set)"""
+    quality_judge: str = "rules"
+    """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
+
+
+@dataclass
+class ServeConfig:
+    """Server settings; `steering` is the default for requests that name none (preset, JSON or file)."""
+
+    model_name: str | None = None
+    """model name reported in the API (default: the model spec)"""
+    steering: str | None = None
+    """default steering for requests that name none: preset, JSON spec or JSON file"""
+    max_tokens: int = 512
+    """largest max_tokens a request may ask for"""
+    default_max_tokens: int = 128
+    """max_tokens of requests that set none (capped at max_tokens)"""
+    max_prompt_tokens: int = 2048
+    """longest prompt accepted, in tokens"""
+    max_batch_size: int = 16
+    """most requests generated together (a continuous batch)"""
+    max_body_bytes: int = 1 << 20
+    """largest request body accepted, in bytes"""
+    allow_dirs: list[str] = field(default_factory=list)
+    """folders whose files (SAEs, directions, detectors) requests may name (default: only the shipped artefacts;
+    presets always work)"""
+    api_key: str | None = None
+    """require `Authorization: Bearer <api_key>` on every request"""
+
+    def __post_init__(self):
+        for name in (
+            "max_tokens",
+            "default_max_tokens",
+            "max_prompt_tokens",
+            "max_batch_size",
+            "max_body_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise SaesteerError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs; the sizes keep it short on a CPU."""
+
+    model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
+    dtype: str | None = None
+    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it; bfloat16 changes most
+    replies)"""
+    out: str = "runs/demo"
+    """folder for results, examples and the HTML report"""
+    methods: tuple[str, ...] = ("refusal", "refusal_conditional")
+    """steering presets, JSON specs or files to compare"""
+    examples: int = 3
+    """harmful and safe TEST prompts shown side by side"""
+    limit: int = 32
+    """TEST prompts per safety set in the small eval"""
+    max_new_tokens: int = 64
+    """greedy reply length (loops grow with the reply: shorter replies hide them)"""
+    seed: int = 0
+    """seed of the eval's prompt samples and bootstrap CIs"""
+    train_sae: bool = False
+    """train a small SAE instead of using the shipped one (even when presets are shipped)"""
+    fallback_tokens: int = 200_000
+    """activations collected for the fallback SAE (trained for 3 epochs)"""
+    fallback_prompts: int = 48
+    """harmful and harmless TRAIN prompts for the fallback discovery"""
+
+
+@dataclass
+class LayerScanConfig:
+    """Which layers and ActAdd strengths to try, on how many prompts."""
+
+    layers: tuple[int, ...] = (4, 6, 8, 10, 12, 14)
+    """decoder layers scanned"""
+    multipliers: tuple[float, ...] = (8.0,)
+    """ActAdd alpha = multiplier x |diff-in-means| at that layer; 1x and 2x barely change this model (measured:
+    <= 6% refusal at every layer 4-18), so the scan uses 8x"""
+    train_prompts: int = 64
+    """harmful and harmless TRAIN prompts for the direction"""
+    val_prompts: int = 24
+    """harmful and harmless VALIDATION prompts to judge the steered replies"""
+    max_new_tokens: int = 40
+    """tokens generated per judged reply"""
+
+
+@dataclass
+class ReproduceConfig:
+    """Sizes of every stage. `full` is the reported run; `quick` and `tiny` (CI) shrink n."""
+
+    out: str = "runs/reproduce"
+    """output folder (rerun to resume)"""
+    shared: str = "../shared/datasets"
+    """the shared datasets folder with the SAE training corpus, which is not shipped"""
+    model: str = "smollm2-135m-instruct"
+    """default alias, hub id, local folder or .gguf file"""
+    layer: int | None = None
+    """decoder layer of the SAE and the steering (default: the layer scan's choice)"""
+    scan: LayerScanConfig | None = field(default_factory=LayerScanConfig)
+    """the layer scan (None: skip it and use `layer`)"""
+    collect_tokens: int = 4_000_000
+    """activations collected for the SAE"""
+    passes: int = 1
+    """passes over the corpus while collecting"""
+    train_tokens: int = 10_000_000
+    """SAE training tokens (more than collect_tokens: several epochs)"""
+    expansion_factor: int = 12
+    """SAE latents per model dimension (12: 6,912 latents, 15.9 MB in bf16, within the shipping budget)"""
+    k: int = 32
+    """active SAE latents per token"""
+    dead_tokens: int = 2_000_000
+    """tokens without firing before a latent counts as dead"""
+    sae_eval_contexts: int = 64
+    """held-out contexts of the SAE evaluation"""
+    discover_limit: int = 0
+    """harmful TRAIN prompts for discovery, 0 = all"""
+    detector_negatives: int = 0
+    """TRAIN prompts per benign source (XSTest-safe, the benign set) for discovery's harm detector, 0 = all"""
+    n_candidates: int = 4
+    """features screened: best by contrast ..."""
+    n_attribution: int = 8
+    """... and best by attribution"""
+    screen_values: str = "8,16"
+    """clamp values of the causal screen, comma-separated"""
+    screen_prompts: int = 16
+    """harmful and harmless TRAIN prompts per screen config"""
+    detector_layer: int = 18
+    """layer of the conditional-steering harm detector"""
+    select_limit: int = 24
+    """VALIDATION prompts per safety set"""
+    gate_limit: int | None = None
+    """development prompts per source for the harm gate (`saesteer gate`; default: all)"""
+    gate_max_fpr: float = 0.05
+    """the gate threshold's bound on each benign source's 95% upper false-positive bound"""
+    clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
+    """SAE clamp values compared on VALIDATION"""
+    decays: tuple[float, ...] = (1.0, 0.9)
+    """schedules of the SAE clamps (plain and conditional) compared on VALIDATION: the edit on generated token
+    t is scaled by decay**t (1: the paper's constant clamp)"""
+    actadd_multipliers: tuple[float, ...] = (4.0, 8.0, 16.0)
+    """ActAdd strengths compared on VALIDATION, x |diff-in-means|"""
+    test_limit: str = "100,mmlu=60,truthfulqa=60,gsm8k=16,hh_rlhf=24,crescendo_advbench=16,heldout_text=24"
+    """TEST items per dataset (as `saesteer eval --limit`)"""
+    mmlu_shots: int = 3
+    """MMLU few-shot examples from the dev set"""
+    max_new_tokens: int = 64
+    """judged reply length: loops grow with length, so shorter replies hide them"""
+    judge: str = "strict"
+    """refusal judge of discovery and the evaluations"""
+    seed: int = 0
+    """seed of every sample, SAE initialisation and bootstrap"""
