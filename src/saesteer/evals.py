@@ -151,46 +151,23 @@ class SteeredModel:
     ) -> list[str]:
         """Greedy replies to rendered prompts under `steering` (default: this model's), cached under this
         model's steering."""
-        keys = [self._key(kind="generate", prompt=p, decoding=asdict(decoding)) for p in prompts]
-        found = {k: self.cache.get(k) for k in set(keys)}
-        missing = sorted({p for p, k in zip(prompts, keys) if found[k] is None}, key=lambda p: (len(p), p))
-        if missing:
-            size = decoding.batch_size * CHUNK_BATCHES
-            chunks = [missing[i : i + size] for i in range(0, len(missing), size)]
-            bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not dist.is_main())
+        method = self.steering if steering is None else steering
+        todo = {
+            self._key(kind="generate", prompt=p, decoding=asdict(decoding)): p
+            for p in sorted(set(prompts), key=lambda p: (len(p), p))
+        }
 
-            def run(chunk_list: list[list[str]]) -> list[list[str]]:
-                done = []
-                for chunk in chunk_list:
-                    out = self.generate_fn(
-                        self.loaded,
-                        chunk,
-                        self.steering if steering is None else steering,
-                        max_new_tokens=decoding.max_new_tokens,
-                        batch_size=decoding.batch_size,
-                    )
-                    if dist.world_size() == 1:  # single process: save as we go (crash-safe resume)
-                        self.cache.put_many(
-                            {
-                                self._key(kind="generate", prompt=p, decoding=asdict(decoding)): r
-                                for p, r in zip(chunk, out)
-                            }
-                        )
-                    bar.update(len(chunk))
-                    done.append(out)
-                return done
+        def run(chunk: list[str]) -> list[str]:
+            return self.generate_fn(
+                self.loaded,
+                chunk,
+                method,
+                max_new_tokens=decoding.max_new_tokens,
+                batch_size=decoding.batch_size,
+            )
 
-            outputs = dist.sharded(run, chunks)
-            bar.close()
-            new = {
-                self._key(kind="generate", prompt=p, decoding=asdict(decoding)): r
-                for chunk, out in zip(chunks, outputs)
-                for p, r in zip(chunk, out)
-            }
-            if dist.world_size() > 1:
-                self.cache.put_many(new)
-            found.update(new)
-        return [found[k] for k in keys]
+        found = self._cached(todo, run, decoding.batch_size * CHUNK_BATCHES, desc)
+        return [found[self._key(kind="generate", prompt=p, decoding=asdict(decoding))] for p in prompts]
 
     def score(
         self, requests: list[tuple[str, list[str]]], batch_size: int, desc: str = "score"
@@ -198,38 +175,51 @@ class SteeredModel:
         """Sum log-probabilities of continuations after rendered contexts, steered."""
         tok = self.loaded.tokenizer
         keys = [self._key(kind="loglik", context=c, continuations=list(conts)) for c, conts in requests]
-        found = {k: self.cache.get(k) for k in set(keys)}
-        todo = list({k: (c, conts) for k, (c, conts) in zip(keys, requests) if found[k] is None}.items())
-        if todo:
-            chunk_size = max(batch_size * 4, 16)
-            chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
-            bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not dist.is_main())
 
-            def run(chunk_list: list) -> list:
-                done = []
-                for chunk in chunk_list:
-                    encoded = [
-                        (
-                            tok(c, add_special_tokens=False)["input_ids"],
-                            [tok(x, add_special_tokens=False)["input_ids"] for x in conts],
-                        )
-                        for _, (c, conts) in chunk
-                    ]
-                    with self.steering.applied(self.loaded):
-                        out = continuation_logprobs(self.loaded, encoded, batch_size)
-                    if dist.world_size() == 1:
-                        self.cache.put_many({k: v for (k, _), v in zip(chunk, out)})
-                    bar.update(len(chunk))
-                    done.append(out)
-                return done
+        def run(chunk: list[tuple[str, list[str]]]) -> list[list[float]]:
+            encoded = [
+                (
+                    tok(c, add_special_tokens=False)["input_ids"],
+                    [tok(x, add_special_tokens=False)["input_ids"] for x in conts],
+                )
+                for c, conts in chunk
+            ]
+            with self.steering.applied(self.loaded):
+                return continuation_logprobs(self.loaded, encoded, batch_size)
 
-            outputs = dist.sharded(run, chunks)
-            bar.close()
-            new = {k: v for chunk, out in zip(chunks, outputs) for (k, _), v in zip(chunk, out)}
-            if dist.world_size() > 1:
-                self.cache.put_many(new)
-            found.update(new)
+        found = self._cached(dict(zip(keys, requests)), run, max(batch_size * 4, 16), desc)
         return [found[k] for k in keys]
+
+    def _cached(
+        self, todo: dict[str, object], run: Callable[[list], list], chunk_size: int, desc: str
+    ) -> dict:
+        """The cached value of every key of `todo` (key -> input); the inputs of missing keys go through
+        `run` in chunks of `chunk_size`, sharded over torchrun ranks, and are stored: after each chunk in a
+        single process (a crash loses at most one chunk), once gathered under torchrun."""
+        found = {k: self.cache.get(k) for k in todo}
+        missing = [(k, item) for k, item in todo.items() if found[k] is None]
+        if not missing:
+            return found
+        chunks = [missing[i : i + chunk_size] for i in range(0, len(missing), chunk_size)]
+        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not dist.is_main())
+
+        def run_chunks(chunk_list: list[list[tuple[str, object]]]) -> list[list]:
+            done = []
+            for chunk in chunk_list:
+                out = run([item for _, item in chunk])
+                if dist.world_size() == 1:
+                    self.cache.put_many({k: v for (k, _), v in zip(chunk, out)})
+                bar.update(len(chunk))
+                done.append(out)
+            return done
+
+        outputs = dist.sharded(run_chunks, chunks)
+        bar.close()
+        new = {k: v for chunk, out in zip(chunks, outputs) for (k, _), v in zip(chunk, out)}
+        if dist.world_size() > 1:
+            self.cache.put_many(new)
+        found.update(new)
+        return found
 
 
 # -------------------------------------------------------------------------------------------- running
