@@ -20,7 +20,13 @@ class ResultCache:
         self.path = Path(path) if path else None
         self.entries: dict[str, object] = {}
         self.hits = self.misses = 0
+        self._torn = False  # the file ends inside a line (a crash mid-write): start the next append on a new line
         if self.path and self.path.is_file():
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    self._torn = f.read(1) != b"\n"
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     try:
@@ -48,6 +54,8 @@ class ResultCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
+            f.write("\n" * self._torn)
+            self._torn = False
             f.write(
                 "".join(
                     json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items()
