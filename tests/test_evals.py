@@ -344,32 +344,47 @@ def test_sweep_resumes_without_regenerating(tiny, tmp_path):
     assert len(steerings) == 3
     out, config = tmp_path / "sweep.jsonl", small_config(suites=("safety",), limit=2)
     scripted = Scripted(REFUSE)
-    rows = evals.sweep(tiny, steerings, config, out, ResultCache(tmp_path / "c.jsonl"), generate_fn=scripted)
+    rows = evals.sweep_steerings(
+        tiny, steerings, config, out, ResultCache(tmp_path / "c.jsonl"), generate_fn=scripted
+    )
     assert len({json.dumps(r["config"]["steering"]) for r in rows}) == 3 and scripted.calls > 0
     assert len(evals.read_rows(out)) == len(rows)
     again = Scripted(REFUSE)
     assert (
-        evals.sweep(tiny, steerings, config, out, ResultCache(tmp_path / "c.jsonl"), generate_fn=again) == []
+        evals.sweep_steerings(
+            tiny, steerings, config, out, ResultCache(tmp_path / "c.jsonl"), generate_fn=again
+        )
+        == []
     )
     assert again.calls == 0 and len(evals.read_rows(out)) == len(rows)
     out.write_text(
         "".join(json.dumps(r) + "\n" for r in rows[: len(rows) // 3])
     )  # as if it crashed after config 1
     resumed = Scripted(REFUSE)
-    new = evals.sweep(tiny, steerings, config, out, ResultCache(tmp_path / "c.jsonl"), generate_fn=resumed)
+    new = evals.sweep_steerings(
+        tiny, steerings, config, out, ResultCache(tmp_path / "c.jsonl"), generate_fn=resumed
+    )
     assert resumed.calls == 0 and len(new) == len(rows) - len(rows) // 3
 
 
 def test_sweep_with_per_dataset_limits_resumes_and_a_new_limit_reruns(tiny, tmp_path):
     out, steerings = tmp_path / "sweep.jsonl", [{"method": "none"}]
     config = small_config(suites=("safety",), limit=2, limits={"advbench": 1})
-    first = evals.sweep(tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE))
+    first = evals.sweep_steerings(
+        tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE)
+    )
     assert {r["config"]["limit"] for r in first} == {1, 2}
-    assert evals.sweep(tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE)) == []
-    changed = small_config(suites=("safety",), limit=2, limits={"advbench": 2})
-    assert evals.sweep(tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE))
     assert (
-        evals.sweep(tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE)) == []
+        evals.sweep_steerings(tiny, steerings, config, out, ResultCache(None), generate_fn=Scripted(REFUSE))
+        == []
+    )
+    changed = small_config(suites=("safety",), limit=2, limits={"advbench": 2})
+    assert evals.sweep_steerings(
+        tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE)
+    )
+    assert (
+        evals.sweep_steerings(tiny, steerings, changed, out, ResultCache(None), generate_fn=Scripted(REFUSE))
+        == []
     )  # old rows stay
 
 

@@ -9,7 +9,7 @@ from saesteer.features import (
     auroc,
     contrast,
     diff_in_means,
-    discover,
+    find_refusal_features,
     logit_lens,
     summary_markdown,
     top_contexts,
@@ -94,7 +94,7 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
         screen_prompts=4,
         max_new_tokens=4,
     )
-    result = discover(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
+    result = find_refusal_features(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
     sources = [c["source"] for c in result["candidates"]]
     assert 3 <= len(sources) <= 6 and set(sources) <= {"contrast", "attribution", "both"}
     assert sum(s != "attribution" for s in sources) == 3 and sum(s != "contrast" for s in sources) == 3

@@ -9,7 +9,7 @@ from conftest import run_cli
 from saesteer.artefacts import load_sae
 from saesteer.errors import SaesteerError
 from saesteer.evals import append_rows
-from saesteer.features import DiscoverConfig, activation_histogram, discover, topic_feature
+from saesteer.features import DiscoverConfig, activation_histogram, find_refusal_features, topic_feature
 from saesteer.report import (
     CHROMIUM,
     build_report,
@@ -350,7 +350,7 @@ def test_discover_records_histograms_for_candidates_and_control(tiny_loaded, tmp
         screen_prompts=2,
         max_new_tokens=2,
     )
-    result = discover(
+    result = find_refusal_features(
         tiny_loaded,
         sae,
         ["the quick brown fox", "over the lazy dog"] * 3,

@@ -20,7 +20,9 @@ class ResultCache:
         self.path = Path(path) if path else None
         self.entries: dict[str, object] = {}
         self.hits = self.misses = 0
-        self._torn = False  # the file ends inside a line (a crash mid-write): start the next append on a new line
+        self._torn = (
+            False  # the file ends inside a line (a crash mid-write): start the next append on a new line
+        )
         if self.path and self.path.is_file():
             with open(self.path, "rb") as f:
                 f.seek(0, os.SEEK_END)

@@ -25,7 +25,7 @@ app = typer.Typer(
 # the source, so importing the CLI loads neither torch nor the server's optional dependencies).
 COLLECT, SOURCE, TRAIN = "config:CollectConfig", "config:TextSource", "config:TrainConfig"
 DISCOVER, GATE, REPRODUCE = "config:DiscoverConfig", "config:GateConfig", "config:ReproduceConfig"
-FIT = "config:FitConfig"
+FIT, SAE_EVAL, SWEEP = "config:FitConfig", "config:SAEEvalConfig", "config:SweepConfig"
 EVAL, DECODING, SERVE, DEMO = (
     "config:EvalConfig",
     "config:Decoding",
@@ -279,54 +279,35 @@ def train(
 
 @app.command("evaluate-sae")
 def evaluate_sae(
-    sae: str = typer.Option(
-        ..., help="SAE folder (SAELens, sparsify, Gemma Scope), .npz file or saelens:<release>/<id>"
-    ),
-    model: Optional[str] = typer.Option(
-        None, help="model to splice into (default: the one the SAE was trained on)"
-    ),
-    data: Optional[str] = typer.Option(
-        None, help="held-out text source (default: the SAE's training text, after the cached part)"
-    ),
-    contexts: int = typer.Option(64, min=1, help="held-out contexts to evaluate"),
-    ctx: Optional[int] = typer.Option(None, min=2, help="context length (default: the training cache's)"),
-    batch_size: int = typer.Option(8, min=1, help="contexts per forward pass"),
+    sae: str = opt(SAE_EVAL, "sae", default=...),
+    model: Optional[str] = opt(SAE_EVAL, "model"),
+    data: Optional[str] = opt(SAE_EVAL, "data"),
+    contexts: int = opt(SAE_EVAL, "contexts", min=1),
+    ctx: Optional[int] = opt(SAE_EVAL, "ctx", min=2),
+    batch_size: int = opt(SAE_EVAL, "batch_size", min=1),
     device: Optional[str] = _DEVICE,
-    out: Optional[Path] = typer.Option(None, help="also write the metrics to this JSON file"),
+    out: Optional[Path] = opt(SAE_EVAL, "out"),
 ) -> None:
     """Held-out FVU, L0, dead/dense latents, and CE loss / loss recovered / KL with the SAE spliced in."""
-    from saesteer.artefacts import load_sae
-    from saesteer.models import load_model
-    from saesteer.sae import evaluate_sae as run_evaluate
-    from saesteer.sae import heldout_contexts
+    from saesteer.config import SAEEvalConfig
+    from saesteer.trainer import evaluate_sae as run_evaluate
 
     _writable_out(out, "file")
-    loaded_sae = load_sae(sae)
-    loaded = load_model(model or loaded_sae.cfg.model or "smollm2-135m-instruct", device=device)
-    if loaded_sae.cfg.layer is not None:
-        loaded.check_layer(loaded_sae.cfg.layer)
-    loaded_sae.to(loaded.device)
-    ids = heldout_contexts(loaded_sae, loaded.tokenizer, contexts, data=data, ctx=ctx)
-    m = run_evaluate(loaded_sae, loaded.model, loaded.tokenizer, ids, batch_size=batch_size)
-    if out:
-        import json
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps(
-                {
-                    "sae": str(sae),
-                    "model": loaded.spec,
-                    "layer": loaded_sae.cfg.layer,
-                    "contexts": contexts,
-                    **{k: float(v) for k, v in m.items()},
-                },
-                indent=2,
-            )
+    m = run_evaluate(
+        SAEEvalConfig(
+            sae=sae,
+            model=model,
+            data=data,
+            contexts=contexts,
+            ctx=ctx,
+            batch_size=batch_size,
+            device=device,
+            out=str(out) if out else None,
         )
+    )
     typer.echo(
-        f"SAE {sae} at layer {loaded_sae.cfg.layer} ({loaded_sae.cfg.hook_point}) of {loaded.spec}, "
-        f"{m['tokens']:,} held-out activations, {m['predictions']:,} next-token predictions\n"
+        f"SAE {sae} at layer {m['layer']} ({m['hook_point']}) of {m['model']}, "
+        f"{int(m['tokens']):,} held-out activations, {int(m['predictions']):,} next-token predictions\n"
         f"  FVU             {m['fvu']:.4f}\n"
         f"  L0              {m['l0']:.1f}\n"
         f"  dead latents    {m['dead_frac']:.1%} (never fired on these tokens)\n"
@@ -377,7 +358,7 @@ def _numbers(text: str, option: str, kind: type = float) -> list:
 
 @app.command()
 def discover(
-    sae: Path = typer.Option(..., help="SAE folder (SAELens or sparsify format)"),
+    sae: Path = typer.Option(..., help=field_docs("saesteer.config", "DiscoverConfig")["sae"].help),
     model: str = _MODEL,
     n_candidates: int = opt(DISCOVER, "n_candidates", min=0),
     n_attribution: int = opt(DISCOVER, "n_attribution", min=0),
@@ -389,87 +370,41 @@ def discover(
         more="(comma-separated)",
     ),
     screen_prompts: int = opt(DISCOVER, "screen_prompts", min=1),
-    limit: Optional[int] = typer.Option(None, min=1, help="use at most this many harmful train prompts"),
+    limit: Optional[int] = opt(DISCOVER, "limit", min=1),
     max_new_tokens: int = opt(DISCOVER, "max_new_tokens", min=1),
-    detector_layer: int = opt(REPRODUCE, "detector_layer"),
-    detector_recall: float = typer.Option(
-        0.9, min=0.0, max=1.0, help="share of harmful train prompts the detector must flag"
-    ),
-    detector_negatives: Optional[int] = typer.Option(
-        None,
-        min=1,
-        help="use at most this many TRAIN prompts of each benign source (XSTest-safe, the shipped benign set) "
-        "as the detector's negatives (default: all)",
-    ),
-    alpaca_harmless: int = typer.Option(
-        0,
-        help="Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the "
-        "detector's negatives (XSTest-safe and the shipped benign set)",
-    ),
-    judge: str = typer.Option(
-        "strict",
-        help="refusal judge of the screen: strict or string (it judges replies without their prompts)",
-    ),
-    out: Path = typer.Option(
-        Path("runs/discover"), help="folder for discovery.json, discovery.md and directions"
-    ),
+    detector_layer: int = opt(DISCOVER, "detector_layer"),
+    detector_recall: float = opt(DISCOVER, "detector_recall", min=0.0, max=1.0),
+    detector_negatives: Optional[int] = opt(DISCOVER, "detector_negatives", min=1),
+    alpaca_harmless: int = opt(DISCOVER, "alpaca_harmless"),
+    judge: str = opt(DISCOVER, "judge"),
+    out: Path = opt(DISCOVER, "out"),
     device: Optional[str] = _DEVICE,
 ) -> None:
     """Find refusal features (AdvBench + XSTest TRAIN splits only) and an unrelated control feature."""
-    import json
-
-    from saesteer.evalsets import mmlu_dev, safety_prompts
-    from saesteer.features import DiscoverConfig, baseline_specs, summary_markdown, topic_feature
+    from saesteer.config import DiscoverConfig
     from saesteer.features import discover as run_discover
-    from saesteer.judges import is_refusal, load_judge
-    from saesteer.models import load_model
+    from saesteer.features import summary_markdown
 
-    if judge not in ("strict", "string"):
-        raise SaesteerError(f"unknown screen judge {short(judge)!r}: use strict or string")
     _writable_out(out, "dir")
-    values = tuple(_numbers(screen_values, "--screen-values"))
-    refusal_judge = load_judge(judge)
-    harmful = [p.text for p in safety_prompts("advbench", "train")][:limit]
-    harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
     config = DiscoverConfig(
         n_candidates=n_candidates,
         n_attribution=n_attribution,
         attribution_prompts=attribution_prompts,
         screen_prompts=screen_prompts,
         max_new_tokens=max_new_tokens,
-        screen_values=values,
+        screen_values=tuple(_numbers(screen_values, "--screen-values")),
+        sae=str(sae),
+        model=model,
+        limit=limit,
+        detector_layer=detector_layer,
+        detector_recall=detector_recall,
+        detector_negatives=detector_negatives,
+        alpaca_harmless=alpaca_harmless,
+        judge=judge,
+        out=str(out),
+        device=device,
     )
-    loaded = load_model(model, device=device)
-    dev = mmlu_dev()
-    philosophy = [q.question for q in dev.get("philosophy", [])]
-    other = [q.question for subject, qs in sorted(dev.items()) if subject != "philosophy" for q in qs[:2]]
-    control = (
-        {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, str(sae), philosophy, other)}
-        if philosophy
-        else None
-    )
-    result = run_discover(
-        loaded,
-        str(sae),
-        harmful,
-        harmless,
-        lambda reply: is_refusal(refusal_judge.verdict(reply)),
-        config,
-        control=control,
-    )
-    result["judge"] = judge
-    out.mkdir(parents=True, exist_ok=True)
-    negatives = (
-        harmless[:detector_negatives]
-        + [p.text for p in safety_prompts("benign", "train")][:detector_negatives]
-    )
-    if alpaca_harmless:
-        negatives += [p.text for p in safety_prompts("harmless", "train")][:alpaca_harmless]
-    result["specs"] = baseline_specs(
-        loaded, result, harmful, harmless, out, detector_layer, detector_recall, negatives
-    )
-    (out / "discovery.json").write_text(json.dumps(result, indent=2))
-    (out / "discovery.md").write_text(summary_markdown(result))
+    result = run_discover(config)
     best = result["candidates"][0] if result["candidates"] else None
     typer.echo(summary_markdown(result).split("\n## ")[0])
     if best:
@@ -556,17 +491,11 @@ def fit(
 @app.command()
 def gate(
     model: str = _MODEL,
-    out: Path = typer.Option(
-        Path("runs/gate"), help="folder for detector.safetensors, gate.json and gate.md"
-    ),
+    out: Path = opt(GATE, "out"),
     sae: Optional[str] = opt(GATE, "sae"),
     max_fpr: float = opt(GATE, "max_fpr"),
     limit: Optional[int] = opt(GATE, "limit", min=1),
-    baseline: Optional[str] = typer.Option(
-        None,
-        help="a conditional steering (preset, JSON or file) whose detector and threshold "
-        "are scored beside the new one, e.g. refusal_conditional",
-    ),
+    baseline: Optional[str] = opt(GATE, "baseline"),
     ship: bool = typer.Option(
         False,
         help="install the chosen gate in the shipped `refusal_conditional` preset (replaced "
@@ -582,21 +511,22 @@ def gate(
     """Train harm detectors for conditional steering, validate them leave-one-source-out, keep the one with
     the best worst fold, set its threshold with a 95% false-positive guarantee, and score it on TEST."""
     from saesteer.artefacts import shipped_dir
-    from saesteer.gate import GateConfig, run_gate, ship_gate
-    from saesteer.models import load_model
-    from saesteer.steering import Conditional, parse_steering
+    from saesteer.config import GateConfig
+    from saesteer.gate import gate as run_gate_stage
+    from saesteer.gate import ship_gate
+    from saesteer.steering import parse_steering
 
-    if not 0 < max_fpr < 1:
-        raise SaesteerError(f"--max-fpr must be between 0 and 1, not {max_fpr}")
     _writable_out(out, "dir")
-    old = None
-    if baseline is not None:
-        spec = parse_steering(baseline)
-        if not isinstance(spec, Conditional):
-            raise SaesteerError(f"--baseline must be a conditional steering, not {spec.method}")
-        old = (spec.detector, spec.threshold)
-    loaded = load_model(model, device=device)
-    summary = run_gate(loaded, GateConfig(sae=sae or None, max_fpr=max_fpr, limit=limit), out, old)
+    config = GateConfig(
+        sae=sae or None,
+        max_fpr=max_fpr,
+        limit=limit,
+        model=model,
+        out=str(out),
+        baseline=baseline,
+        device=device,
+    )
+    summary = run_gate_stage(config)
     typer.echo((out / "gate.md").read_text())
     typer.echo(
         f"chosen {summary['chosen']}: wrote {out / 'detector.safetensors'} (threshold {summary['threshold']['threshold']:.4g})"
@@ -801,35 +731,41 @@ def sweep(
 ) -> None:
     """Evaluate a grid of steering configs; resumable (cached generations, finished configs skipped)."""
     from saesteer.cache import ResultCache
+    from saesteer.config import SweepConfig
     from saesteer.evals import load_sweep_file, read_rows, summary_table
     from saesteer.evals import sweep as run_sweep
-    from saesteer.judges import load_judge
-    from saesteer.models import load_model, pick_dtype
+    from saesteer.models import pick_dtype
 
     _writable_out(out, "file")
     _writable_out(cache or Path(f"{out}.cache.jsonl"), "file", "--cache")
     pick_dtype(None, dtype)  # a bad --dtype fails before the judge or the model loads
     _dist().init()
     steerings = load_sweep_file(grid)
-    config = _eval_config(
-        model,
-        suite,
-        limit,
-        split,
-        seed,
-        max_new_tokens,
-        batch_size,
-        gsm8k_max_new_tokens,
-        mmlu_shots,
-        prompts,
-        label,
-        column,
+    config = SweepConfig(
+        grid=str(grid),
+        eval=_eval_config(
+            model,
+            suite,
+            limit,
+            split,
+            seed,
+            max_new_tokens,
+            batch_size,
+            gsm8k_max_new_tokens,
+            mmlu_shots,
+            prompts,
+            label,
+            column,
+        ),
+        out=str(out),
+        cache=str(cache) if cache else None,
+        judge=judge,
+        device=device,
+        dtype=dtype,
     )
-    the_judge = load_judge(judge, device=device)
-    loaded = load_model(model, device=device, dtype=dtype)
     store = ResultCache(cache or Path(f"{out}.cache.jsonl"))
     start = time.perf_counter()
-    new = run_sweep(loaded, steerings, config, out, store, the_judge)
+    new = run_sweep(config, cache=store, steerings=steerings)
     if _dist().is_main():
         typer.echo(summary_table(read_rows(out)))
         typer.echo(

@@ -180,6 +180,49 @@ class DiscoverConfig:
     """tokens generated per reply, judged for refusal (loops show only in longer replies)"""
     batch_size: int = 16
     """prompts per generation or forward batch"""
+    sae: str = ""
+    """SAE folder (SAELens or sparsify format)"""
+    model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
+    limit: int | None = None
+    """use at most this many harmful TRAIN prompts (default: all)"""
+    detector_layer: int = 18
+    """layer of the conditional-steering harm detector (a diff-in-means direction)"""
+    detector_recall: float = 0.9
+    """share of harmful TRAIN prompts the detector must flag"""
+    detector_negatives: int | None = None
+    """use at most this many TRAIN prompts of each benign source (XSTest-safe, the shipped benign set) as the
+    detector's negatives (default: all)"""
+    alpaca_harmless: int = 0
+    """Alpaca-derived harmless TRAIN prompts (CC BY-NC, needs ../shared) added to the detector's negatives"""
+    judge: str = "strict"
+    """refusal judge of the screen: strict or string (it judges replies without their prompts)"""
+    out: str = "runs/discover"
+    """folder for discovery.json, discovery.md and directions"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
+
+
+@dataclass
+class SAEEvalConfig:
+    """What `saesteer evaluate-sae` measures: an SAE spliced into its model, on held-out text."""
+
+    sae: str = ""
+    """SAE folder (SAELens, sparsify, Gemma Scope), .npz file or saelens:<release>/<id>"""
+    model: str | None = None
+    """model to splice into (default: the one the SAE was trained on)"""
+    data: str | None = None
+    """held-out text source (default: the SAE's training text, after the cached part)"""
+    contexts: int = 64
+    """held-out contexts to evaluate"""
+    ctx: int | None = None
+    """context length (default: the training cache's)"""
+    batch_size: int = 8
+    """contexts per forward pass"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
+    out: str | None = None
+    """also write the metrics to this JSON file"""
 
 
 @dataclass
@@ -259,6 +302,15 @@ class GateConfig:
     """prompts per forward pass"""
     seed: int = 0
     """seed of the prompt samples, folds and probe fits"""
+    model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
+    out: str = "runs/gate"
+    """folder for detector.safetensors, gate.json and gate.md"""
+    baseline: str | None = None
+    """a conditional steering (preset, JSON or file) whose detector and threshold are scored beside the new
+    one, e.g. refusal_conditional"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
 
 
 @dataclass(frozen=True)
@@ -311,6 +363,27 @@ class EvalConfig:
     """safety sets to evaluate (default: every available set)"""
     quality_judge: str = "rules"
     """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
+
+
+@dataclass
+class SweepConfig:
+    """What `saesteer sweep` runs: a grid of steering configs, each evaluated like `saesteer eval`."""
+
+    grid: str = ""
+    """JSON/YAML list of steering dicts and/or {'grid': {field: [values]}}"""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(split="validation"))
+    """what each config is evaluated on (sweeps choose settings: the validation split)"""
+    out: str = "runs/sweep.jsonl"
+    """results JSONL; configs already in it are skipped"""
+    cache: str | None = None
+    """generation cache file (default: <out>.cache.jsonl)"""
+    judge: str = "string"
+    """string, strict (apology + offer of help = compliance), a local chat model spec, or
+    openai:<base url>/v1:<model>"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
+    dtype: str | None = None
+    """float32 (default) or bfloat16"""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from saesteer.cache import ResultCache
 from saesteer.config import DemoConfig
 from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, evaluate
 from saesteer.evalsets import safety_prompts
-from saesteer.features import DiscoverConfig, baseline_specs, discover
+from saesteer.features import DiscoverConfig, baseline_specs, find_refusal_features
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model
 from saesteer.report import build_report, write_examples
@@ -59,7 +59,7 @@ def fallback_presets(
     harmful = [p.text for p in safety_prompts("advbench", "train")][:n_prompts]
     harmless = [p.text for p in safety_prompts("xstest_safe", "train")][:n_prompts]
     judge = StringMatchJudge()
-    found = discover(
+    found = find_refusal_features(
         loaded,
         sae,
         harmful,

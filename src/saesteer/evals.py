@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from saesteer import dist, evalsets
 from saesteer.artefacts import artefact_digest
 from saesteer.cache import ResultCache
-from saesteer.config import Decoding, EvalConfig
+from saesteer.config import Decoding, EvalConfig, SweepConfig
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP,
@@ -55,9 +55,10 @@ from saesteer.judges import (
     has_repetition_loop,
     is_degenerate,
     is_refusal,
+    load_judge,
     load_quality_judge,
 )
-from saesteer.models import LoadedModel, Messages
+from saesteer.models import LoadedModel, Messages, load_model
 from saesteer.scoring import (
     continuation_logprobs,
     extract_final_number,
@@ -776,7 +777,7 @@ def _done_key(row_config: dict) -> str:
     return json.dumps(keep, sort_keys=True)
 
 
-def sweep(
+def sweep_steerings(
     loaded: LoadedModel,
     steerings: list[dict],
     config: EvalConfig,
@@ -822,6 +823,23 @@ def sweep(
         append_rows(out, rows)
         all_rows.extend(rows)
     return all_rows
+
+
+def sweep(
+    config: SweepConfig,
+    loaded: LoadedModel | None = None,
+    cache: ResultCache | None = None,
+    steerings: list[dict] | None = None,
+) -> list[dict]:
+    """The `saesteer sweep` stage: every steering config of `config.grid` evaluated on `config.eval`, rows
+    appended to `config.out` (configs already there are skipped; generations are cached in `cache`, default
+    `config.cache` or <out>.cache.jsonl); returns the new rows. `loaded`: the model, and `steerings`: the
+    grid's configs (`load_sweep_file`), if already at hand."""
+    steerings = load_sweep_file(config.grid) if steerings is None else steerings
+    judge = load_judge(config.judge, device=config.device)
+    loaded = loaded or load_model(config.eval.model, device=config.device, dtype=config.dtype)
+    cache = cache or ResultCache(config.cache or f"{config.out}.cache.jsonl")
+    return sweep_steerings(loaded, steerings, config.eval, config.out, cache, judge)
 
 
 def write_judged(path: str | Path, run: Run) -> None:

@@ -12,6 +12,7 @@ refusal gain minus over-refusal. Also a diff-in-means refusal direction (Arditi 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,10 @@ from saesteer.config import DiscoverConfig, FitConfig
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.detectors import Detector, score_prompts
 from saesteer.errors import SaesteerError, short
+from saesteer.evalsets import mmlu_dev, safety_prompts
 from saesteer.hooks import edit_residual, residual_at
-from saesteer.models import LoadedModel, chat_prompts, rendered_batches
+from saesteer.judges import is_refusal, load_judge
+from saesteer.models import LoadedModel, chat_prompts, load_model, rendered_batches
 from saesteer.steering import (
     SAESteer,
     Steering,
@@ -273,7 +276,7 @@ def refusal_rate(
     return sum(map(judge, replies)) / max(1, len(replies)), replies
 
 
-def discover(
+def find_refusal_features(
     loaded: LoadedModel,
     sae_path: str,
     harmful: list[str],
@@ -693,3 +696,48 @@ def fit_clamp_values(
         "initial_loss": losses[0],
         "final_loss": losses[-1],
     }
+
+
+def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> dict:
+    """The `saesteer discover` stage: refusal features of `config.sae` found and screened on TRAIN prompts
+    (AdvBench harmful, XSTest-safe harmless), an unrelated control feature (MMLU philosophy), and ready steering
+    specs with their directions and harm detector; writes discovery.json and discovery.md to `config.out` and
+    returns the discovery. `loaded`: the model, if already loaded (else `config.model` is loaded)."""
+    if config.judge not in ("strict", "string"):
+        raise SaesteerError(f"unknown screen judge {short(config.judge)!r}: use strict or string")
+    refusal_judge = load_judge(config.judge)
+    harmful = [p.text for p in safety_prompts("advbench", "train")][: config.limit]
+    harmless = [p.text for p in safety_prompts("xstest_safe", "train")]
+    loaded = loaded or load_model(config.model, device=config.device)
+    dev = mmlu_dev()
+    philosophy = [q.question for q in dev.get("philosophy", [])]
+    other = [q.question for subject, qs in sorted(dev.items()) if subject != "philosophy" for q in qs[:2]]
+    control = (
+        {"topic": "philosophy (MMLU dev questions)", **topic_feature(loaded, config.sae, philosophy, other)}
+        if philosophy
+        else None
+    )
+    result = find_refusal_features(
+        loaded,
+        config.sae,
+        harmful,
+        harmless,
+        lambda reply: is_refusal(refusal_judge.verdict(reply)),
+        config,
+        control=control,
+    )
+    result["judge"] = config.judge
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    negatives = (
+        harmless[: config.detector_negatives]
+        + [p.text for p in safety_prompts("benign", "train")][: config.detector_negatives]
+    )
+    if config.alpaca_harmless:
+        negatives += [p.text for p in safety_prompts("harmless", "train")][: config.alpaca_harmless]
+    result["specs"] = baseline_specs(
+        loaded, result, harmful, harmless, out, config.detector_layer, config.detector_recall, negatives
+    )
+    (out / "discovery.json").write_text(json.dumps(result, indent=2))
+    (out / "discovery.md").write_text(summary_markdown(result))
+    return result

@@ -44,8 +44,9 @@ from saesteer.detectors import (
 from saesteer.errors import SaesteerError
 from saesteer.evalsets import safety_prompts, shared_available, subsample
 from saesteer.hooks import residuals_at
-from saesteer.models import LoadedModel, chat_prompts
+from saesteer.models import LoadedModel, chat_prompts, load_model
 from saesteer.stats import clopper_pearson, upper_bound
+from saesteer.steering import Conditional, parse_steering
 
 STYLES = ("everyday", "framed", "imperative")  # the styles of the project's written harmful/benign pairs
 HARMFUL_SOURCES = ("advbench", "xstest_unsafe", "hh_rlhf_harmful", *(f"written_harmful:{s}" for s in STYLES))
@@ -426,6 +427,14 @@ def per_source_rates(scores: dict[str, np.ndarray], threshold: float) -> dict[st
     }
 
 
+STAGE_FIELDS = ("model", "out", "baseline", "device")  # where the stage runs, not what the gate is
+
+
+def _settings(config: GateConfig) -> dict:
+    """The fields that decide the gate (gate.json's `config`, compared on resume): all but `STAGE_FIELDS`."""
+    return {k: v for k, v in asdict(config).items() if k not in STAGE_FIELDS}
+
+
 def run_gate(
     loaded: LoadedModel, config: GateConfig, out: Path, baseline: tuple[str, float] | None = None
 ) -> dict:
@@ -437,7 +446,9 @@ def run_gate(
     done = out / "gate.json"
     if done.is_file():  # an earlier run with the same settings: nothing to redo
         earlier = json.loads(done.read_text())
-        same = json.loads(json.dumps(asdict(config))) == earlier["config"] and earlier["model"] == loaded.spec
+        same = (
+            json.loads(json.dumps(_settings(config))) == earlier["config"] and earlier["model"] == loaded.spec
+        )
         if same and (baseline is None or earlier.get("baseline", {}).get("detector") == baseline[0]):
             return earlier
     candidates = list(
@@ -467,7 +478,7 @@ def run_gate(
         }
     }
     summary = {
-        "config": asdict(config),
+        "config": _settings(config),
         "model": loaded.spec,
         "loso": results,
         "ranking": [r["name"] for r in ranked],
@@ -498,6 +509,22 @@ def run_gate(
     (out / "gate.json").write_text(json.dumps(summary, indent=2))
     (out / "gate.md").write_text(gate_markdown(summary))
     return summary
+
+
+def gate(config: GateConfig, loaded: LoadedModel | None = None) -> dict:
+    """The `saesteer gate` stage: `run_gate` on `config.model` (or `loaded`) into `config.out`, with the
+    detector and threshold of the conditional steering `config.baseline` (if any) scored beside the new one;
+    returns the summary (gate.json)."""
+    if not 0 < config.max_fpr < 1:
+        raise SaesteerError(f"--max-fpr must be between 0 and 1, not {config.max_fpr}")
+    old = None
+    if config.baseline is not None:
+        spec = parse_steering(config.baseline)
+        if not isinstance(spec, Conditional):
+            raise SaesteerError(f"--baseline must be a conditional steering, not {spec.method}")
+        old = (spec.detector, spec.threshold)
+    loaded = loaded or load_model(config.model, device=config.device)
+    return run_gate(loaded, config, Path(config.out), old)
 
 
 def ship_gate(detector: Path, threshold: float, dest: Path, steering: dict | None = None) -> dict:

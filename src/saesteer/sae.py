@@ -10,7 +10,7 @@ Conventions:
 - `W_dec` rows are directions, unit-norm for the SAEs saesteer trains but not always for loaded ones;
   decode(z) = z @ W_dec + b_dec holds either way.
 
-Evaluation (`evaluate_sae`, `saesteer evaluate-sae`): FVU, L0 and dead/dense latent fractions on
+Evaluation (`sae_metrics`; the `saesteer evaluate-sae` stage is `trainer.evaluate_sae`): FVU, L0 and dead/dense latent fractions on
 activations (`reconstruction_metrics`, any architecture), and next-token CE with the SAE spliced into
 the model, loss recovered and KL (`spliced_metrics`), on held-out contexts (`heldout_contexts`).
 
@@ -715,7 +715,7 @@ def heldout_contexts(
     return torch.tensor(contexts)
 
 
-def evaluate_sae(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
+def sae_metrics(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
     """Reconstruction metrics on the contexts' activations (special-token positions dropped, as in
     training caches) plus the spliced-model metrics, at the SAE's layer and hook point."""
 

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from saesteer import dist
 from saesteer.activations import ActivationStore
-from saesteer.config import TrainConfig
+from saesteer.artefacts import load_sae
+from saesteer.config import DEFAULT_MODEL, SAEEvalConfig, TrainConfig
 from saesteer.errors import TrainError
-from saesteer.sae import SAE, SAEConfig, SAEError
+from saesteer.models import LoadedModel, load_model
+from saesteer.sae import SAE, SAEConfig, SAEError, heldout_contexts, sae_metrics
 
 CHECKPOINT = "checkpoint.safetensors"
 # A resumed run must agree with its checkpoint on these (total_tokens may grow).
@@ -344,3 +346,30 @@ def _load_checkpoint(path: Path, trainer: Trainer) -> None:
     except (KeyError, RuntimeError, ValueError, SAEError) as e:
         raise TrainError(f"checkpoint {path} does not match this SAE ({e})") from e
     trainer.step_count = meta["next_batch"]
+
+
+def evaluate_sae(config: SAEEvalConfig, loaded: LoadedModel | None = None) -> dict:
+    """The `saesteer evaluate-sae` stage: held-out FVU, L0, dead/dense latents, and CE loss / loss recovered /
+    KL with the SAE spliced into its model (`sae.sae_metrics`); written to `config.out` if set, and returned
+    with the SAE, model and layer."""
+    sae = load_sae(config.sae)
+    loaded = loaded or load_model(config.model or sae.cfg.model or DEFAULT_MODEL, device=config.device)
+    if sae.cfg.layer is not None:
+        loaded.check_layer(sae.cfg.layer)
+    sae.to(loaded.device)
+    ids = heldout_contexts(sae, loaded.tokenizer, config.contexts, data=config.data, ctx=config.ctx)
+    metrics = sae_metrics(sae, loaded.model, loaded.tokenizer, ids, batch_size=config.batch_size)
+    record = {
+        "sae": config.sae,
+        "model": loaded.spec,
+        "layer": sae.cfg.layer,
+        "hook_point": sae.cfg.hook_point,
+        "contexts": config.contexts,
+        **{k: float(v) for k, v in metrics.items()},
+    }
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(
+            json.dumps({k: v for k, v in record.items() if k != "hook_point"}, indent=2)
+        )
+    return record
