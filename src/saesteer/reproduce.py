@@ -1,4 +1,5 @@
-"""The paper's experiment end to end, one stage per function, every stage resumable from its output file.
+"""The paper's experiment end to end, one stage per function, every stage run in this process (its equivalent
+`saesteer` command goes to commands.sh) and resumable from its output file.
 
 Stages: layer scan (where does a diff-in-means refusal direction steer best?) -> SAE training data ->
 collect -> train -> evaluate-sae -> discover (train splits) -> harm gate (`saesteer gate`: detectors chosen
@@ -13,8 +14,6 @@ import gzip
 import json
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +22,26 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from saesteer.activations import collect
 from saesteer.artefacts import save_direction
-from saesteer.config import LayerScanConfig, ReproduceConfig
+from saesteer.config import (
+    CollectConfig,
+    Decoding,
+    DiscoverConfig,
+    EvalConfig,
+    GateConfig,
+    LayerScanConfig,
+    ReproduceConfig,
+    SAEEvalConfig,
+    SweepConfig,
+    TextSource,
+    TrainConfig,
+)
 from saesteer.corpus import parse_transcript
-from saesteer.errors import SaesteerError
-from saesteer.evals import read_rows
+from saesteer.evals import parse_limits, parse_suites, read_rows, sweep
 from saesteer.evalsets import hh_rlhf_dialogues, safety_prompts
-from saesteer.features import TEMPLATED_REFUSALS, diff_in_means
+from saesteer.features import TEMPLATED_REFUSALS, diff_in_means, discover
+from saesteer.gate import gate
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import LoadedModel, load_model
 from saesteer.report import (
@@ -48,6 +60,7 @@ from saesteer.report import (
 )
 from saesteer.sae import SAE
 from saesteer.steering import ActAdd, Steering, generate
+from saesteer.trainer import evaluate_sae, train
 
 
 def refusal_share(
@@ -204,18 +217,18 @@ class Pipeline:
             else {}
         )
 
-    def saesteer(self, stage: str, *args: str) -> None:
-        """Run one `saesteer` CLI command (recorded in commands.sh); fail loudly if it fails."""
-        command = ["saesteer", *map(str, args)]
+    def stage(self, stage: str, command: list, fn, *args):
+        """Run a stage in this process, `fn(*args)`, timed; `command` (the `saesteer` arguments that run the
+        same stage from a shell) goes to commands.sh and the console."""
+        line = " ".join(_quote(str(a)) for a in ["saesteer", *command])
         with self.log.open("a") as f:
-            f.write(" ".join(_quote(a) for a in command) + "\n")
-        print(f"\n[{stage}] $ {' '.join(_quote(a) for a in command)}", flush=True)
+            f.write(line + "\n")
+        print(f"\n[{stage}] $ {line}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", "saesteer", *command[1:]])
-        if code != 0:
-            raise SaesteerError(f"stage {stage} failed (exit {code}): rerun `saesteer reproduce` to resume")
+        result = fn(*args)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
+        return result
 
     def timed(self, stage: str, fn, *args):
         print(f"\n[{stage}]", flush=True)
@@ -255,52 +268,86 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
     if not data.with_suffix(".json").is_file():
         pipeline.timed("sae-data", build_sae_data, Path(config.shared), data)
     if not (run / "sae" / "cfg.json").is_file():
-        pipeline.saesteer(
+        collect_config = CollectConfig(
+            model=config.model,
+            layer=layer,
+            data=TextSource(data=str(data), passes=config.passes),
+            tokens=config.collect_tokens,
+        )
+        pipeline.stage(
             "collect",
-            "collect",
-            "--model",
-            config.model,
-            "--layer",
-            layer,
-            "--data",
-            data,
-            "--tokens",
-            config.collect_tokens,
-            "--passes",
-            config.passes,
-            "--out",
+            [
+                "collect",
+                "--model",
+                config.model,
+                "--layer",
+                layer,
+                "--data",
+                data,
+                "--tokens",
+                config.collect_tokens,
+                "--passes",
+                config.passes,
+                "--out",
+                acts,
+            ],
+            collect,
+            collect_config,
             acts,
+            _load(config.model),
         )
     if not (run / "sae" / "cfg.json").is_file():
-        pipeline.saesteer(
+        train_config = TrainConfig(
+            activations=str(acts),
+            out=str(run),
+            expansion_factor=config.expansion_factor,
+            k=config.k,
+            total_tokens=config.train_tokens,
+            dead_tokens=config.dead_tokens,
+            seed=config.seed,
+            resume=True,
+        )
+        pipeline.stage(
             "train",
-            "train",
-            "--activations",
-            acts,
-            "--out",
-            run,
-            "--expansion-factor",
-            config.expansion_factor,
-            "--k",
-            config.k,
-            "--tokens",
-            config.train_tokens,
-            "--dead-tokens",
-            config.dead_tokens,
-            "--seed",
-            config.seed,
-            "--resume",
+            [
+                "train",
+                "--activations",
+                acts,
+                "--out",
+                run,
+                "--expansion-factor",
+                config.expansion_factor,
+                "--k",
+                config.k,
+                "--tokens",
+                config.train_tokens,
+                "--dead-tokens",
+                config.dead_tokens,
+                "--seed",
+                config.seed,
+                "--resume",
+            ],
+            train,
+            train_config,
         )
     if not (run / "metrics.json").is_file():
-        pipeline.saesteer(
+        metrics_config = SAEEvalConfig(
+            sae=str(run / "sae"), contexts=config.sae_eval_contexts, out=str(run / "metrics.json")
+        )
+        pipeline.stage(
             "evaluate-sae",
-            "evaluate-sae",
-            "--sae",
-            run / "sae",
-            "--contexts",
-            config.sae_eval_contexts,
-            "--out",
-            run / "metrics.json",
+            [
+                "evaluate-sae",
+                "--sae",
+                run / "sae",
+                "--contexts",
+                config.sae_eval_contexts,
+                "--out",
+                run / "metrics.json",
+            ],
+            evaluate_sae,
+            metrics_config,
+            _load(config.model),
         )
     return run / "sae"
 
@@ -335,7 +382,21 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
             args += ["--limit", config.discover_limit]
         if config.detector_negatives:
             args += ["--detector-negatives", config.detector_negatives]
-        pipeline.saesteer("discover", *args)
+        discover_config = DiscoverConfig(
+            n_candidates=config.n_candidates,
+            n_attribution=config.n_attribution,
+            screen_values=tuple(float(v) for v in config.screen_values.split(",")),
+            screen_prompts=config.screen_prompts,
+            max_new_tokens=config.max_new_tokens,
+            sae=str(sae),
+            model=config.model,
+            limit=config.discover_limit or None,
+            detector_layer=config.detector_layer,
+            detector_negatives=config.detector_negatives or None,
+            judge=config.judge,
+            out=str(folder),
+        )
+        pipeline.stage("discover", args, discover, discover_config, _load(config.model))
     return json.loads((folder / "discovery.json").read_text())
 
 
@@ -357,7 +418,14 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
         ]
         if config.gate_limit:
             args += ["--limit", config.gate_limit]
-        pipeline.saesteer("gate", *args)
+        gate_config = GateConfig(
+            sae=str(sae),
+            max_fpr=config.gate_max_fpr,
+            limit=config.gate_limit,
+            model=config.model,
+            out=str(folder),
+        )
+        pipeline.stage("gate", args, gate, gate_config, _load(config.model))
     summary = json.loads((folder / "gate.json").read_text())
     return {
         "detector": str(folder / "detector.safetensors"),
@@ -438,34 +506,32 @@ def choose(rows: list[dict], discovery: dict) -> dict[str, dict]:
     return chosen
 
 
-def sweep_args(
-    config: ReproduceConfig, grid: Path, split: str, suite: str, limit: str, out: Path, judge: str
-) -> list:
-    return [
-        "sweep",
-        "--model",
-        config.model,
-        "--grid",
-        grid,
-        "--split",
-        split,
-        "--suite",
-        suite,
-        "--limit",
-        limit,
-        "--judge",
-        judge,
-        "--max-new-tokens",
-        config.max_new_tokens,
-        "--mmlu-shots",
-        config.mmlu_shots,
-        "--seed",
-        config.seed,
-        "--cache",
-        out.parent / "generations.cache.jsonl",
-        "--out",
-        out,
-    ]
+def run_sweep(
+    pipeline: Pipeline, stage: str, grid: Path, split: str, suite: str, limit: str, out: Path, judge: str
+) -> None:
+    """One `saesteer sweep` over `grid` (generations cached beside `out`, shared by every sweep of the run)."""
+    config = pipeline.config
+    default_limit, limits = parse_limits(limit)
+    sweep_config = SweepConfig(
+        grid=str(grid),
+        eval=EvalConfig(
+            model=config.model,
+            suites=parse_suites(suite),
+            split=split,
+            limit=default_limit,
+            limits=limits,
+            seed=config.seed,
+            decoding=Decoding(max_new_tokens=config.max_new_tokens),
+            mmlu_shots=config.mmlu_shots,
+        ),
+        out=str(out),
+        cache=str(out.parent / "generations.cache.jsonl"),
+        judge=judge,
+    )
+    command = ["sweep", "--model", config.model, "--grid", grid, "--split", split, "--suite", suite]
+    command += ["--limit", limit, "--judge", judge, "--max-new-tokens", config.max_new_tokens]
+    command += ["--mmlu-shots", config.mmlu_shots, "--seed", config.seed, "--cache", sweep_config.cache]
+    pipeline.stage(stage, [*command, "--out", out], sweep, sweep_config, _load(config.model))
 
 
 def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
@@ -473,9 +539,8 @@ def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
     grid = out / "validation-grid.json"
     grid.write_text(json.dumps(validation_grid(discovery, config), indent=2))
     rows_path = out / "validation.jsonl"
-    pipeline.saesteer(
-        "select",
-        *sweep_args(config, grid, "validation", "safety", str(config.select_limit), rows_path, config.judge),
+    run_sweep(
+        pipeline, "select", grid, "validation", "safety", str(config.select_limit), rows_path, config.judge
     )
 
     chosen = choose(read_rows(rows_path), discovery)
@@ -491,11 +556,17 @@ def run_test(pipeline: Pipeline, chosen: dict[str, dict]) -> tuple[Path, Path]:
     grid = out / "test-grid.json"
     grid.write_text(json.dumps([chosen[m] for m in order if m in chosen], indent=2))
     main, other = out / f"test-{config.judge}.jsonl", out / "test-string.jsonl"
-    pipeline.saesteer("test", *sweep_args(config, grid, "test", "all", config.test_limit, main, config.judge))
+    run_sweep(pipeline, "test", grid, "test", "all", config.test_limit, main, config.judge)
     if config.judge != "string":
-        pipeline.saesteer(
+        run_sweep(
+            pipeline,
             "test-string-judge",
-            *sweep_args(config, grid, "test", "safety,jailbreak", config.test_limit, other, "string"),
+            grid,
+            "test",
+            "safety,jailbreak",
+            config.test_limit,
+            other,
+            "string",
         )
     return main, other
 
