@@ -476,46 +476,31 @@ class ReproduceConfig:
     """output folder (rerun to resume)"""
     shared: str = "../shared/datasets"
     """the shared datasets folder with the SAE training corpus, which is not shipped"""
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     """default alias, hub id, local folder or .gguf file"""
     layer: int | None = None
     """decoder layer of the SAE and the steering (default: the layer scan's choice)"""
     scan: LayerScanConfig | None = field(default_factory=LayerScanConfig)
     """the layer scan (None: skip it and use `layer`)"""
-    collect_tokens: int = 4_000_000
-    """activations collected for the SAE"""
-    passes: int = 1
-    """passes over the corpus while collecting"""
-    train_tokens: int = 10_000_000
-    """SAE training tokens (more than collect_tokens: several epochs)"""
-    expansion_factor: int = 12
-    """SAE latents per model dimension (12: 6,912 latents, 15.9 MB in bf16, within the shipping budget)"""
-    k: int = 32
-    """active SAE latents per token"""
-    dead_tokens: int = 2_000_000
-    """tokens without firing before a latent counts as dead"""
-    sae_eval_contexts: int = 64
-    """held-out contexts of the SAE evaluation"""
-    discover_limit: int = 0
-    """harmful TRAIN prompts for discovery, 0 = all"""
-    detector_negatives: int = 0
-    """TRAIN prompts per benign source (XSTest-safe, the benign set) for discovery's harm detector, 0 = all"""
-    n_candidates: int = 4
-    """features screened: best by contrast ..."""
-    n_attribution: int = 8
-    """... and best by attribution"""
-    screen_values: str = "8,16"
-    """clamp values of the causal screen, comma-separated"""
-    screen_prompts: int = 16
-    """harmful and harmless TRAIN prompts per screen config"""
-    detector_layer: int = 18
-    """layer of the conditional-steering harm detector"""
+    collect: CollectConfig = field(default_factory=lambda: CollectConfig(tokens=4_000_000))
+    """the activations collected for the SAE (its model, layer and data are the run's)"""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            total_tokens=10_000_000, expansion_factor=12, k=32, dead_tokens=2_000_000
+        )
+    )
+    """the SAE's training: 10M tokens (several epochs of the collected 4M), 12 x 576 = 6,912 latents (15.9 MB in
+    bf16, within the shipping budget); its activations, folder and seed are the run's"""
+    sae_eval: SAEEvalConfig = field(default_factory=lambda: SAEEvalConfig(contexts=64))
+    """the SAE's held-out evaluation (its SAE and output are the run's)"""
+    discover: DiscoverConfig = field(
+        default_factory=lambda: DiscoverConfig(n_candidates=4, screen_values=(8.0, 16.0), screen_prompts=16)
+    )
+    """discovery on TRAIN prompts (its SAE, model, folder, judge and reply length are the run's)"""
+    gate: GateConfig = field(default_factory=GateConfig)
+    """the harm gate of the conditional method (its SAE, model and folder are the run's)"""
     select_limit: int = 24
     """VALIDATION prompts per safety set"""
-    gate_limit: int | None = None
-    """development prompts per source for the harm gate (`saesteer gate`; default: all)"""
-    gate_max_fpr: float = 0.05
-    """the gate threshold's bound on each benign source's 95% upper false-positive bound"""
     clamp_values: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0)
     """SAE clamp values compared on VALIDATION"""
     decays: tuple[float, ...] = (1.0, 0.9)

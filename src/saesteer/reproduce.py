@@ -15,7 +15,7 @@ import json
 import shlex
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,6 @@ from saesteer.config import (
     ReproduceConfig,
     SAEEvalConfig,
     SweepConfig,
-    TextSource,
     TrainConfig,
 )
 from saesteer.corpus import parse_transcript
@@ -163,39 +162,35 @@ PRESETS = {
         out="runs/reproduce-quick",
         layer=6,
         scan=None,
-        collect_tokens=600_000,
-        train_tokens=1_200_000,
-        expansion_factor=8,
-        dead_tokens=400_000,
-        sae_eval_contexts=16,
-        discover_limit=48,
-        n_candidates=3,
-        n_attribution=4,
-        screen_values="8",
-        screen_prompts=12,
+        collect=CollectConfig(tokens=600_000),
+        train=TrainConfig(total_tokens=1_200_000, expansion_factor=8, dead_tokens=400_000),
+        sae_eval=SAEEvalConfig(contexts=16),
+        discover=DiscoverConfig(
+            limit=48, n_candidates=3, n_attribution=4, screen_values=(8.0,), screen_prompts=12
+        ),
+        gate=GateConfig(limit=100),
         select_limit=12,
-        gate_limit=100,
         clamp_values=(6.0, 10.0),
         actadd_multipliers=(4.0, 8.0),
         test_limit="12,mmlu=12,truthfulqa=12,gsm8k=2,hh_rlhf=4,crescendo_advbench=4,heldout_text=6",
-    ),  # 1,613 s measured
+    ),
     "tiny": ReproduceConfig(
         out="runs/reproduce-tiny",
         layer=6,
         scan=None,
-        collect_tokens=16_384,
-        train_tokens=32_768,
-        expansion_factor=2,
-        dead_tokens=16_384,
-        sae_eval_contexts=2,
-        discover_limit=8,
-        detector_negatives=16,
-        n_candidates=2,
-        n_attribution=2,
-        screen_values="8",
-        screen_prompts=4,
+        collect=CollectConfig(tokens=16_384),
+        train=TrainConfig(total_tokens=32_768, expansion_factor=2, dead_tokens=16_384),
+        sae_eval=SAEEvalConfig(contexts=2),
+        discover=DiscoverConfig(
+            limit=8,
+            detector_negatives=16,
+            n_candidates=2,
+            n_attribution=2,
+            screen_values=(8.0,),
+            screen_prompts=4,
+        ),
+        gate=GateConfig(limit=6),
         select_limit=4,
-        gate_limit=6,
         clamp_values=(8.0,),
         actadd_multipliers=(8.0,),
         test_limit="4,mmlu=4,truthfulqa=4,gsm8k=2,hh_rlhf=2,crescendo_advbench=2,heldout_text=2",
@@ -268,135 +263,46 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
     if not data.with_suffix(".json").is_file():
         pipeline.timed("sae-data", build_sae_data, Path(config.shared), data)
     if not (run / "sae" / "cfg.json").is_file():
-        collect_config = CollectConfig(
-            model=config.model,
-            layer=layer,
-            data=TextSource(data=str(data), passes=config.passes),
-            tokens=config.collect_tokens,
-        )
-        pipeline.stage(
-            "collect",
-            [
-                "collect",
-                "--model",
-                config.model,
-                "--layer",
-                layer,
-                "--data",
-                data,
-                "--tokens",
-                config.collect_tokens,
-                "--passes",
-                config.passes,
-                "--out",
-                acts,
-            ],
-            collect,
-            collect_config,
-            acts,
-            _load(config.model),
-        )
+        source = replace(config.collect.data, data=str(data))
+        collect_config = replace(config.collect, model=config.model, layer=layer, data=source)
+        command = ["collect", "--model", config.model, "--layer", layer, "--data", data]
+        command += ["--tokens", collect_config.tokens, "--passes", source.passes, "--out", acts]
+        pipeline.stage("collect", command, collect, collect_config, acts, _load(config.model))
     if not (run / "sae" / "cfg.json").is_file():
-        train_config = TrainConfig(
-            activations=str(acts),
-            out=str(run),
-            expansion_factor=config.expansion_factor,
-            k=config.k,
-            total_tokens=config.train_tokens,
-            dead_tokens=config.dead_tokens,
-            seed=config.seed,
-            resume=True,
+        train_config = replace(
+            config.train, activations=str(acts), out=str(run), seed=config.seed, resume=True
         )
-        pipeline.stage(
-            "train",
-            [
-                "train",
-                "--activations",
-                acts,
-                "--out",
-                run,
-                "--expansion-factor",
-                config.expansion_factor,
-                "--k",
-                config.k,
-                "--tokens",
-                config.train_tokens,
-                "--dead-tokens",
-                config.dead_tokens,
-                "--seed",
-                config.seed,
-                "--resume",
-            ],
-            train,
-            train_config,
-        )
+        command = ["train", "--activations", acts, "--out", run]
+        command += ["--expansion-factor", train_config.expansion_factor, "--k", train_config.k]
+        command += ["--tokens", train_config.total_tokens, "--dead-tokens", train_config.dead_tokens]
+        pipeline.stage("train", [*command, "--seed", config.seed, "--resume"], train, train_config)
     if not (run / "metrics.json").is_file():
-        metrics_config = SAEEvalConfig(
-            sae=str(run / "sae"), contexts=config.sae_eval_contexts, out=str(run / "metrics.json")
-        )
-        pipeline.stage(
-            "evaluate-sae",
-            [
-                "evaluate-sae",
-                "--sae",
-                run / "sae",
-                "--contexts",
-                config.sae_eval_contexts,
-                "--out",
-                run / "metrics.json",
-            ],
-            evaluate_sae,
-            metrics_config,
-            _load(config.model),
-        )
+        metrics_config = replace(config.sae_eval, sae=str(run / "sae"), out=str(run / "metrics.json"))
+        command = ["evaluate-sae", "--sae", run / "sae", "--contexts", metrics_config.contexts]
+        command += ["--out", run / "metrics.json"]
+        pipeline.stage("evaluate-sae", command, evaluate_sae, metrics_config, _load(config.model))
     return run / "sae"
 
 
 def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
     config, folder = pipeline.config, pipeline.out / "discover"
     if not (folder / "discovery.json").is_file():
-        args = [
-            "discover",
-            "--model",
-            config.model,
-            "--sae",
-            sae,
-            "--n-candidates",
-            config.n_candidates,
-            "--n-attribution",
-            config.n_attribution,
-            "--screen-values",
-            config.screen_values,
-            "--screen-prompts",
-            config.screen_prompts,
-            "--max-new-tokens",
-            config.max_new_tokens,
-            "--detector-layer",
-            config.detector_layer,
-            "--judge",
-            config.judge,
-            "--out",
-            folder,
-        ]
-        if config.discover_limit:
-            args += ["--limit", config.discover_limit]
-        if config.detector_negatives:
-            args += ["--detector-negatives", config.detector_negatives]
-        discover_config = DiscoverConfig(
-            n_candidates=config.n_candidates,
-            n_attribution=config.n_attribution,
-            screen_values=tuple(float(v) for v in config.screen_values.split(",")),
-            screen_prompts=config.screen_prompts,
-            max_new_tokens=config.max_new_tokens,
+        found = replace(
+            config.discover,
             sae=str(sae),
             model=config.model,
-            limit=config.discover_limit or None,
-            detector_layer=config.detector_layer,
-            detector_negatives=config.detector_negatives or None,
             judge=config.judge,
+            max_new_tokens=config.max_new_tokens,
             out=str(folder),
         )
-        pipeline.stage("discover", args, discover, discover_config, _load(config.model))
+        command = ["discover", "--model", config.model, "--sae", sae]
+        command += ["--n-candidates", found.n_candidates, "--n-attribution", found.n_attribution]
+        command += ["--screen-values", ",".join(f"{v:g}" for v in found.screen_values)]
+        command += ["--screen-prompts", found.screen_prompts, "--max-new-tokens", found.max_new_tokens]
+        command += ["--detector-layer", found.detector_layer, "--judge", found.judge, "--out", folder]
+        command += ["--limit", found.limit] if found.limit else []
+        command += ["--detector-negatives", found.detector_negatives] if found.detector_negatives else []
+        pipeline.stage("discover", command, discover, found, _load(config.model))
     return json.loads((folder / "discovery.json").read_text())
 
 
@@ -405,27 +311,10 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
     development prompts, guaranteed threshold, test scores); returns its summary."""
     config, folder = pipeline.config, pipeline.out / "gate"
     if not (folder / "gate.json").is_file():
-        args = [
-            "gate",
-            "--model",
-            config.model,
-            "--sae",
-            sae,
-            "--max-fpr",
-            config.gate_max_fpr,
-            "--out",
-            folder,
-        ]
-        if config.gate_limit:
-            args += ["--limit", config.gate_limit]
-        gate_config = GateConfig(
-            sae=str(sae),
-            max_fpr=config.gate_max_fpr,
-            limit=config.gate_limit,
-            model=config.model,
-            out=str(folder),
-        )
-        pipeline.stage("gate", args, gate, gate_config, _load(config.model))
+        gate_config = replace(config.gate, sae=str(sae), model=config.model, out=str(folder))
+        command = ["gate", "--model", config.model, "--sae", sae, "--max-fpr", gate_config.max_fpr]
+        command += ["--out", folder] + (["--limit", gate_config.limit] if gate_config.limit else [])
+        pipeline.stage("gate", command, gate, gate_config, _load(config.model))
     summary = json.loads((folder / "gate.json").read_text())
     return {
         "detector": str(folder / "detector.safetensors"),
@@ -760,7 +649,7 @@ def _to_builtin(spec: dict, paths: dict[str, str]) -> dict:
 def model_card(metrics: dict, sae_cfg: dict, config: ReproduceConfig, data_info: dict, collected: int) -> str:
     return f"""# TopK SAE for {config.model}, layer {sae_cfg["layer"]} ({sae_cfg["hook_point"]})
 
-Trained by `saesteer reproduce` (preset with `collect_tokens={config.collect_tokens:,}`, `train_tokens={config.train_tokens:,}`,
+Trained by `saesteer reproduce` (preset with `collect.tokens={config.collect.tokens:,}`, `train.total_tokens={config.train.total_tokens:,}`,
 seed {config.seed}); SAELens format (`architecture: topk`), weights stored in bfloat16, input normalisation folded in.
 
 | | |
