@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
-from saesteer.artefacts import artefact_digest
+import torch
+
+from saesteer.artefacts import artefact_digest, save_direction
 from saesteer.cache import ResultCache
+from saesteer.steering import Stack
 
 
 def test_keys_do_not_depend_on_the_order_of_their_parts():
@@ -25,6 +28,25 @@ def test_entries_persist_and_a_torn_last_line_is_ignored(tmp_path):
     reloaded.put_many({"c": "reply c"})  # appends after the torn line, which stays ignored
     assert ResultCache(path).get("c") == "reply c"
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()[-1:]] == ["c"]
+
+
+def test_a_line_torn_inside_a_character_is_ignored_too(tmp_path):
+    path = tmp_path / "c.jsonl"
+    ResultCache(path).put_many({"a": "it’s fine"})
+    with open(path, "ab") as f:
+        f.write('{"key": "b", "value": "it’s'.encode()[:-1])  # cut inside the 3-byte apostrophe
+    reloaded = ResultCache(path)
+    assert reloaded.get("a") == "it’s fine" and reloaded.get("b") is None
+
+
+def test_a_stack_digests_the_files_of_its_parts(tmp_path):
+    direction = tmp_path / "d.safetensors"
+    save_direction(direction, torch.ones(4), layer=1, model="m")
+    stack = Stack(steerings=[{"method": "system_prompt"}, {"method": "actadd", "direction": str(direction)}])
+    assert stack.files() == [str(direction)] and artefact_digest(stack.files()) == artefact_digest(
+        [str(direction)]
+    )
+    assert artefact_digest(stack.files()) != ""
 
 
 def test_a_cache_without_a_file_keeps_entries_in_memory_only(tmp_path):

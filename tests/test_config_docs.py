@@ -24,6 +24,9 @@ CONFIGS = [
     "sae:SAEConfig",
     "config:ServeConfig",
     "config:TrainConfig",
+    "config:SAEEvalConfig",
+    "config:SweepConfig",
+    "config:FitConfig",
 ]
 
 

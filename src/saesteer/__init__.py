@@ -124,7 +124,7 @@ def evaluate(
     from saesteer.cache import ResultCache
     from saesteer.steering import parse_steering
 
-    allowed = {f.name for f in fields(evals.EvalConfig)} - {"model", "steering", "suites"}
+    allowed = {f.name for f in fields(evals.EvalConfig)} - {"model", "suites"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise SaesteerError(

@@ -1,4 +1,4 @@
-"""The evaluation result cache: generations and log-likelihoods keyed by (model, steering, digest of the
+"""The evaluation result cache (the digests of the steering's files: `artefacts.artefact_digest`): generations and log-likelihoods keyed by (model, steering, digest of the
 steering's files, rendered prompt, decoding), in an append-only JSONL file, so reruns and resumed sweeps
 do not recompute them, and a retrained SAE or direction saved at the same path is never served stale replies.
 """
@@ -29,7 +29,9 @@ class ResultCache:
                 if f.tell():
                     f.seek(-1, os.SEEK_END)
                     self._torn = f.read(1) != b"\n"
-            with open(self.path, encoding="utf-8") as f:
+            with open(
+                self.path, encoding="utf-8", errors="replace"
+            ) as f:  # a torn line may end mid-character
                 for line in f:
                     try:
                         record = json.loads(line)

@@ -704,18 +704,14 @@ def eval_command(
 
 @app.command()
 def sweep(
-    grid: Path = typer.Option(
-        ..., help="JSON/YAML list of steering dicts and/or {'grid': {field: [values]}}"
-    ),
+    grid: Path = opt(SWEEP, "grid", default=...),
     model: str = _EVAL_OPTIONS["model"],
     suite: str = _EVAL_OPTIONS["suite"],
     limit: str = _EVAL_OPTIONS["limit"],
     split: str = typer.Option(
         "validation", help="train, validation or test (sweeps choose settings: validation)"
     ),
-    out: Path = typer.Option(
-        Path("runs/sweep.jsonl"), help="results JSONL; configs already in it are skipped"
-    ),
+    out: Path = opt(SWEEP, "out"),
     prompts: Optional[Path] = _EVAL_OPTIONS["prompts"],
     label: Optional[str] = _EVAL_OPTIONS["label"],
     column: Optional[str] = _EVAL_OPTIONS["column"],

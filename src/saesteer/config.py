@@ -327,7 +327,7 @@ class Decoding:
 class EvalConfig:
     """What to evaluate: one model under one steering, some suites, one split."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     """default alias, hub id, local folder or .gguf file"""
     suites: tuple[str, ...] = ("safety",)
     """suites to run: safety, capability, jailbreak, fidelity"""

@@ -39,7 +39,6 @@ def fallback_presets(
 ) -> tuple[dict[str, dict], Path]:
     """Train a small SAE on the bundled corpus slice and discover a refusal feature on TRAIN prompts;
     return steering presets like the shipped ones and the discovery file."""
-
     layer = min(10, loaded.n_layers - 1)
     print(f"no shipped steering presets for {loaded.spec}: training a small SAE at layer {layer} first")
     acts, run = out / "fallback" / "acts", out / "fallback" / "sae"
@@ -108,7 +107,6 @@ def print_side_by_side(rows: list[dict], width: int = 100) -> None:
 
 def run_demo(config: DemoConfig) -> tuple[Path, Path]:
     """Side-by-side replies, a small safety eval with CIs, and the HTML report; returns (html, markdown)."""
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(config.model, dtype=config.dtype)

@@ -36,8 +36,9 @@ from saesteer.errors import SaesteerError
 from saesteer.hooks import residuals_at
 from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 
-KINDS = ("dim", "probe", "ensemble", "sae_probe")
 POOLINGS = ("last", "user", "max")
+
+
 # ---------------------------------------------------------------- scoring a prompt
 
 
@@ -56,7 +57,6 @@ class Detector:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path, model: str, **meta) -> None:
-
         info = {
             "kind": self.kind,
             "layers": json.dumps(list(self.layers)),
@@ -93,7 +93,6 @@ class Detector:
 def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detector:
     """A detector file from `saesteer gate`, or a direction file (a `dim` detector at `layer`, default its
     own, pooled over the last `tokens` positions), read once per path."""
-
     try:
         with safe_open(resolve(path), "pt") as f:
             names, meta = set(f.keys()), f.metadata() or {}

@@ -97,7 +97,6 @@ class Engine:
 
     def run(self, replies: list[Reply], progress: bool = False, desc: str = "generate") -> list[Reply]:
         """Decode every reply to its end (shortest prompts first, so batches pad little); returns them."""
-
         self.waiting.extend(sorted(replies, key=lambda r: len(r.ids)))
         if replies:
             width = max(len(r.ids) + r.max_new_tokens for r in replies)

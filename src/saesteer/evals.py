@@ -153,10 +153,8 @@ class SteeredModel:
         """Greedy replies to rendered prompts under `steering` (default: this model's), cached under this
         model's steering."""
         method = self.steering if steering is None else steering
-        todo = {
-            self._key(kind="generate", prompt=p, decoding=asdict(decoding)): p
-            for p in sorted(set(prompts), key=lambda p: (len(p), p))
-        }
+        key = {p: self._key(kind="generate", prompt=p, decoding=asdict(decoding)) for p in set(prompts)}
+        todo = {key[p]: p for p in sorted(key, key=lambda p: (len(p), p))}
 
         def run(chunk: list[str]) -> list[str]:
             return self.generate_fn(
@@ -168,7 +166,7 @@ class SteeredModel:
             )
 
         found = self._cached(todo, run, decoding.batch_size * CHUNK_BATCHES, desc)
-        return [found[self._key(kind="generate", prompt=p, decoding=asdict(decoding))] for p in prompts]
+        return [found[key[p]] for p in prompts]
 
     def score(
         self, requests: list[tuple[str, list[str]]], batch_size: int, desc: str = "score"

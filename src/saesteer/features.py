@@ -1,6 +1,6 @@
 """Find the SAE features that mediate refusal (and an unrelated control feature), with evidence.
 
-Pipeline (`discover`): teacher-force refusal and compliance replies to harmful TRAIN prompts and
+Search (`find_refusal_features`; the `saesteer discover` stage around it is `discover`): teacher-force refusal and compliance replies to harmful TRAIN prompts and
 rank features two ways: by how their codes on the reply tokens separate refusal from compliance
 (effect size, AUROC; the paper's contrast) and by attribution, the gradient of log p(refusal) -
 log p(compliance) along each decoder direction (what steering would do, to first order). Keep
@@ -48,6 +48,18 @@ TEMPLATED_REFUSALS = (
     "Sorry, I can't do that. Is there something else I can help you with?",
 )
 Judge = Callable[[str], bool]
+DISCOVER_STAGE_FIELDS = (  # DiscoverConfig fields of the `saesteer discover` stage, not of the feature search
+    "sae",
+    "model",
+    "limit",
+    "detector_layer",
+    "detector_recall",
+    "detector_negatives",
+    "alpaca_harmless",
+    "judge",
+    "out",
+    "device",
+)
 
 
 @dataclass
@@ -386,7 +398,7 @@ def find_refusal_features(
         "sae": sae_path,
         "model": loaded.spec,
         "layer": sae.cfg.layer,
-        "config": asdict(config),
+        "config": {k: v for k, v in asdict(config).items() if k not in DISCOVER_STAGE_FIELDS},
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
         "n_refusal_replies": len(refusals),
@@ -534,7 +546,6 @@ def baseline_specs(
     `detector_harmless` if given) and ready steering specs built from the discovery result, all from TRAIN
     prompts. The unconditional clamp takes the candidate with the best screen score (refusal gain minus
     over-refusal); the conditional one, whose gate keeps safe prompts unsteered, the one that refuses most."""
-
     loaded.check_layer(detector_layer)
     detector_harmless = detector_harmless or harmless
     actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"

@@ -7,9 +7,8 @@ source's recall (harmful) or false-positive rate (benign) with a Clopper-Pearson
 leaves together with the benign source written in its style (AdvBench with its benign twins, XSTest-unsafe
 with XSTest-safe, each written style's harmful side with its twins), so a fold asks whether the detector
 finds harm in a style it has never seen, rather than whether benign examples of that style taught it
-that the style is benign. Sets that are
-not shipped (`harmful_mix`, the Alpaca `harmless` set) are never trained on; when ../shared is present
-they are scored in every fold as extra held-out sources.
+that the style is benign. Sets that are not shipped (`harmful_mix`, the Alpaca `harmless` set) are never
+trained on; when ../shared is present they are scored in every fold as extra held-out sources.
 
 Threshold (`guaranteed_threshold`): the lowest threshold at which the one-sided 95% Clopper-Pearson upper
 bound of the false-positive rate of EACH benign source is at most `max_fpr`, computed on cross-fitted
@@ -181,7 +180,6 @@ def _key(candidate: Candidate, layer: int, sae: str | None) -> tuple:
 
 def fit(candidate: Candidate, pool_: Pool, sae: str | None = None, seed: int = 0) -> Detector:
     """Train one candidate on a pool (features already extracted)."""
-
     rows, biases = [], []
     weights = _source_weights(pool_)
     for layer in candidate.layers:
@@ -396,7 +394,6 @@ def _features(
     loaded: LoadedModel, prompts: dict[str, list[str]], keys: list[tuple], path: Path, config: GateConfig
 ) -> Pool:
     """The pool of `prompts` with features, read from `path` when an earlier run wrote the same ones."""
-
     pool_ = build_pool(prompts, set(HARMFUL_SOURCES) | set(HARMFUL_HELD_OUT))
     digest = json.dumps([pool_.texts, [list(map(str, k)) for k in keys], loaded.spec])
     if path.is_file():
@@ -415,7 +412,6 @@ def _features(
 
 
 def hash_text(text: str) -> str:
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -532,7 +528,6 @@ def ship_gate(detector: Path, threshold: float, dest: Path, steering: dict | Non
     `harm-gate.safetensors` and `refusal_conditional` gates its steering with it; with `steering`, that
     steering also becomes `refusal` and the one `refusal_conditional` gates. Replaced presets are kept once
     as `<name>_previous`. Returns the new `refusal_conditional`."""
-
     path = dest / "steering.json"
     if not path.is_file():
         raise SaesteerError(f"no shipped presets at {path}: run `saesteer reproduce --ship {dest}` first")

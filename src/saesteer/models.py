@@ -198,7 +198,6 @@ def reference_generate(
     """Greedy continuations of already-rendered prompts by HF `generate` (fixed left-padded batches, steered
     only by hooks in place, e.g. `Steering.applied`): the reference that tests and `bench/generate.py`
     compare `saesteer.engine` against. A row stops early once its reply contains a `stop` string (kept)."""
-
     tokenizer, replies = loaded.tokenizer, []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):

@@ -788,7 +788,6 @@ def screenshot(
 
 def check_not_blank(png_path: Path, width: int, height: int) -> None:
     """Error unless the PNG has the expected size, many colours and a fair share of non-background pixels."""
-
     pixels = imread(png_path)[..., :3]
     if pixels.shape[:2] != (height, width):
         raise SaesteerError(

@@ -15,6 +15,7 @@ import json
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from saesteer.config import (
     TrainConfig,
 )
 from saesteer.corpus import parse_transcript
+from saesteer.errors import SaesteerError
 from saesteer.evals import parse_limits, parse_suites, read_rows, sweep
 from saesteer.evalsets import hh_rlhf_dialogues, safety_prompts
 from saesteer.features import TEMPLATED_REFUSALS, diff_in_means, discover
@@ -120,7 +122,6 @@ def build_sae_data(shared: Path, out: Path) -> dict:
     the fidelity eval's held-out text) linked in, hh-rlhf harmless dialogues (MIT) as chat `messages`
     except the jailbreak eval's validation/test dialogues, and AdvBench TRAIN prompts (MIT) answered
     with templated refusals so refusal contexts are represented."""
-
     out.mkdir(parents=True, exist_ok=True)
     linked = []
     for path in sorted((shared / "corpus").glob("*.jsonl")):
@@ -156,6 +157,21 @@ def build_sae_data(shared: Path, out: Path) -> dict:
     return info
 
 
+LOGGED = {  # per nested stage config, the fields commands.sh spells out (the run sets model, layer and paths)
+    "collect": {"tokens"},
+    "train": {"expansion_factor", "k", "total_tokens", "dead_tokens"},
+    "sae_eval": {"contexts"},
+    "discover": {
+        "n_candidates",
+        "n_attribution",
+        "screen_values",
+        "screen_prompts",
+        "detector_layer",
+        "limit",
+        "detector_negatives",
+    },
+    "gate": {"max_fpr", "limit"},
+}
 PRESETS = {
     "full": ReproduceConfig(),
     "quick": ReproduceConfig(
@@ -212,37 +228,28 @@ class Pipeline:
             else {}
         )
 
-    def stage(self, stage: str, command: list, fn, *args):
-        """Run a stage in this process, `fn(*args)`, timed; `command` (the `saesteer` arguments that run the
-        same stage from a shell) goes to commands.sh and the console."""
-        line = " ".join(_quote(str(a)) for a in ["saesteer", *command])
-        with self.log.open("a") as f:
-            f.write(line + "\n")
-        print(f"\n[{stage}] $ {line}", flush=True)
+    def stage(self, stage: str, command: list | None, run: Callable[[], object]):
+        """Run a stage in this process, `run()`, timed (a model it loads included); `command`, the `saesteer`
+        arguments that run the same stage from a shell, goes to commands.sh and the console."""
+        line = " ".join(shlex.quote(str(a)) for a in ["saesteer", *command]) if command else ""
+        if line:
+            with self.log.open("a") as f:
+                f.write(line + "\n")
+        print(f"\n[{stage}]" + (f" $ {line}" if line else ""), flush=True)
         start = time.perf_counter()
-        result = fn(*args)
+        try:
+            result = run()
+        except SaesteerError as err:
+            raise SaesteerError(
+                f"stage {stage} failed: {err} (rerun `saesteer reproduce` to resume)"
+            ) from None
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
         return result
 
-    def timed(self, stage: str, fn, *args):
-        print(f"\n[{stage}]", flush=True)
-        start = time.perf_counter()
-        result = fn(*args)
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-        (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
-        return result
 
-
-def _quote(arg: str) -> str:
-
-    return shlex.quote(arg)
-
-
-@functools.lru_cache(maxsize=1)
 def _load(model: str) -> LoadedModel:
     """One model per process for the in-process stages (the layer scan)."""
-
     return load_model(model)
 
 
@@ -252,7 +259,7 @@ def choose_layer(pipeline: Pipeline) -> int:
         return config.layer
     path = pipeline.out / "layer-scan" / "layer-scan.json"
     if not path.is_file():
-        pipeline.timed("layer-scan", layer_scan, _load(config.model), config.scan, path.parent)
+        pipeline.stage("layer-scan", None, lambda: layer_scan(_load(config.model), config.scan, path.parent))
     return json.loads(path.read_text())["best_layer"]
 
 
@@ -261,13 +268,13 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
     config, out = pipeline.config, pipeline.out
     data, acts, run = out / "sae-data", out / f"acts-l{layer}", out / f"sae-l{layer}"
     if not data.with_suffix(".json").is_file():
-        pipeline.timed("sae-data", build_sae_data, Path(config.shared), data)
+        pipeline.stage("sae-data", None, lambda: build_sae_data(Path(config.shared), data))
     if not (run / "sae" / "cfg.json").is_file():
         source = replace(config.collect.data, data=str(data))
         collect_config = replace(config.collect, model=config.model, layer=layer, data=source)
         command = ["collect", "--model", config.model, "--layer", layer, "--data", data]
         command += ["--tokens", collect_config.tokens, "--passes", source.passes, "--out", acts]
-        pipeline.stage("collect", command, collect, collect_config, acts, _load(config.model))
+        pipeline.stage("collect", command, lambda: collect(collect_config, acts, _load(config.model)))
     if not (run / "sae" / "cfg.json").is_file():
         train_config = replace(
             config.train, activations=str(acts), out=str(run), seed=config.seed, resume=True
@@ -275,12 +282,12 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
         command = ["train", "--activations", acts, "--out", run]
         command += ["--expansion-factor", train_config.expansion_factor, "--k", train_config.k]
         command += ["--tokens", train_config.total_tokens, "--dead-tokens", train_config.dead_tokens]
-        pipeline.stage("train", [*command, "--seed", config.seed, "--resume"], train, train_config)
+        pipeline.stage("train", [*command, "--seed", config.seed, "--resume"], lambda: train(train_config))
     if not (run / "metrics.json").is_file():
         metrics_config = replace(config.sae_eval, sae=str(run / "sae"), out=str(run / "metrics.json"))
         command = ["evaluate-sae", "--sae", run / "sae", "--contexts", metrics_config.contexts]
         command += ["--out", run / "metrics.json"]
-        pipeline.stage("evaluate-sae", command, evaluate_sae, metrics_config, _load(config.model))
+        pipeline.stage("evaluate-sae", command, lambda: evaluate_sae(metrics_config, _load(config.model)))
     return run / "sae"
 
 
@@ -302,7 +309,7 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
         command += ["--detector-layer", found.detector_layer, "--judge", found.judge, "--out", folder]
         command += ["--limit", found.limit] if found.limit else []
         command += ["--detector-negatives", found.detector_negatives] if found.detector_negatives else []
-        pipeline.stage("discover", command, discover, found, _load(config.model))
+        pipeline.stage("discover", command, lambda: discover(found, _load(config.model)))
     return json.loads((folder / "discovery.json").read_text())
 
 
@@ -311,10 +318,12 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
     development prompts, guaranteed threshold, test scores); returns its summary."""
     config, folder = pipeline.config, pipeline.out / "gate"
     if not (folder / "gate.json").is_file():
-        gate_config = replace(config.gate, sae=str(sae), model=config.model, out=str(folder))
+        gate_config = replace(
+            config.gate, sae=str(sae), model=config.model, out=str(folder), seed=config.seed
+        )
         command = ["gate", "--model", config.model, "--sae", sae, "--max-fpr", gate_config.max_fpr]
         command += ["--out", folder] + (["--limit", gate_config.limit] if gate_config.limit else [])
-        pipeline.stage("gate", command, gate, gate_config, _load(config.model))
+        pipeline.stage("gate", command, lambda: gate(gate_config, _load(config.model)))
     summary = json.loads((folder / "gate.json").read_text())
     return {
         "detector": str(folder / "detector.safetensors"),
@@ -325,7 +334,6 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
 
 def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
     """Every steering config tried on VALIDATION prompts: one curve per method."""
-
     specs = discovery["specs"]
     actadd = specs["actadd"]
     with safe_open(
@@ -420,7 +428,7 @@ def run_sweep(
     command = ["sweep", "--model", config.model, "--grid", grid, "--split", split, "--suite", suite]
     command += ["--limit", limit, "--judge", judge, "--max-new-tokens", config.max_new_tokens]
     command += ["--mmlu-shots", config.mmlu_shots, "--seed", config.seed, "--cache", sweep_config.cache]
-    pipeline.stage(stage, [*command, "--out", out], sweep, sweep_config, _load(config.model))
+    pipeline.stage(stage, [*command, "--out", out], lambda: sweep(sweep_config, _load(config.model)))
 
 
 def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
@@ -471,7 +479,7 @@ def reproduce(config: ReproduceConfig, ship: Path | None = None) -> Path:
     discovery["gate"] = run_gate_stage(pipeline, sae)
     chosen = run_selection(pipeline, discovery)
     main, other = run_test(pipeline, chosen)
-    results = pipeline.timed("results", write_results, pipeline, discovery, main, other)
+    results = pipeline.stage("results", None, lambda: write_results(pipeline, discovery, main, other))
     if ship is not None:
         print(f"shipped artefacts written to {export_shipped(pipeline, discovery, chosen, ship)}")
     return results
@@ -563,7 +571,6 @@ def plot_tradeoff(validation: list[dict], test: list[dict], discovery: dict, pat
 
 def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) -> Path:
     """results.md (tables, goal check, chosen configs, timings) and tradeoff.png from the run's files."""
-
     out, config = pipeline.out, pipeline.config
     test_rows, validation_rows = read_rows(main), read_rows(out / "validation.jsonl")
     plot_tradeoff(validation_rows, test_rows, discovery, out / "tradeoff.png")
@@ -676,7 +683,6 @@ Load it with `saesteer.sae.SAE.load(path)` or `sae_lens.SAE.load_from_disk(path)
 
 def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict], dest: Path) -> Path:
     """Write the shipped artefacts: bf16 SAE + model card, directions, steering presets, discovery."""
-
     config, out = pipeline.config, pipeline.out
     dest.mkdir(parents=True, exist_ok=True)
     sae_dir = Path(discovery["sae"])

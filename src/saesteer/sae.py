@@ -652,7 +652,6 @@ def spliced_metrics(
     Positions holding `skip_ids` (BOS/EOS/special tokens, which training caches drop) keep their
     clean activations in both interventions.
     """
-
     device = next(model.parameters()).device
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     n_pred = 0
@@ -695,7 +694,6 @@ def heldout_contexts(
 ) -> Tensor:
     """`n_contexts` token contexts [n, ctx] the SAE was not trained on: from `data` if given, else
     from its training text source, skipping the contexts its activation cache used."""
-
     record = sae.cfg.training_data
     if data is None and not record.get("data"):
         raise SAEError("the SAE does not record its training text; pass --data")
@@ -718,7 +716,6 @@ def heldout_contexts(
 def sae_metrics(sae: SAE, model: torch.nn.Module, tokenizer, contexts: Tensor, batch_size: int = 8) -> dict:
     """Reconstruction metrics on the contexts' activations (special-token positions dropped, as in
     training caches) plus the spliced-model metrics, at the SAE's layer and hook point."""
-
     if sae.cfg.layer is None:
         raise SAEError("the SAE does not record its layer; cannot splice it into the model")
     point = sae.cfg.hook_point

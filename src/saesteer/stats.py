@@ -1,4 +1,5 @@
-"""Statistics of result rows and judge audits: seeded percentile-bootstrap CIs, Cohen's kappa."""
+"""Statistics of result rows, gates and judge audits: seeded percentile-bootstrap CIs, Cohen's kappa, exact
+(Clopper-Pearson) binomial bounds."""
 
 from __future__ import annotations
 

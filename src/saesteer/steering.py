@@ -373,7 +373,6 @@ class Conditional(Steering):
         self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gate score per prompt row (left-padded batches)."""
-
         return gate_scores(
             loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask
         )
@@ -538,7 +537,6 @@ def _check_size(value, depth: int = 0) -> None:
 def _presets() -> dict[str, dict]:
     """Built-in presets plus the shipped steering configs (assets/shipped/steering.json, chosen by
     `saesteer reproduce` on validation splits), e.g. `refusal` and `refusal_conditional`."""
-
     presets = {"none": {"method": "none"}, "system_prompt": {"method": "system_prompt"}}
     shipped = shipped_dir() / "steering.json"
     if shipped.is_file():
@@ -552,7 +550,6 @@ PRESETS: dict[str, dict] = _presets()
 def parse_steering(spec: str | dict | Steering | None) -> Steering:
     """A steering method from a preset or method name, a JSON object (as a string or a dict), or a path to
     a JSON file; a `Steering` is returned as is, None or "" is unsteered."""
-
     if isinstance(spec, Steering):
         return spec
     if isinstance(spec, dict):

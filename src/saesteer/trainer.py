@@ -1,5 +1,6 @@
 """Train a TopK SAE on cached activations: Adam with warmup, AuxK, checkpoints with exact resume,
-data-parallel over torch.distributed ranks (its evaluation metrics are in sae.py).
+data-parallel over torch.distributed ranks; and the `saesteer evaluate-sae` stage (`evaluate_sae`, whose
+metrics are in sae.py).
 
 Under torchrun each rank reads its slice of every global batch; gradients (computed by the sparse
 kernels in sae.py), the FVU denominator and the latent firing statistics are all-reduced, so a
@@ -59,7 +60,6 @@ class BatchSource(Protocol):
     def batches(
         self, batch_size: int, seed: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1
     ) -> Iterator[Tensor]: ...
-
     def tensor(self, max_tokens: int | None = None) -> Tensor: ...
 
 
