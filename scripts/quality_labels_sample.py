@@ -32,7 +32,8 @@ def main() -> None:
             if row["prompt"] in excluded:
                 continue
             entry = found.setdefault(
-                (row["prompt"], row["reply"]), {"prompt": row["prompt"], "label": row["label"], "steerings": []}
+                (row["prompt"], row["reply"]),
+                {"prompt": row["prompt"], "label": row["label"], "steerings": []},
             )
             entry["steerings"].append(row["steering"])
     rows = list(found.items())
@@ -40,7 +41,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "replies.jsonl", "w", encoding="utf-8") as blind, open(OUT / "key.jsonl", "w") as key:
         for i, ((prompt, reply), entry) in enumerate(rows):
-            blind.write(json.dumps({"id": i, "prompt": prompt, "label": entry["label"], "reply": reply}) + "\n")
+            blind.write(
+                json.dumps({"id": i, "prompt": prompt, "label": entry["label"], "reply": reply}) + "\n"
+            )
             key.write(json.dumps({"id": i, "half": half(prompt), "steerings": entry["steerings"]}) + "\n")
     halves = [half(p) for (p, _), _ in rows]
     print(f"{len(rows)} distinct replies: {halves.count('dev')} dev, {halves.count('held_out')} held out")
