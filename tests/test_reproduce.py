@@ -277,3 +277,13 @@ def test_the_logged_commands_spell_out_every_setting_a_preset_changes():
                 if getattr(config, f.name) != getattr(type(config)(), f.name)
             }
             assert changed <= logged, (name, stage, changed - logged)
+
+
+def test_the_stages_share_one_model_load(monkeypatch):
+    loads = []
+    monkeypatch.setattr(reproduce, "load_model", lambda spec: loads.append(spec) or object())
+    reproduce._load.cache_clear()
+    try:
+        assert reproduce._load("m") is reproduce._load("m") and loads == ["m"]
+    finally:
+        reproduce._load.cache_clear()

@@ -248,8 +248,9 @@ class Pipeline:
         return result
 
 
+@functools.lru_cache(maxsize=1)
 def _load(model: str) -> LoadedModel:
-    """One model per process for the in-process stages (the layer scan)."""
+    """The run's model, loaded once for every stage (they all run in this process)."""
     return load_model(model)
 
 
