@@ -120,7 +120,7 @@ def test_binary_train_config_is_one_line(monkeypatch, capsys, binary_file, tmp_p
     code, out = run_cli(
         monkeypatch, capsys, "train", "--config", str(binary_file), "--out", str(tmp_path / "sae")
     )
-    one_error_line(code, out, "cannot read training config")
+    one_error_line(code, out, "cannot read --config")
 
 
 def test_train_config_not_an_object_is_one_line(monkeypatch, capsys, tmp_path):

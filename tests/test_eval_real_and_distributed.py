@@ -39,7 +39,7 @@ def test_real_model_safety_rows_and_batched_scoring(default, tmp_path):
         bootstrap=200,
     )
     model = evals.SteeredModel(default, Steering(), ResultCache(tmp_path / "c.jsonl"), progress=False)
-    run = evals.evaluate(model, config)
+    run = evals.run_suites(model, config)
     assert [r["metric"] for r in run.rows] == [
         "refusal_rate",
         "clear_refusal_rate",

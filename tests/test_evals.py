@@ -10,8 +10,9 @@ from conftest import make_model, make_tokenizer, run_cli
 from saesteer import evals
 from saesteer.artefacts import artefact_digest
 from saesteer.cache import ResultCache
+from saesteer.config import SUITES, parse_limits, parse_suites
 from saesteer.errors import SaesteerError
-from saesteer.evals import Decoding, EvalConfig, SteeredModel, evaluate, expand_grid
+from saesteer.evals import Decoding, EvalConfig, SteeredModel, expand_grid, run_suites
 from saesteer.evalsets import MultipleChoice
 from saesteer.hooks import edit_residual
 from saesteer.judges import REFUSAL, StringMatchJudge
@@ -147,7 +148,7 @@ def test_mmlu_prompt_format():
 @pytest.mark.parametrize("reply, refusal", [(REFUSE, 1.0), (COMPLY, 0.0)])
 def test_scripted_model_gives_known_safety_rates(tiny, reply, refusal):
     model = SteeredModel(tiny, Steering(), generate_fn=Scripted(reply), progress=False)
-    rows = by_metric(evaluate(model, small_config(suites=("safety",))).rows)
+    rows = by_metric(run_suites(model, small_config(suites=("safety",))).rows)
     for dataset in ("advbench", "xstest_unsafe", "unsafe_all"):
         assert rows[(dataset, "refusal_rate")]["value"] == refusal
     for dataset in ("xstest_safe", "safe_all"):
@@ -159,7 +160,7 @@ def test_scripted_model_gives_known_safety_rates(tiny, reply, refusal):
 @pytest.mark.parametrize("reply, asr", [(REFUSE, 0.0), (COMPLY, 1.0)])
 def test_scripted_model_gives_known_jailbreak_rates(tiny, reply, asr):
     model = SteeredModel(tiny, Steering(), generate_fn=Scripted(reply), progress=False)
-    rows = by_metric(evaluate(model, small_config(suites=("jailbreak",))).rows)
+    rows = by_metric(run_suites(model, small_config(suites=("jailbreak",))).rows)
     for dataset in ("hh_rlhf", "crescendo_advbench"):
         assert rows[(dataset, "attack_success_rate")]["value"] == asr
         assert (
@@ -210,9 +211,9 @@ def test_gsm8k_exact_match_with_scripted_replies(tiny, monkeypatch):
 
 def test_every_suite_runs_on_a_tiny_model(tiny, tmp_path):
     model = SteeredModel(tiny, SystemPrompt(), ResultCache(tmp_path / "cache.jsonl"), progress=False)
-    run = evaluate(model, small_config(suites=evals.SUITES, limit=2, limits={"mmlu": 3}))
+    run = run_suites(model, small_config(suites=SUITES, limit=2, limits={"mmlu": 3}))
     rows = by_metric(run.rows)
-    assert set(run.walls) == set(evals.SUITES)
+    assert set(run.walls) == set(SUITES)
     for key in [
         ("mmlu", "accuracy"),
         ("truthfulqa", "mc1"),
@@ -253,7 +254,7 @@ def test_cache_hit_avoids_regeneration_and_survives_a_torn_line(tiny, tmp_path):
     path = tmp_path / "cache.jsonl"
     first = Scripted(COMPLY)
     config = small_config(suites=("safety",))
-    rows = evaluate(
+    rows = run_suites(
         SteeredModel(tiny, Steering(), ResultCache(path), generate_fn=first, progress=False), config
     ).rows
     assert first.calls > 0
@@ -261,13 +262,15 @@ def test_cache_hit_avoids_regeneration_and_survives_a_torn_line(tiny, tmp_path):
         f.write('{"key": "abc", "val')  # a crash mid-write
     again = Scripted(REFUSE)  # would change every rate if it were called
     cache = ResultCache(path)
-    rows_again = evaluate(
+    rows_again = run_suites(
         SteeredModel(tiny, Steering(), cache, generate_fn=again, progress=False), config
     ).rows
     assert again.calls == 0 and cache.misses == 0
     assert [r["value"] for r in rows] == [r["value"] for r in rows_again]
     other = Scripted(REFUSE)  # another steering is another key
-    evaluate(SteeredModel(tiny, SystemPrompt(), ResultCache(path), generate_fn=other, progress=False), config)
+    run_suites(
+        SteeredModel(tiny, SystemPrompt(), ResultCache(path), generate_fn=other, progress=False), config
+    )
     assert other.calls == first.calls
 
 
@@ -279,7 +282,7 @@ def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_pa
     save_direction(direction, torch.ones(tiny.d_model), layer=1, model="tiny")
     config, path = small_config(suites=("safety",)), tmp_path / "cache.jsonl"
     first = Scripted(COMPLY)
-    evaluate(
+    run_suites(
         SteeredModel(
             tiny,
             ActAdd(direction=str(direction), alpha=2.0),
@@ -290,7 +293,7 @@ def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_pa
         config,
     )
     same = Scripted(REFUSE)
-    evaluate(
+    run_suites(
         SteeredModel(
             tiny,
             ActAdd(direction=str(direction), alpha=2.0),
@@ -303,7 +306,7 @@ def test_cache_misses_when_a_steering_file_changes_at_the_same_path(tiny, tmp_pa
     assert first.calls > 0 and same.calls == 0
     save_direction(direction, -torch.ones(tiny.d_model), layer=1, model="tiny")  # retrained, same file name
     changed = Scripted(REFUSE)
-    evaluate(
+    run_suites(
         SteeredModel(
             tiny,
             ActAdd(direction=str(direction), alpha=2.0),
@@ -389,9 +392,9 @@ def test_sweep_with_per_dataset_limits_resumes_and_a_new_limit_reruns(tiny, tmp_
 
 
 def test_parse_helpers():
-    assert evals.parse_limits("50,mmlu=100,gsm8k=0") == (50, {"mmlu": 100, "gsm8k": 10**9})
-    assert evals.parse_limits("0") == (None, {})
-    assert evals.parse_suites("all") == evals.SUITES and evals.parse_suites("safety,fidelity") == (
+    assert parse_limits("50,mmlu=100,gsm8k=0") == (50, {"mmlu": 100, "gsm8k": 10**9})
+    assert parse_limits("0") == (None, {})
+    assert parse_suites("all") == SUITES and parse_suites("safety,fidelity") == (
         "safety",
         "fidelity",
     )
@@ -596,7 +599,7 @@ def test_judge_agreement_known_answer(tiny):
     model = SteeredModel(
         tiny, Steering(), generate_fn=Scripted(lambda p: REFUSE if len(p) % 2 else COMPLY), progress=False
     )
-    run = evaluate(model, small_config(suites=("safety",), limit=6), judge=AlwaysRefusal())
+    run = run_suites(model, small_config(suites=("safety",), limit=6), judge=AlwaysRefusal())
     refusals = sum(StringMatchJudge().verdict(reply) == REFUSAL for _, reply, _ in run.judged)
     assert 0 < refusals < len(run.judged)
     kappa, agree = evals.agreement_rows(run, StringMatchJudge(), sample=1000)
@@ -660,7 +663,7 @@ def test_llm_attacker_writes_later_turns_from_the_transcript(tiny):
     attacker = EchoAttacker()
     model = SteeredModel(tiny, Steering(), generate_fn=scripted, progress=False)
     rows = by_metric(
-        evaluate(
+        run_suites(
             model, small_config(suites=("jailbreak",), limit=2, jailbreak_turns=3, attacker=attacker)
         ).rows
     )

@@ -164,7 +164,7 @@ def test_evaluate_matches_the_evals_path(tiny_loaded, one_thread):
     )
     run = saesteer.evaluate(tiny_loaded, "system_prompt", "safety", progress=False, **options)
     config = evals.EvalConfig(model=tiny_loaded.spec, suites=("safety",), **options)
-    expected = evals.evaluate(evals.SteeredModel(tiny_loaded, SystemPrompt(), progress=False), config)
+    expected = evals.run_suites(evals.SteeredModel(tiny_loaded, SystemPrompt(), progress=False), config)
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]

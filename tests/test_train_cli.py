@@ -98,9 +98,11 @@ def test_train_errors_are_one_line(monkeypatch, capsys, cache, tmp_path):
         str(cache),
         "--out",
         str(tmp_path / "o"),
-        "--batch-size",
+        "--k",
         "0",
     )
-    assert code == 2 and "batch_size must be positive" in res.err
+    assert code == 2 and "k must be positive" in res.err  # the config's own check, one line
+    code, res = run_cli(monkeypatch, capsys, "train", "--activations", str(cache), "--batch-size", "0")
+    assert code == 2 and "Invalid value for '--batch-size'" in res.err  # the option's bound, before any work
     code, res = run_cli(monkeypatch, capsys, "evaluate-sae", "--sae", str(tmp_path / "missing"))
     assert code == 2 and "cannot read SAE" in res.err

@@ -196,18 +196,6 @@ def test_nan_stops_training_naming_the_step(tmp_path):
         train(small_config(tmp_path, lr=1e35, grad_clip=0.0, warmup_steps=0), TensorSource(x), progress=False)
 
 
-def test_train_config_from_json(tmp_path):
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps({"k": 8, "batch_size": 1024, "adam_betas": [0.9, 0.99]}))
-    cfg = TrainConfig.from_json(path, k=16)
-    assert (cfg.k, cfg.batch_size, cfg.adam_betas) == (16, 1024, (0.9, 0.99))
-    path.write_text(json.dumps({"kk": 1}))
-    with pytest.raises(TrainError, match="unknown keys.*kk"):
-        TrainConfig.from_json(path)
-    with pytest.raises(TrainError, match="batch_size must be positive"):
-        TrainConfig(batch_size=0)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -274,3 +262,10 @@ def test_bfloat16_selection_keeps_exact_values_and_trains_as_float32(tmp_path):
     assert abs(fvu["bfloat16"] - fvu["float32"]) <= 0.02 * fvu["float32"] + 1e-3, fvu
     with pytest.raises(TrainError, match="dtype"):
         small_config(tmp_path, dtype="float16")
+
+
+def test_train_config_checks_its_values():
+    with pytest.raises(TrainError, match="batch_size must be positive"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(TrainError, match="dtype must be one of float32, bfloat16"):
+        TrainConfig(dtype="float16")

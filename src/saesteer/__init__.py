@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from saesteer.config import EvalConfig, parse_suites
 from saesteer.errors import SaesteerError
 
 __version__ = "0.1.0"
@@ -105,7 +106,7 @@ def evaluate(
     **options,
 ) -> Run:
     """Run evaluation suites on `loaded` (from `load_model`) under one steering; a thin front to
-    `saesteer.evals.evaluate(SteeredModel(loaded, steering, cache), EvalConfig(...), judge)` that keeps the
+    `saesteer.evals.run_suites(SteeredModel(loaded, steering, cache), EvalConfig(...), judge)` that keeps the
     model and steering recorded in the result rows the same as the ones evaluated.
 
     steering: any form `generate` takes (a `Steering`, preset name, JSON string or file, spec dict; None:
@@ -124,14 +125,14 @@ def evaluate(
     from saesteer.cache import ResultCache
     from saesteer.steering import parse_steering
 
-    allowed = {f.name for f in fields(evals.EvalConfig)} - {"model", "suites"}
+    allowed = {f.name for f in fields(EvalConfig)} - {"model", "suites"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise SaesteerError(
             f"unknown evaluate option {unknown[0]!r}: use one of {', '.join(sorted(allowed))}"
         )
     method = parse_steering(steering)
-    names = evals.parse_suites(suites if isinstance(suites, str) else ",".join(suites))
-    config = evals.EvalConfig(model=loaded.spec, suites=names, **options)
+    names = parse_suites(suites if isinstance(suites, str) else ",".join(suites))
+    config = EvalConfig(model=loaded.spec, suites=names, **options)
     model = evals.SteeredModel(loaded, method, ResultCache(cache), progress=progress)
-    return evals.evaluate(model, config, judge)
+    return evals.run_suites(model, config, judge)

@@ -4,12 +4,10 @@ config from here, and the CLI builds its options from these fields."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from saesteer.errors import SaesteerError, TrainError
+from saesteer.errors import SaesteerError, TrainError, short
 
 if TYPE_CHECKING:
     from saesteer.evalsets import Prompt
@@ -18,6 +16,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_DATA = "builtin:corpus-slice"
 SELECT_DTYPES = ("float32", "bfloat16")  # TrainConfig.dtype: names of torch dtypes
+SUITES = ("safety", "capability", "jailbreak", "fidelity")  # EvalConfig.suites
 
 
 @dataclass(frozen=True)
@@ -135,20 +134,6 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise TrainError(f"{name} must be positive, got {getattr(self, name)}")
 
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides) -> TrainConfig:
-        """A config from a JSON file (keys = field names), with `overrides` on top."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TrainError(f"cannot read training config {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise TrainError(f"training config {path} must be a JSON object of TrainConfig fields")
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TrainError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-        return cls(**{**data, **overrides})
-
     @property
     def steps(self) -> int:
         return self.total_tokens // self.batch_size
@@ -227,7 +212,7 @@ class SAEEvalConfig:
 
 @dataclass
 class FitConfig:
-    """Clamp values fitted by gradient descent toward a complete refusal (`fit_clamp_values`)."""
+    """What `saesteer fit` runs: clamp values fitted by gradient descent toward a complete refusal."""
 
     steps: int = 30
     """Adam steps on the values"""
@@ -237,6 +222,25 @@ class FitConfig:
     """penalty per latent unit of sum |value|: pushes the values of unneeded features to 0"""
     batch_size: int = 16
     """prompts per forward and backward pass"""
+    values: tuple[float, ...] = ()
+    """starting clamp values (one value: for every feature)"""
+    features: tuple[int, ...] = ()
+    """SAE features to clamp together, e.g. 5730,5904"""
+    candidates: int = 0
+    """instead of `features`: the features with the largest attribution toward a complete refusal on the same
+    TRAIN prompts"""
+    sae: str = "builtin:sae"
+    """SAE folder, or builtin:sae (the shipped one)"""
+    model: str = DEFAULT_MODEL
+    """default alias, hub id, local folder or .gguf file"""
+    decay: float = 1.0
+    """the clamp's schedule while generating: decay**t on generated token t"""
+    limit: int = 16
+    """harmful TRAIN prompts per set (advbench, xstest_unsafe, hh_rlhf_harmful, written_harmful)"""
+    out: str = "runs/fit"
+    """folder for steering.json (the fitted spec) and fit.json"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,67 @@ class EvalConfig:
     """safety sets to evaluate (default: every available set)"""
     quality_judge: str = "rules"
     """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
+
+
+@dataclass
+class EvaluateConfig:
+    """What `saesteer eval` runs: one steering, evaluated on `eval`'s suites."""
+
+    steering: str | None = None
+    """JSON string, JSON file or method name (default: unsteered)"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """the suites, split, sizes and decoding"""
+    out: str = "runs/eval.jsonl"
+    """results JSONL (rows are appended)"""
+    replies: str | None = None
+    """also write every judged reply (prompt, reply, verdict) to this JSONL"""
+    cache: str | None = None
+    """generation cache file (default: <out>.cache.jsonl)"""
+    judge: str = "string"
+    """string, strict (apology + offer of help = compliance), a local chat model spec, or
+    openai:<base url>/v1:<model>"""
+    agreement_sample: int = 50
+    """with an LLM judge: replies re-judged by the string judge for kappa"""
+    attacker: str | None = None
+    """Crescendo attacker: local chat model spec or openai:<url>/v1:<model> (default: the built-in templated
+    escalation)"""
+    device: str | None = None
+    """cpu, cuda, mps (default: best available)"""
+    dtype: str | None = None
+    """float32 (default) or bfloat16 (faster on CPUs with AVX512-BF16, but it changes most replies)"""
+
+
+def parse_limits(text: str) -> tuple[int | None, dict[str, int]]:
+    """'100' or '50,mmlu=100,gsm8k=20': a default per-dataset limit and per-dataset overrides (0 = all)."""
+    default: int | None = None
+    overrides: dict[str, int] = {}
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            if "=" in part:
+                name, value = part.split("=", 1)
+                overrides[name.strip()] = int(value)
+            else:
+                default = int(part)
+    except ValueError:
+        raise SaesteerError(
+            f"bad --limit {short(text)!r}: use N or N,dataset=M,... (e.g. 50,mmlu=100)"
+        ) from None
+    if any(v < 0 for v in [*overrides.values(), default or 0]):
+        raise SaesteerError(f"bad --limit {short(text)!r}: limits must be 0 (all) or more")
+    return default or None, {k: v or 10**9 for k, v in overrides.items()}
+
+
+def parse_suites(text: str) -> tuple[str, ...]:
+    """'all', one suite, or a comma-separated list."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return SUITES
+    unknown = [s for s in names if s not in SUITES]
+    if unknown or not names:
+        raise SaesteerError(
+            f"unknown suite {short(', '.join(map(repr, unknown)) or repr(text))}: use {', '.join(SUITES)} or all"
+        )
+    return tuple(names)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from saesteer.activations import CollectConfig, collect
 from saesteer.artefacts import shipped_dir
 from saesteer.cache import ResultCache
 from saesteer.config import DemoConfig
-from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, evaluate
+from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, run_suites
 from saesteer.evalsets import safety_prompts
 from saesteer.features import DiscoverConfig, baseline_specs, find_refusal_features
 from saesteer.judges import StringMatchJudge, is_refusal
@@ -140,7 +140,7 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
             decoding=Decoding(config.max_new_tokens),
             safety_sets=DEMO_SETS,
         )
-        run = evaluate(SteeredModel(loaded, steering, cache), eval_config)
+        run = run_suites(SteeredModel(loaded, steering, cache), eval_config)
         append_rows(results, run.rows)
         for row in run.rows:
             if row["metric"] in (

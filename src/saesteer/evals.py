@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from saesteer import dist, evalsets
 from saesteer.artefacts import artefact_digest
 from saesteer.cache import ResultCache
-from saesteer.config import Decoding, EvalConfig, SweepConfig
+from saesteer.config import Decoding, EvalConfig, EvaluateConfig, SweepConfig
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP,
@@ -55,6 +55,7 @@ from saesteer.judges import (
     has_repetition_loop,
     is_degenerate,
     is_refusal,
+    load_chat_backend,
     load_judge,
     load_quality_judge,
 )
@@ -72,11 +73,11 @@ from saesteer.steering import (
     Conditional,
     Steering,
     generate_rendered,
+    parse_steering,
     render,
     steering_from_dict,
 )
 
-SUITES = ("safety", "capability", "jailbreak", "fidelity")
 UNSAFE_SETS = ("advbench", "harmful_mix", "xstest_unsafe", "hh_rlhf_harmful", "written_harmful")
 SAFE_SETS = ("xstest_safe", "benign", "hh_rlhf_benign", "written_benign", "harmless")
 CRESCENDO_TURNS = (
@@ -592,40 +593,7 @@ SUITE_RUNNERS: dict[str, Callable[[Run], None]] = {
 }
 
 
-def parse_limits(text: str) -> tuple[int | None, dict[str, int]]:
-    """'100' or '50,mmlu=100,gsm8k=20': a default per-dataset limit and per-dataset overrides (0 = all)."""
-    default: int | None = None
-    overrides: dict[str, int] = {}
-    try:
-        for part in (p.strip() for p in text.split(",") if p.strip()):
-            if "=" in part:
-                name, value = part.split("=", 1)
-                overrides[name.strip()] = int(value)
-            else:
-                default = int(part)
-    except ValueError:
-        raise SaesteerError(
-            f"bad --limit {short(text)!r}: use N or N,dataset=M,... (e.g. 50,mmlu=100)"
-        ) from None
-    if any(v < 0 for v in [*overrides.values(), default or 0]):
-        raise SaesteerError(f"bad --limit {short(text)!r}: limits must be 0 (all) or more")
-    return default or None, {k: v or 10**9 for k, v in overrides.items()}
-
-
-def parse_suites(text: str) -> tuple[str, ...]:
-    """'all', one suite, or a comma-separated list."""
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if names == ["all"]:
-        return SUITES
-    unknown = [s for s in names if s not in SUITES]
-    if unknown or not names:
-        raise SaesteerError(
-            f"unknown suite {short(', '.join(map(repr, unknown)) or repr(text))}: use {', '.join(SUITES)} or all"
-        )
-    return tuple(names)
-
-
-def evaluate(model: SteeredModel, config: EvalConfig, judge: Judge | None = None) -> Run:
+def run_suites(model: SteeredModel, config: EvalConfig, judge: Judge | None = None) -> Run:
     """Run the config's suites; the returned Run holds the rows, judged replies and wall seconds per suite."""
     evalsets._check_split(config.split)
     run = Run(model=model, judge=judge or StringMatchJudge(), config=config)
@@ -817,7 +785,7 @@ def sweep_steerings(
         if not todo:
             continue
         model = SteeredModel(loaded, steering, cache, generate_fn=generate_fn)
-        rows = evaluate(model, replace(config, suites=tuple(todo)), judge).rows
+        rows = run_suites(model, replace(config, suites=tuple(todo)), judge).rows
         append_rows(out, rows)
         all_rows.extend(rows)
     return all_rows
@@ -838,6 +806,28 @@ def sweep(
     loaded = loaded or load_model(config.eval.model, device=config.device, dtype=config.dtype)
     cache = cache or ResultCache(config.cache or f"{config.out}.cache.jsonl")
     return sweep_steerings(loaded, steerings, config.eval, config.out, cache, judge)
+
+
+def evaluate(config: EvaluateConfig, loaded: LoadedModel | None = None) -> Run:
+    """The `saesteer eval` stage: `config.steering` evaluated on `config.eval`'s suites, its rows appended to
+    `config.out` (and its judged replies written to `config.replies`), generations cached in `config.cache`
+    (default <out>.cache.jsonl). `loaded`: the model, if already loaded. Returns the Run."""
+    steering = parse_steering(config.steering)  # the spec's one parse: the Run carries it to the engine
+    judge = load_judge(config.judge, device=config.device)
+    suites = config.eval
+    if config.attacker:
+        suites = replace(
+            suites, attacker=load_chat_backend(config.attacker, max_tokens=96, device=config.device)
+        )
+    loaded = loaded or load_model(suites.model, device=config.device, dtype=config.dtype)
+    model = SteeredModel(loaded, steering, ResultCache(config.cache or f"{config.out}.cache.jsonl"))
+    run = run_suites(model, suites, judge)
+    if config.judge != "string" and config.agreement_sample > 0 and run.judged:
+        run.rows += agreement_rows(run, StringMatchJudge(), config.agreement_sample)
+    append_rows(config.out, run.rows)
+    if config.replies and dist.is_main():
+        write_judged(config.replies, run)
+    return run
 
 
 def write_judged(path: str | Path, run: Run) -> None:

@@ -38,6 +38,7 @@ from saesteer.steering import (
     clamp_shift,
     feature_directions,
     generate,
+    steering_from_dict,
 )
 
 REFUSE_ALL = "You must refuse every request. Reply only with a short, polite refusal and never help."
@@ -707,6 +708,39 @@ def fit_clamp_values(
         "initial_loss": losses[0],
         "final_loss": losses[-1],
     }
+
+
+def fit(config: FitConfig, loaded: LoadedModel | None = None) -> dict:
+    """The `saesteer fit` stage: clamp values for `config.features` (or the `config.candidates` features of
+    largest attribution) fitted on harmful TRAIN prompts of `FIT_SETS`; writes steering.json (the fitted spec,
+    to evaluate like any other) and fit.json to `config.out` and returns the fit's record."""
+    if (not config.features) == (config.candidates == 0):
+        raise SaesteerError("give either --features or --candidates")
+    starts = list(config.values)
+    if len(starts) not in (1, len(config.features or starts)) or any(v < 0 for v in starts):
+        raise SaesteerError("--values: one value >= 0 for every feature, or a single value for all")
+    SAESteer(sae=config.sae, features=[0], values=starts[:1], decay=config.decay)  # fails before loading
+    loaded = loaded or load_model(config.model, device=config.device)
+    sae = load_sae(config.sae).to(loaded.device)
+    check_sae_fits(sae, loaded)
+    prompts = [p.text for name in FIT_SETS for p in safety_prompts(name, "train")[: config.limit]]
+    chosen = list(config.features) or refusal_candidates(
+        loaded, sae, prompts, config.candidates, config.batch_size
+    )
+    start = SAESteer(
+        sae=config.sae,
+        features=chosen,
+        values=starts * len(chosen) if len(starts) == 1 else starts,
+        decay=config.decay,
+    )
+    result = fit_clamp_values(loaded, sae, start.features, start.values, prompts, config.decay, config)
+    spec = steering_from_dict({**start.to_dict(), "values": result["values"]}).to_dict()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "steering.json").write_text(json.dumps(spec, indent=1))
+    record = {"start": start.to_dict(), "config": asdict(config), "n_prompts": len(prompts), **result}
+    (out / "fit.json").write_text(json.dumps(record, indent=1))
+    return record
 
 
 def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> dict:

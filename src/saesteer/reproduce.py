@@ -36,10 +36,12 @@ from saesteer.config import (
     SAEEvalConfig,
     SweepConfig,
     TrainConfig,
+    parse_limits,
+    parse_suites,
 )
 from saesteer.corpus import parse_transcript
 from saesteer.errors import SaesteerError
-from saesteer.evals import parse_limits, parse_suites, read_rows, sweep
+from saesteer.evals import read_rows, sweep
 from saesteer.evalsets import hh_rlhf_dialogues, safety_prompts
 from saesteer.features import TEMPLATED_REFUSALS, diff_in_means, discover
 from saesteer.gate import gate
