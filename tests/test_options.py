@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from saesteer import cli, config
+from saesteer import cli, config, reproduce
 from saesteer.errors import SaesteerError
-from saesteer.options import build, config_from, help_of, options_of, shown
+from saesteer.options import build, command_line, config_from, help_of, options_of, shown
 from saesteer.sae import SAEConfig
 
 CONFIGS = [
@@ -125,3 +125,41 @@ def test_required_and_malformed_options_are_one_line_errors():
         config_from(config.DiscoverConfig, {"sae": "s", "screen_values": "x"})
     with pytest.raises(SaesteerError, match="--prompts and --label go together"):
         config_from(config.EvaluateConfig, {"prompts": "p.txt"})
+
+
+def _parsed(verb: str, args: list[str]) -> dict:
+    """What `saesteer <verb> <args>` gives the verb: its options' values by name."""
+    command = typer.main.get_command(cli.app).commands[verb]
+    return command.make_context(verb, list(args)).params
+
+
+STAGES = {
+    "collect": "collect",
+    "train": "train",
+    "sae_eval": "evaluate-sae",
+    "discover": "discover",
+    "gate": "gate",
+}
+
+
+@pytest.mark.parametrize("preset", reproduce.PRESETS)
+def test_a_written_command_line_runs_the_same_config(preset):
+    """reproduce writes commands.sh with command_line: each must parse back to the config that ran."""
+    sweep = config.SweepConfig(
+        grid="g.json",
+        eval=config.EvalConfig(suites=("safety", "fidelity"), split="test", limit=4, limits={"gsm8k": 10**9}),
+        cache="c.jsonl",
+        judge="strict",
+    )
+    preset_config = reproduce.PRESETS[preset]
+    configs = [(verb, getattr(preset_config, field)) for field, verb in STAGES.items()]
+    configs += [("sweep", sweep), ("fit", config.FitConfig(features=(3, 7), values=(1.5,)))]
+    configs += [("demo", config.DemoConfig(methods=("refusal", '{"method": "prompt"}'), train_sae=True))]
+    configs += [("collect", config.CollectConfig(drop_special=False))]
+    for verb, cfg in configs:
+        cfg = dataclasses.replace(cfg, sae="s") if getattr(cfg, "sae", None) == "" else cfg
+        args = command_line(verb, cfg)
+        assert args[0] == verb
+        given = {k: v for k, v in _parsed(verb, args[1:]).items() if k != "config"}
+        assert config_from(type(cfg), given) == cfg, (verb, args)
+    assert command_line("collect", config.CollectConfig(), out="acts") == ["collect", "--out", "acts"]

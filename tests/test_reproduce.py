@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import subprocess
@@ -264,19 +263,6 @@ def test_tiny_reproduce_end_to_end(tmp_path):
         "sae",
         "conditional",
     }
-
-
-def test_the_logged_commands_spell_out_every_setting_a_preset_changes():
-    """commands.sh must rerun what ran: a preset may only change stage fields its logged command names."""
-    for name, preset in reproduce.PRESETS.items():
-        for stage, logged in reproduce.LOGGED.items():
-            config = getattr(preset, stage)
-            changed = {
-                f.name
-                for f in dataclasses.fields(config)
-                if getattr(config, f.name) != getattr(type(config)(), f.name)
-            }
-            assert changed <= logged, (name, stage, changed - logged)
 
 
 def test_the_stages_share_one_model_load(monkeypatch):

@@ -169,11 +169,13 @@ class Custom:
     """the fields they set, which get no option of their own"""
     apply: Callable[..., dict]
     """the options' values by name (None: not given) -> {field name: value} for the fields to set"""
+    show: Callable[[object, object], dict]
+    """(config, default config) -> {option name: value} that `apply` reads back into the config's fields"""
 
 
 def _eval_inputs(suite, limit, prompts, label, column) -> dict:
     values = {}
-    if suite is not None:
+    if suite:
         values["suites"] = parse_suites(",".join(suite))
     if limit is not None:
         values["limit"], values["limits"] = parse_limits(limit)
@@ -183,6 +185,18 @@ def _eval_inputs(suite, limit, prompts, label, column) -> dict:
         values["user_prompts"] = load_prompt_file(prompts, label, column)
         values["user_prompts_name"] = f"user:{Path(prompts).name}"
     return values
+
+
+def _eval_shown(config: EvalConfig, default: EvalConfig) -> dict:
+    if config.user_prompts is not None:
+        raise ValueError("prompts given as Python objects have no command line")
+    shown_values = {}
+    if config.suites != default.suites:
+        shown_values["suite"] = ",".join(config.suites)
+    if (config.limit, config.limits) != (default.limit, default.limits):
+        parts = [str(config.limit or 0)] + [f"{k}={0 if v == 10**9 else v}" for k, v in config.limits.items()]
+        shown_values["limit"] = ",".join(parts)
+    return shown_values
 
 
 CUSTOM: dict[type, Custom] = {
@@ -216,6 +230,7 @@ CUSTOM: dict[type, Custom] = {
         ),
         ("suites", "limit", "limits", "user_prompts", "user_prompts_name"),
         _eval_inputs,
+        _eval_shown,
     )
 }
 
@@ -328,7 +343,7 @@ def config_from(cls: type, given: dict, config_file: Path | None = None):
     values = read_config_file(config_file) if config_file else {}
     for option in options_of(cls):
         value = given.get(option.name)
-        if option.path and value is not None:
+        if option.path and value not in (None, [], ()):  # a repeatable option not given reads as empty
             _set(values, option.path, value if option.convert is None else option.convert(value, option.flag))
     for path, custom in _customs(cls):
         inputs = {o.name: given.get(o.name) for o in custom.options}
@@ -383,3 +398,28 @@ def command(app: typer.Typer, cls: type, name: str | None = None) -> Callable:
         return run
 
     return register
+
+
+def command_line(verb: str, config, **own) -> list[str]:
+    """The `saesteer` arguments that run `config` (an instance of verb's config) from a shell: an option for
+    every field that differs from the config's default, then `own`, the verb's own options (name: value)."""
+    default = type(config)()
+    args: list[str] = [verb]
+    for option in options_of(type(config)):
+        value = _get(config, option.path) if option.path else None
+        if not option.path or value == _get(default, option.path):
+            continue
+        if value is None:
+            raise ValueError(f"{option.flag} cannot unset a default")
+        if isinstance(value, bool):
+            args.append(option.decls[0].split("/")[0 if value else 1])
+        elif isinstance(value, (tuple, list)) and option.annotation == list[str] | None:
+            args += [part for item in value for part in (option.flag, item)]
+        else:
+            args += [option.flag, shown(value) if isinstance(value, (tuple, list)) else str(value)]
+    for path, custom in _customs(type(config)):
+        for name, value in custom.show(_get(config, path), _get(default, path)).items():
+            args += [_flag(name), str(value)]
+    for name, value in own.items():
+        args += [_flag(name), str(value)]
+    return args

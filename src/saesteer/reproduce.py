@@ -47,6 +47,7 @@ from saesteer.features import TEMPLATED_REFUSALS, diff_in_means, discover
 from saesteer.gate import gate
 from saesteer.judges import StringMatchJudge, is_refusal
 from saesteer.models import LoadedModel, load_model
+from saesteer.options import command_line
 from saesteer.report import (
     CLEAR,
     DEGENERATE_UNSAFE,
@@ -159,21 +160,6 @@ def build_sae_data(shared: Path, out: Path) -> dict:
     return info
 
 
-LOGGED = {  # per nested stage config, the fields commands.sh spells out (the run sets model, layer and paths)
-    "collect": {"tokens"},
-    "train": {"expansion_factor", "k", "total_tokens", "dead_tokens"},
-    "sae_eval": {"contexts"},
-    "discover": {
-        "n_candidates",
-        "n_attribution",
-        "screen_values",
-        "screen_prompts",
-        "detector_layer",
-        "limit",
-        "detector_negatives",
-    },
-    "gate": {"max_fpr", "limit"},
-}
 PRESETS = {
     "full": ReproduceConfig(),
     "quick": ReproduceConfig(
@@ -275,21 +261,16 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
     if not (run / "sae" / "cfg.json").is_file():
         source = replace(config.collect.data, data=str(data))
         collect_config = replace(config.collect, model=config.model, layer=layer, data=source)
-        command = ["collect", "--model", config.model, "--layer", layer, "--data", data]
-        command += ["--tokens", collect_config.tokens, "--passes", source.passes, "--out", acts]
+        command = command_line("collect", collect_config, out=acts)
         pipeline.stage("collect", command, lambda: collect(collect_config, acts, _load(config.model)))
     if not (run / "sae" / "cfg.json").is_file():
         train_config = replace(
             config.train, activations=str(acts), out=str(run), seed=config.seed, resume=True
         )
-        command = ["train", "--activations", acts, "--out", run]
-        command += ["--expansion-factor", train_config.expansion_factor, "--k", train_config.k]
-        command += ["--tokens", train_config.total_tokens, "--dead-tokens", train_config.dead_tokens]
-        pipeline.stage("train", [*command, "--seed", config.seed, "--resume"], lambda: train(train_config))
+        pipeline.stage("train", command_line("train", train_config), lambda: train(train_config))
     if not (run / "metrics.json").is_file():
         metrics_config = replace(config.sae_eval, sae=str(run / "sae"), out=str(run / "metrics.json"))
-        command = ["evaluate-sae", "--sae", run / "sae", "--contexts", metrics_config.contexts]
-        command += ["--out", run / "metrics.json"]
+        command = command_line("evaluate-sae", metrics_config)
         pipeline.stage("evaluate-sae", command, lambda: evaluate_sae(metrics_config, _load(config.model)))
     return run / "sae"
 
@@ -305,14 +286,9 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
             max_new_tokens=config.max_new_tokens,
             out=str(folder),
         )
-        command = ["discover", "--model", config.model, "--sae", sae]
-        command += ["--n-candidates", found.n_candidates, "--n-attribution", found.n_attribution]
-        command += ["--screen-values", ",".join(f"{v:g}" for v in found.screen_values)]
-        command += ["--screen-prompts", found.screen_prompts, "--max-new-tokens", found.max_new_tokens]
-        command += ["--detector-layer", found.detector_layer, "--judge", found.judge, "--out", folder]
-        command += ["--limit", found.limit] if found.limit else []
-        command += ["--detector-negatives", found.detector_negatives] if found.detector_negatives else []
-        pipeline.stage("discover", command, lambda: discover(found, _load(config.model)))
+        pipeline.stage(
+            "discover", command_line("discover", found), lambda: discover(found, _load(config.model))
+        )
     return json.loads((folder / "discovery.json").read_text())
 
 
@@ -324,9 +300,9 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
         gate_config = replace(
             config.gate, sae=str(sae), model=config.model, out=str(folder), seed=config.seed
         )
-        command = ["gate", "--model", config.model, "--sae", sae, "--max-fpr", gate_config.max_fpr]
-        command += ["--out", folder] + (["--limit", gate_config.limit] if gate_config.limit else [])
-        pipeline.stage("gate", command, lambda: gate(gate_config, _load(config.model)))
+        pipeline.stage(
+            "gate", command_line("gate", gate_config), lambda: gate(gate_config, _load(config.model))
+        )
     summary = json.loads((folder / "gate.json").read_text())
     return {
         "detector": str(folder / "detector.safetensors"),
@@ -428,10 +404,9 @@ def run_sweep(
         cache=str(out.parent / "generations.cache.jsonl"),
         judge=judge,
     )
-    command = ["sweep", "--model", config.model, "--grid", grid, "--split", split, "--suite", suite]
-    command += ["--limit", limit, "--judge", judge, "--max-new-tokens", config.max_new_tokens]
-    command += ["--mmlu-shots", config.mmlu_shots, "--seed", config.seed, "--cache", sweep_config.cache]
-    pipeline.stage(stage, [*command, "--out", out], lambda: sweep(sweep_config, _load(config.model)))
+    pipeline.stage(
+        stage, command_line("sweep", sweep_config), lambda: sweep(sweep_config, _load(config.model))
+    )
 
 
 def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
