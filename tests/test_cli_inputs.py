@@ -345,3 +345,70 @@ def test_huge_option_values_are_not_echoed_whole(monkeypatch, capsys, tmp_path, 
     code, out = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"))
     line = one_error_line(code, out)
     assert len(line) < 600, len(line)
+
+
+# ------------------------------------------------- the probes of issue 25 (item 7), before any model loads
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--split", "bogus"], "unknown split 'bogus'"),
+        (["sweep", "--grid", "g.json", "--split", "bogus"], "unknown split 'bogus'"),
+        (["collect", "--layer", "-1"], "layer must be 0 or more"),
+        (["collect", "--hook-point", "bogus"], "unknown hook point 'bogus'"),
+        (["demo", "--method", "bogus"], "unknown steering method 'bogus'"),
+        (["fit", "--features", "1", "--values", "1", "--decay", "nan"], "bad FitConfig.decay"),
+        (["eval", "--out", "/proc/saesteer-x.jsonl"], "--out /proc/saesteer-x.jsonl is not a usable path"),
+        (["audit", "nothere.jsonl"], "no such file: nothere.jsonl"),
+    ],
+)
+def test_inputs_a_config_can_check_fail_before_the_model_loads(
+    monkeypatch, capsys, no_model, tmp_path, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(monkeypatch, capsys, *args)
+    one_error_line(code, out, message)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"k": "abc"}, "bad TrainConfig.k in --config"),
+        ({"lr": [1, 2]}, "bad TrainConfig.lr in --config"),
+        ({"adam_betas": [0.9, "x"]}, "bad TrainConfig.adam_betas"),
+        ({"kk": 1}, "unknown TrainConfig field(s) in --config"),
+    ],
+)
+def test_a_mistyped_config_file_is_one_line(monkeypatch, capsys, tmp_path, content, message):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(content))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(path))
+    one_error_line(code, out, message)
+
+
+def test_audit_of_binary_or_list_valued_rows_is_one_line(monkeypatch, capsys, tmp_path):
+    binary, lists = tmp_path / "b.jsonl", tmp_path / "l.jsonl"
+    binary.write_bytes(bytes(range(128, 256)))
+    lists.write_text(json.dumps({"human": ["a"], "verdict": ["x"]}) + "\n")
+    one_error_line(*run_cli(monkeypatch, capsys, "audit", str(binary)), "not UTF-8 text")
+    one_error_line(*run_cli(monkeypatch, capsys, "audit", str(lists)), "are text")
+
+
+def test_a_port_in_use_fails_before_the_model_loads(monkeypatch, capsys, no_model):
+    import socket
+
+    pytest.importorskip("fastapi")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = run_cli(monkeypatch, capsys, "serve", "--port", str(port))
+    one_error_line(code, out, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_an_sae_too_large_to_allocate_is_one_line():
+    from saesteer.sae import SAEConfig, SAEError
+
+    with pytest.raises(SAEError, match="too large to load"):
+        SAEConfig(d_in=576, n_latents=10**12, k=32)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -77,6 +79,8 @@ def _writable_out(path: Path | str | None, kind: str = "file", option: str = "--
             raise SaesteerError(
                 f"{option} {shown} is not writable (no write permission on {short(str(target))})"
             )
+        if target.is_dir():  # permissions can pass where writing fails (a read-only or virtual file system)
+            tempfile.TemporaryFile(dir=target).close()
     except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte, ...
         raise SaesteerError(
             f"{option} {shown} is not a usable path: {getattr(err, 'strerror', None) or err}"
@@ -371,6 +375,12 @@ def serve(
     missing = [d for d in config.allow_dirs if not Path(d).is_dir()]
     if missing:
         raise SaesteerError(f"--allow-dir {short(missing[0])} is not a folder")
+    with socket.socket() as probe:  # a port in use fails before the model loads
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise SaesteerError(f"cannot listen on {short(host)}:{port}: {err.strerror or err}") from None
     uvicorn.run(create_app(load_model(model, device=device, dtype=dtype), config), host=host, port=port)
 
 
@@ -424,6 +434,9 @@ def reproduce(
     )
 
 
+AUDIT_TEXTS = ("human", "label", "verdict", "reply")
+
+
 @app.command()
 def audit(
     labels: Path = typer.Argument(
@@ -437,7 +450,11 @@ def audit(
     from saesteer.judges import QUALITY_CATEGORIES
     from saesteer.scoring import audit_summary, quality_agreement
 
+    if not labels.is_file():
+        raise SaesteerError(f"no such file: {short(str(labels))}")
     rows = read_rows(labels)
+    if not all(isinstance(r, dict) and all(isinstance(r.get(k, ""), str) for k in AUDIT_TEXTS) for r in rows):
+        raise SaesteerError(f"audit rows are JSON objects whose {', '.join(AUDIT_TEXTS)} are text")
     if rows and all(r.get("human") in QUALITY_CATEGORIES.get(r.get("label"), ()) for r in rows):
         typer.echo(f"{'category':<18} {'human':>6} {'judge':>6} {'agree':>7}  Cohen's kappa [95% CI]")
         for s in quality_agreement(rows):

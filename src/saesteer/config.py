@@ -17,6 +17,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_DATA = "builtin:corpus-slice"
 SELECT_DTYPES = ("float32", "bfloat16")  # TrainConfig.dtype: names of torch dtypes
 SUITES = ("safety", "capability", "jailbreak", "fidelity")  # EvalConfig.suites
+SPLITS = ("train", "validation", "test")  # of every prompt set
+RESIDUAL_POINTS = ("resid_post", "resid_pre")  # where activations are read (collect, detectors, SAEs)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,14 @@ class CollectConfig:
     """drop BOS/EOS/special-token positions (their norms are outliers)"""
     device: str | None = None
     """cpu, cuda, mps (default: best available)"""
+
+    def __post_init__(self):
+        if self.layer < 0:
+            raise SaesteerError(f"layer must be 0 or more, not {self.layer}")
+        if self.hook_point not in RESIDUAL_POINTS:
+            raise SaesteerError(
+                f"unknown hook point {short(self.hook_point)!r}: use {' or '.join(RESIDUAL_POINTS)}"
+            )
 
 
 @dataclass
@@ -367,6 +377,10 @@ class EvalConfig:
     """safety sets to evaluate (default: every available set)"""
     quality_judge: str = "rules"
     """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise SaesteerError(f"unknown split {short(self.split)!r}: use one of {', '.join(SPLITS)}")
 
 
 @dataclass

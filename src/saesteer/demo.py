@@ -109,13 +109,14 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
     """Side-by-side replies, a small safety eval with CIs, and the HTML report; returns (html, markdown)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(config.model, dtype=config.dtype)
     shipped = config.model == DEFAULT_MODEL and not config.train_sae and "refusal" in PRESETS
-    if shipped:
+    if shipped:  # a bad method fails before the model loads
         presets, discovery = dict(PRESETS), shipped_dir() / "discovery.json"
-    else:
+        methods = {name: parse_steering(presets.get(name, name)) for name in config.methods}
+    loaded = load_model(config.model, dtype=config.dtype)
+    if not shipped:
         presets, discovery = fallback_presets(loaded, out, config.fallback_tokens, config.fallback_prompts)
-    methods = {name: parse_steering(presets.get(name, name)) for name in config.methods}
+        methods = {name: parse_steering(presets.get(name, name)) for name in config.methods}
 
     prompts = [  # harmful and benign, imperative and everyday (the written sets' test splits open with it)
         p

@@ -620,7 +620,11 @@ def read_rows(path: str | Path) -> list[dict]:
     """Result rows from a JSONL file (a torn last line is skipped)."""
     rows = []
     if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SaesteerError(f"cannot read {short(str(path))}: not UTF-8 text") from None
+        for line in text.splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:

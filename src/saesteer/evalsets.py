@@ -42,9 +42,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TypeVar
 
+from saesteer.config import SPLITS
 from saesteer.errors import SaesteerError, short
 
-SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.4, 0.2, 0.4)
 LABELS = ("unsafe", "safe")

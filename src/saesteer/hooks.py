@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saesteer.config import RESIDUAL_POINTS
 from saesteer.errors import SaesteerError
 
 # "logits": the output head's logits [batch, pos, vocab]; "input_ids": the token ids [batch, pos] entering the
 # embeddings (read only: how a schedule sees which tokens were generated).
-RESIDUAL_POINTS = ("resid_post", "resid_pre")  # where activations are read (collect, detectors, SAEs)
 LAYERLESS_POINTS = ("logits", "input_ids")  # hook points where the layer is ignored
 HOOK_POINTS = (*RESIDUAL_POINTS, *LAYERLESS_POINTS)
 # Where common architectures keep their decoder layers (Llama, Phi-3, Qwen2, Gemma2, Mistral | GPT-2 | NeoX).

@@ -314,17 +314,43 @@ def build(cls: type, values: dict, where: str, default=None):
     if unknown:
         raise SaesteerError(f"unknown {cls.__name__} field(s) in {where}: {', '.join(map(short, unknown))}")
     changes = {}
-    for name, value in values.items():
-        current = getattr(default, name)
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, current = values[f.name], getattr(default, f.name)
         if is_dataclass(current) and isinstance(value, dict):
             value = build(type(current), value, where, current)
         elif isinstance(value, list) and isinstance(current, tuple):
             value = tuple(value)
-        changes[name] = value
+        if not _fits(_field_type(cls, f), value):
+            raise SaesteerError(
+                f"bad {cls.__name__}.{f.name} in {where}: {short(repr(value))} is not {f.type}"
+            )
+        changes[f.name] = value
     try:
         return dataclasses.replace(default, **changes)
     except TypeError as err:
         raise SaesteerError(f"bad {cls.__name__} in {where}: {err}") from None
+
+
+def _fits(kind, value) -> bool:
+    """Whether `value` is of a plain field type (bool, int, float (finite), str, optional, tuples or lists of
+    these); values of other types are left to the config to check."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return value is None or _fits(next(a for a in args if a is not type(None)), value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(kind)
+    if origin in (tuple, list) and args and all(a in (args[0], ...) for a in args):
+        return isinstance(value, (tuple, list)) and all(_fits(args[0], v) for v in value)
+    return True
 
 
 def read_config_file(path: Path) -> dict:

@@ -55,6 +55,9 @@ class SAEError(SaesteerError):
     """Bad SAE config, input or file."""
 
 
+MAX_WEIGHTS = 2**31  # per encoder or decoder matrix: 8 GiB in float32, far above any SAE of a 70B model
+
+
 @dataclass
 class SAEConfig:
     """Shape and architecture of the SAE plus where it was trained; saved with the weights."""
@@ -106,6 +109,11 @@ class SAEConfig:
             raise SAEError(
                 f"need d_in, n_latents >= 1 and, for topk, 1 <= k <= n_latents; got d_in={self.d_in}, "
                 f"n_latents={self.n_latents}, k={self.k}"
+            )
+        if self.d_in * self.n_latents > MAX_WEIGHTS:
+            raise SAEError(
+                f"an SAE of d_in {self.d_in} x n_latents {self.n_latents} is too large to load "
+                f"(over {MAX_WEIGHTS:,} weights per matrix)"
             )
         if not (math.isfinite(self.norm_scale) and self.norm_scale > 0):
             raise SAEError(f"norm_scale must be a positive finite number, got {self.norm_scale}")
