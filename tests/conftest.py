@@ -146,7 +146,7 @@ def tiny_loaded():
 def save_steering_sae(folder: Path) -> str:
     """A random TopK SAE for the tiny models' layer 1 (64 -> 256 latents, k 8, encoder biases spread so
     every latent can fire), saved in `folder`; returns its path (the SAE loader's cache cleared)."""
-    from saesteer.artefacts import load_sae
+    from saesteer.artefacts import clear_cache
     from saesteer.sae import SAE, SAEConfig
 
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def save_steering_sae(folder: Path) -> str:
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.5)
     sae.save(folder)
-    load_sae.cache_clear()
+    clear_cache()
     return str(folder)
 
 

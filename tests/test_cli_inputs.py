@@ -361,6 +361,7 @@ def test_huge_option_values_are_not_echoed_whole(monkeypatch, capsys, tmp_path, 
         (["fit", "--features", "1", "--values", "1", "--decay", "nan"], "bad FitConfig.decay"),
         (["eval", "--out", "/proc/saesteer-x.jsonl"], "--out /proc/saesteer-x.jsonl is not a usable path"),
         (["audit", "nothere.jsonl"], "no such file: nothere.jsonl"),
+        (["serve", "--api-key", ""], "the API key is empty"),
     ],
 )
 def test_inputs_a_config_can_check_fail_before_the_model_loads(
@@ -412,3 +413,9 @@ def test_an_sae_too_large_to_allocate_is_one_line():
 
     with pytest.raises(SAEError, match="too large to load"):
         SAEConfig(d_in=576, n_latents=10**12, k=32)
+
+
+def test_an_empty_api_key_in_the_environment_fails_at_start_up(monkeypatch, capsys, no_model):
+    pytest.importorskip("fastapi")
+    monkeypatch.setenv("SAESTEER_API_KEY", "")
+    one_error_line(*run_cli(monkeypatch, capsys, "serve"), "SAESTEER_API_KEY is set but empty")

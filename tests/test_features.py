@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from saesteer.artefacts import load_sae
+from saesteer.artefacts import clear_cache, load_sae
 from saesteer.errors import SaesteerError
 from saesteer.features import (
     DiscoverConfig,
@@ -30,7 +30,7 @@ def sae_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sae")
     SAE(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(folder)
-    load_sae.cache_clear()
+    clear_cache()
     return str(folder)
 
 

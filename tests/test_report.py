@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from saesteer.artefacts import load_sae
+from saesteer.artefacts import clear_cache
 from saesteer.errors import SaesteerError
 from saesteer.evals import append_rows
 from saesteer.features import DiscoverConfig, activation_histogram, find_refusal_features, topic_feature
@@ -335,7 +335,7 @@ def test_discover_records_histograms_for_candidates_and_control(tiny_loaded, tmp
     SparseAutoencoder(SAEConfig(d_in=64, n_latents=128, k=8, layer=2, model="tiny-llama")).save(
         tmp_path / "sae"
     )
-    load_sae.cache_clear()
+    clear_cache()
     sae = str(tmp_path / "sae")
     control = topic_feature(
         tiny_loaded, sae, ["quick brown fox"] * 3, ["lazy dog models"] * 3, max_corpus_freq=1.0

@@ -18,8 +18,8 @@ import torch
 import uvicorn
 from conftest import run_cli, save_steering_sae
 
-from saesteer.artefacts import save_direction
-from saesteer.errors import short
+from saesteer.artefacts import load_sae, save_direction
+from saesteer.errors import SaesteerError, short
 from saesteer.models import chat_prompts, load_model, reference_generate
 from saesteer.serve import ServeConfig, create_app
 from saesteer.steering import PRESETS, steering_from_dict
@@ -557,6 +557,45 @@ def test_api_key(tiny_model_dir):
             ask(wrong, "hi", max_tokens=2)
         right = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert ask(right, "hi", max_tokens=2).usage.completion_tokens <= 2
+        root = url.removesuffix("/v1")
+        for path in ("/docs", "/openapi.json", "/nowhere"):  # issue 25: the API docs need the key too
+            assert httpx.get(root + path).status_code == 401, path
+        assert (
+            httpx.get(root + "/openapi.json", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        )
+    for empty in ("", "  "):
+        with pytest.raises(SaesteerError, match="the API key is empty"):
+            ServeConfig(api_key=empty)
+
+
+def test_a_request_s_steering_is_bounded_before_it_runs(served, specs):
+    """Issue 25 item 1: a stack of thousands of clamps, or one naming many files, is a 400 before it runs."""
+    url, clamp = served[0], specs["sae"]
+    for steering, message in (
+        ({"method": "stack", "steerings": [clamp] * 40}, "the steering makes 80 edits, above this server's limit of 64"),
+        ({"method": "sae", **{k: v for k, v in clamp.items() if k != "method"}, "features": list(range(65)),
+          "values": [1.0] * 65}, "makes 65 edits"),
+        ({"method": "stack", "steerings": [
+            {**clamp, "sae": str(Path(specs["folder"]) / "sae") + "/." * i} for i in range(5)
+        ]}, "names 5 files, above this server's limit of 4"),
+    ):  # fmt: skip
+        response = raw(url, {"messages": USER, "steering": steering, "max_tokens": 2})
+        assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
+def test_every_spelling_of_one_sae_is_one_copy(specs):
+    """Issue 25 item 2: the SAE cache keys on the file's identity, not the string that names it."""
+    folder = Path(specs["folder"]) / "sae"
+    spellings = [str(folder) + "/." * i for i in range(40)] + [str(folder / ".." / "sae")]
+    assert len({id(load_sae(s)) for s in spellings}) == 1
+
+
+def test_shipped_artefacts_stay_allowed_beside_allow_dirs(served):
+    """Issue 25 item 5: --allow-dir adds to the shipped artefacts, as the README says."""
+    steering = {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [1.0]}
+    response = raw(served[0], {"messages": USER, "steering": steering, "max_tokens": 2})
+    assert response.status_code in (200, 400), response.text
+    assert "not available on this server" not in response.text
 
 
 def test_cli_serve_answers(tiny_model_dir, specs, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saesteer.artefacts import load_sae, save_direction
+from saesteer.artefacts import clear_cache, load_sae, save_direction
 from saesteer.errors import SaesteerError
 from saesteer.hooks import Rows, residual_at
 from saesteer.models import chat_prompts, reference_generate
@@ -38,7 +38,7 @@ def sae_dir(tmp_path_factory):
         sae.b_dec.normal_(0, 0.2)
     folder = tmp_path_factory.mktemp("sae")
     sae.save(folder)
-    load_sae.cache_clear()
+    clear_cache()
     return str(folder)
 
 

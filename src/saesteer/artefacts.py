@@ -36,23 +36,49 @@ def resolve(path: str) -> str:
     return str(target)
 
 
-@functools.lru_cache(maxsize=8)
+def _identity(path: str) -> tuple:
+    """What a file or folder is, however it is spelled: its real path, device, inode, size and mtime (so
+    `builtin:sae/.` and `builtin:sae` are one SAE, and a file rewritten in place is another)."""
+    real = Path(resolve(path)).resolve(strict=True)
+    stat = real.stat()
+    return str(real), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def load_sae(path: str):
-    """Load (once per path, then cached) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope
+    """Load (once per file, then cached) an SAE: a SAELens, sparsify or Gemma Scope folder, a Gemma Scope
     .npz file, `builtin:sae` (the shipped one) or `saelens:<release>/<sae id>` (sae_lens's pretrained registry).
 
     Returns a `saesteer.sae.SAE` in eval mode with frozen weights: `encode` maps raw residual activations
     [..., d_in] to latent codes [..., n_latents] in the SAE's latent units (the units of an `sae` steering's
     `values`), `decode` maps codes back to raw activations [..., d_in]; `cfg` holds d_in, n_latents, k,
-    layer and hook_point. Raises SaesteerError when the path holds no SAE."""
+    layer and hook_point. Every spelling of one file shares one cached copy (`_identity`; at most 8 SAEs are
+    kept). Raises SaesteerError when the path holds no SAE."""
     if path.startswith("saelens:"):
         release, _, sae_id = path.removeprefix("saelens:").partition("/")
         if not (release and sae_id):
             raise SaesteerError(f"{short(path)} is not saelens:<release>/<sae id>")
-        return SAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
-    if not exists(resolve(path), Path.exists):
-        raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file")
-    return SAE.load(resolve(path)).eval().requires_grad_(False)
+        return _load_registry_sae(release, sae_id)
+    try:
+        identity = _identity(path)
+    except (OSError, ValueError, RuntimeError):  # missing, a name too long or with NUL, a symlink loop
+        raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file") from None
+    return _load_sae_file(*identity)
+
+
+def clear_cache() -> None:
+    """Forget every loaded SAE and direction (a file rewritten inside an SAE folder keeps the folder's identity)."""
+    for cached in (_load_registry_sae, _load_sae_file, _load_direction_file):
+        cached.cache_clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_registry_sae(release: str, sae_id: str):
+    return SAE.from_sae_lens(release, sae_id).eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_sae_file(real: str, *identity) -> SAE:
+    return SAE.load(real).eval().requires_grad_(False)
 
 
 def save_direction(
@@ -68,15 +94,21 @@ def save_direction(
     save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path), metadata=info)
 
 
-@functools.lru_cache(maxsize=16)
 def load_direction(path: str) -> tuple[torch.Tensor, dict]:
-    """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per path
-    (the conditional detector asks for it at every prefill)."""
+    """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per file
+    however it is spelled (the conditional detector asks for it at every prefill; at most 16 are kept)."""
     try:
-        with safe_open(resolve(path), "pt") as f:
-            direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
+        return _load_direction_file(*_identity(path))
+    except SaesteerError:
+        raise
     except Exception as err:  # missing file, bad header, missing tensor
         raise SaesteerError(f"cannot read direction file {short(path)}: {short(str(err), 200)}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _load_direction_file(real: str, *identity) -> tuple[torch.Tensor, dict]:
+    with safe_open(real, "pt") as f:
+        direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
     return direction / direction.norm(), meta
 
 

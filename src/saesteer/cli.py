@@ -372,6 +372,8 @@ def serve(
         raise SaesteerError(f"the server needs {err.name}: pip install 'saesteer[serve]'") from None
     from saesteer.models import load_model
 
+    if config.api_key is None and os.environ.get("SAESTEER_API_KEY") == "":
+        raise SaesteerError("SAESTEER_API_KEY is set but empty: give a non-empty key, or unset it")
     missing = [d for d in config.allow_dirs if not Path(d).is_dir()]
     if missing:
         raise SaesteerError(f"--allow-dir {short(missing[0])} is not a folder")

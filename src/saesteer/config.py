@@ -483,11 +483,16 @@ class ServeConfig:
     """most requests generated together (a continuous batch)"""
     max_body_bytes: int = 1 << 20
     """largest request body accepted, in bytes"""
+    max_edits: int = 64
+    """most residual-stream edits one request's steering may make: an SAE clamp counts one per feature, any
+    other method (a stack's part, a conditional's inner steering) one"""
+    max_files: int = 4
+    """most distinct files (SAEs, directions, detectors) one request's steering may name"""
     allow_dirs: list[str] = field(default_factory=list)
-    """folders whose files (SAEs, directions, detectors) requests may name (default: only the shipped artefacts;
-    presets always work)"""
+    """folders whose files (SAEs, directions, detectors) requests may name, besides the shipped artefacts
+    (presets always work)"""
     api_key: str | None = None
-    """require `Authorization: Bearer <api_key>` on every request"""
+    """require `Authorization: Bearer <api_key>` on every request, the API docs included"""
 
     def __post_init__(self):
         for name in (
@@ -496,9 +501,13 @@ class ServeConfig:
             "max_prompt_tokens",
             "max_batch_size",
             "max_body_bytes",
+            "max_edits",
+            "max_files",
         ):
             if getattr(self, name) < 1:
                 raise SaesteerError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise SaesteerError("the API key is empty: give a non-empty key, or none to serve without one")
 
 
 @dataclass

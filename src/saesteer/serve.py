@@ -13,9 +13,10 @@ next decoding step, rows with different steerings share it (each row steered by 
 and a row whose client has gone away leaves it at the next step, streamed or not. Each sampled row has
 its own random generator, so a seed reproduces its reply whatever else is running.
 
-Requests may name files (an SAE folder, a direction, a detector) only inside the directories the
-operator allows (`allow_dirs`; default: the shipped artefacts); presets are trusted. With `api_key`
-set, every request needs `Authorization: Bearer <key>`.
+Requests may name files (an SAE folder, a direction, a detector) only inside the shipped artefacts and
+the directories the operator allows (`allow_dirs`); presets are trusted. A request's steering is bounded
+before it runs (`max_edits`, `max_files`). With `api_key` set, every request needs
+`Authorization: Bearer <key>`, the API docs included.
 """
 
 from __future__ import annotations
@@ -222,8 +223,9 @@ class _EngineThread:
             return None
 
 
-def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Steering:
-    """The steering a request asks for: a preset (trusted), or a spec whose files must lie in `allowed`."""
+def _request_steering(value: Any, default: Steering, allowed: list[Path], config: ServeConfig) -> Steering:
+    """The steering a request asks for: a preset (trusted), or a spec within `config`'s bounds on edits and
+    files, whose files must lie in `allowed`."""
     if value is None:
         return default
     if isinstance(value, str):
@@ -243,6 +245,15 @@ def _request_steering(value: Any, default: Steering, allowed: list[Path]) -> Ste
     if not isinstance(value, dict):
         raise SaesteerError("steering must be a preset name or a spec object")
     steering = steering_from_dict(value)
+    edits = sum(len(getattr(leaf, "features", None) or [None]) for leaf in steering.leaves())
+    if edits > config.max_edits:
+        raise SaesteerError(
+            f"the steering makes {edits} edits, above this server's limit of {config.max_edits}"
+        )
+    if len(set(steering.files())) > config.max_files:
+        raise SaesteerError(
+            f"the steering names {len(set(steering.files()))} files, above this server's limit of {config.max_files}"
+        )
     for path in steering.files():
         if not _allowed(path, allowed):  # one answer whether or not the file exists
             raise SaesteerError(
@@ -416,7 +427,7 @@ class _Service:
     def prompt_ids(self, req: ChatRequest) -> tuple[list[int], Steering]:
         """The request's steering and its conversation rendered (after the steering's `prepare`) as token ids."""
         try:
-            steering = _request_steering(req.steering, self.default, self.allowed)
+            steering = _request_steering(req.steering, self.default, self.allowed, self.config)
             roles = {"developer": "system"}
             conversation = [{"role": roles.get(m.role, m.role), "content": m.content} for m in req.messages]
             prompt = render(self.loaded, [conversation], steering)[0]
@@ -433,7 +444,7 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
     default = parse_steering(config.steering)
     with default.applied(loaded):  # a bad default (e.g. feature out of range) fails here, not per request
         pass
-    allowed = [Path(d).resolve() for d in config.allow_dirs or [shipped_dir()]]
+    allowed = [Path(d).resolve() for d in [shipped_dir(), *config.allow_dirs]]
     service = _Service(loaded, config, default, allowed, _EngineThread(loaded, config.max_batch_size))
 
     async def lifespan(_app: FastAPI):
@@ -461,12 +472,13 @@ def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
 
 
 def _bearer_check(api_key: str):
-    """Middleware answering 401 to /v1/ requests without `Authorization: Bearer <api_key>`."""
+    """Middleware answering 401 to every request (the API docs included) without `Authorization: Bearer
+    <api_key>`."""
     expected = f"Bearer {api_key}".encode()
 
     async def authenticate(request: Request, call_next):
         given = request.headers.get("authorization", "").encode("utf-8", "replace")
-        if request.scope["path"].startswith("/v1/") and not secrets.compare_digest(given, expected):
+        if not secrets.compare_digest(given, expected):
             message = "missing or wrong API key: send `Authorization: Bearer <key>`"
             return JSONResponse(ApiError(401, message, code="invalid_api_key").body(), status_code=401)
         return await call_next(request)

@@ -77,6 +77,10 @@ class Steering:
         """The files (and folders) this method reads."""
         return [getattr(self, name) for name in self.file_fields]
 
+    def leaves(self) -> list[Steering]:
+        """The single methods this steering is made of (a stack's parts, a conditional's inner steering)."""
+        return [self]
+
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:
         """Inside the block, the model's own forward passes are steered (scoring, HF `generate`)."""
@@ -359,6 +363,9 @@ class Conditional(Steering):
     def files(self) -> list[str]:
         return [self.detector, *self.inner.files()]
 
+    def leaves(self) -> list[Steering]:
+        return self.inner.leaves()
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
@@ -483,6 +490,9 @@ class Stack(Steering):
 
     def files(self) -> list[str]:
         return [path for part in self.parts for path in part.files()]
+
+    def leaves(self) -> list[Steering]:
+        return [leaf for part in self.parts for leaf in part.leaves()]
 
     def to_dict(self) -> dict:
         return {"method": self.method, "steerings": [p.to_dict() for p in self.parts]}
