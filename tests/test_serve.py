@@ -650,3 +650,37 @@ def test_cli_serve_bad_default_steering_is_one_line(monkeypatch, capsys, tiny_mo
         monkeypatch, capsys, "serve", "--model", str(tiny_model_dir), "--steering", '{"method": "nope"}'
     )
     assert code == 2 and "unknown steering method 'nope'" in out.err and "Traceback" not in out.err
+
+
+def test_a_poisoned_file_fails_its_own_request_alone(served, specs, tmp_path):
+    """Issue 25 item 4: bad metadata is a 400 for the request that names it, found before it joins a batch;
+    the requests sent beside it succeed, and no error names another request's steering."""
+    from safetensors.torch import save_file
+
+    from saesteer.detectors import Detector
+
+    url, folder = served[0], Path(specs["folder"])
+    vector = {"direction": torch.ones(64)}
+    save_file(vector, str(folder / "hook.safetensors"), metadata={"layer": "2", "hook_point": "bogus"})
+    save_file(vector, str(folder / "layer.safetensors"), metadata={"layer": "abc"})
+    weight = torch.zeros(1, 64)
+    save_file({"weight": weight}, str(folder / "layers.safetensors"), metadata={
+        "kind": "probe", "layers": "7", "bias": "0.0", "pooling": "user", "tokens": "4", "sae": "", "model": "tiny",
+    })  # fmt: skip
+    Detector("sae_probe", (1,), weight, sae=str(tmp_path)).save(folder / "outside.safetensors", "tiny")
+    bad = [
+        ({"method": "actadd", "direction": str(folder / "hook.safetensors")}, "unknown hook point"),
+        ({"method": "actadd", "direction": str(folder / "layer.safetensors")}, "not an integer"),
+        ({"method": "conditional", "steering": specs["actadd"], "detector": str(folder / "layers.safetensors")},
+         "lacks valid metadata"),
+        ({"method": "conditional", "steering": specs["actadd"], "detector": str(folder / "outside.safetensors")},
+         "is not available on this server"),
+    ]  # fmt: skip
+    good = {"messages": USER, "steering": specs["actadd"], "max_tokens": 4}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: raw(url, body, timeout=60), [good, *[
+            {"messages": USER, "steering": steering, "max_tokens": 4} for steering, _ in bad
+        ], good]))  # fmt: skip
+    assert answers[0].status_code == answers[-1].status_code == 200, answers[0].text
+    for answer, (_, message) in zip(answers[1:-1], bad):
+        assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text

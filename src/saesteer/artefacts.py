@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from saesteer.config import RESIDUAL_POINTS
 from saesteer.errors import SaesteerError, short
 from saesteer.sae import SAE
 
@@ -109,7 +110,20 @@ def load_direction(path: str) -> tuple[torch.Tensor, dict]:
 def _load_direction_file(real: str, *identity) -> tuple[torch.Tensor, dict]:
     with safe_open(real, "pt") as f:
         direction, meta = f.get_tensor("direction").float(), f.metadata() or {}
+    layer_of(meta, real)  # checked where the file is read, not where a batch uses it
+    if meta.get("hook_point", "resid_post") not in RESIDUAL_POINTS:
+        raise SaesteerError(
+            f"direction file {short(real)} names an unknown hook point {short(meta['hook_point'])!r}"
+        )
     return direction / direction.norm(), meta
+
+
+def layer_of(meta: dict, path: str) -> int:
+    """The decoder layer a direction file's metadata names (-1 when it names none)."""
+    try:
+        return int(meta.get("layer", -1))
+    except ValueError:
+        raise SaesteerError(f"direction file {short(path)} names a layer that is not an integer") from None
 
 
 def exists(path: str, test: Callable[[Path], bool]) -> bool:

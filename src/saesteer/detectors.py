@@ -31,8 +31,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saesteer.artefacts import load_sae, resolve
-from saesteer.errors import SaesteerError
+from saesteer.artefacts import layer_of, load_sae, resolve
+from saesteer.config import RESIDUAL_POINTS
+from saesteer.errors import SaesteerError, short
 from saesteer.hooks import residuals_at
 from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
 
@@ -102,7 +103,7 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
     if "weight" not in names:
         return Detector(
             "dim",
-            (int(meta.get("layer", -1)) if layer is None else layer,),
+            (layer_of(meta, path) if layer is None else layer,),
             (tensor / tensor.norm())[None],
             pooling="last",
             tokens=tokens,
@@ -110,9 +111,14 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
             meta=meta,
         )
     try:
-        return Detector(
+        layers = json.loads(meta["layers"])
+        if not (
+            isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        ):
+            raise ValueError(f"layers {short(meta['layers'])!r} is not a list of integers")
+        detector = Detector(
             meta["kind"],
-            tuple(json.loads(meta["layers"])),
+            tuple(layers),
             tensor,
             float(meta["bias"]),
             meta["pooling"],
@@ -121,8 +127,15 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
             meta.get("hook_point", "resid_post"),
             meta,
         )
-    except (KeyError, ValueError) as err:
-        raise SaesteerError(f"detector file {path} lacks valid metadata ({err})") from None
+        if detector.hook_point not in RESIDUAL_POINTS or detector.pooling not in POOLINGS:
+            raise ValueError(
+                f"hook point {short(detector.hook_point)!r} or pooling {short(detector.pooling)!r}"
+            )
+        return detector
+    except (KeyError, ValueError, TypeError) as err:
+        raise SaesteerError(
+            f"detector file {short(path)} lacks valid metadata ({short(str(err), 200)})"
+        ) from None
 
 
 def template_parts(loaded: LoadedModel) -> tuple[str, str, str, str]:

@@ -42,10 +42,11 @@ from starlette.exceptions import HTTPException
 
 from saesteer.artefacts import resolve, shipped_dir
 from saesteer.config import ServeConfig
+from saesteer.detectors import load_detector
 from saesteer.engine import Engine, Reply
 from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel
-from saesteer.steering import PRESETS, Steering, parse_steering, render, steering_from_dict
+from saesteer.steering import PRESETS, Conditional, Steering, parse_steering, render, steering_from_dict
 
 log = logging.getLogger("saesteer.serve")
 MIN_TEMPERATURE = (
@@ -216,10 +217,10 @@ class _EngineThread:
         try:
             with torch.inference_mode():
                 return fn(*args)
-        except Exception as err:
+        except Exception:
             log.exception("generation failed")
             for job in jobs:
-                job.fail(ApiError(500, f"generation failed: {type(err).__name__}: {short(str(err), 200)}"))
+                job.fail(ApiError(500, "generation failed; the server's log has the details"))
             return None
 
 
@@ -254,7 +255,11 @@ def _request_steering(value: Any, default: Steering, allowed: list[Path], config
         raise SaesteerError(
             f"the steering names {len(set(steering.files()))} files, above this server's limit of {config.max_files}"
         )
-    for path in steering.files():
+    paths = steering.files()
+    if isinstance(steering, Conditional) and all(_allowed(p, allowed) for p in paths):
+        own = load_detector(steering.detector, steering.layer, steering.tokens).sae  # a detector's own SAE
+        paths += [own] if own else []
+    for path in paths:
         if not _allowed(path, allowed):  # one answer whether or not the file exists
             raise SaesteerError(
                 f"steering file {short(path)!r} is not available on this server: use a preset, or a "
@@ -368,7 +373,8 @@ class _Service:
 
     async def chat(self, request: Request):
         req = _parse(await _read_body(request, self.config.max_body_bytes))
-        job = self.job(req)
+        # checks, file loads and tokenisation run off the event loop: other streams keep flowing
+        job = await asyncio.to_thread(self.job, req, asyncio.get_running_loop())
         self.engine.inbox.put(job)
         try:
             first = await _first_event(job, request)
@@ -393,8 +399,10 @@ class _Service:
             "choices": [choice],
         }
 
-    def job(self, req: ChatRequest) -> _Job:
-        """A request checked against the server's limits, its steering resolved and its prompt tokenised."""
+    def job(self, req: ChatRequest, loop: asyncio.AbstractEventLoop) -> _Job:
+        """A request checked against the server's limits, its steering resolved, its files loaded and checked
+        against the model (a bad file fails this request alone, before it joins a batch) and its prompt
+        tokenised; the engine reports to `loop`."""
         config = self.config
         if req.n != 1:
             raise ApiError(400, f"n={req.n} is not supported: this server returns one choice", param="n")
@@ -420,7 +428,7 @@ class _Service:
             request.temperature, request.top_p = req.temperature, req.top_p or 1.0
             request.generator = torch.Generator(self.loaded.device)
             request.generator.manual_seed(req.seed) if req.seed is not None else request.generator.seed()
-        job = _Job(request, steering, req.stream, asyncio.get_running_loop(), self.loaded.tokenizer)
+        job = _Job(request, steering, req.stream, loop, self.loaded.tokenizer)
         request.on_update = job.update
         return job
 
@@ -428,6 +436,7 @@ class _Service:
         """The request's steering and its conversation rendered (after the steering's `prepare`) as token ids."""
         try:
             steering = _request_steering(req.steering, self.default, self.allowed, self.config)
+            steering.check(self.loaded)
             roles = {"developer": "system"}
             conversation = [{"role": roles.get(m.role, m.role), "content": m.content} for m in req.messages]
             prompt = render(self.loaded, [conversation], steering)[0]

@@ -21,7 +21,7 @@ import torch
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from saesteer import engine
-from saesteer.artefacts import exists, load_direction, load_sae, shipped_dir
+from saesteer.artefacts import exists, layer_of, load_direction, load_sae, shipped_dir
 from saesteer.detectors import gate_scores, load_detector
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import RESIDUAL_POINTS, Edit, EditFn, Rows, decoder_layers, edits_applied
@@ -80,6 +80,11 @@ class Steering:
     def leaves(self) -> list[Steering]:
         """The single methods this steering is made of (a stack's parts, a conditional's inner steering)."""
         return [self]
+
+    def check(self, loaded: LoadedModel) -> None:
+        """Load this steering's files and check them against `loaded`: a bad file or setting raises
+        SaesteerError here, never in the middle of a batch it shares."""
+        self.edits(loaded)
 
     @contextmanager
     def applied(self, loaded: LoadedModel) -> Iterator[None]:
@@ -289,7 +294,7 @@ class ActAdd(Steering):
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         direction, meta = load_direction(self.direction)
         _check_width(direction, loaded)
-        layer = loaded.check_layer(int(meta.get("layer", -1)) if self.layer is None else self.layer)
+        layer = loaded.check_layer(layer_of(meta, self.direction) if self.layer is None else self.layer)
         delta = self.alpha * direction.to(loaded.device)
         return [
             (
@@ -365,6 +370,12 @@ class Conditional(Steering):
 
     def leaves(self) -> list[Steering]:
         return self.inner.leaves()
+
+    def check(self, loaded: LoadedModel) -> None:
+        detector = load_detector(self.detector, self.layer, self.tokens)
+        for layer in detector.layers:
+            loaded.check_layer(layer)
+        self.inner.check(loaded)
 
     def to_dict(self) -> dict:
         return {
