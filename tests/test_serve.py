@@ -684,3 +684,17 @@ def test_a_poisoned_file_fails_its_own_request_alone(served, specs, tmp_path):
     assert answers[0].status_code == answers[-1].status_code == 200, answers[0].text
     for answer, (_, message) in zip(answers[1:-1], bad):
         assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text
+
+
+def test_a_body_that_never_arrives_is_a_408(tiny_model_dir):
+    """Issue 25 item 6: a Content-Length the body never reaches ends at the deadline, not never."""
+    config = ServeConfig(**LIMITS, body_seconds=0.5)
+    for url, _ in serve_in_thread(load_model(str(tiny_model_dir)), config):
+        host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{\"messages\": "
+            )
+            answer = conn.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer

@@ -383,7 +383,8 @@ def serve(
             probe.bind((host, port))
         except OSError as err:
             raise SaesteerError(f"cannot listen on {short(host)}:{port}: {err.strerror or err}") from None
-    uvicorn.run(create_app(load_model(model, device=device, dtype=dtype), config), host=host, port=port)
+    app = create_app(load_model(model, device=device, dtype=dtype), config)
+    uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
 
 
 @app.command()

@@ -156,14 +156,34 @@ def load_model(
 Messages = list[dict]
 
 
+WORD_JOINER = "\u2060"  # invisible, and splits a special-token string into ordinary text tokens
+
+
+def as_text(tokenizer, content: str) -> str:
+    """Message content as plain text: a special-token string in it ("<|im_start|>", "<|im_end|>", ...) gets a
+    word joiner after its first character, so it tokenises as ordinary text and cannot forge a turn."""
+    specials = {*tokenizer.all_special_tokens}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    for token in sorted(specials, key=len, reverse=True):
+        if len(token) > 1 and token in content:
+            content = content.replace(token, token[0] + WORD_JOINER + token[1:])
+    return content
+
+
 def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str]:
-    """Render conversations with the chat template, ending with the assistant's turn."""
+    """Render conversations with the chat template, ending with the assistant's turn; message content is
+    rendered as text (`as_text`), never as control tokens."""
     template = loaded.tokenizer
     if not getattr(template, "chat_template", None):
         raise SaesteerError(f"{loaded.spec} has no chat template")
-    return [
-        template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    texts = [
+        [
+            {**m, "content": as_text(template, m["content"])} if isinstance(m.get("content"), str) else m
+            for m in c
+        ]
+        for c in conversations
     ]
+    return [template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in texts]
 
 
 def rendered_batches(loaded: LoadedModel, rendered: list[str], batch_size: int) -> Iterator:

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from saesteer.artefacts import resolve, shipped_dir
 from saesteer.config import ServeConfig
@@ -287,13 +288,26 @@ def _allowed(path: str, allowed: list[Path]) -> bool:
         return False
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 once it passes `limit` (the rest is drained, not kept)."""
+async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The request body, or 413 once it passes `limit` (the rest is drained, not kept), 408 when it takes over
+    `seconds` to arrive (a Content-Length the body never reaches), 400 when the client leaves mid-upload (one
+    INFO line, no traceback)."""
     body, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            body += chunk
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                body.extend(chunk)
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {seconds:g} s", code="timeout") from None
+    except ClientDisconnect:
+        log.info("client left while sending its request body")
+        raise ApiError(400, "the client left while sending its request body") from None
     if size > limit:
         raise ApiError(
             413,
@@ -372,7 +386,7 @@ class _Service:
         return {"object": "list", "default": self.default.to_dict(), "data": presets}
 
     async def chat(self, request: Request):
-        req = _parse(await _read_body(request, self.config.max_body_bytes))
+        req = _parse(await _read_body(request, self.config.max_body_bytes, self.config.body_seconds))
         # checks, file loads and tokenisation run off the event loop: other streams keep flowing
         job = await asyncio.to_thread(self.job, req, asyncio.get_running_loop())
         self.engine.inbox.put(job)
