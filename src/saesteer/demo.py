@@ -8,7 +8,6 @@ feature on TRAIN prompts, with progress bars.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -18,8 +17,7 @@ from saesteer.cache import ResultCache
 from saesteer.config import DemoConfig
 from saesteer.evals import Decoding, EvalConfig, SteeredModel, append_rows, run_suites
 from saesteer.evalsets import safety_prompts
-from saesteer.features import DiscoverConfig, baseline_specs, find_refusal_features
-from saesteer.judges import StringMatchJudge, is_refusal
+from saesteer.features import DiscoverConfig, discover
 from saesteer.models import DEFAULT_MODEL, LoadedModel, load_model
 from saesteer.report import build_report, write_examples
 from saesteer.steering import PRESETS, Steering, generate, parse_steering
@@ -37,8 +35,9 @@ DEMO_SETS = (
 def fallback_presets(
     loaded: LoadedModel, out: Path, tokens: int, n_prompts: int
 ) -> tuple[dict[str, dict], Path]:
-    """Train a small SAE on the bundled corpus slice and discover a refusal feature on TRAIN prompts;
-    return steering presets like the shipped ones and the discovery file."""
+    """The pipeline's first stages in small: collect from the bundled corpus slice, train an SAE and run
+    `features.discover` on TRAIN prompts; returns steering presets like the shipped ones and the discovery
+    file."""
     layer = min(10, loaded.n_layers - 1)
     print(f"no shipped steering presets for {loaded.spec}: training a small SAE at layer {layer} first")
     acts, run = out / "fallback" / "acts", out / "fallback" / "sae"
@@ -54,25 +53,23 @@ def fallback_presets(
             resume=True,
         )
     )
-    sae = str(run / "sae")
-    harmful = [p.text for p in safety_prompts("advbench", "train")][:n_prompts]
-    harmless = [p.text for p in safety_prompts("xstest_safe", "train")][:n_prompts]
-    judge = StringMatchJudge()
-    found = find_refusal_features(
-        loaded,
-        sae,
-        harmful,
-        harmless,
-        lambda r: is_refusal(judge.verdict(r)),
+    found = discover(
         DiscoverConfig(
-            n_candidates=3, n_attribution=3, screen_prompts=min(12, n_prompts), screen_values=(8.0,)
+            sae=str(run / "sae"),
+            model=loaded.spec,
+            limit=n_prompts,
+            n_candidates=3,
+            n_attribution=3,
+            screen_prompts=min(12, n_prompts),
+            screen_values=(8.0,),
+            detector_layer=min(18, loaded.n_layers - 1),
+            detector_negatives=n_prompts,
+            judge="string",
+            out=str(out / "fallback"),
         ),
+        loaded,
     )
-    specs = baseline_specs(
-        loaded, found, harmful, harmless, out / "fallback", min(18, loaded.n_layers - 1), 0.9
-    )
-    path = out / "fallback" / "discovery.json"
-    path.write_text(json.dumps({**found, "specs": specs}, indent=2))
+    specs, path = found["specs"], out / "fallback" / "discovery.json"
     print(f"trained {result.sae.cfg.n_latents} latents; discovery in {path}")
     presets = {
         "refusal": specs.get("sae_clamp", specs["actadd"]),
