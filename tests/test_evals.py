@@ -214,6 +214,10 @@ def test_every_suite_runs_on_a_tiny_model(tiny, tmp_path):
     run = run_suites(model, small_config(suites=SUITES, limit=2, limits={"mmlu": 3}))
     rows = by_metric(run.rows)
     assert set(run.walls) == set(SUITES)
+    # the rows' JSON layout of before ResultRow, key for key and in order (cached sweeps resume by it)
+    layout = ["config", "metric", "value", "ci_low", "ci_high", "n", "wall_time_s"]
+    settings = ["model", "steering", "suite", "dataset", "split", "limit", "n", "decoding", "seed", "judge"]
+    assert all(list(r) == layout and list(r["config"]) == settings for r in run.rows)
     for key in [
         ("mmlu", "accuracy"),
         ("truthfulqa", "mc1"),

@@ -4,7 +4,7 @@ config from here, and the CLI builds its options from these fields."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from saesteer.errors import SaesteerError, TrainError, short
@@ -409,6 +409,63 @@ class EvaluateConfig:
     """cpu, cuda, mps (default: best available)"""
     dtype: str | None = None
     """float32 (default) or bfloat16 (faster on CPUs with AVX512-BF16, but it changes most replies)"""
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """What a result row measured: the settings a sweep resumes by, with the sample size."""
+
+    model: str
+    """the model's identity (its spec, and `@bfloat16` when not float32)"""
+    steering: dict
+    """the steering's spec (`Steering.to_dict`)"""
+    suite: str
+    """safety, capability, jailbreak, fidelity, or judge (judge agreement)"""
+    dataset: str
+    """the prompt set or benchmark"""
+    split: str
+    """train, validation or test"""
+    limit: int | None
+    """the items asked for (None: all)"""
+    n: int
+    """the items measured"""
+    decoding: dict
+    """greedy reply length and generation batch size (`Decoding`)"""
+    seed: int
+    """seed of the item sample and the bootstrap"""
+    judge: str
+    """the refusal judge"""
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One measured number with its bootstrap 95% CI: one JSON line of a results file (eval, sweep, reproduce);
+    `saesteer report` reads these files."""
+
+    config: RowConfig
+    """what was measured"""
+    metric: str
+    """e.g. refusal_rate, clear_refusal_rate, accuracy, kl"""
+    value: float
+    """the point estimate (rates in [0, 1], KL in nats per token, ...)"""
+    ci_low: float
+    """lower end of the 95% CI"""
+    ci_high: float
+    """upper end of the 95% CI"""
+    n: int
+    """the items measured"""
+    wall_time_s: float
+    """seconds the suite took"""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The keys a results file's rows must hold to be reported (files written before a field was added lack it).
+RESULT_KEYS = (
+    *(f.name for f in fields(ResultRow) if f.name != "wall_time_s"),
+    *(f"config.{name}" for name in ("model", "steering", "suite", "dataset", "split", "seed")),
+)
 
 
 def parse_limits(text: str) -> tuple[int | None, dict[str, int]]:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from saesteer import dist, evalsets
 from saesteer.artefacts import artefact_digest
 from saesteer.cache import ResultCache
-from saesteer.config import Decoding, EvalConfig, EvaluateConfig, SweepConfig
+from saesteer.config import Decoding, EvalConfig, EvaluateConfig, ResultRow, RowConfig, SweepConfig
 from saesteer.errors import SaesteerError, short
 from saesteer.judges import (
     APOLOGY_THEN_HELP,
@@ -276,28 +276,19 @@ class Run:
             transform=transform,
         )
         n = len(values)
-        self.rows.append(
-            {
-                "config": {
-                    "model": self.model.loaded.identity,
-                    "steering": self.model.steering.to_dict(),
-                    "suite": suite,
-                    "dataset": dataset,
-                    "split": split or self.config.split,
-                    "limit": self.config.limits.get(dataset, self.config.limit),
-                    "n": n,
-                    "decoding": asdict(decoding or self.config.decoding),
-                    "seed": self.config.seed,
-                    "judge": self.judge.name,
-                },
-                "metric": metric,
-                "value": point,
-                "ci_low": low,
-                "ci_high": high,
-                "n": n,
-                "wall_time_s": round(wall, 2),
-            }
+        measured = RowConfig(
+            model=self.model.loaded.identity,
+            steering=self.model.steering.to_dict(),
+            suite=suite,
+            dataset=dataset,
+            split=split or self.config.split,
+            limit=self.config.limits.get(dataset, self.config.limit),
+            n=n,
+            decoding=asdict(decoding or self.config.decoding),
+            seed=self.config.seed,
+            judge=self.judge.name,
         )
+        self.rows.append(ResultRow(measured, metric, point, low, high, n, round(wall, 2)).to_dict())
 
     def pick(self, items: list, dataset: str) -> list:
         """A seeded sample of at most the dataset's limit (`limits[dataset]`, else `limit`)."""
@@ -656,39 +647,25 @@ def agreement_rows(run: Run, other: Judge, sample: int) -> list[dict]:
     mine = [is_refusal(v) for _, _, v in pairs]
     theirs = [is_refusal(v) for v in other.judge([p for p, _, _ in pairs], [r for _, r, _ in pairs])]
     kappa, low, high = kappa_ci(mine, theirs, run.config.seed, run.config.bootstrap)
-    base = {
-        "model": run.model.loaded.identity,
-        "steering": run.model.steering.to_dict(),
-        "suite": "judge",
-        "dataset": f"{run.judge.name} vs {other.name}",
-        "split": run.config.split,
-        "limit": sample,
-        "n": len(pairs),
-        "decoding": asdict(run.config.decoding),
-        "seed": run.config.seed,
-        "judge": run.judge.name,
-    }
+    base = RowConfig(
+        model=run.model.loaded.identity,
+        steering=run.model.steering.to_dict(),
+        suite="judge",
+        dataset=f"{run.judge.name} vs {other.name}",
+        split=run.config.split,
+        limit=sample,
+        n=len(pairs),
+        decoding=asdict(run.config.decoding),
+        seed=run.config.seed,
+        judge=run.judge.name,
+    )
     agree = [float(a == b) for a, b in zip(mine, theirs)]
     point, a_low, a_high = bootstrap_ci(agree, seed=run.config.seed, n_resamples=run.config.bootstrap)
     return [
-        {
-            "config": base,
-            "metric": "cohen_kappa",
-            "value": kappa,
-            "ci_low": low,
-            "ci_high": high,
-            "n": len(pairs),
-            "wall_time_s": 0.0,
-        },
-        {
-            "config": base,
-            "metric": "percent_agreement",
-            "value": 100 * point,
-            "ci_low": 100 * a_low,
-            "ci_high": 100 * a_high,
-            "n": len(pairs),
-            "wall_time_s": 0.0,
-        },
+        ResultRow(base, "cohen_kappa", kappa, low, high, len(pairs), 0.0).to_dict(),
+        ResultRow(
+            base, "percent_agreement", 100 * point, 100 * a_low, 100 * a_high, len(pairs), 0.0
+        ).to_dict(),
     ]
 
 

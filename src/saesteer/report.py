@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
+from saesteer.config import RESULT_KEYS
 from saesteer.errors import SaesteerError
 
 STRENGTH = {
@@ -61,20 +62,6 @@ STATS = (
     "refusal_freq",
     "corpus_freq",
     "corpus_max",
-)
-RESULT_KEYS = (
-    "config",
-    "metric",
-    "value",
-    "ci_low",
-    "ci_high",
-    "n",
-    "config.model",
-    "config.steering",
-    "config.suite",
-    "config.dataset",
-    "config.split",
-    "config.seed",
 )
 EXAMPLE_KEYS = ("prompt", "steering", "reply")
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
