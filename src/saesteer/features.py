@@ -48,7 +48,7 @@ TEMPLATED_REFUSALS = (
     "I won't provide that information. It is dangerous and illegal.",
     "Sorry, I can't do that. Is there something else I can help you with?",
 )
-Judge = Callable[[str], bool]
+IsRefusal = Callable[[str], bool]  # reply -> whether the judge calls it a refusal
 DISCOVER_STAGE_FIELDS = (  # DiscoverConfig fields of the `saesteer discover` stage, not of the feature search
     "sae",
     "model",
@@ -64,7 +64,7 @@ DISCOVER_STAGE_FIELDS = (  # DiscoverConfig fields of the `saesteer discover` st
 
 
 @dataclass
-class Candidate:
+class FeatureCandidate:
     """One feature with the evidence for (or against) it."""
 
     feature: int
@@ -282,7 +282,7 @@ def logit_lens(loaded: LoadedModel, direction: torch.Tensor, k: int = 10) -> lis
 
 
 def refusal_rate(
-    loaded: LoadedModel, steering: Steering, prompts: list[str], judge: Judge, config: DiscoverConfig
+    loaded: LoadedModel, steering: Steering, prompts: list[str], judge: IsRefusal, config: DiscoverConfig
 ) -> tuple[float, list[str]]:
     """Fraction of prompts the steered model refuses, and its replies."""
     replies = generate(loaded, prompts, steering, config.max_new_tokens, config.batch_size)
@@ -294,7 +294,7 @@ def find_refusal_features(
     sae_path: str,
     harmful: list[str],
     harmless: list[str],
-    judge: Judge,
+    judge: IsRefusal,
     config: DiscoverConfig = DiscoverConfig(),
     progress: bool = True,
     control: dict | None = None,
@@ -351,7 +351,7 @@ def find_refusal_features(
     sources = {f: "contrast" for f in by_contrast}
     sources.update({f: "both" if f in sources else "attribution" for f in by_attribution})
     candidates = [
-        Candidate(
+        FeatureCandidate(
             feature=f,
             source=source,
             attribution=round(float(attribution[f]), 4),
