@@ -1,20 +1,20 @@
-"""Agreement on the second quality audit (data/labels/quality_v2/, issue 22): the two labellers with each other
-(the ceiling) and the quality judge's rules with each labeller, per category (one-vs-rest Cohen's kappa with a
-seeded bootstrap 95% CI) and over all categories. The judge is reported on the held-out half only; the dev half
-is for writing rules. Writes results/quality/v2/agreement.md and agreement.json.
+"""Agreement on a quality audit (data/labels/quality_v2/ or quality_v3/, issue 22): the two labellers with each
+other (the ceiling) and the quality judge's rules with each labeller, per category (one-vs-rest Cohen's kappa with
+a seeded bootstrap 95% CI) and over all categories. The judge is reported on the held-out half only; the dev half
+is for writing rules. Writes results/quality/<audit>/agreement.md and agreement.json.
 
-    python scripts/quality_labels_agreement.py
+    python scripts/quality_labels_agreement.py [data/labels/quality_v2]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from saesteer.judges import QUALITY_CATEGORIES, quality
 from saesteer.stats import kappa_ci
 
-LABELS, OUT = Path("data/labels/quality_v2"), Path("results/quality/v2")
 CATEGORIES = sorted({c for cats in QUALITY_CATEGORIES.values() for c in cats})
 
 
@@ -22,8 +22,8 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def labeller(*names: str) -> dict[int, str]:
-    return {r["id"]: r["human"] for name in names for r in read(LABELS / name)}
+def labeller(labels: Path, *names: str) -> dict[int, str]:
+    return {r["id"]: r["human"] for name in names for r in read(labels / name)}
 
 
 def agreement(a: list[str], b: list[str]) -> list[dict]:
@@ -65,21 +65,23 @@ def sae_steered(steerings: list[dict]) -> bool:
     return "sae" in methods or ("conditional" in methods and "none" not in methods)
 
 
-def main() -> None:
-    replies = {r["id"]: r for r in read(LABELS / "replies.jsonl")}
-    key = {r["id"]: r for r in read(LABELS / "key.jsonl")}
+def main(labels: Path) -> None:
+    out = Path("results/quality") / labels.name.removeprefix("quality_")
+    replies = {r["id"]: r for r in read(labels / "replies.jsonl")}
+    key = {r["id"]: r for r in read(labels / "key.jsonl")}
     half = {i: r["half"] for i, r in key.items()}
     steered = {i for i, r in key.items() if sae_steered(r["steerings"])}
-    a, b = labeller("labels-a1.jsonl", "labels-a2.jsonl"), labeller("labels-b1.jsonl", "labels-b2.jsonl")
+    a = labeller(labels, "labels-a1.jsonl", "labels-a2.jsonl")
+    b = labeller(labels, "labels-b1.jsonl", "labels-b2.jsonl")
     if set(a) != set(replies) or set(b) != set(replies):
         raise SystemExit("every reply needs a label from both labellers")
     judge = {i: quality(r["reply"], r["label"]) for i, r in replies.items()}
-    results, lines = {}, ["# Quality judge agreement, second audit (issue 22)", ""]
+    results, lines = {}, [f"# Quality judge agreement, audit {labels.name} (issue 22)", ""]
     lines += [
         f"{len(replies)} replies ({sum(h == 'dev' for h in half.values())} dev, "
         f"{sum(h == 'held_out' for h in half.values())} held out), each labelled blind by two labellers "
         "(A and B; AI helpers working for the project, two per half of the ids) with "
-        "data/labels/quality_v2/RULES.md. One-vs-rest Cohen's kappa per category, seeded bootstrap 95% CI "
+        f"{labels}/RULES.md. One-vs-rest Cohen's kappa per category, seeded bootstrap 95% CI "
         "(1,000 resamples); `all`: multi-class kappa. `held_out_sae_steered`: held-out replies an SAE edit "
         "made (an SAE clamp, or a conditional steering whose reply differs from the unsteered one).",
         "",
@@ -103,11 +105,11 @@ def main() -> None:
         if part != "all":  # the judge's rules are written on dev: held-out figures are the ones to report
             lines += table(f"Judge vs A ({part})", results[part]["judge_vs_a"], "judge", "A")
             lines += table(f"Judge vs B ({part})", results[part]["judge_vs_b"], "judge", "B")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "agreement.json").write_text(json.dumps(results, indent=1))
-    (OUT / "agreement.md").write_text("\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "agreement.json").write_text(json.dumps(results, indent=1))
+    (out / "agreement.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "data/labels/quality_v2"))
