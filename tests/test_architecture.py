@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +18,10 @@ def test_the_package_keeps_its_layers_so_it_has_no_import_cycle():
     assert "1 kept, 0 broken" in done.stdout
 
 
-def test_the_config_tree_imports_without_torch():
+@pytest.mark.parametrize("module", ["saesteer.config", "saesteer.cli"])
+def test_the_config_tree_and_the_cli_it_makes_import_without_torch(module):
     code = (
-        "import sys, saesteer.config; "
+        f"import sys, {module}; "
         "assert not {'torch', 'transformers', 'numpy'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

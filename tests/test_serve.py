@@ -694,7 +694,7 @@ def test_a_body_that_never_arrives_is_a_408(tiny_model_dir):
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 1000\r\n\r\n{\"messages\": "
+                b'Content-Length: 1000\r\n\r\n{"messages": '
             )
             answer = conn.recv(4096).decode()
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer
