@@ -28,6 +28,7 @@ VERB_CONFIGS = {
     "sweep": config.SweepConfig,
     "serve": config.ServeConfig,
     "demo": config.DemoConfig,
+    "report": config.ReportConfig,
 }
 
 

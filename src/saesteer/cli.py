@@ -20,6 +20,7 @@ from saesteer.config import (
     EvaluateConfig,
     FitConfig,
     GateConfig,
+    ReportConfig,
     ReproduceConfig,
     SAEEvalConfig,
     ServeConfig,
@@ -324,30 +325,16 @@ def sweep(config: SweepConfig) -> None:
         )
 
 
-@app.command()
-def report(
-    results: list[Path] = typer.Option(..., help="eval/sweep results JSONL (repeat for several files)"),
-    discovery: Optional[Path] = typer.Option(
-        None, help="discovery.json from `saesteer discover` (feature dashboards)"
-    ),
-    examples: Optional[Path] = typer.Option(
-        None, help="example generations JSONL (saesteer.report.write_examples)"
-    ),
-    out: Path = typer.Option(Path("runs/report"), help="folder for report.html, report.md and the plot PNGs"),
-    title: str = typer.Option("saesteer report", help="title of the report"),
-    screenshot: bool = typer.Option(
-        False, help="also render report.html in headless Chromium to report.png and check it"
-    ),
-) -> None:
+@command(app, ReportConfig)
+def report(config: ReportConfig) -> None:
     """HTML + Markdown report: results with 95% CIs, trade-off and capability plots, examples, feature dashboards."""
-    from saesteer.report import build_report
-    from saesteer.report import screenshot as take_screenshot
+    from saesteer.report import report as run_report
 
-    _writable_out(out, "dir")
-    html_path, md_path = build_report(results, out, discovery, examples, title)
-    typer.echo(f"HTML:     {html_path}\nMarkdown: {md_path}")
-    if screenshot:
-        typer.echo(f"screenshot: {take_screenshot(html_path, out / 'report.png')}")
+    _writable_out(config.out, "dir")
+    html_path, md_path, png_path = run_report(config)
+    typer.echo(
+        f"HTML:     {html_path}\nMarkdown: {md_path}" + (f"\nscreenshot: {png_path}" if png_path else "")
+    )
 
 
 @command(app, ServeConfig)

@@ -523,6 +523,24 @@ class SweepConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What `saesteer report` renders."""
+
+    results: tuple[str, ...] = ()
+    """eval/sweep results JSONL files"""
+    discovery: str | None = None
+    """discovery.json from `saesteer discover` (feature dashboards)"""
+    examples: str | None = None
+    """example generations JSONL (saesteer.report.write_examples)"""
+    out: str = "runs/report"
+    """folder for report.html, report.md and the plot PNGs"""
+    title: str = "saesteer report"
+    """title of the report"""
+    screenshot: bool = False
+    """also render report.html in headless Chromium to report.png and check it"""
+
+
+@dataclass
 class ServeConfig:
     """Server settings; `steering` is the default for requests that name none (preset, JSON or file)."""
 

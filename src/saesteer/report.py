@@ -27,7 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from saesteer.config import RESULT_KEYS
+from saesteer.config import RESULT_KEYS, ReportConfig
 from saesteer.errors import SaesteerError
 
 STRENGTH = {
@@ -736,6 +736,19 @@ def _read_discovery(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- browser check
+
+
+def report(config: ReportConfig) -> tuple[Path, Path, Path | None]:
+    """The `saesteer report` stage: (report.html, report.md, report.png if `config.screenshot`)."""
+    out = Path(config.out)
+    html_path, md_path = build_report(
+        [Path(p) for p in config.results],
+        out,
+        Path(config.discovery) if config.discovery else None,
+        Path(config.examples) if config.examples else None,
+        config.title,
+    )
+    return html_path, md_path, screenshot(html_path, out / "report.png") if config.screenshot else None
 
 
 def screenshot(
