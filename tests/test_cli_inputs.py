@@ -379,6 +379,8 @@ def test_inputs_a_config_can_check_fail_before_the_model_loads(
         ({"lr": [1, 2]}, "bad TrainConfig.lr in --config"),
         ({"adam_betas": [0.9, "x"]}, "bad TrainConfig.adam_betas"),
         ({"kk": 1}, "unknown TrainConfig field(s) in --config"),
+        ({"adam_betas": [0.9]}, "bad TrainConfig.adam_betas"),
+        ({"adam_eps": -1.0}, "adam_eps must be positive"),
     ],
 )
 def test_a_mistyped_config_file_is_one_line(monkeypatch, capsys, tmp_path, content, message):
@@ -419,3 +421,29 @@ def test_an_empty_api_key_in_the_environment_fails_at_start_up(monkeypatch, caps
     pytest.importorskip("fastapi")
     monkeypatch.setenv("SAESTEER_API_KEY", "")
     one_error_line(*run_cli(monkeypatch, capsys, "serve"), "SAESTEER_API_KEY is set but empty")
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ({"eval": None}, ["--seed", "1"], "eval must be a JSON object"),
+        ({"eval": 5}, [], "give a JSON object of its fields"),
+        ({"eval": {"suites": ["all"]}}, [], "unknown suite 'all'"),
+        ({"eval": {"limit": 0}}, [], "limit must be 1 or more"),
+        ({"eval": {"attacker": "openai:x"}}, [], "bad EvalConfig.attacker"),
+        ({"eval": {"limits": 5}}, [], "bad EvalConfig.limits"),
+    ],
+)
+def test_a_config_file_s_nested_and_python_only_fields_are_one_line(
+    monkeypatch, capsys, no_model, tmp_path, content, args, message
+):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(content))
+    one_error_line(*run_cli(monkeypatch, capsys, "eval", "--config", str(path), *args), message)
+
+
+def test_fit_needs_its_values_and_train_its_two_betas(monkeypatch, capsys, no_model):
+    one_error_line(*run_cli(monkeypatch, capsys, "fit", "--candidates", "4"), "--values is required")
+    one_error_line(
+        *run_cli(monkeypatch, capsys, "train", "--adam-betas", "0.9"), "bad TrainConfig.adam_betas"
+    )

@@ -38,7 +38,7 @@ app = typer.Typer(
     help="Steer a chat LLM's refusal behaviour with sparse-autoencoder features.",
 )
 
-# Options of verbs without a config of their own mean what CollectConfig and EvaluateConfig mean by them.
+# Options of verbs without a config of their own (steer, serve) mean what CollectConfig means by them.
 _MODEL = typer.Option(DEFAULT_MODEL, help=help_of(CollectConfig, "model"))
 _DEVICE = typer.Option(None, help=help_of(CollectConfig, "device"))
 _DTYPE = typer.Option(
@@ -364,12 +364,13 @@ def serve(
     missing = [d for d in config.allow_dirs if not Path(d).is_dir()]
     if missing:
         raise SaesteerError(f"--allow-dir {short(missing[0])} is not a folder")
-    with socket.socket() as probe:  # a port in use fails before the model loads
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise SaesteerError(f"cannot listen on {short(host)}:{port}: {err.strerror or err}") from None
+    try:  # a port in use fails before the model loads (IPv4 or IPv6, as uvicorn binds it)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as err:
+        raise SaesteerError(f"cannot listen on {short(host)}:{port}: {err.strerror or err}") from None
     app = create_app(load_model(model, device=device, dtype=dtype), config)
     uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
 

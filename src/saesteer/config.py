@@ -130,6 +130,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise TrainError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if not (self.adam_eps > 0 and self.grad_clip >= 0 and self.warmup_steps >= 0):
+            raise TrainError("adam_eps must be positive, grad_clip and warmup_steps 0 or more")
         if self.dtype not in SELECT_DTYPES:
             raise TrainError(f"dtype must be one of {', '.join(SELECT_DTYPES)}, got {self.dtype!r}")
         for name in (
@@ -379,6 +383,11 @@ class EvalConfig:
     """reply quality (clear refusal, degenerate, ...): `rules` or an LLM judge spec"""
 
     def __post_init__(self):
+        unknown = [s for s in self.suites if s not in SUITES]
+        if unknown:
+            raise SaesteerError(f"unknown suite {short(unknown[0])!r}: use {', '.join(SUITES)}")
+        if self.limit is not None and self.limit < 1:
+            raise SaesteerError(f"limit must be 1 or more (None: all), not {self.limit}")
         if self.split not in SPLITS:
             raise SaesteerError(f"unknown split {short(self.split)!r}: use one of {', '.join(SPLITS)}")
 
@@ -408,7 +417,8 @@ class EvaluateConfig:
     device: str | None = None
     """cpu, cuda, mps (default: best available)"""
     dtype: str | None = None
-    """float32 (default) or bfloat16 (faster on CPUs with AVX512-BF16, but it changes most replies)"""
+    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it); bfloat16 is faster on
+    CPUs with AVX512-BF16 but changes most replies"""
 
 
 @dataclass(frozen=True)
@@ -519,7 +529,7 @@ class SweepConfig:
     device: str | None = None
     """cpu, cuda, mps (default: best available)"""
     dtype: str | None = None
-    """float32 (default) or bfloat16"""
+    """float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPUs that support it)"""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +132,10 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
             raise ValueError(
                 f"hook point {short(detector.hook_point)!r} or pooling {short(detector.pooling)!r}"
             )
+        if not layers or tensor.shape[0] != len(layers):
+            raise ValueError(f"{len(layers)} layers for a weight of shape {tuple(tensor.shape)}")
+        if not (math.isfinite(detector.bias) and detector.tokens >= 1):
+            raise ValueError(f"bias {detector.bias} or tokens {detector.tokens}")
         return detector
     except (KeyError, ValueError, TypeError) as err:
         raise SaesteerError(

@@ -717,6 +717,8 @@ def fit(config: FitConfig, loaded: LoadedModel | None = None) -> dict:
     if (not config.features) == (config.candidates == 0):
         raise SaesteerError("give either --features or --candidates")
     starts = list(config.values)
+    if not starts:
+        raise SaesteerError("--values is required: the starting clamp values")
     if len(starts) not in (1, len(config.features or starts)) or any(v < 0 for v in starts):
         raise SaesteerError("--values: one value >= 0 for every feature, or a single value for all")
     SAESteer(sae=config.sae, features=[0], values=starts[:1], decay=config.decay)  # fails before loading

@@ -53,8 +53,17 @@ _AT_LEAST_1 = (
     "detector_negatives",
     "jailbreak_turns",
     "max_batch_size",
+    "score_batch_size",
+    "bootstrap",
+    "fidelity_tokens",
+    "corpus_tokens",
+    "init_tokens",
+    "log_every",
+    "checkpoint_every",
 )
 _AT_LEAST_0 = (
+    "top_contexts",
+    "warmup_steps",
     "n_candidates",
     "n_attribution",
     "candidates",
@@ -65,6 +74,7 @@ _AT_LEAST_0 = (
 )
 BOUNDS = {
     "ctx": {"min": 2},
+    "folds": {"min": 2},
     **dict.fromkeys(_AT_LEAST_1, {"min": 1}),
     **dict.fromkeys(_AT_LEAST_0, {"min": 0}),
     **dict.fromkeys(("lr", "l1"), {"min": 0.0}),
@@ -303,6 +313,8 @@ def _customs(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...
 def _set(values: dict, path: tuple[str, ...], value) -> None:
     for name in path[:-1]:
         values = values.setdefault(name, {})
+        if not isinstance(values, dict):
+            raise SaesteerError(f"--config: {name} must be a JSON object of its config's fields")
     values[path[-1]] = value
 
 
@@ -320,6 +332,8 @@ def build(cls: type, values: dict, where: str, default=None):
         value, current = values[f.name], getattr(default, f.name)
         if is_dataclass(current) and isinstance(value, dict):
             value = build(type(current), value, where, current)
+        elif is_dataclass(_field_type(cls, f)) and value is not None:
+            raise SaesteerError(f"bad {cls.__name__}.{f.name} in {where}: give a JSON object of its fields")
         elif isinstance(value, list) and isinstance(current, tuple):
             value = tuple(value)
         if not _fits(_field_type(cls, f), value):
@@ -334,8 +348,13 @@ def build(cls: type, values: dict, where: str, default=None):
 
 
 def _fits(kind, value) -> bool:
-    """Whether `value` is of a plain field type (bool, int, float (finite), str, optional, tuples or lists of
-    these); values of other types are left to the config to check."""
+    """Whether `value` is of its field's type: plain values (bool, int, float (finite), str, optional, tuples,
+    lists and dicts of these) and configs; a Python-only field (a chat backend, prompts, detector recipes)
+    fits nothing a config file can give."""
+    if kind is None:
+        return False
+    if is_dataclass(kind):
+        return isinstance(value, kind)
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
         return value is None or _fits(next(a for a in args if a is not type(None)), value)
@@ -348,9 +367,18 @@ def _fits(kind, value) -> bool:
     if kind is str:
         return isinstance(value, str)
     origin = typing.get_origin(kind)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _fits(args[0], k) and _fits(args[1], v) for k, v in value.items()
+        )
     if origin in (tuple, list) and args and all(a in (args[0], ...) for a in args):
-        return isinstance(value, (tuple, list)) and all(_fits(args[0], v) for v in value)
-    return True
+        fixed = ... not in args and origin is tuple
+        return (
+            isinstance(value, (tuple, list))
+            and (not fixed or len(value) == len(args))
+            and all(_fits(args[0], v) for v in value)
+        )
+    return False
 
 
 def read_config_file(path: Path) -> dict:
@@ -371,15 +399,23 @@ def config_from(cls: type, given: dict, config_file: Path | None = None):
         value = given.get(option.name)
         if option.path and value not in (None, [], ()):  # a repeatable option not given reads as empty
             _set(values, option.path, value if option.convert is None else option.convert(value, option.flag))
-    for path, custom in _customs(cls):
-        inputs = {o.name: given.get(o.name) for o in custom.options}
-        for name, value in custom.apply(**inputs).items():
-            _set(values, (*path, name), value)
     config = build(cls, values, f"--config {short(str(config_file))}" if config_file else "the options")
+    for path, custom in _customs(cls):  # read by their own parsers, after the file's values are checked
+        changes = custom.apply(**{o.name: given.get(o.name) for o in custom.options})
+        if changes:
+            config = _replaced(config, path, changes)
     for option in options_of(cls):
         if option.required and _get(config, option.path) == "":
             raise SaesteerError(f"{option.flag} is required")
     return config
+
+
+def _replaced(config, path: tuple[str, ...], changes: dict):
+    """`config` with the nested config at `path` given `changes`."""
+    if not path:
+        return dataclasses.replace(config, **changes)
+    inner = getattr(config, path[0])
+    return dataclasses.replace(config, **{path[0]: _replaced(inner, path[1:], changes)})
 
 
 def _get(config, path: tuple[str, ...]):
@@ -442,10 +478,11 @@ def command_line(verb: str, config, **own) -> list[str]:
         elif isinstance(value, (tuple, list)) and option.annotation == list[str] | None:
             args += [part for item in value for part in (option.flag, item)]
         else:
-            args += [option.flag, shown(value) if isinstance(value, (tuple, list)) else str(value)]
+            exact = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            args += [option.flag, exact]  # str of a float is its repr: exact
     for path, custom in _customs(type(config)):
         for name, value in custom.show(_get(config, path), _get(default, path)).items():
             args += [_flag(name), str(value)]
     for name, value in own.items():
-        args += [_flag(name), str(value)]
+        args += [_flag(name)] if value is True else [] if value is False else [_flag(name), str(value)]
     return args
