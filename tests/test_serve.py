@@ -590,6 +590,53 @@ def test_every_spelling_of_one_sae_is_one_copy(specs):
     assert len({id(load_sae(s)) for s in spellings}) == 1
 
 
+def test_a_steering_reads_the_file_that_was_checked(reference, tmp_path, monkeypatch):
+    """Issue 25 item 5: the server reads a request's files at the real paths it checked, so a symlink flipped
+    after the check changes nothing, and a folder swapped for a symlink while the files load is a 400."""
+    from saesteer import serve
+    from saesteer.artefacts import load_direction
+    from saesteer.steering import ActAdd
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir(), outside.mkdir()
+    save_direction(allowed / "inside.safetensors", torch.ones(64), layer=2, model="tiny")
+    save_direction(outside / "secret.safetensors", -torch.ones(64), layer=2, model="tiny")
+    link = allowed / "link.safetensors"
+    link.symlink_to(allowed / "inside.safetensors")
+    config, spec = ServeConfig(**LIMITS), {"method": "actadd", "direction": str(link)}
+    steering, echo = serve._request_steering(spec, None, [allowed.resolve()], config, reference)
+    link.unlink()
+    link.symlink_to(outside / "secret.safetensors")  # the flip after the check
+    assert echo["direction"] == str(link) and steering.direction == str(
+        (allowed / "inside.safetensors").resolve()
+    )
+    assert load_direction(steering.direction)[0].sum() > 0  # the checked file, not the secret
+    with pytest.raises(SaesteerError, match="not available"):  # the flipped link itself is refused
+        serve._request_steering(spec, None, [allowed.resolve()], config, reference)
+
+    sub = allowed / "sub"
+    sub.mkdir()
+    save_direction(sub / "d.safetensors", torch.ones(64), layer=2, model="tiny")
+    save_direction(outside / "d.safetensors", -torch.ones(64), layer=2, model="tiny")
+    check = ActAdd.check
+
+    def swap_then_load(self, loaded):  # a folder on the way becomes a symlink between check and load
+        if sub.is_dir() and not sub.is_symlink():
+            sub.rename(allowed / "sub.old")
+            sub.symlink_to(outside)
+        return check(self, loaded)
+
+    monkeypatch.setattr(ActAdd, "check", swap_then_load)
+    with pytest.raises(SaesteerError, match="not available on this server"):  # outside now
+        serve._request_steering(
+            {"method": "actadd", "direction": str(sub / "d.safetensors")},
+            None,
+            [allowed.resolve()],
+            config,
+            reference,
+        )
+
+
 def test_shipped_artefacts_stay_allowed_beside_allow_dirs(served):
     """Issue 25 item 5: --allow-dir adds to the shipped artefacts, as the README says."""
     steering = {"method": "sae", "sae": "builtin:sae", "features": [1], "values": [1.0]}

@@ -37,7 +37,7 @@ def resolve(path: str) -> str:
     return str(target)
 
 
-def _identity(path: str) -> tuple:
+def file_identity(path: str) -> tuple:
     """What a file or folder is, however it is spelled: its real path, device, inode, size and mtime (so
     `builtin:sae/.` and `builtin:sae` are one SAE, and a file rewritten in place is another)."""
     real = Path(resolve(path)).resolve(strict=True)
@@ -52,7 +52,7 @@ def load_sae(path: str):
     Returns a `saesteer.sae.SAE` in eval mode with frozen weights: `encode` maps raw residual activations
     [..., d_in] to latent codes [..., n_latents] in the SAE's latent units (the units of an `sae` steering's
     `values`), `decode` maps codes back to raw activations [..., d_in]; `cfg` holds d_in, n_latents, k,
-    layer and hook_point. Every spelling of one file shares one cached copy (`_identity`; at most 8 SAEs are
+    layer and hook_point. Every spelling of one file shares one cached copy (`file_identity`; at most 8 SAEs are
     kept). Raises SaesteerError when the path holds no SAE."""
     if path.startswith("saelens:"):
         release, _, sae_id = path.removeprefix("saelens:").partition("/")
@@ -60,7 +60,7 @@ def load_sae(path: str):
             raise SaesteerError(f"{short(path)} is not saelens:<release>/<sae id>")
         return _load_registry_sae(release, sae_id)
     try:
-        identity = _identity(path)
+        identity = file_identity(path)
     except (OSError, ValueError, RuntimeError):  # missing, a name too long or with NUL, a symlink loop
         raise SaesteerError(f"cannot read SAE at {short(path)}: no such folder or file") from None
     return _load_sae_file(*identity)
@@ -99,7 +99,7 @@ def load_direction(path: str) -> tuple[torch.Tensor, dict]:
     """A unit direction and its metadata (layer, model, ...) from a safetensors file, read once per file
     however it is spelled (the conditional detector asks for it at every prefill; at most 16 are kept)."""
     try:
-        return _load_direction_file(*_identity(path))
+        return _load_direction_file(*file_identity(path))
     except SaesteerError:
         raise
     except Exception as err:  # missing file, bad header, missing tensor

@@ -32,13 +32,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saesteer.artefacts import layer_of, load_sae, resolve
+from saesteer.artefacts import file_identity, layer_of, load_sae
 from saesteer.config import RESIDUAL_POINTS
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import residuals_at
-from saesteer.models import LoadedModel, Messages, chat_prompts, rendered_batches
+from saesteer.models import WORD_JOINER, LoadedModel, Messages, chat_prompts, rendered_batches, tokenized
 
 POOLINGS = ("last", "user", "max")
+GATE_TURNS = 32  # the most turns of one conversation the gate scores (each is one extra row of a pass)
+GATE_BATCH = 16  # turns scored together
 
 
 # ---------------------------------------------------------------- scoring a prompt
@@ -91,16 +93,25 @@ class Detector:
         return total
 
 
-@functools.lru_cache(maxsize=16)
 def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detector:
     """A detector file from `saesteer gate`, or a direction file (a `dim` detector at `layer`, default its
-    own, pooled over the last `tokens` positions), read once per path."""
+    own, pooled over the last `tokens` positions), read once per file however it is spelled (at most 16 are
+    kept). A detector's own SAE is named by its real path, so a server checks the file it will read."""
     try:
-        with safe_open(resolve(path), "pt") as f:
+        identity = file_identity(path)
+    except (OSError, ValueError, RuntimeError):  # missing, a name too long or with NUL, a symlink loop
+        raise SaesteerError(f"cannot read detector file {short(path)}: no such file") from None
+    return _load_detector_file(*identity, layer=layer, tokens=tokens)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_detector_file(path: str, *identity, layer: int | None, tokens: int) -> Detector:
+    try:
+        with safe_open(path, "pt") as f:
             names, meta = set(f.keys()), f.metadata() or {}
             tensor = f.get_tensor("weight" if "weight" in names else "direction").float()
-    except Exception as err:  # missing file, bad header, missing tensor
-        raise SaesteerError(f"cannot read detector file {path}: {err}") from None
+    except Exception as err:  # a bad header, a missing tensor
+        raise SaesteerError(f"cannot read detector file {short(path)}: {short(str(err), 200)}") from None
     if "weight" not in names:
         return Detector(
             "dim",
@@ -124,7 +135,7 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
             float(meta["bias"]),
             meta["pooling"],
             int(meta["tokens"]),
-            meta["sae"] or None,
+            _real_sae(meta["sae"]),
             meta.get("hook_point", "resid_post"),
             meta,
         )
@@ -143,25 +154,53 @@ def load_detector(path: str, layer: int | None = None, tokens: int = 4) -> Detec
         ) from None
 
 
+def _real_sae(path: str) -> str | None:
+    """A detector's SAE by its real path (a `saelens:` name as it is; None for none)."""
+    if not path or path.startswith("saelens:"):
+        return path or None
+    try:
+        return file_identity(path)[0]
+    except (OSError, ValueError, RuntimeError):
+        raise ValueError(f"its SAE {short(path)!r} is missing") from None
+
+
 def template_parts(loaded: LoadedModel) -> tuple[str, str, str, str]:
     """The chat template's fixed text: (head before the first user message, text between a user message and
     the assistant's reply, text between a reply and the next user message, tail after the last user message)."""
+    return _template_parts(loaded.tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _template_parts(tokenizer) -> tuple[str, str, str, str]:
     marks = ["\u2063A\u2063", "\u2063B\u2063", "\u2063C\u2063"]
-    one = chat_prompts(loaded, [[{"role": "user", "content": marks[0]}]])[0]
-    three = chat_prompts(
-        loaded,
-        [
-            [
-                {"role": "user", "content": marks[0]},
-                {"role": "assistant", "content": marks[1]},
-                {"role": "user", "content": marks[2]},
-            ]
-        ],
-    )[0]
+    roles = ["user", "assistant", "user"]
+    one, three = (
+        _render(tokenizer, [{"role": r, "content": m} for r, m in zip(roles[:n], marks)]) for n in (1, 3)
+    )
     head, tail = one.split(marks[0])
     after_user = three.split(marks[0])[1].split(marks[1])[0]
     before_user = three.split(marks[1])[1].split(marks[2])[0]
     return head, after_user, before_user, tail
+
+
+@functools.lru_cache(maxsize=8)
+def _system_parts(tokenizer) -> tuple[str, str] | None:
+    """(text before a system message, text between it and the first user message), or None when the template
+    takes no system message."""
+    try:
+        rendered = _render(
+            tokenizer,
+            [{"role": "system", "content": "\u2063S\u2063"}, {"role": "user", "content": "\u2063A\u2063"}],
+        )
+    except Exception:  # noqa: BLE001 - a template that raises on a system message
+        return None
+    before, _, rest = rendered.partition("\u2063S\u2063")
+    between, found, _ = rest.partition("\u2063A\u2063")
+    return (before, between) if found and between else None
+
+
+def _render(tokenizer, conversation: Messages) -> str:
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
 
 def template_margins(loaded: LoadedModel) -> tuple[int, int]:
@@ -224,36 +263,56 @@ def pool(features: torch.Tensor, weights: torch.Tensor, pooling: str = "user") -
     return torch.einsum("bpw,bp->bw", features, weights.to(features.dtype))
 
 
-def user_messages(loaded: LoadedModel, rendered: str) -> list[str]:
-    """The user messages of a chat-rendered conversation ([] when `rendered` is not one)."""
+def turns(loaded: LoadedModel, rendered: str) -> list[str]:
+    """Every user and assistant message of a chat-rendered conversation, after a system message if it has one
+    ([] when `rendered` is not one). Text inside a message that spells a turn boundary (a forged turn: the
+    special tokens escaped by `as_text`, or not) splits it too, so a forged turn is a turn."""
     head, after_user, before_user, tail = template_parts(loaded)
-    if not (rendered.startswith(head) and rendered.endswith(tail)) or len(rendered) < len(head) + len(tail):
+    system = _system_parts(loaded.tokenizer)
+    if rendered.startswith(head):
+        start = len(head)
+    elif system and rendered.startswith(system[0]) and system[1] in rendered:
+        start = rendered.index(system[1], len(system[0])) + len(system[1])
+    else:
         return []
-    body = rendered[len(head) : len(rendered) - len(tail)]
-    return [chunk.split(after_user)[0] for chunk in body.split(before_user)]
+    if not rendered.endswith(tail) or len(rendered) < start + len(tail):
+        return []
+    body = rendered[start : len(rendered) - len(tail)].replace(WORD_JOINER, "")
+    pieces = [body]
+    for boundary in {after_user, before_user} - {""}:
+        pieces = [part for piece in pieces for part in piece.split(boundary)]
+    return [piece for piece in pieces if piece.strip()]
 
 
 def gate_scores(
     loaded: LoadedModel, detector: Detector, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per row: the maximum of the score of the whole conversation and of each of its user turns alone."""
-    scores = detector.scores(loaded, input_ids, attention_mask)
-    turns: list[tuple[int, str]] = []
+    """Per row: the maximum of the score of the whole conversation and of each of its turns (user or assistant,
+    forged or real) scored alone as a user message, so an earlier or forged harmful turn scores as it would
+    sent plainly. A conversation of over `GATE_TURNS` turns is refused before any pass."""
+    found: list[tuple[int, str]] = []
     for row, ids in enumerate(input_ids):
         real = ids[attention_mask[row].bool()] if attention_mask is not None else ids
-        messages = user_messages(
-            loaded,
-            loaded.tokenizer.decode(real, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-        )
-        if len(messages) > 1:
-            turns += [(row, message) for message in messages]
-    if turns:
-        rendered = chat_prompts(loaded, [[{"role": "user", "content": m}] for _, m in turns])
-        batch = loaded.tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            input_ids.device
-        )
+        text = loaded.tokenizer.decode(real, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        messages = turns(loaded, text)
+        if len(messages) > GATE_TURNS:
+            raise SaesteerError(
+                f"the conversation has {len(messages)} turns; the harm gate scores at most {GATE_TURNS}"
+            )
+        plain = len(messages) == 1 and text.startswith(
+            template_parts(loaded)[0]
+        )  # one turn, no system message
+        if messages and not plain:
+            found += [(row, message) for message in messages]
+    scores = detector.scores(loaded, input_ids, attention_mask)
+    rendered = chat_prompts(loaded, [[{"role": "user", "content": m}] for _, m in found])
+    order = sorted(range(len(found)), key=lambda i: len(rendered[i]))  # similar lengths pad little
+    for start in range(0, len(order), GATE_BATCH):
+        chunk = order[start : start + GATE_BATCH]
+        batch = tokenized(loaded, [rendered[i] for i in chunk])
         per_turn = detector.scores(loaded, batch["input_ids"], batch["attention_mask"])
-        for (row, _), score in zip(turns, per_turn):
+        for i, score in zip(chunk, per_turn):
+            row = found[i][0]
             scores[row] = torch.maximum(scores[row], score)
     return scores
 

@@ -43,7 +43,7 @@ from saesteer.detectors import (
 from saesteer.errors import SaesteerError
 from saesteer.evalsets import safety_prompts, shared_available, subsample
 from saesteer.hooks import residuals_at
-from saesteer.models import LoadedModel, chat_prompts, load_model
+from saesteer.models import LoadedModel, chat_prompts, load_model, tokenized
 from saesteer.stats import clopper_pearson, upper_bound
 from saesteer.steering import Conditional, parse_steering
 
@@ -143,9 +143,7 @@ def extract_features(
     rendered = chat_prompts(loaded, [[{"role": "user", "content": t}] for t in pool_.texts])
     parts: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
     for start in tqdm(range(0, len(rendered), batch_size), desc=desc, leave=False):
-        batch = loaded.tokenizer(
-            rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(loaded.device)
+        batch = tokenized(loaded, rendered[start : start + batch_size])
         hidden = residuals_at(loaded.model, batch["input_ids"], layers, "resid_post", batch["attention_mask"])
         for key in keys:
             layer, pooling, tokens, sae = key

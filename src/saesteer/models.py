@@ -186,13 +186,20 @@ def chat_prompts(loaded: LoadedModel, conversations: list[Messages]) -> list[str
     return [template.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in texts]
 
 
-def rendered_batches(loaded: LoadedModel, rendered: list[str], batch_size: int) -> Iterator:
-    """Chat-rendered prompts in tokenized, left-padded batches of `batch_size` (no special tokens added: the
-    rendering has them), on the model's device."""
+def rendered_batches(loaded: LoadedModel, rendered: list[str], batch_size: int) -> Iterator[dict]:
+    """Chat-rendered prompts in tokenized, left-padded batches of `batch_size` ({"input_ids", "attention_mask"},
+    no special tokens added: the rendering has them), on the model's device."""
     for start in range(0, len(rendered), batch_size):
-        yield loaded.tokenizer(
-            rendered[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(loaded.device)
+        yield tokenized(loaded, rendered[start : start + batch_size])
+
+
+def tokenized(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Rendered texts as one left-padded batch ({"input_ids", "attention_mask"} [batch, width]) on the model's
+    device. Padded here, not by the tokenizer: asking a fast tokenizer to pad changes its state, which fails
+    ("Already borrowed") while another thread (the server's) tokenizes with it."""
+    ids = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    input_ids, mask, _ = left_padded(ids, loaded.tokenizer.pad_token_id, loaded.device)
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def left_padded(

@@ -111,7 +111,8 @@ class _Job:
     """One request on its way through the engine; the engine reports to `events` on the request's loop."""
 
     request: Reply  # the prompt's ids, decoding settings and, once admitted, the steering's edits
-    steering: Steering
+    steering: Steering  # as it runs: files at the real paths the server checked
+    spec: dict  # the steering as the request named it (echoed in the response)
     stream: bool
     loop: asyncio.AbstractEventLoop
     tokenizer: Any
@@ -225,14 +226,18 @@ class _EngineThread:
             return None
 
 
-def _request_steering(value: Any, default: Steering, allowed: list[Path], config: ServeConfig) -> Steering:
-    """The steering a request asks for: a preset (trusted), or a spec within `config`'s bounds on edits and
-    files, whose files must lie in `allowed`."""
+def _request_steering(
+    value: Any, default: Steering, allowed: list[Path], config: ServeConfig, loaded: LoadedModel
+) -> tuple[Steering, dict]:
+    """The steering a request asks for, and its spec as the request gave it (echoed in the response): a preset
+    (trusted), or a spec within `config`'s bounds on edits and files, whose files must lie in `allowed` and are
+    then read at the real paths that were checked."""
     if value is None:
-        return default
+        return default, default.to_dict()
     if isinstance(value, str):
         if value.strip() in PRESETS:
-            return steering_from_dict(PRESETS[value.strip()])
+            preset = steering_from_dict(PRESETS[value.strip()])
+            return preset, preset.to_dict()
         if not value.strip().startswith("{"):
             raise SaesteerError(
                 f"unknown steering preset {short(value)!r}: use one of {', '.join(PRESETS)} or a spec object"
@@ -252,40 +257,46 @@ def _request_steering(value: Any, default: Steering, allowed: list[Path], config
         raise SaesteerError(
             f"the steering makes {edits} edits, above this server's limit of {config.max_edits}"
         )
-    if len(set(steering.files())) > config.max_files:
+    files = set(steering.files())
+    if len(files) > config.max_files:
         raise SaesteerError(
-            f"the steering names {len(set(steering.files()))} files, above this server's limit of {config.max_files}"
+            f"the steering names {len(files)} files, above this server's limit of {config.max_files}"
         )
-    paths = steering.files()
-    if isinstance(steering, Conditional) and all(_allowed(p, allowed) for p in paths):
-        own = load_detector(steering.detector, steering.layer, steering.tokens).sae  # a detector's own SAE
-        paths += [own] if own else []
-    for path in paths:
-        if not _allowed(path, allowed):  # one answer whether or not the file exists
-            raise SaesteerError(
-                f"steering file {short(path)!r} is not available on this server: use a preset, or a "
-                f"file under a directory the server allows (--allow-dir)"
-            )
-    return steering
+    real = {path: _checked(path, allowed) for path in files}
+    pinned = steering.with_files(
+        real.__getitem__
+    )  # reads what was checked, whatever a symlink points to later
+    if isinstance(pinned, Conditional):
+        own = load_detector(pinned.detector, pinned.layer, pinned.tokens).sae  # named by its real path
+        if own:
+            _checked(own, allowed)
+    pinned.check(loaded)  # loads every file
+    if any(_checked(path, allowed) != path for path in real.values()):  # a folder on the way became a symlink
+        raise SaesteerError("a steering file moved while the server read it: send the request again")
+    return pinned, steering.to_dict()
 
 
-def _allowed(path: str, allowed: list[Path]) -> bool:
-    """Whether `path` (after `builtin:` and symlinks) is a regular file, or a folder of regular files, inside `allowed`."""
+def _checked(path: str, allowed: list[Path]) -> str:
+    """The real path of `path` (after `builtin:` and symlinks) when it is a regular file, or a folder of regular
+    files, inside `allowed`; otherwise a SaesteerError that reads the same whether or not the file exists."""
 
     def inside(p: Path) -> bool:
         return any(p.is_relative_to(root) for root in allowed)
 
     try:
         real = Path(resolve(path)).resolve(strict=True)
-        if real.is_file():
-            return inside(real)
-        return (
+        if (real.is_file() and inside(real)) or (
             real.is_dir()
             and inside(real)
             and all(inside(entry.resolve()) and entry.resolve().is_file() for entry in real.iterdir())
-        )
+        ):
+            return str(real)
     except (OSError, ValueError, RuntimeError, SaesteerError):  # missing, too long, a loop, leaves builtin:
-        return False
+        pass
+    raise SaesteerError(
+        f"steering file {short(path)!r} is not available on this server: use a preset, or a "
+        f"file under a directory the server allows (--allow-dir)"
+    )
 
 
 async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
@@ -408,7 +419,7 @@ class _Service:
         return {
             **base,
             "object": "chat.completion",
-            "steering": job.steering.to_dict(),
+            "steering": job.spec,
             "usage": job.usage(),
             "choices": [choice],
         }
@@ -431,7 +442,7 @@ class _Service:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         if len(stop) > 4 or not all(stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
-        ids, steering = self.prompt_ids(req)
+        ids, steering, spec = self.prompt_ids(req)
         if len(ids) > config.max_prompt_tokens:
             message = (
                 f"the prompt is {len(ids)} tokens, above this server's limit of {config.max_prompt_tokens}"
@@ -442,14 +453,17 @@ class _Service:
             request.temperature, request.top_p = req.temperature, req.top_p or 1.0
             request.generator = torch.Generator(self.loaded.device)
             request.generator.manual_seed(req.seed) if req.seed is not None else request.generator.seed()
-        job = _Job(request, steering, req.stream, loop, self.loaded.tokenizer)
+        job = _Job(request, steering, spec, req.stream, loop, self.loaded.tokenizer)
         request.on_update = job.update
         return job
 
-    def prompt_ids(self, req: ChatRequest) -> tuple[list[int], Steering]:
-        """The request's steering and its conversation rendered (after the steering's `prepare`) as token ids."""
+    def prompt_ids(self, req: ChatRequest) -> tuple[list[int], Steering, dict]:
+        """The request's conversation rendered (after the steering's `prepare`) as token ids, its steering, and
+        the steering's spec as the request gave it."""
         try:
-            steering = _request_steering(req.steering, self.default, self.allowed, self.config)
+            steering, spec = _request_steering(
+                req.steering, self.default, self.allowed, self.config, self.loaded
+            )
             steering.check(self.loaded)
             roles = {"developer": "system"}
             conversation = [{"role": roles.get(m.role, m.role), "content": m.content} for m in req.messages]
@@ -459,7 +473,7 @@ class _Service:
         except TemplateError as err:  # the model's chat template rejected the conversation
             message = f"cannot render the conversation with the chat template: {short(str(err), 200)}"
             raise ApiError(400, message, param="messages") from None
-        return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], steering
+        return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], steering, spec
 
 
 def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:

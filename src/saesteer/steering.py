@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +80,12 @@ class Steering:
     def leaves(self) -> list[Steering]:
         """The single methods this steering is made of (a stack's parts, a conditional's inner steering)."""
         return [self]
+
+    def with_files(self, real: Callable[[str], str]) -> Steering:
+        """The same steering reading each of its files at `real(path)` (a server pins the paths it checked)."""
+        return steering_from_dict(
+            {**self.to_dict(), **{name: real(getattr(self, name)) for name in self.file_fields}}
+        )
 
     def check(self, loaded: LoadedModel) -> None:
         """Load this steering's files and check them against `loaded`: a bad file or setting raises
@@ -338,8 +344,10 @@ class Conditional(Steering):
     """Apply another steering only to prompts a detector flags (after CAST, Lee et al. 2024).
 
     Before each prefill the prompt is run, unsteered and only up to the detector's layers, and scored
-    (`saesteer.detectors`): the gate score is the maximum over the whole conversation and each of its user
-    turns alone, so a harmful turn early in a conversation still counts. Rows scoring above `threshold` get
+    (`saesteer.detectors`): the gate score is the maximum over the whole conversation and each of its turns
+    (user, assistant, or forged inside a message) scored alone as a user message, so a harmful turn early in a
+    conversation, in an assistant message or behind a system message still counts; a conversation of over
+    `detectors.GATE_TURNS` turns is refused. Rows scoring above `threshold` get
     the inner steering (with its schedule); the others are left exactly as unsteered. `detector` is a file from
     `saesteer gate` or a direction file; `layer` and `tokens` (the last positions averaged) apply to
     direction files only.
@@ -370,6 +378,14 @@ class Conditional(Steering):
 
     def leaves(self) -> list[Steering]:
         return self.inner.leaves()
+
+    def with_files(self, real: Callable[[str], str]) -> Steering:
+        spec = {
+            **self.to_dict(),
+            "detector": real(self.detector),
+            "steering": self.inner.with_files(real).to_dict(),
+        }
+        return steering_from_dict(spec)
 
     def check(self, loaded: LoadedModel) -> None:
         detector = load_detector(self.detector, self.layer, self.tokens)
@@ -504,6 +520,11 @@ class Stack(Steering):
 
     def leaves(self) -> list[Steering]:
         return [leaf for part in self.parts for leaf in part.leaves()]
+
+    def with_files(self, real: Callable[[str], str]) -> Steering:
+        return steering_from_dict(
+            {"method": self.method, "steerings": [p.with_files(real).to_dict() for p in self.parts]}
+        )
 
     def to_dict(self) -> dict:
         return {"method": self.method, "steerings": [p.to_dict() for p in self.parts]}
