@@ -21,7 +21,7 @@ from conftest import run_cli, save_steering_sae
 from saesteer.artefacts import load_sae, save_direction
 from saesteer.errors import SaesteerError, short
 from saesteer.models import chat_prompts, load_model, reference_generate
-from saesteer.serve import ServeConfig, create_app
+from saesteer.serve import ServeConfig, create_app, uvicorn_options
 from saesteer.steering import PRESETS, steering_from_dict
 
 QUESTIONS = ["the quick brown fox", "sparse autoencoders steer models over the lazy dog", "jumps", "lazy dog"]
@@ -86,7 +86,8 @@ def served(tiny_model_dir, specs):
 def serve_in_thread(loaded, config: ServeConfig):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded, config), log_level="warning"))
+    app = create_app(loaded, config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **uvicorn_options(config)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -743,5 +744,25 @@ def test_a_body_that_never_arrives_is_a_408(tiny_model_dir):
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b'Content-Length: 1000\r\n\r\n{"messages": '
             )
-            answer = conn.recv(4096).decode()
+            answer = ""
+            while "did not arrive" not in answer and (chunk := conn.recv(4096)):  # headers, body may come apart
+                answer += chunk.decode()
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer
+
+
+def test_headers_that_never_end_close_the_connection(tiny_model_dir):
+    """Issue 25 item 6: a slow-loris client that never finishes its headers is disconnected at the deadline,
+    on a fresh connection and on a kept-alive one after a response; a prompt client is not."""
+    config = ServeConfig(**LIMITS, header_seconds=0.5)
+    for url, _ in serve_in_thread(load_model(str(tiny_model_dir)), config):
+        host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+            started = time.monotonic()
+            assert conn.recv(4096) == b"" and time.monotonic() - started < 5
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            conn.sendall(b"GET /v1/models HTTP/1.1\r\n")  # the next request's headers never end
+            assert conn.recv(4096) == b""
+        assert httpx.get(f"{url}/models").status_code == 200

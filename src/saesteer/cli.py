@@ -354,7 +354,7 @@ def serve(
     try:
         import uvicorn
 
-        from saesteer.serve import create_app
+        from saesteer.serve import create_app, uvicorn_options
     except ImportError as err:
         raise SaesteerError(f"the server needs {err.name}: pip install 'saesteer[serve]'") from None
     from saesteer.models import load_model
@@ -372,7 +372,7 @@ def serve(
     except OSError as err:
         raise SaesteerError(f"cannot listen on {short(host)}:{port}: {err.strerror or err}") from None
     app = create_app(load_model(model, device=device, dtype=dtype), config)
-    uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+    uvicorn.run(app, host=host, port=port, **uvicorn_options(config))
 
 
 @app.command()

@@ -570,6 +570,8 @@ class ServeConfig:
     """largest request body accepted, in bytes"""
     body_seconds: float = 30.0
     """longest a request may take to send its body"""
+    header_seconds: float = 10.0
+    """longest a connection may take to send a request's headers (a slow client is then disconnected)"""
     max_edits: int = 64
     """most residual-stream edits one request's steering may make: an SAE clamp counts one per feature, any
     other method (a stack's part, a conditional's inner steering) one"""
@@ -593,8 +595,9 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise SaesteerError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not self.body_seconds > 0:
-            raise SaesteerError(f"body_seconds must be positive, not {self.body_seconds}")
+        for name in ("body_seconds", "header_seconds"):
+            if not getattr(self, name) > 0:
+                raise SaesteerError(f"{name} must be positive, not {getattr(self, name)}")
         if self.api_key is not None and not self.api_key.strip():
             raise SaesteerError("the API key is empty: give a non-empty key, or none to serve without one")
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import h11
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,6 +41,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from saesteer.artefacts import resolve, shipped_dir
 from saesteer.config import ServeConfig
@@ -474,6 +476,42 @@ class _Service:
             message = f"cannot render the conversation with the chat template: {short(str(err), 200)}"
             raise ApiError(400, message, param="messages") from None
         return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], steering, spec
+
+
+def uvicorn_options(config: ServeConfig) -> dict:
+    """uvicorn's settings for this server: h11 with a deadline on request headers (`header_seconds`), 5 s
+    keep-alive and 64 KiB of header text at most."""
+
+    class HeaderDeadline(H11Protocol):
+        """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived within
+        `header_seconds` of its opening or of its last response (a slow-loris client)."""
+
+        served = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self.served += 1
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            self.loop.call_later(config.header_seconds, self._expire, self.served)
+
+        def _expire(self, served: int) -> None:
+            if (
+                served == self.served
+                and self.conn.their_state is h11.IDLE
+                and not self.transport.is_closing()
+            ):
+                log.info(
+                    "closed a connection that sent no complete request headers in %gs", config.header_seconds
+                )
+                self.transport.close()
+
+    return {"http": HeaderDeadline, "timeout_keep_alive": 5, "h11_max_incomplete_event_size": 64 * 1024}
 
 
 def create_app(loaded: LoadedModel, config: ServeConfig) -> FastAPI:
