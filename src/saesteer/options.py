@@ -60,6 +60,7 @@ _AT_LEAST_1 = (
     "init_tokens",
     "log_every",
     "checkpoint_every",
+    "steps",
 )
 _AT_LEAST_0 = (
     "top_contexts",
@@ -67,7 +68,6 @@ _AT_LEAST_0 = (
     "n_candidates",
     "n_attribution",
     "candidates",
-    "steps",
     "examples",
     "mmlu_shots",
     "agreement_sample",
