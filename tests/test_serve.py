@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -745,7 +746,9 @@ def test_a_body_that_never_arrives_is_a_408(tiny_model_dir):
                 b'Content-Length: 1000\r\n\r\n{"messages": '
             )
             answer = ""
-            while "did not arrive" not in answer and (chunk := conn.recv(4096)):  # headers, body may come apart
+            while "did not arrive" not in answer and (
+                chunk := conn.recv(4096)
+            ):  # headers, body may come apart
                 answer += chunk.decode()
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer, answer
 
@@ -762,7 +765,63 @@ def test_headers_that_never_end_close_the_connection(tiny_model_dir):
             assert conn.recv(4096) == b"" and time.monotonic() - started < 5
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            response = b""
+            while b"\r\n\r\n" not in response:
+                response += conn.recv(65536)
+            head, _, body = response.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+            while len(body) < length:  # the whole response, so what follows is the deadline's close
+                body += conn.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200")
             conn.sendall(b"GET /v1/models HTTP/1.1\r\n")  # the next request's headers never end
             assert conn.recv(4096) == b""
         assert httpx.get(f"{url}/models").status_code == 200
+
+
+def test_arrivals_share_one_gate_pass_and_a_failing_one_fails_alone(reference, specs, monkeypatch):
+    """Jobs that arrive together with the same steering get one `row_edits` call (one gate pass, shared edit
+    objects); a conversation over the gate's turn limit among them is a 400 alone."""
+    import asyncio
+
+    from saesteer import serve
+    from saesteer.detectors import GATE_TURNS
+    from saesteer.steering import Conditional
+
+    spec = {
+        "method": "conditional",
+        "steering": specs["actadd"],
+        "detector": specs["actadd"]["direction"],
+        "threshold": -1e9,
+    }
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(GATE_TURNS + 1)]
+    calls, row_edits = [], Conditional.row_edits
+    monkeypatch.setattr(
+        Conditional,
+        "row_edits",
+        lambda self, loaded, prompts: calls.append(len(prompts)) or row_edits(self, loaded, prompts),
+    )
+    loop = asyncio.new_event_loop()
+    engine = serve._EngineThread(reference, 4)
+
+    def jobs(*conversations):
+        rendered = chat_prompts(reference, list(conversations))
+        return [
+            serve._Job(
+                serve.Reply(reference.tokenizer(r, add_special_tokens=False)["input_ids"]),
+                steering_from_dict(spec),
+                spec,
+                False,
+                loop,
+                reference.tokenizer,
+            )
+            for r in rendered
+        ]
+
+    together = jobs(USER, USER)
+    assert engine._prepare(together) == together and calls == [2]
+    assert together[0].request.edits[0][2] is together[1].request.edits[0][2]  # one edit object for both rows
+    calls.clear()
+    mixed = jobs(USER, long, USER)
+    assert engine._prepare(mixed) == [mixed[0], mixed[2]] and calls == [3, 1, 1, 1]
+    assert mixed[1].finish == "error" and mixed[0].finish is None and mixed[2].request.edits
+    loop.close()

@@ -197,24 +197,36 @@ class _EngineThread:
                     if job is not None:
                         job.fail(ApiError(503, "the server is shutting down"))
                 return
-            for job in arrived:
-                if self._guarded([job], self._prepare, job):
-                    self.jobs[job.request] = job
-                    self.engine.waiting.append(job.request)
+            for job in self._guarded(arrived, self._prepare, arrived) or []:
+                self.jobs[job.request] = job
+                self.engine.waiting.append(job.request)
             if self.jobs and self._guarded(list(self.jobs.values()), self.engine.step) is None:
                 self.engine = Engine(self.loaded, self.max_batch_size, self.max_batch_size)
                 self.jobs.clear()
             for request in [r for r in self.jobs if r.finish is not None]:
                 del self.jobs[request]
 
-    def _prepare(self, job: _Job) -> bool:
-        """The job's steering edits for its prompt; a bad spec is a 400."""
-        try:
-            job.request.edits = job.steering.row_edits(self.loaded, [job.request.ids])[0]
-        except SaesteerError as err:
-            job.fail(ApiError(400, str(err), param="steering"))
-            return False
-        return True
+    def _prepare(self, jobs: list[_Job]) -> list[_Job]:
+        """Decide the edits of newly arrived jobs, one `row_edits` call per distinct steering (a conditional
+        gate scores their prompts in one pass, and rows of one steering share its edits, so the engine edits
+        them in one call); returns the jobs ready to run. A job whose steering fails is a 400, alone."""
+        groups: dict[str, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(json.dumps(job.steering.to_dict(), sort_keys=True), []).append(job)
+        ready = []
+        for group in groups.values():
+            try:
+                edits = group[0].steering.row_edits(self.loaded, [job.request.ids for job in group])
+            except SaesteerError as err:
+                if len(group) > 1:  # find the failing job: each alone
+                    ready += [job for one in group for job in self._prepare([one])]
+                else:
+                    group[0].fail(ApiError(400, str(err), param="steering"))
+                continue
+            for job, row in zip(group, edits):
+                job.request.edits = row
+            ready += group
+        return ready
 
     def _guarded(self, jobs: list[_Job], fn, *args):
         """`fn(*args)`, or None after a failure, which ends `jobs` with a 500 in OpenAI's format."""
