@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -293,3 +294,49 @@ def test_manifest_without_checksums_gets_them_on_rerun(tmp_path, tiny_model_dir,
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     assert ActivationStore(tmp_path).tensor().shape[0] == clean["n_tokens"]  # loads unchecked
     assert collect(config, tmp_path, loaded, progress=False) == clean
+
+
+def test_streamed_training_equals_training_on_the_cache(tmp_path, tiny_model_dir, text_file, loaded):
+    """Issue 24 item 5: `train --model` streams the activations `collect` would cache, in the same batch
+    order, so on the same tokens it trains the same SAE bit for bit (and resumes exactly, computing only the
+    groups it still reads)."""
+    from saesteer.config import TrainConfig
+    from saesteer.trainer import train
+
+    config = config_for(tiny_model_dir, text_file, tokens=32 * 40, contexts_per_shard=3)
+    collect(config, tmp_path / "cache", loaded, progress=False)
+    settings = dict(
+        n_latents=128, k=4, batch_size=64, total_tokens=64 * 12, init_tokens=256, checkpoint_every=5
+    )
+    cached = train(
+        TrainConfig(activations=str(tmp_path / "cache"), out=str(tmp_path / "a"), **settings), progress=False
+    )
+    stream = dict(
+        model=str(tiny_model_dir),
+        layer=2,
+        data=config.data,
+        ctx=32,
+        stream_batch_size=3,
+        contexts_per_shard=3,
+    )
+    streamed_config = TrainConfig(activations="nowhere", out=str(tmp_path / "b"), **stream, **settings)
+    source = activations.StreamSource(
+        replace(streamed_config.stream_config(), tokens=config.tokens), loaded, progress=False
+    )
+    assert source.manifest["shards"] == [
+        {k: s[k] for k in ("n_contexts", "n_tokens")} | {"index": s["index"], "file": f"stream-{s['index']}"}
+        for s in ActivationStore(tmp_path / "cache").shards
+    ]
+    streamed = train(streamed_config, source, progress=False)
+    assert streamed.losses == cached.losses
+    for name, value in cached.sae.state_dict().items():
+        assert torch.equal(value, streamed.sae.state_dict()[name]), name
+    # stopped after 5 steps, then resumed: the same losses, and the groups before step 5 are not computed
+    first = train(
+        replace(streamed_config, out=str(tmp_path / "c"), total_tokens=64 * 5), source, progress=False
+    )
+    computed, load_shard = [], source.load_shard
+    source.load_shard = lambda shard: computed.append(shard["index"]) or load_shard(shard)
+    resumed = train(replace(streamed_config, out=str(tmp_path / "c"), resume=True), source, progress=False)
+    assert first.losses + resumed.losses == cached.losses
+    assert 0 < len(computed) < len(source.shards)

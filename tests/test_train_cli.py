@@ -106,3 +106,18 @@ def test_train_errors_are_one_line(monkeypatch, capsys, cache, tmp_path):
     assert code == 2 and "Invalid value for '--batch-size'" in res.err  # the option's bound, before any work
     code, res = run_cli(monkeypatch, capsys, "evaluate-sae", "--sae", str(tmp_path / "missing"))
     assert code == 2 and "cannot read SAE" in res.err
+
+
+def test_train_streams_from_a_model(monkeypatch, capsys, tiny_model_dir, text_file, tmp_path):
+    """Issue 24 item 5: `train --model` trains on activations computed on the fly, with no cache on disk."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "streamed"
+    code, res = run_cli(
+        monkeypatch, capsys, "train", "--model", str(tiny_model_dir), "--layer", "1", "--data", str(text_file),
+        "--ctx", "32", "--contexts-per-shard", "8", "--out", str(out), "--n-latents", "128", "--k", "4",
+        "--batch-size", "128", "--tokens", "1280", "--init-tokens", "512", "--device", "cpu",
+    )  # fmt: skip
+    assert code in (0, None), res.err
+    assert "trained TopK SAE d_in 64 x 128 latents, k 4, 1,280 tokens (10 steps)" in res.out
+    assert SAE.load(out / "sae").cfg.layer == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed"]  # nothing else written

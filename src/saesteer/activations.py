@@ -129,22 +129,10 @@ def collect(
     if out.exists() and not out.is_dir():
         raise SaesteerError(f"--out {out} exists and is not a folder")
     rank, world = dist.rank_world()
-    data_hash = source_hash(config.data.data)
     loaded = loaded or load_model(config.model, device=config.device)
     loaded.check_layer(config.layer)
     tokenizer = loaded.tokenizer
-    manifest = {
-        "format": "saesteer-activations/1",
-        "model": config.model,
-        "layer": config.layer,
-        "hook_point": config.hook_point,
-        "d_model": loaded.d_model,
-        "dtype": config.dtype,
-        "ctx": config.ctx,
-        "drop_special": config.drop_special,
-        "contexts_per_shard": config.contexts_per_shard,
-        "data": {**asdict(config.data), "sha256": data_hash},
-    }
+    manifest = _manifest(config, loaded)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_collection(out, manifest)
 
@@ -210,13 +198,33 @@ def collect(
     return json.loads((out / MANIFEST).read_text())
 
 
+def _manifest(config: CollectConfig, loaded: LoadedModel) -> dict:
+    """What a collection of `config` is (a cache's manifest, without its shards)."""
+    return {
+        "format": "saesteer-activations/1",
+        "model": config.model,
+        "layer": config.layer,
+        "hook_point": config.hook_point,
+        "d_model": loaded.d_model,
+        "dtype": config.dtype,
+        "ctx": config.ctx,
+        "drop_special": config.drop_special,
+        "contexts_per_shard": config.contexts_per_shard,
+        "data": {**asdict(config.data), "sha256": source_hash(config.data.data)},
+    }
+
+
 def _activations(
-    loaded: LoadedModel, contexts: list[list[int]], config: CollectConfig, special_ids: list[int], bar
+    loaded: LoadedModel,
+    contexts: list[list[int]] | torch.Tensor,
+    config: CollectConfig,
+    special_ids: list[int],
+    bar,
 ) -> torch.Tensor:
     """Early-exit forward over contexts in batches; returns the kept positions' activations."""
     chunks = []
     for start in range(0, len(contexts), config.batch_size):
-        ids = torch.tensor(contexts[start : start + config.batch_size])
+        ids = torch.as_tensor(contexts[start : start + config.batch_size], dtype=torch.long)
         t0 = time.perf_counter()
         hidden = (
             residual_at(loaded.model, ids.to(loaded.device), config.layer, config.hook_point).float().cpu()
@@ -366,3 +374,56 @@ class ActivationStore:
     @staticmethod
     def _group_batches(group: list[dict], global_batch: int) -> int:
         return sum(s["n_tokens"] for s in group) // global_batch
+
+
+class StreamSource(ActivationStore):
+    """Activations computed as training reads them, never written to disk: the shards `collect` would write
+    for `config` (the same contexts and values, in the same batch order), each computed when a batch needs
+    its group of shards, which is the shuffle buffer (`ActivationStore.batches`). Under torchrun every rank
+    computes each group it reads and trains on its own slice of every batch."""
+
+    def __init__(self, config: CollectConfig, loaded: LoadedModel | None = None, progress: bool = True):
+        self.config = config
+        self.loaded = loaded or load_model(config.model, device=config.device)
+        self.loaded.check_layer(config.layer)
+        tokenizer = self.loaded.tokenizer
+        documents = iter_documents(config.data, tokenizer)
+        wanted = math.ceil(config.tokens / config.ctx)
+        contexts = list(itertools.islice(pack_contexts(documents, tokenizer, config.ctx), wanted))
+        if not contexts:
+            raise SaesteerError(f"no text found in {config.data.data} (empty dataset?)")
+        self.contexts = torch.tensor(contexts, dtype=torch.int32)  # [n_contexts, ctx]
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
+        kept = (
+            (~_special_mask(self.contexts, self.special_ids)).sum(1)
+            if config.drop_special
+            else torch.full((len(contexts),), config.ctx)
+        )
+        per = config.contexts_per_shard
+        self.shards = [
+            {
+                "index": g,
+                "file": f"stream-{g}",
+                "n_contexts": len(kept[start : start + per]),
+                "n_tokens": int(kept[start : start + per].sum()),
+            }
+            for g, start in enumerate(range(0, len(contexts), per))
+        ]
+        self.manifest = {
+            **_manifest(config, self.loaded),
+            "stream": True,
+            "shards": self.shards,
+            "n_tokens": int(kept.sum()),
+        }
+        self.path = Path(f"stream:{config.model}@{config.layer}")
+        self._verified: set[str] = set()
+        self.bar = tqdm(
+            unit="tok", unit_scale=True, desc=f"stream L{config.layer}", disable=not progress, leave=False
+        )
+
+    @torch.inference_mode()
+    def load_shard(self, shard: dict) -> torch.Tensor:
+        """The shard's activations, computed now (as `collect` computes them)."""
+        per = self.config.contexts_per_shard
+        contexts = self.contexts[shard["index"] * per : (shard["index"] + 1) * per]
+        return _activations(self.loaded, contexts, self.config, self.special_ids, self.bar)

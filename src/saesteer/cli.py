@@ -141,7 +141,8 @@ def collect(
 
 @command(app, TrainConfig)
 def train(cfg: TrainConfig) -> None:
-    """Train a TopK SAE on cached activations (run under torchrun for data parallelism)."""
+    """Train a TopK SAE on cached activations, or on activations streamed from --model (run under torchrun for
+    data parallelism)."""
     from saesteer.trainer import train as run_train
 
     _writable_out(cfg.out, "dir")

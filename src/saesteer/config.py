@@ -84,7 +84,24 @@ class TrainConfig:
     """Everything that determines a training run."""
 
     activations: str = "runs/activations"
-    """activation cache folder (saesteer collect)"""
+    """activation cache folder (saesteer collect); not read when `model` is given"""
+    model: str | None = None
+    """stream the activations of this model instead (default alias, hub id, local folder or .gguf): computed as
+    `collect` would compute them, as training reads them, never written to disk"""
+    layer: int = CollectConfig.layer
+    """streamed layer (with `model`)"""
+    hook_point: str = CollectConfig.hook_point
+    """streamed hook point: resid_post or resid_pre (with `model`)"""
+    data: TextSource = field(default_factory=TextSource)
+    """streamed text (with `model`)"""
+    ctx: int = CollectConfig.ctx
+    """tokens per streamed context (with `model`)"""
+    stream_batch_size: int = CollectConfig.batch_size
+    """contexts per forward pass when streaming"""
+    contexts_per_shard: int = CollectConfig.contexts_per_shard
+    """contexts per streamed shard; 4 shards are shuffled together (the shuffle buffer)"""
+    drop_special: bool = CollectConfig.drop_special
+    """leave out special-token positions when streaming"""
     out: str = "runs/sae"
     """output folder: checkpoint.safetensors and sae/ (the final SAE, SAELens format)"""
     n_latents: int | None = None
@@ -127,6 +144,21 @@ class TrainConfig:
     """continue from out/checkpoint.safetensors if it exists"""
     device: str | None = None
     """cpu or cuda (default: cuda:LOCAL_RANK if available, else cpu)"""
+
+    def stream_config(self) -> CollectConfig:
+        """The collection that streaming reads (`model` given): as many tokens as training takes."""
+        return CollectConfig(
+            model=self.model,
+            layer=self.layer,
+            hook_point=self.hook_point,
+            data=self.data,
+            tokens=self.total_tokens,
+            ctx=self.ctx,
+            batch_size=self.stream_batch_size,
+            contexts_per_shard=self.contexts_per_shard,
+            drop_special=self.drop_special,
+            device=self.device,
+        )
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)

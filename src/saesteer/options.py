@@ -60,6 +60,7 @@ _AT_LEAST_1 = (
     "init_tokens",
     "log_every",
     "checkpoint_every",
+    "stream_batch_size",
     "steps",
 )
 _AT_LEAST_0 = (

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saesteer import dist
-from saesteer.activations import ActivationStore
+from saesteer.activations import ActivationStore, StreamSource
 from saesteer.artefacts import load_sae
 from saesteer.config import DEFAULT_MODEL, SAEEvalConfig, TrainConfig
 from saesteer.errors import TrainError
@@ -215,7 +215,11 @@ class Trainer:
 def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) an SAE; returns it with the per-step losses. Writes `cfg.out` on rank 0."""
     if source is None:
-        source = ActivationStore(cfg.activations)
+        source = (
+            StreamSource(cfg.stream_config(), progress=progress)
+            if cfg.model
+            else ActivationStore(cfg.activations)
+        )
     rank, world = dist.rank_world()
     if cfg.batch_size % world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
