@@ -340,3 +340,20 @@ def test_streamed_training_equals_training_on_the_cache(tmp_path, tiny_model_dir
     resumed = train(replace(streamed_config, out=str(tmp_path / "c"), resume=True), source, progress=False)
     assert first.losses + resumed.losses == cached.losses
     assert 0 < len(computed) < len(source.shards)
+
+
+def test_streaming_ranks_compute_their_own_shards(tiny_model_dir, text_file, loaded):
+    """Under torchrun each rank streams (and computes) only its own shards, so forward passes are split."""
+    source = activations.StreamSource(
+        config_for(tiny_model_dir, text_file, tokens=32 * 24, contexts_per_shard=3), loaded, progress=False
+    )
+    for rank in range(2):
+        computed, load_shard = [], source.load_shard
+        source.load_shard = lambda shard, load_shard=load_shard: (
+            computed.append(shard["index"]) or load_shard(shard)
+        )
+        batches = source.batches(16, rank=rank, world_size=2)
+        for _ in range(12):
+            assert next(batches).shape == (16, 64)
+        assert computed and {g % 2 for g in computed} == {rank}
+        del source.load_shard

@@ -15,6 +15,7 @@ the checksums, and the store loads them unchecked until then.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -380,7 +381,7 @@ class StreamSource(ActivationStore):
     """Activations computed as training reads them, never written to disk: the shards `collect` would write
     for `config` (the same contexts and values, in the same batch order), each computed when a batch needs
     its group of shards, which is the shuffle buffer (`ActivationStore.batches`). Under torchrun every rank
-    computes each group it reads and trains on its own slice of every batch."""
+    reads only its own shards (index % world_size == rank), so the model's forward passes are split too."""
 
     def __init__(self, config: CollectConfig, loaded: LoadedModel | None = None, progress: bool = True):
         self.config = config
@@ -419,6 +420,26 @@ class StreamSource(ActivationStore):
         self._verified: set[str] = set()
         self.bar = tqdm(
             unit="tok", unit_scale=True, desc=f"stream L{config.layer}", disable=not progress, leave=False
+        )
+
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shards_per_group: int = 4,
+    ) -> Iterator[torch.Tensor]:
+        """`ActivationStore.batches` (the same batches as the cache of this collection); with several ranks,
+        each rank's batches come from its own shards."""
+        if world_size == 1:
+            yield from super().batches(batch_size, seed, start_batch, shards_per_group=shards_per_group)
+            return
+        own = copy.copy(self)
+        own.shards = [s for s in self.shards if s["index"] % world_size == rank]
+        yield from ActivationStore.batches(
+            own, batch_size, seed, start_batch, shards_per_group=shards_per_group
         )
 
     @torch.inference_mode()
