@@ -14,6 +14,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,7 +54,8 @@ def main() -> None:
         held_out = ActivationStore(Path(tmp) / "cache").tensor()[-8192:]
         stream = TrainConfig(out=str(Path(tmp) / "b"), model=args.model, layer=args.layer, **settings)
         start = time.perf_counter()
-        streamed = train(stream, StreamSource(stream.stream_config(), loaded, progress=False), progress=False)
+        same_tokens = replace(stream.stream_config(), tokens=args.tokens)  # the collection above, exactly
+        streamed = train(stream, StreamSource(same_tokens, loaded, progress=False), progress=False)
         streaming = time.perf_counter() - start
     tokens = settings["total_tokens"]
     print(

@@ -418,6 +418,8 @@ class StreamSource(ActivationStore):
         }
         self.path = Path(f"stream:{config.model}@{config.layer}")
         self._verified: set[str] = set()
+        self._kept: dict[int, torch.Tensor] = {}  # shards `tensor` computed, until training reads them
+        self._keep = False
         self.bar = tqdm(
             unit="tok", unit_scale=True, desc=f"stream L{config.layer}", disable=not progress, leave=False
         )
@@ -442,9 +444,22 @@ class StreamSource(ActivationStore):
             own, batch_size, seed, start_batch, shards_per_group=shards_per_group
         )
 
+    def tensor(self, max_tokens: int | None = None) -> torch.Tensor:
+        """`ActivationStore.tensor`; the shards it computes are kept until training reads them (computed once)."""
+        self._keep = True
+        try:
+            return super().tensor(max_tokens)
+        finally:
+            self._keep = False
+
     @torch.inference_mode()
     def load_shard(self, shard: dict) -> torch.Tensor:
-        """The shard's activations, computed now (as `collect` computes them)."""
+        """The shard's activations, computed now (as `collect` computes them) unless `tensor` kept them."""
+        if shard["index"] in self._kept:
+            return self._kept.pop(shard["index"])
         per = self.config.contexts_per_shard
         contexts = self.contexts[shard["index"] * per : (shard["index"] + 1) * per]
-        return _activations(self.loaded, contexts, self.config, self.special_ids, self.bar)
+        acts = _activations(self.loaded, contexts, self.config, self.special_ids, self.bar)
+        if self._keep:
+            self._kept[shard["index"]] = acts
+        return acts
