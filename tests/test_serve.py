@@ -825,3 +825,25 @@ def test_arrivals_share_one_gate_pass_and_a_failing_one_fails_alone(reference, s
     assert engine._prepare(mixed) == [mixed[0], mixed[2]] and calls == [3, 1, 1, 1]
     assert mixed[1].finish == "error" and mixed[0].finish is None and mixed[2].request.edits
     loop.close()
+
+
+def test_a_conversation_over_the_gate_s_turn_limit_is_a_400(served, specs):
+    """Issue 25 item 1: a conversation the gate would score turn by turn past its limit is refused before
+    the engine thread sees it; the limit is the gate's alone."""
+    from saesteer.detectors import GATE_TURNS
+
+    gated = {"method": "conditional", "steering": specs["actadd"], "detector": specs["actadd"]["direction"]}
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(GATE_TURNS + 1)]
+    response = raw(served[0], {"messages": long, "steering": gated, "max_tokens": 2})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "messages", response.text
+    assert (
+        f"the conversation has {GATE_TURNS + 1} turns; the harm gate scores at most {GATE_TURNS}"
+        in error["message"]
+    )
+    unsteered = raw(
+        served[0], {"messages": long, "max_tokens": 2}
+    )  # only the test's small prompt limit applies
+    assert (
+        "harm gate" not in unsteered.text and unsteered.json()["error"]["code"] == "context_length_exceeded"
+    )

@@ -45,7 +45,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from saesteer.artefacts import resolve, shipped_dir
 from saesteer.config import ServeConfig
-from saesteer.detectors import load_detector
+from saesteer.detectors import GATE_TURNS, load_detector, turns
 from saesteer.engine import Engine, Reply
 from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel
@@ -487,6 +487,10 @@ class _Service:
         except TemplateError as err:  # the model's chat template rejected the conversation
             message = f"cannot render the conversation with the chat template: {short(str(err), 200)}"
             raise ApiError(400, message, param="messages") from None
+        count = len(turns(self.loaded, prompt)) if isinstance(steering, Conditional) else 0
+        if count > GATE_TURNS:  # refused here, before the engine thread sees it
+            message = f"the conversation has {count} turns; the harm gate scores at most {GATE_TURNS}"
+            raise ApiError(400, message, param="messages")
         return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], steering, spec
 
 
