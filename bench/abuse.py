@@ -136,10 +136,7 @@ def cost(url: str, say) -> None:
         url, {"messages": QUESTION, "steering": {"method": "stack", "steerings": [clamp] * 4096}}
     )
     say(f"  stack of 4,096 clamps: {answer(response)} (answered in {latency:.2f} s)")
-    turns = [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": f"Fact {i}."}
-        for i in range(150)
-    ]
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Fact {i}."} for i in range(150)]
     latency, response = timed(url, {"messages": turns, "steering": "refusal_conditional", "max_tokens": 8})
     say(f"  150-turn conversation, refusal_conditional: {answer(response)} (answered in {latency:.2f} s)")
     light = {"messages": QUESTION, "max_tokens": 8}
@@ -390,7 +387,9 @@ def cli(say) -> None:
         names["BINARY"] = str(tmp / "binary.jsonl")
         huge = tmp / "huge-sae"
         huge.mkdir()
-        (huge / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 576, "d_sae": 1e12, "k": 32, "hook_layer": 6}))
+        (huge / "cfg.json").write_text(
+            json.dumps({"architecture": "topk", "d_in": 576, "d_sae": 1e12, "k": 32, "hook_layer": 6})
+        )
         save_file({"W_dec": torch.zeros(1)}, str(huge / "sae_weights.safetensors"))  # SAELens layout
         names["HUGE_SAE"] = str(huge)
         names["HUGE_SPEC"] = json.dumps({"method": "sae", "sae": str(huge), "features": [1], "values": [1.0]})

@@ -149,7 +149,9 @@ def main() -> None:
         )
         with stage("steered generation", 2 * 8, report):
             generate(loaded, ids, steering.row_edits(loaded, ids), max_new_tokens=8)
-        detector = Detector("probe", (16,), torch.randn(1, loaded.d_model) / loaded.d_model**0.5, pooling="user")
+        detector = Detector(
+            "probe", (16,), torch.randn(1, loaded.d_model) / loaded.d_model**0.5, pooling="user"
+        )
         texts = [f"Question {i}: how do I do thing number {i}?" for i in range(8)]
         rendered = chat_prompts(loaded, [[{"role": "user", "content": t}] for t in texts])
         tokens = sum(len(loaded.tokenizer(r, add_special_tokens=False).input_ids) for r in rendered)

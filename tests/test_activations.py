@@ -357,3 +357,9 @@ def test_streaming_ranks_compute_their_own_shards(tiny_model_dir, text_file, loa
             assert next(batches).shape == (16, 64)
         assert computed and {g % 2 for g in computed} == {rank}
         del source.load_shard
+
+
+def test_streaming_needs_a_shard_per_rank(tiny_model_dir, text_file, loaded, monkeypatch):
+    monkeypatch.setattr(activations.dist, "rank_world", lambda: (0, 64))
+    with pytest.raises(SaesteerError, match="streamed shards for 64 ranks"):
+        activations.StreamSource(config_for(tiny_model_dir, text_file), loaded, progress=False)

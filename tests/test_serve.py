@@ -628,6 +628,11 @@ def test_a_steering_reads_the_file_that_was_checked(reference, tmp_path, monkeyp
             sub.symlink_to(outside)
         return check(self, loaded)
 
+    # once checked, the steering keeps what it loaded: the engine's later passes never read the path again
+    later = ActAdd.edits
+    monkeypatch.setattr("saesteer.steering.load_direction", lambda path: pytest.fail(f"read again: {path}"))
+    assert later(steering, reference)
+    monkeypatch.undo()
     monkeypatch.setattr(ActAdd, "check", swap_then_load)
     with pytest.raises(SaesteerError, match="not available on this server"):  # outside now
         serve._request_steering(

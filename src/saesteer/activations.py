@@ -389,16 +389,20 @@ class StreamSource(ActivationStore):
         self.loaded.check_layer(config.layer)
         tokenizer = self.loaded.tokenizer
         documents = iter_documents(config.data, tokenizer)
-        wanted = math.ceil(config.tokens / config.ctx)
-        contexts = list(itertools.islice(pack_contexts(documents, tokenizer, config.ctx), wanted))
-        if not contexts:
+        self.contexts = torch.empty(math.ceil(config.tokens / config.ctx), config.ctx, dtype=torch.int32)
+        n = 0
+        for n, context in enumerate(pack_contexts(documents, tokenizer, config.ctx), 1):
+            self.contexts[n - 1] = torch.tensor(context, dtype=torch.int32)
+            if n == len(self.contexts):
+                break
+        if n == 0:
             raise SaesteerError(f"no text found in {config.data.data} (empty dataset?)")
-        self.contexts = torch.tensor(contexts, dtype=torch.int32)  # [n_contexts, ctx]
+        self.contexts = self.contexts[:n]  # [n_contexts, ctx]
         self.special_ids = sorted(set(tokenizer.all_special_ids))
         kept = (
             (~_special_mask(self.contexts, self.special_ids)).sum(1)
             if config.drop_special
-            else torch.full((len(contexts),), config.ctx)
+            else torch.full((n,), config.ctx)
         )
         per = config.contexts_per_shard
         self.shards = [
@@ -408,7 +412,7 @@ class StreamSource(ActivationStore):
                 "n_contexts": len(kept[start : start + per]),
                 "n_tokens": int(kept[start : start + per].sum()),
             }
-            for g, start in enumerate(range(0, len(contexts), per))
+            for g, start in enumerate(range(0, n, per))
         ]
         self.manifest = {
             **_manifest(config, self.loaded),
@@ -420,6 +424,12 @@ class StreamSource(ActivationStore):
         self._verified: set[str] = set()
         self._kept: dict[int, torch.Tensor] = {}  # shards `tensor` computed, until training reads them
         self._keep = False
+        self.rank, self.world = dist.rank_world()
+        if len(self.shards) < self.world:
+            raise SaesteerError(
+                f"{len(self.shards)} streamed shards for {self.world} ranks: stream more tokens or lower "
+                f"--contexts-per-shard"
+            )
         self.bar = tqdm(
             unit="tok", unit_scale=True, desc=f"stream L{config.layer}", disable=not progress, leave=False
         )
@@ -460,6 +470,6 @@ class StreamSource(ActivationStore):
         per = self.config.contexts_per_shard
         contexts = self.contexts[shard["index"] * per : (shard["index"] + 1) * per]
         acts = _activations(self.loaded, contexts, self.config, self.special_ids, self.bar)
-        if self._keep:
+        if self._keep and shard["index"] % self.world == self.rank:  # a shard this rank will read
             self._kept[shard["index"]] = acts
         return acts

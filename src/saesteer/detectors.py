@@ -22,9 +22,11 @@ source cannot dominate what "harmful" means.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from saesteer.config import RESIDUAL_POINTS
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import residuals_at
 from saesteer.models import WORD_JOINER, LoadedModel, Messages, chat_prompts, rendered_batches, tokenized
+from saesteer.sae import SAE
 
 POOLINGS = ("last", "user", "max")
 GATE_TURNS = 32  # the most turns of one conversation the gate scores (each is one extra row of a pass)
@@ -59,6 +62,15 @@ class Detector:
     sae: str | None = None
     hook_point: str = "resid_post"
     meta: dict = field(default_factory=dict)
+    loaded_sae: SAE | None = field(default=None, repr=False, compare=False)
+    """`sae` once `sae_model` has loaded it"""
+
+    def sae_model(self) -> SAE | None:
+        """The detector's SAE (None for none), loaded on first use and kept with the detector, so a server can
+        check its path before it is read and never reads it again."""
+        if self.sae is not None and self.loaded_sae is None:
+            self.loaded_sae = load_sae(self.sae)
+        return self.loaded_sae
 
     def save(self, path: str | Path, model: str, **meta) -> None:
         info = {
@@ -88,7 +100,7 @@ class Detector:
         weights = position_weights(loaded, input_ids, attention_mask, self.pooling, self.tokens)
         total = torch.full((input_ids.shape[0],), self.bias, device=input_ids.device)
         for row, layer in zip(self.weight.to(input_ids.device), self.layers):
-            features = features_of(hidden[layer].float(), self.sae)
+            features = features_of(hidden[layer].float(), self.sae_model())
             total += pool(features, weights, self.pooling) @ row
         return total
 
@@ -147,11 +159,11 @@ def _load_detector_file(path: str, *identity, layer: int | None, tokens: int) ->
             raise ValueError(f"{len(layers)} layers for a weight of shape {tuple(tensor.shape)}")
         if not (math.isfinite(detector.bias) and detector.tokens >= 1):
             raise ValueError(f"bias {detector.bias} or tokens {detector.tokens}")
-        return detector
     except (KeyError, ValueError, TypeError) as err:
         raise SaesteerError(
             f"detector file {short(path)} lacks valid metadata ({short(str(err), 200)})"
         ) from None
+    return detector
 
 
 def _real_sae(path: str) -> str | None:
@@ -164,39 +176,60 @@ def _real_sae(path: str) -> str | None:
         raise ValueError(f"its SAE {short(path)!r} is missing") from None
 
 
-def template_parts(loaded: LoadedModel) -> tuple[str, str, str, str]:
-    """The chat template's fixed text: (head before the first user message, text between a user message and
-    the assistant's reply, text between a reply and the next user message, tail after the last user message)."""
-    return _template_parts(loaded.tokenizer)
+def template_ends(loaded: LoadedModel) -> tuple[str, str]:
+    """The chat template's text before and after a single user message (head, tail)."""
+    return _template_ends(loaded.tokenizer, datetime.date.today())
+
+
+MARKS = {
+    "system": "\u2063S\u2063",
+    "user": "\u2063A\u2063",
+    "assistant": "\u2063B\u2063",
+    "next": "\u2063C\u2063",
+}
 
 
 @functools.lru_cache(maxsize=8)
-def _template_parts(tokenizer) -> tuple[str, str, str, str]:
-    marks = ["\u2063A\u2063", "\u2063B\u2063", "\u2063C\u2063"]
-    roles = ["user", "assistant", "user"]
-    one, three = (
-        _render(tokenizer, [{"role": r, "content": m} for r, m in zip(roles[:n], marks)]) for n in (1, 3)
-    )
-    head, tail = one.split(marks[0])
-    after_user = three.split(marks[0])[1].split(marks[1])[0]
-    before_user = three.split(marks[1])[1].split(marks[2])[0]
-    return head, after_user, before_user, tail
+def _template_ends(tokenizer, day: datetime.date) -> tuple[str, str]:
+    """(`day` keys the cache: some templates print today's date.)"""
+    head, tail = _render(tokenizer, [{"role": "user", "content": MARKS["user"]}]).split(MARKS["user"])
+    return head, tail
 
 
 @functools.lru_cache(maxsize=8)
-def _system_parts(tokenizer) -> tuple[str, str] | None:
-    """(text before a system message, text between it and the first user message), or None when the template
-    takes no system message."""
-    try:
-        rendered = _render(
-            tokenizer,
-            [{"role": "system", "content": "\u2063S\u2063"}, {"role": "user", "content": "\u2063A\u2063"}],
-        )
-    except Exception:  # noqa: BLE001 - a template that raises on a system message
-        return None
-    before, _, rest = rendered.partition("\u2063S\u2063")
-    between, found, _ = rest.partition("\u2063A\u2063")
-    return (before, between) if found and between else None
+def _segmenter(tokenizer, day: datetime.date) -> tuple[re.Pattern | None, tuple[str, ...], frozenset[str]]:
+    """How `turns` cuts a rendering: (a pattern matching the tokenizer's special-token strings, the headers
+    that precede a message's text between them (e.g. "user\\n"), the template's own text between them)."""
+    specials = {t for t in [*tokenizer.all_special_tokens, *_added_specials(tokenizer)] if len(t) > 1}
+    if not specials:
+        return None, (), frozenset()
+    pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+    conversations = [
+        [{"role": "user", "content": MARKS["user"]}],
+        _conversation(MARKS["user"], MARKS["assistant"], MARKS["next"]),
+        [{"role": "system", "content": MARKS["system"]}, {"role": "user", "content": MARKS["user"]}],
+    ]
+    headers, fixed = set(), set()
+    for conversation in conversations:
+        try:
+            rendered = _render(tokenizer, conversation)
+        except Exception:  # noqa: BLE001 - a template that refuses a system message
+            continue
+        for segment in pattern.split(rendered):
+            mark = next((m for m in MARKS.values() if m in segment), None)
+            if mark is None:
+                fixed.add(segment.strip())
+            else:
+                headers.add(segment.split(mark)[0])
+    return pattern, tuple(sorted(headers - {""}, key=len, reverse=True)), frozenset(fixed)
+
+
+def _added_specials(tokenizer) -> list[str]:
+    return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+
+
+def _conversation(*texts: str) -> Messages:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
 
 
 def _render(tokenizer, conversation: Messages) -> str:
@@ -205,14 +238,12 @@ def _render(tokenizer, conversation: Messages) -> str:
 
 def template_margins(loaded: LoadedModel) -> tuple[int, int]:
     """Tokens of the template head and tail around a single user message (computed once per tokenizer)."""
-    return _margins(loaded.tokenizer, template_parts(loaded))
+    return _margins(loaded.tokenizer, template_ends(loaded))
 
 
 @functools.lru_cache(maxsize=8)
-def _margins(tokenizer, parts: tuple[str, str, str, str]) -> tuple[int, int]:
-    return len(tokenizer(parts[0], add_special_tokens=False).input_ids), len(
-        tokenizer(parts[3], add_special_tokens=False).input_ids
-    )
+def _margins(tokenizer, ends: tuple[str, str]) -> tuple[int, int]:
+    return tuple(len(tokenizer(text, add_special_tokens=False).input_ids) for text in ends)
 
 
 def position_weights(
@@ -242,12 +273,12 @@ def position_weights(
     return keep / keep.sum(1, keepdim=True)
 
 
-def features_of(hidden: torch.Tensor, sae: str | None) -> torch.Tensor:
-    """[batch, pos, d] residual stream -> the detector's per-position features: itself, or its SAE codes."""
+def features_of(hidden: torch.Tensor, sae: SAE | str | None) -> torch.Tensor:
+    """[batch, pos, d] residual stream -> the detector's per-position features: itself, or the codes of an SAE
+    (loaded, or its path)."""
     if sae is None:
         return hidden
-
-    model = load_sae(sae)
+    model = load_sae(sae) if isinstance(sae, str) else sae
     return (
         model.encode(hidden.reshape(-1, hidden.shape[-1]).to(model.W_enc.dtype))
         .float()
@@ -264,24 +295,20 @@ def pool(features: torch.Tensor, weights: torch.Tensor, pooling: str = "user") -
 
 
 def turns(loaded: LoadedModel, rendered: str) -> list[str]:
-    """Every user and assistant message of a chat-rendered conversation, after a system message if it has one
-    ([] when `rendered` is not one). Text inside a message that spells a turn boundary (a forged turn: the
-    special tokens escaped by `as_text`, or not) splits it too, so a forged turn is a turn."""
-    head, after_user, before_user, tail = template_parts(loaded)
-    system = _system_parts(loaded.tokenizer)
-    if rendered.startswith(head):
-        start = len(head)
-    elif system and rendered.startswith(system[0]) and system[1] in rendered:
-        start = rendered.index(system[1], len(system[0])) + len(system[1])
-    else:
+    """The text of every message of a chat-rendered conversation, system, user or assistant, cut wherever the
+    tokenizer's special-token strings stand (escaped by `as_text` or not), so a turn forged inside a message
+    is a turn; the template's own text (headers, a default system prompt) is left out. [] for a template
+    without special tokens."""
+    pattern, headers, fixed = _segmenter(loaded.tokenizer, datetime.date.today())
+    if pattern is None:
         return []
-    if not rendered.endswith(tail) or len(rendered) < start + len(tail):
-        return []
-    body = rendered[start : len(rendered) - len(tail)].replace(WORD_JOINER, "")
-    pieces = [body]
-    for boundary in {after_user, before_user} - {""}:
-        pieces = [part for piece in pieces for part in piece.split(boundary)]
-    return [piece for piece in pieces if piece.strip()]
+    found = []
+    for segment in pattern.split(rendered.replace(WORD_JOINER, "")):
+        header = next((h for h in headers if segment.startswith(h)), "")
+        text = segment[len(header) :]
+        if text.strip() and text.strip() not in fixed:
+            found.append(text)
+    return found
 
 
 def gate_scores(
@@ -300,7 +327,7 @@ def gate_scores(
                 f"the conversation has {len(messages)} turns; the harm gate scores at most {GATE_TURNS}"
             )
         plain = len(messages) == 1 and text.startswith(
-            template_parts(loaded)[0]
+            template_ends(loaded)[0]
         )  # one turn, no system message
         if messages and not plain:
             found += [(row, message) for message in messages]

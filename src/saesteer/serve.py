@@ -45,7 +45,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from saesteer.artefacts import resolve, shipped_dir
 from saesteer.config import ServeConfig
-from saesteer.detectors import GATE_TURNS, load_detector, turns
+from saesteer.detectors import GATE_TURNS, turns
 from saesteer.engine import Engine, Reply
 from saesteer.errors import SaesteerError, short
 from saesteer.models import LoadedModel
@@ -209,7 +209,8 @@ class _EngineThread:
     def _prepare(self, jobs: list[_Job]) -> list[_Job]:
         """Decide the edits of newly arrived jobs, one `row_edits` call per distinct steering (a conditional
         gate scores their prompts in one pass, and rows of one steering share its edits, so the engine edits
-        them in one call); returns the jobs ready to run. A job whose steering fails is a 400, alone."""
+        them in one call); returns the jobs ready to run. A job whose steering fails fails alone: a 400, or a
+        500 for an unexpected error."""
         groups: dict[str, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(json.dumps(job.steering.to_dict(), sort_keys=True), []).append(job)
@@ -217,11 +218,14 @@ class _EngineThread:
         for group in groups.values():
             try:
                 edits = group[0].steering.row_edits(self.loaded, [job.request.ids for job in group])
-            except SaesteerError as err:
+            except Exception as err:
                 if len(group) > 1:  # find the failing job: each alone
                     ready += [job for one in group for job in self._prepare([one])]
-                else:
+                elif isinstance(err, SaesteerError):
                     group[0].fail(ApiError(400, str(err), param="steering"))
+                else:
+                    log.exception("deciding a request's steering failed")
+                    group[0].fail(ApiError(500, "generation failed; the server's log has the details"))
                 continue
             for job, row in zip(group, edits):
                 job.request.edits = row
@@ -276,16 +280,17 @@ def _request_steering(
         raise SaesteerError(
             f"the steering names {len(files)} files, above this server's limit of {config.max_files}"
         )
-    real = {path: _checked(path, allowed) for path in files}
+    real = [_checked(path, allowed) for path in files]
+    by_path = dict(zip(files, real))
     pinned = steering.with_files(
-        real.__getitem__
+        by_path.__getitem__
     )  # reads what was checked, whatever a symlink points to later
-    if isinstance(pinned, Conditional):
-        own = load_detector(pinned.detector, pinned.layer, pinned.tokens).sae  # named by its real path
-        if own:
-            _checked(own, allowed)
-    pinned.check(loaded)  # loads every file
-    if any(_checked(path, allowed) != path for path in real.values()):  # a folder on the way became a symlink
+    if (
+        isinstance(pinned, Conditional) and pinned.gate_detector().sae
+    ):  # its own SAE: checked before it is read
+        real.append(_checked(pinned.gate_detector().sae, allowed))
+    pinned.check(loaded)  # loads every file, once: later passes use what was loaded here
+    if any(_checked(path, allowed) != path for path in real):  # a folder on the way became a symlink
         raise SaesteerError("a steering file moved while the server read it: send the request again")
     return pinned, steering.to_dict()
 

@@ -15,20 +15,21 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from saesteer import engine
 from saesteer.artefacts import exists, layer_of, load_direction, load_sae, shipped_dir
-from saesteer.detectors import gate_scores, load_detector
+from saesteer.detectors import Detector, gate_scores, load_detector
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import RESIDUAL_POINTS, Edit, EditFn, Rows, decoder_layers, edits_applied
 from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
 from saesteer.models import LoadedModel, Messages, chat_prompts, left_padded
 
 POSITIONS = ("all", "prompt", "generated")
+T = TypeVar("T")
 
 CANNED_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_STEER = 1e4  # the largest |value| or |alpha| a spec may ask for: beyond it the residual stream overflows
@@ -72,6 +73,14 @@ class Steering:
     def rewrites_prompt(self) -> bool:
         """Whether `prepare` changes conversations."""
         return type(self).prepare is not Steering.prepare
+
+    def _loaded(self, name: str, load: Callable[[], T]) -> T:
+        """`load()`, once per steering object: what `check` loaded is what every later pass uses, so a server
+        that checked a file never reads it again by its path."""
+        kept = self.__dict__.setdefault("_kept", {})
+        if name not in kept:
+            kept[name] = load()
+        return kept[name]
 
     def files(self) -> list[str]:
         """The files (and folders) this method reads."""
@@ -195,7 +204,7 @@ class SAESteer(Steering):
         return values * torch.tensor(self.max_acts, dtype=torch.float32) if self.relative else values
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
-        sae = load_sae(self.sae).to(loaded.device)
+        sae = self._loaded("sae", lambda: load_sae(self.sae)).to(loaded.device)
         layer = check_sae_fits(sae, loaded, self.layer)
         features, directions = feature_directions(sae, self.features, loaded.device)
         targets = self.targets().to(loaded.device)
@@ -298,7 +307,7 @@ class ActAdd(Steering):
         _check_bounded("alpha", [self.alpha])
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
-        direction, meta = load_direction(self.direction)
+        direction, meta = self._loaded("direction", lambda: load_direction(self.direction))
         _check_width(direction, loaded)
         layer = loaded.check_layer(layer_of(meta, self.direction) if self.layer is None else self.layer)
         delta = self.alpha * direction.to(loaded.device)
@@ -320,7 +329,7 @@ class Ablate(Steering):
     direction: str = ""
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
-        direction, _ = load_direction(self.direction)
+        direction, _ = self._loaded("direction", lambda: load_direction(self.direction))
         _check_width(direction, loaded)
         r = direction.to(loaded.device)
 
@@ -387,10 +396,22 @@ class Conditional(Steering):
         }
         return steering_from_dict(spec)
 
+    def gate_detector(self) -> Detector:
+        """The detector (and its SAE), loaded once for this steering."""
+        return self._loaded("detector", lambda: load_detector(self.detector, self.layer, self.tokens))
+
     def check(self, loaded: LoadedModel) -> None:
-        detector = load_detector(self.detector, self.layer, self.tokens)
+        detector = self.gate_detector()
         for layer in detector.layers:
             loaded.check_layer(layer)
+        sae = detector.sae_model()
+        if sae is not None:
+            check_sae_fits(sae, loaded, detector.layers[0])
+            if detector.weight.shape[-1] != sae.cfg.n_latents:
+                raise SaesteerError(
+                    f"detector {short(self.detector)} has width {detector.weight.shape[-1]} but its SAE has "
+                    f"{sae.cfg.n_latents} latents"
+                )
         self.inner.check(loaded)
 
     def to_dict(self) -> dict:
@@ -407,9 +428,7 @@ class Conditional(Steering):
         self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gate score per prompt row (left-padded batches)."""
-        return gate_scores(
-            loaded, load_detector(self.detector, self.layer, self.tokens), input_ids, attention_mask
-        )
+        return gate_scores(loaded, self.gate_detector(), input_ids, attention_mask)
 
     @torch.inference_mode()
     def flags(

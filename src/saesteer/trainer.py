@@ -214,17 +214,17 @@ class Trainer:
 
 def train(cfg: TrainConfig, source: BatchSource | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) an SAE; returns it with the per-step losses. Writes `cfg.out` on rank 0."""
-    if source is None:
-        source = (
-            StreamSource(cfg.stream_config(), progress=progress)
-            if cfg.model
-            else ActivationStore(cfg.activations)
-        )
     rank, world = dist.rank_world()
     if cfg.batch_size % world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
     if cfg.steps == 0:
         raise TrainError(f"total_tokens {cfg.total_tokens} is less than one batch of {cfg.batch_size}")
+    if source is None:  # after the checks: streaming loads the model
+        source = (
+            StreamSource(cfg.stream_config(), progress=progress)
+            if cfg.model
+            else ActivationStore(cfg.activations)
+        )
     device = _device(cfg)
     ckpt_path = Path(cfg.out) / CHECKPOINT
     meta = source.manifest
