@@ -209,19 +209,23 @@ def _segmenter(tokenizer, day: datetime.date) -> tuple[re.Pattern | None, tuple[
         _conversation(MARKS["user"], MARKS["assistant"], MARKS["next"]),
         [{"role": "system", "content": MARKS["system"]}, {"role": "user", "content": MARKS["user"]}],
     ]
-    headers, fixed = set(), set()
+    segments = []
     for conversation in conversations:
         try:
-            rendered = _render(tokenizer, conversation)
+            segments += pattern.split(_render(tokenizer, conversation))
         except Exception:  # noqa: BLE001 - a template that refuses a system message
             continue
-        for segment in pattern.split(rendered):
-            mark = next((m for m in MARKS.values() if m in segment), None)
-            if mark is None:
-                fixed.add(segment.strip())
-            else:
-                headers.add(segment.split(mark)[0])
-    return pattern, tuple(sorted(headers - {""}, key=len, reverse=True)), frozenset(fixed)
+    marked = {s for s in segments if any(m in s for m in MARKS.values())}
+    found = {s.split(m)[0] for s in marked for m in MARKS.values() if m in s}
+    headers = tuple(sorted(found - {""}, key=len, reverse=True))
+    fixed = {
+        _without_header(s, headers).strip() for s in set(segments) - marked
+    }  # e.g. a default system prompt
+    return pattern, headers, frozenset(fixed)
+
+
+def _without_header(segment: str, headers: tuple[str, ...]) -> str:
+    return segment[len(next((h for h in headers if segment.startswith(h)), "")) :]
 
 
 def _added_specials(tokenizer) -> list[str]:
@@ -304,8 +308,7 @@ def turns(loaded: LoadedModel, rendered: str) -> list[str]:
         return []
     found = []
     for segment in pattern.split(rendered.replace(WORD_JOINER, "")):
-        header = next((h for h in headers if segment.startswith(h)), "")
-        text = segment[len(header) :]
+        text = _without_header(segment, headers)
         if text.strip() and text.strip() not in fixed:
             found.append(text)
     return found
