@@ -142,7 +142,7 @@ def test_fit_picks_candidates_by_attribution(monkeypatch, capsys, tiny_model_dir
 
     args = ["fit", "--model", str(tiny_model_dir), "--sae", str(tiny_sae), "--values", "2", "--limit", "1"]
     code, printed = run_cli(
-        monkeypatch, capsys, *args, "--candidates", "3", "--steps", "0", "--out", str(tmp_path)
+        monkeypatch, capsys, *args, "--candidates", "3", "--steps", "1", "--lr", "0", "--out", str(tmp_path)
     )
     record = json.loads((tmp_path / "fit.json").read_text())
     assert code == 0 and len(set(record["start"]["features"])) == 3 and record["values"] == [2.0, 2.0, 2.0]
