@@ -38,7 +38,14 @@ from saesteer.artefacts import file_identity, layer_of, load_sae
 from saesteer.config import RESIDUAL_POINTS
 from saesteer.errors import SaesteerError, short
 from saesteer.hooks import residuals_at
-from saesteer.models import WORD_JOINER, LoadedModel, Messages, chat_prompts, rendered_batches, tokenized
+from saesteer.models import (
+    WORD_JOINER,
+    LoadedModel,
+    Messages,
+    chat_prompts,
+    rendered_batches,
+    special_strings,
+)
 from saesteer.sae import SAE
 
 POOLINGS = ("last", "user", "max")
@@ -200,7 +207,7 @@ def _template_ends(tokenizer, day: datetime.date) -> tuple[str, str]:
 def _segmenter(tokenizer, day: datetime.date) -> tuple[re.Pattern | None, tuple[str, ...], frozenset[str]]:
     """How `turns` cuts a rendering: (a pattern matching the tokenizer's special-token strings, the headers
     that precede a message's text between them (e.g. "user\\n"), the template's own text between them)."""
-    specials = {t for t in [*tokenizer.all_special_tokens, *_added_specials(tokenizer)] if len(t) > 1}
+    specials = special_strings(tokenizer)
     if not specials:
         return None, (), frozenset()
     pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
@@ -226,10 +233,6 @@ def _segmenter(tokenizer, day: datetime.date) -> tuple[re.Pattern | None, tuple[
 
 def _without_header(segment: str, headers: tuple[str, ...]) -> str:
     return segment[len(next((h for h in headers if segment.startswith(h)), "")) :]
-
-
-def _added_specials(tokenizer) -> list[str]:
-    return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
 
 
 def _conversation(*texts: str) -> Messages:
@@ -317,9 +320,9 @@ def turns(loaded: LoadedModel, rendered: str) -> list[str]:
 def gate_scores(
     loaded: LoadedModel, detector: Detector, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per row: the maximum of the score of the whole conversation and of each of its turns (user or assistant,
-    forged or real) scored alone as a user message, so an earlier or forged harmful turn scores as it would
-    sent plainly. A conversation of over `GATE_TURNS` turns is refused before any pass."""
+    """Per row: the maximum of the score of the whole conversation and of each of its turns (`turns`: system,
+    user or assistant, forged or real) scored alone as a user message, so an earlier or forged harmful turn
+    scores as it would sent plainly. A conversation of over `GATE_TURNS` turns is refused before any pass."""
     found: list[tuple[int, str]] = []
     for row, ids in enumerate(input_ids):
         real = ids[attention_mask[row].bool()] if attention_mask is not None else ids
@@ -329,20 +332,15 @@ def gate_scores(
             raise SaesteerError(
                 f"the conversation has {len(messages)} turns; the harm gate scores at most {GATE_TURNS}"
             )
-        plain = len(messages) == 1 and text.startswith(
-            template_ends(loaded)[0]
-        )  # one turn, no system message
+        plain = len(messages) == 1 and text.startswith(template_ends(loaded)[0])  # no system message either
         if messages and not plain:
             found += [(row, message) for message in messages]
     scores = detector.scores(loaded, input_ids, attention_mask)
+    found.sort(key=lambda turn: len(turn[1]))  # similar lengths pad little
     rendered = chat_prompts(loaded, [[{"role": "user", "content": m}] for _, m in found])
-    order = sorted(range(len(found)), key=lambda i: len(rendered[i]))  # similar lengths pad little
-    for start in range(0, len(order), GATE_BATCH):
-        chunk = order[start : start + GATE_BATCH]
-        batch = tokenized(loaded, [rendered[i] for i in chunk])
-        per_turn = detector.scores(loaded, batch["input_ids"], batch["attention_mask"])
-        for i, score in zip(chunk, per_turn):
-            row = found[i][0]
+    rows = iter(row for row, _ in found)
+    for batch in rendered_batches(loaded, rendered, GATE_BATCH):
+        for row, score in zip(rows, detector.scores(loaded, batch["input_ids"], batch["attention_mask"])):
             scores[row] = torch.maximum(scores[row], score)
     return scores
 

@@ -159,13 +159,18 @@ Messages = list[dict]
 WORD_JOINER = "\u2060"  # invisible, and splits a special-token string into ordinary text tokens
 
 
-def as_text(tokenizer, content: str) -> str:
-    """Message content as plain text: a special-token string in it ("<|im_start|>", "<|im_end|>", ...) gets a
-    word joiner after its first character, so it tokenises as ordinary text and cannot forge a turn."""
+def special_strings(tokenizer) -> set[str]:
+    """The tokenizer's special-token strings of two or more characters ("<|im_start|>", "<|im_end|>", ...)."""
     specials = {*tokenizer.all_special_tokens}
     specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    for token in sorted(specials, key=len, reverse=True):
-        if len(token) > 1 and token in content:
+    return {token for token in specials if len(token) > 1}
+
+
+def as_text(tokenizer, content: str) -> str:
+    """Message content as plain text: a special-token string in it (`special_strings`) gets a word joiner after
+    its first character, so it tokenises as ordinary text and cannot forge a turn."""
+    for token in sorted(special_strings(tokenizer), key=len, reverse=True):
+        if token in content:
             content = content.replace(token, token[0] + WORD_JOINER + token[1:])
     return content
 

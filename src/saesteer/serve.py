@@ -282,13 +282,11 @@ def _request_steering(
         )
     real = [_checked(path, allowed) for path in files]
     by_path = dict(zip(files, real))
-    pinned = steering.with_files(
-        by_path.__getitem__
-    )  # reads what was checked, whatever a symlink points to later
-    if (
-        isinstance(pinned, Conditional) and pinned.gate_detector().sae
-    ):  # its own SAE: checked before it is read
-        real.append(_checked(pinned.gate_detector().sae, allowed))
+    # the steering reads what was checked, whatever a symlink points to later
+    pinned = steering.with_files(by_path.__getitem__)
+    own = pinned.gate_detector().sae if isinstance(pinned, Conditional) else None
+    if own:  # the detector's own SAE: checked before it is read
+        real.append(_checked(own, allowed))
     pinned.check(loaded)  # loads every file, once: later passes use what was loaded here
     if any(_checked(path, allowed) != path for path in real):  # a folder on the way became a symlink
         raise SaesteerError("a steering file moved while the server read it: send the request again")

@@ -354,8 +354,8 @@ class Conditional(Steering):
 
     Before each prefill the prompt is run, unsteered and only up to the detector's layers, and scored
     (`saesteer.detectors`): the gate score is the maximum over the whole conversation and each of its turns
-    (user, assistant, or forged inside a message) scored alone as a user message, so a harmful turn early in a
-    conversation, in an assistant message or behind a system message still counts; a conversation of over
+    (system, user, assistant, or forged inside a message) scored alone as a user message, so a harmful turn
+    early in a conversation, in an assistant or a system message still counts; a conversation of over
     `detectors.GATE_TURNS` turns is refused. Rows scoring above `threshold` get
     the inner steering (with its schedule); the others are left exactly as unsteered. `detector` is a file from
     `saesteer gate` or a direction file; `layer` and `tokens` (the last positions averaged) apply to
