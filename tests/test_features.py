@@ -95,12 +95,12 @@ def test_discover_end_to_end_on_tiny_model(loaded, sae_dir):
         max_new_tokens=4,
     )
     result = find_refusal_features(loaded, sae_dir, harmful, harmless, judge, config, progress=False)
-    sources = [c["source"] for c in result["candidates"]]
+    sources = [c["source"] for c in result.candidates]
     assert 3 <= len(sources) <= 6 and set(sources) <= {"contrast", "attribution", "both"}
     assert sum(s != "attribution" for s in sources) == 3 and sum(s != "contrast" for s in sources) == 3
-    first = result["candidates"][0]
+    first = result.candidates[0]
     assert first["screen"][0]["value"] == 4.0 and 0 <= first["screen"][0]["harmful_refusal"] <= 1
-    scores = [c["screen"][0]["score"] for c in result["candidates"]]
+    scores = [c["screen"][0]["score"] for c in result.candidates]
     assert scores == sorted(scores, reverse=True)
     assert "| feature |" in summary_markdown(result)
     control = topic_feature(

@@ -216,7 +216,8 @@ def test_curves_group_a_sweep_by_method_with_unsteered_first():
 
 
 def test_strength_of_each_method():
-    assert strength({**SAE, "values": [8.0, 4.0]}) == (8.0, "8/4") and strength_field(SAE) == "values"
+    two = {**SAE, "features": [2230, 7], "values": [8.0, 4.0]}
+    assert strength(two) == (8.0, "8/4") and strength_field(two) == "values"
     assert strength(ACTADD) == (8.0, "8") and strength_field(ACTADD) == "alpha"
     assert (
         strength({**CONDITIONAL, "threshold": 0.5}) == (8.0, "8")
@@ -226,7 +227,8 @@ def test_strength_of_each_method():
         strength({"method": "none"}) is None
         and strength_field({"method": "system_prompt", "prompt": "x"}) is None
     )
-    assert strength({**SAE, "values": []}) is None
+    with pytest.raises(SaesteerError, match="features and values"):  # a row's spec is checked as a steering's
+        strength({**SAE, "values": []})
     assert (
         config_label({**CONDITIONAL, "threshold": 0.5}) == "conditional SAE clamp f2230 (threshold 0.5) @ 8"
     )
@@ -360,7 +362,7 @@ def test_discover_records_histograms_for_candidates_and_control(tiny_loaded, tmp
         progress=False,
         control=control,
     )
-    for feature in [*result["candidates"], result["control"]]:
+    for feature in [*result.candidates, result.control]:
         histogram = feature["histogram"]
         assert histogram["tokens"] == 4 * 63  # 4 contexts of 64 tokens, BOS left out
         assert (
@@ -368,8 +370,8 @@ def test_discover_records_histograms_for_candidates_and_control(tiny_loaded, tmp
             == round(feature["corpus_freq"] * histogram["tokens"])
             == histogram["tokens"] - histogram["zeros"]
         )
-    assert result["control"]["feature"] == control["feature"] and "contexts" in result["control"]
-    (tmp_path / "d.json").write_text(json.dumps(result))
+    assert result.control["feature"] == control["feature"] and "contexts" in result.control
+    result.write(tmp_path / "d.json")
     page = build_report([], tmp_path / "report", tmp_path / "d.json")[0].read_text()
     assert page.count("data:image/png") >= 1 and f"Feature {control['feature']} (control" in page
 

@@ -13,12 +13,13 @@ import torch
 from conftest import SHARED, needs_default_model
 
 from saesteer import reproduce
+from saesteer.config import Discovery
 from saesteer.evalsets import hh_rlhf_dialogues
 from saesteer.report import markdown_cell, strength
 
 SAE = {"method": "sae", "sae": "s", "features": [7], "values": [8.0]}
 CONTROL = {"method": "sae", "sae": "s", "features": [3], "values": [8.0]}
-DISCOVERY = {"sae": "runs/x/sae", "control": {"feature": 3}}
+DISCOVERY = Discovery(sae="runs/x/sae", model="m", layer=6, candidates=[], control={"feature": 3})
 
 
 def _row(steering: dict, suite: str, dataset: str, metric: str, value: float) -> dict:
@@ -40,10 +41,10 @@ def _safety(steering: dict, unsafe: float, safe: float) -> list[dict]:
 
 
 def test_method_names_and_strength():
-    assert reproduce.method_name(SAE, DISCOVERY) == "sae_clamp"
-    assert reproduce.method_name(CONTROL, DISCOVERY) == "control_clamp"
+    assert DISCOVERY.role(SAE) == "sae_clamp"
+    assert DISCOVERY.role(CONTROL) == "control_clamp"
     cond = {"method": "conditional", "steering": {**SAE, "values": [12.0]}, "detector": "d", "threshold": 1.0}
-    assert reproduce.method_name(cond, DISCOVERY) == "conditional_sae"
+    assert DISCOVERY.role(cond) == "conditional_sae"
     # one strength, the report's: a conditional steering's is the clamp value it gates with, not its threshold
     assert strength(cond) == (12.0, "12")
     assert strength({"method": "actadd", "direction": "d", "alpha": 30.0}) == (30.0, "30")
@@ -89,22 +90,28 @@ def test_validation_grid_sweeps_the_decay_schedule_of_both_sae_clamps(tmp_path):
     from saesteer.artefacts import save_direction
 
     save_direction(tmp_path / "d.safetensors", torch.ones(4), layer=1, model="m")
-    discovery = {
-        "specs": {
+    discovery = Discovery(
+        sae="s",
+        model="m",
+        layer=1,
+        candidates=[],
+        specs={
             "actadd": {"method": "actadd", "direction": str(tmp_path / "d.safetensors"), "alpha": 1.0},
             "sae_clamp": SAE,
             "control_clamp": CONTROL,
             "conditional_sae": {"method": "conditional", "steering": SAE, "detector": "old", "threshold": 0},
         },
-        "gate": {"detector": "gate.safetensors", "threshold": {"threshold": 1.5}},
-    }
+    )
+    gate = reproduce.GateChoice("gate.safetensors", 1.5)
     config = reproduce.ReproduceConfig(clamp_values=(8.0,), actadd_multipliers=(1.0,), decays=(1.0, 0.9))
-    grid = reproduce.validation_grid(discovery, config)
+    grid = reproduce.validation_grid(discovery, gate, config)
     clamps = [g for g in grid if g["method"] == "sae" and g["features"] == [7]]
     gated = [g["steering"] for g in grid if g["method"] == "conditional"]
     assert clamps == gated == [SAE, {**SAE, "decay": 0.9}]  # the constant clamp's spec is unchanged
     assert [g for g in grid if g.get("features") == [3]] == [CONTROL]
-    assert {g["detector"] for g in grid if g["method"] == "conditional"} == {"gate.safetensors"}
+    assert {(g["detector"], g["threshold"]) for g in grid if g["method"] == "conditional"} == {
+        ("gate.safetensors", 1.5)
+    }
 
 
 def test_choose_breaks_ties_towards_weaker_steering():

@@ -11,7 +11,7 @@ from saesteer.hooks import Rows, residual_at
 from saesteer.models import chat_prompts, reference_generate
 from saesteer.sae import SAE, SAEConfig
 from saesteer.steering import (
-    _METHODS,
+    METHODS,
     Ablate,
     ActAdd,
     Conditional,
@@ -367,7 +367,7 @@ json_values = st.recursive(
     | st.integers(-(2**70), 2**70)
     | st.floats(allow_subnormal=False)
     | st.text(max_size=20)
-    | st.sampled_from(sorted(_METHODS)),
+    | st.sampled_from(sorted(METHODS)),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4)
     ),
@@ -378,7 +378,7 @@ json_values = st.recursive(
 @given(
     spec=st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6)
     | st.fixed_dictionaries(
-        {"method": st.sampled_from(sorted(_METHODS))},
+        {"method": st.sampled_from(sorted(METHODS))},
         optional={name: json_values for name in FIELD_NAMES[1:]},
     )
 )

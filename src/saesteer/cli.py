@@ -218,9 +218,9 @@ def discover(config: DiscoverConfig) -> None:
     from saesteer.features import summary_markdown
 
     _writable_out(config.out, "dir")
-    result = run_discover(config)
-    best = result["candidates"][0] if result["candidates"] else None
-    typer.echo(summary_markdown(result).split("\n## ")[0])
+    found = run_discover(config)
+    best = found.candidates[0] if found.candidates else None
+    typer.echo(summary_markdown(found).split("\n## ")[0])
     if best:
         typer.echo(
             f"best candidate: feature {best['feature']}; wrote {Path(config.out) / 'discovery.json'} and "

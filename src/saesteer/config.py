@@ -4,7 +4,9 @@ config from here, and the CLI builds its options from these fields."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from saesteer.errors import SaesteerError, TrainError, short
@@ -501,6 +503,83 @@ class ResultRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Discovery:
+    """What `saesteer discover` found: one discovery.json. `features.discover` writes it, `reproduce`, the demo
+    and `report` read it."""
+
+    sae: str
+    """the SAE searched"""
+    model: str
+    """the model it reads"""
+    layer: int
+    """the SAE's layer"""
+    candidates: list[dict]
+    """refusal feature candidates (`features.FeatureCandidate` as dicts), best screen score first"""
+    config: dict = field(default_factory=dict)
+    """the search settings (`DiscoverConfig`'s fields but the stage's own)"""
+    n_harmful: int = 0
+    """harmful TRAIN prompts searched"""
+    n_harmless: int = 0
+    """harmless TRAIN prompts searched"""
+    n_refusal_replies: int = 0
+    """refusal replies teacher-forced"""
+    n_compliance_replies: int = 0
+    """compliance replies teacher-forced"""
+    baseline: dict[str, float] = field(default_factory=dict)
+    """unsteered refusal rates on the TRAIN prompts"""
+    control: dict | None = None
+    """the unrelated control feature (MMLU philosophy), if one was found"""
+    judge: str = "strict"
+    """the refusal judge of the screen"""
+    detector: dict = field(default_factory=dict)
+    """the diff-in-means harm detector's layer, threshold and flag rates"""
+    specs: dict[str, dict] = field(default_factory=dict)
+    """ready steering specs by role: actadd, sae_clamp, conditional_sae, control_clamp"""
+    gate: dict | None = None
+    """the gate `saesteer gate` chose for the conditional method (`reproduce`): detector, threshold, chosen"""
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "discovery") -> Discovery:
+        """A discovery from its JSON object; keys of older files that no field holds are left out."""
+        if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+            raise SaesteerError(f"{short(source)}: not a discovery file (no candidates)")
+        missing = [name for name in ("sae", "model", "layer") if name not in data]
+        if missing:
+            raise SaesteerError(f"{short(source)}: not a discovery file (no {', '.join(missing)})")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    @classmethod
+    def read(cls, path: str | Path) -> Discovery:
+        """The discovery.json at `path`; a missing, unreadable or malformed file raises SaesteerError."""
+        path = Path(path)
+        if not path.is_file():
+            raise SaesteerError(f"no such discovery file: {short(str(path))}")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+        except UnicodeDecodeError:
+            raise SaesteerError(f"cannot read discovery file {short(str(path))}: not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise SaesteerError(f"{short(str(path))}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def role(self, spec: dict) -> str:
+        """The name of a steering config in reproduce's tables: none, system_prompt, actadd, sae_clamp,
+        control_clamp (a clamp of the control feature), conditional_sae."""
+        method = spec.get("method", "none")
+        if method == "sae":
+            control = (self.control or {}).get("feature")
+            return "control_clamp" if spec.get("features") == [control] else "sae_clamp"
+        return {"conditional": "conditional_sae"}.get(method, method)
 
 
 # The keys a results file's rows must hold to be reported (files written before a field was added lack it).

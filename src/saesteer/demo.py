@@ -69,7 +69,7 @@ def fallback_presets(
         ),
         loaded,
     )
-    specs, path = found["specs"], out / "fallback" / "discovery.json"
+    specs, path = found.specs, out / "fallback" / "discovery.json"
     print(f"trained {result.sae.cfg.n_latents} latents; discovery in {path}")
     presets = {
         "refusal": specs.get("sae_clamp", specs["actadd"]),
@@ -107,13 +107,16 @@ def run_demo(config: DemoConfig) -> tuple[Path, Path]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     shipped = config.model == DEFAULT_MODEL and not config.train_sae and "refusal" in PRESETS
+
+    def resolve(presets: dict[str, dict]) -> dict[str, Steering]:
+        return {name: parse_steering(presets.get(name, name)) for name in config.methods}
+
     if shipped:  # a bad method fails before the model loads
-        presets, discovery = dict(PRESETS), shipped_dir() / "discovery.json"
-        methods = {name: parse_steering(presets.get(name, name)) for name in config.methods}
+        methods, discovery = resolve(PRESETS), shipped_dir() / "discovery.json"
     loaded = load_model(config.model, dtype=config.dtype)
     if not shipped:
         presets, discovery = fallback_presets(loaded, out, config.fallback_tokens, config.fallback_prompts)
-        methods = {name: parse_steering(presets.get(name, name)) for name in config.methods}
+        methods = resolve(presets)
 
     prompts = [  # harmful and benign, imperative and everyday (the written sets' test splits open with it)
         p

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saesteer.artefacts import load_sae, save_direction
-from saesteer.config import DiscoverConfig, FitConfig
+from saesteer.config import DiscoverConfig, Discovery, FitConfig
 from saesteer.corpus import TextSource, iter_documents, pack_contexts
 from saesteer.detectors import Detector, score_prompts
 from saesteer.errors import SaesteerError, short
@@ -298,11 +298,11 @@ def find_refusal_features(
     config: DiscoverConfig = DiscoverConfig(),
     progress: bool = True,
     control: dict | None = None,
-) -> dict:
+) -> Discovery:
     """Rank SAE features by how they separate refusal from compliance, then screen them causally.
 
     `control` (a `topic_feature` result) gets the same corpus evidence (histogram, top contexts) and is
-    returned as result["control"].
+    returned as the discovery's `control`.
     """
     sae = load_sae(sae_path).to(loaded.device)
     check_sae_fits(sae, loaded)
@@ -395,26 +395,24 @@ def find_refusal_features(
     candidates.sort(key=lambda c: max((s["score"] for s in c.screen), default=float("-inf")), reverse=True)
     steps.update()
     steps.close()
-    result = {
-        "sae": sae_path,
-        "model": loaded.spec,
-        "layer": sae.cfg.layer,
-        "config": {k: v for k, v in asdict(config).items() if k not in DISCOVER_STAGE_FIELDS},
-        "n_harmful": len(harmful),
-        "n_harmless": len(harmless),
-        "n_refusal_replies": len(refusals),
-        "n_compliance_replies": len(compliances),
-        "baseline": {
+    return Discovery(
+        sae=sae_path,
+        model=loaded.spec,
+        layer=sae.cfg.layer,
+        candidates=[asdict(c) for c in candidates],
+        config={k: v for k, v in asdict(config).items() if k not in DISCOVER_STAGE_FIELDS},
+        n_harmful=len(harmful),
+        n_harmless=len(harmless),
+        n_refusal_replies=len(refusals),
+        n_compliance_replies=len(compliances),
+        baseline={
             "harmful_refusal": base_harmful,
             "harmless_refusal": base_harmless,
             "harmful_refusal_all_train": plain_rate,
             "refuse_all_prompt_refusal": refused_rate,
         },
-        "candidates": [asdict(c) for c in candidates],
-    }
-    if control is not None:
-        result["control"] = control
-    return result
+        control=control,
+    )
 
 
 def _top(scores: torch.Tensor, eligible: torch.Tensor, n: int) -> list[int]:
@@ -493,20 +491,20 @@ def threshold_for_recall(harmful_scores: torch.Tensor, recall: float) -> float:
     return float(ordered[needed - 1]) - 1e-6
 
 
-def summary_markdown(result: dict) -> str:
+def summary_markdown(found: Discovery) -> str:
     """A readable report of a discovery run."""
-    base = result["baseline"]
+    base = found.baseline
     lines = [
-        f"# Refusal feature discovery: {result['model']}, layer {result['layer']}",
+        f"# Refusal feature discovery: {found.model}, layer {found.layer}",
         "",
-        f"SAE `{result['sae']}`; {result['n_harmful']} harmful / {result['n_harmless']} harmless TRAIN prompts; "
-        f"{result['n_refusal_replies']} refusal vs {result['n_compliance_replies']} compliance replies contrasted.",
+        f"SAE `{found.sae}`; {found.n_harmful} harmful / {found.n_harmless} harmless TRAIN prompts; "
+        f"{found.n_refusal_replies} refusal vs {found.n_compliance_replies} compliance replies contrasted.",
         f"Unsteered refusal on the screen prompts: harmful {base['harmful_refusal']:.0%}, harmless {base['harmless_refusal']:.0%}.",
         "",
         "| feature | proposed by | attribution | effect size | AUROC | corpus freq | best clamp | harmful refusal | harmless refusal | logit lens |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in result["candidates"]:
+    for c in found.candidates:
         best = (
             max(c["screen"], key=lambda s: s["score"])
             if c["screen"]
@@ -517,7 +515,7 @@ def summary_markdown(result: dict) -> str:
             f"| {c['feature']} | {c['source']} | {c['attribution']:.2f} | {c['effect_size']:.2f} | {c['auroc']:.2f} | {c['corpus_freq']:.4f} | {best['value']} | "
             f"{best['harmful_refusal']:.0%} | {best['harmless_refusal']:.0%} | {lens} |"
         )
-    for c in result["candidates"][:3]:
+    for c in found.candidates[:3]:
         lines += ["", f"## Feature {c['feature']}", "", "Top corpus contexts (peak token in **bold**):", ""]
         for ctx in c["contexts"]:
             text = "".join(
@@ -535,7 +533,7 @@ def summary_markdown(result: dict) -> str:
 
 def baseline_specs(
     loaded,
-    result: dict,
+    found: Discovery,
     harmful: list[str],
     harmless: list[str],
     out: Path,
@@ -544,14 +542,14 @@ def baseline_specs(
     detector_harmless: list[str] | None = None,
 ) -> dict:
     """Diff-in-means directions (ActAdd at the SAE layer, harm detector at `detector_layer`, contrasted with
-    `detector_harmless` if given) and ready steering specs built from the discovery result, all from TRAIN
+    `detector_harmless` if given) and ready steering specs built from the discovery, all from TRAIN
     prompts. The unconditional clamp takes the candidate with the best screen score (refusal gain minus
     over-refusal); the conditional one, whose gate keeps safe prompts unsteered, the one that refuses most."""
     loaded.check_layer(detector_layer)
     detector_harmless = detector_harmless or harmless
     actadd_path, detector_path = out / "refusal-direction.safetensors", out / "harm-detector.safetensors"
     save_direction(
-        actadd_path, diff_in_means(loaded, harmful, harmless, result["layer"]), result["layer"], loaded.spec
+        actadd_path, diff_in_means(loaded, harmful, harmless, found.layer), found.layer, loaded.spec
     )
     direction = diff_in_means(loaded, harmful, detector_harmless, detector_layer)
     save_direction(detector_path, direction, detector_layer, loaded.spec)
@@ -562,13 +560,13 @@ def baseline_specs(
     )
     threshold = threshold_for_recall(harmful_scores, recall)
     specs = {"actadd": {"method": "actadd", "direction": str(actadd_path), "alpha": 8.0}}
-    screened = [(c, s) for c in result["candidates"] for s in c["screen"]]
+    screened = [(c, s) for c in found.candidates for s in c["screen"]]
     if screened:
         best, best_screen = max(screened, key=lambda cs: cs[1]["score"])
         strongest, strongest_screen = max(screened, key=lambda cs: (cs[1]["harmful_refusal"], cs[1]["score"]))
         specs["sae_clamp"] = {
             "method": "sae",
-            "sae": result["sae"],
+            "sae": found.sae,
             "features": [best["feature"]],
             "values": [best_screen["value"]],
         }
@@ -582,14 +580,14 @@ def baseline_specs(
                 "values": [strongest_screen["value"]],
             },
         }
-    if "control" in result:
+    if found.control is not None:
         specs["control_clamp"] = {
             "method": "sae",
-            "sae": result["sae"],
-            "features": [result["control"]["feature"]],
+            "sae": found.sae,
+            "features": [found.control["feature"]],
             "values": [specs.get("sae_clamp", {"values": [12.0]})["values"][0]],
         }
-    result["detector"] = {
+    found.detector = {
         "layer": detector_layer,
         "threshold": threshold,
         "recall_target": recall,
@@ -745,7 +743,7 @@ def fit(config: FitConfig, loaded: LoadedModel | None = None) -> dict:
     return record
 
 
-def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> dict:
+def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> Discovery:
     """The `saesteer discover` stage: refusal features of `config.sae` found and screened on TRAIN prompts
     (AdvBench harmful, XSTest-safe harmless), an unrelated control feature (MMLU philosophy), and ready steering
     specs with their directions and harm detector; writes discovery.json and discovery.md to `config.out` and
@@ -764,7 +762,7 @@ def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> dict:
         if philosophy
         else None
     )
-    result = find_refusal_features(
+    found = find_refusal_features(
         loaded,
         config.sae,
         harmful,
@@ -773,7 +771,7 @@ def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> dict:
         config,
         control=control,
     )
-    result["judge"] = config.judge
+    found.judge = config.judge
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     negatives = (
@@ -782,9 +780,9 @@ def discover(config: DiscoverConfig, loaded: LoadedModel | None = None) -> dict:
     )
     if config.alpaca_harmless:
         negatives += [p.text for p in safety_prompts("harmless", "train")][: config.alpaca_harmless]
-    result["specs"] = baseline_specs(
-        loaded, result, harmful, harmless, out, config.detector_layer, config.detector_recall, negatives
+    found.specs = baseline_specs(
+        loaded, found, harmful, harmless, out, config.detector_layer, config.detector_recall, negatives
     )
-    (out / "discovery.json").write_text(json.dumps(result, indent=2))
-    (out / "discovery.md").write_text(summary_markdown(result))
-    return result
+    found.write(out / "discovery.json")
+    (out / "discovery.md").write_text(summary_markdown(found))
+    return found

@@ -27,13 +27,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from saesteer.config import RESULT_KEYS, ReportConfig
+from saesteer.config import RESULT_KEYS, Discovery, ReportConfig
 from saesteer.errors import SaesteerError
+from saesteer.specs import spec_from_dict
 
-STRENGTH = {
-    "sae": "values",
-    "actadd": "alpha",
-}  # the field a sweep varies (conditional steering: `strength_field`)
 HEADLINE = (  # (header, suite, metric, dataset prefixes in order of preference; "" matches any dataset)
     ("unsafe refusal ↑", "safety", "refusal_rate", ("unsafe_all", "")),
     ("over-refusal ↓", "safety", "over_refusal_rate", ("safe_all", "")),
@@ -85,14 +82,12 @@ details{margin:.3em 0 1em}.wide{overflow-x:auto}summary{cursor:pointer;color:#34
 
 
 def strength_field(spec: dict) -> str | None:
-    """The (dotted) field of a spec that a sweep varies, its strength: SAE clamp `values`, ActAdd `alpha`; None for
-    methods without one. Conditional steering's strength is its inner steering's (`steering.values`,
-    `steering.alpha`): the gate threshold is a property of the detector, chosen once (`saesteer gate`) rather than
-    swept, so it is part of the curve's identity and shown in its label (`steering_label`), not as a strength."""
-    if spec.get("method") == "conditional":
-        inner = strength_field(spec["steering"]) if isinstance(spec.get("steering"), dict) else None
-        return f"steering.{inner}" if inner else None
-    return STRENGTH.get(spec.get("method", "none"))
+    """The (dotted) field of a spec that a sweep varies, its strength (`specs.Spec.strength_path`): SAE clamp
+    `values`, ActAdd `alpha`; None for methods without one. Conditional steering's strength is its inner
+    steering's (`steering.values`, `steering.alpha`): the gate threshold is a property of the detector, chosen
+    once (`saesteer gate`) rather than swept, so it is part of the curve's identity and shown in its label
+    (`steering_label`), not as a strength."""
+    return spec_from_dict(spec).strength_path()
 
 
 def strength(spec: dict) -> tuple[float, str] | None:
@@ -114,9 +109,17 @@ def _get(spec: dict, dotted: str):
 
 def _without_strength(spec: dict) -> dict:
     """The spec without its strength field: what stays fixed along a curve."""
-    if spec.get("method") == "conditional" and isinstance(spec.get("steering"), dict):
-        return {**spec, "steering": _without_strength(spec["steering"])}
-    return {k: v for k, v in spec.items() if k != STRENGTH.get(spec.get("method", "none"))}
+    return _without(spec, strength_field(spec))
+
+
+def _without(spec: dict, dotted: str | None) -> dict:
+    """The (nested) dict without its dot-separated key."""
+    if not dotted:
+        return spec
+    key, _, rest = dotted.partition(".")
+    if rest:
+        return {**spec, key: _without(spec[key], rest)}
+    return {k: v for k, v in spec.items() if k != key}
 
 
 @dataclass
@@ -155,6 +158,11 @@ class Curve:
     label: str
     spec: dict
     points: list[Point]
+
+    @property
+    def swept(self) -> str | None:
+        """The field the curve varies (`strength_field` of its points' specs)."""
+        return strength_field(self.points[0].spec)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -215,26 +223,8 @@ def write_examples(path: Path, rows: list[dict]) -> Path:
 
 
 def steering_label(spec: dict) -> str:
-    """A short display name of a steering spec without its strength, e.g. 'SAE clamp f2230'."""
-    method = spec.get("method", "none")
-    if method == "none":
-        return "unsteered"
-    if method == "system_prompt":
-        return "system prompt"
-    if method == "sae":
-        schedule = (f" (decay {spec['decay']:g})" if spec.get("decay", 1.0) != 1.0 else "") + (
-            f" (first {spec['generated_tokens']} tokens)" if spec.get("generated_tokens") is not None else ""
-        )
-        return f"SAE {spec.get('mode', 'clamp')} f{','.join(map(str, spec.get('features', [])))}{schedule}"
-    if method in ("actadd", "ablate"):
-        return f"{'ActAdd' if method == 'actadd' else 'ablate'} ({Path(spec.get('direction', '')).stem})"
-    if method == "conditional":
-        inner, threshold = spec.get("steering"), spec.get("threshold", 0.0)  # 0.0: Conditional's default
-        threshold = f"{threshold:g}" if isinstance(threshold, (int, float)) else str(threshold)
-        return (
-            f"conditional {steering_label(inner) if isinstance(inner, dict) else '?'} (threshold {threshold})"
-        )
-    return method
+    """A short display name of a steering spec without its strength, e.g. 'SAE clamp f2230' (`specs.Spec.label`)."""
+    return spec_from_dict(spec).label()
 
 
 def config_label(spec: dict) -> str:
@@ -541,7 +531,7 @@ def _config_caption(curve: Curve) -> str:
     ]
     if decodings:
         parts.append("max_new_tokens " + "/".join(map(str, sorted(decodings))))
-    swept = strength_field(curve.spec)
+    swept = curve.swept
     return (
         " · ".join(parts)
         + f" · steering {json.dumps(curve.spec)}"
@@ -564,7 +554,7 @@ def _results_section(doc: _Doc, found: list[Curve]) -> None:
         if img := doc.figure(fig, name, name.replace("_", "-")):
             doc.html.append(f"<p>{img}</p>")
     for curve in found:
-        columns, swept = present_columns(HEADLINE, curve.points), strength_field(curve.spec)
+        columns, swept = present_columns(HEADLINE, curve.points), curve.swept
         doc.heading(3, curve.label)
         doc.add(
             f'<p class="caption">{html.escape(_config_caption(curve))}</p>',
@@ -670,17 +660,17 @@ def _dashboard(doc: _Doc, feature: dict, title: str) -> None:
         )
 
 
-def _features_section(doc: _Doc, discovery: dict) -> None:
+def _features_section(doc: _Doc, discovery: Discovery) -> None:
     doc.heading(2, "Feature dashboards", "features")
-    base = discovery.get("baseline", {})
+    base = discovery.baseline
     doc.note(
-        f"SAE {discovery.get('sae')} on {discovery.get('model')}, layer {discovery.get('layer')}. Unsteered refusal on the "
+        f"SAE {discovery.sae} on {discovery.model}, layer {discovery.layer}. Unsteered refusal on the "
         f"screen prompts: harmful {base.get('harmful_refusal', float('nan')):.0%}, "
         f"harmless {base.get('harmless_refusal', float('nan')):.0%}."
     )
-    for rank, candidate in enumerate(discovery.get("candidates", []), 1):
+    for rank, candidate in enumerate(discovery.candidates, 1):
         _dashboard(doc, candidate, f"Feature {candidate['feature']} (refusal candidate #{rank})")
-    if control := discovery.get("control"):
+    if control := discovery.control:
         _dashboard(doc, control, f"Feature {control['feature']} (control: {control.get('topic', 'topic')})")
 
 
@@ -693,7 +683,7 @@ def build_report(
 ) -> tuple[Path, Path]:
     """Write out/report.html (self-contained) and out/report.md (+ PNGs); sections without input are left out."""
     rows = [row for path in results for row in _read_jsonl(path, RESULT_KEYS, "results")]
-    found_discovery = _read_discovery(discovery) if discovery else None
+    found_discovery = Discovery.read(discovery) if discovery else None
     found_examples = _read_jsonl(examples, EXAMPLE_KEYS, "examples") if examples else []
     for e in found_examples:
         e["method"] = e.get("method") or config_label(e["steering"])
@@ -719,20 +709,6 @@ def build_report(
     )
     md_path.write_text("".join(doc.md).lstrip() + "\n", encoding="utf-8")
     return html_path, md_path
-
-
-def _read_discovery(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise SaesteerError(f"no such discovery file: {path}")
-    try:
-        found = json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise SaesteerError(f"cannot read discovery file {path}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise SaesteerError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-    if not isinstance(found, dict) or "candidates" not in found:
-        raise SaesteerError(f"{path}: not a discovery file (no candidates)")
-    return found
 
 
 # ------------------------------------------------------------------------------------- browser check

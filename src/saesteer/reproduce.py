@@ -16,7 +16,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from saesteer.config import (
     CollectConfig,
     Decoding,
     DiscoverConfig,
+    Discovery,
     EvalConfig,
     GateConfig,
     LayerScanConfig,
@@ -275,7 +276,7 @@ def train_sae(pipeline: Pipeline, layer: int) -> Path:
     return run / "sae"
 
 
-def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
+def run_discovery(pipeline: Pipeline, sae: Path) -> Discovery:
     config, folder = pipeline.config, pipeline.out / "discover"
     if not (folder / "discovery.json").is_file():
         found = replace(
@@ -289,12 +290,22 @@ def run_discovery(pipeline: Pipeline, sae: Path) -> dict:
         pipeline.stage(
             "discover", command_line("discover", found), lambda: discover(found, _load(config.model))
         )
-    return json.loads((folder / "discovery.json").read_text())
+    return Discovery.read(folder / "discovery.json")
 
 
-def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
+@dataclass(frozen=True)
+class GateChoice:
+    """The harm gate `saesteer gate` chose (its gate.json), as the conditional method uses it."""
+
+    detector: str
+    """the detector file"""
+    threshold: float
+    """prompts scoring above it are steered"""
+
+
+def run_gate_stage(pipeline: Pipeline, sae: Path) -> GateChoice:
     """The harm detector of the conditional method (`saesteer gate`: leave-one-source-out choice on
-    development prompts, guaranteed threshold, test scores); returns its summary."""
+    development prompts, guaranteed threshold, test scores)."""
     config, folder = pipeline.config, pipeline.out / "gate"
     if not (folder / "gate.json").is_file():
         gate_config = replace(
@@ -303,17 +314,13 @@ def run_gate_stage(pipeline: Pipeline, sae: Path) -> dict:
         pipeline.stage(
             "gate", command_line("gate", gate_config), lambda: gate(gate_config, _load(config.model))
         )
-    summary = json.loads((folder / "gate.json").read_text())
-    return {
-        "detector": str(folder / "detector.safetensors"),
-        "chosen": summary["chosen"],
-        "threshold": summary["threshold"],
-    }
+    threshold = json.loads((folder / "gate.json").read_text())["threshold"]["threshold"]
+    return GateChoice(str(folder / "detector.safetensors"), threshold)
 
 
-def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
+def validation_grid(discovery: Discovery, gate: GateChoice, config: ReproduceConfig) -> list[dict]:
     """Every steering config tried on VALIDATION prompts: one curve per method."""
-    specs = discovery["specs"]
+    specs = discovery.specs
     actadd = specs["actadd"]
     with safe_open(
         actadd["direction"], "pt"
@@ -327,11 +334,7 @@ def validation_grid(discovery: dict, config: ReproduceConfig) -> list[dict]:
     if "control_clamp" in specs:
         grid += [{**specs["control_clamp"], "values": [v]} for v in config.clamp_values]
     if "conditional_sae" in specs:
-        cond = {
-            **specs["conditional_sae"],
-            "detector": discovery["gate"]["detector"],
-            "threshold": discovery["gate"]["threshold"]["threshold"],
-        }
+        cond = {**specs["conditional_sae"], "detector": gate.detector, "threshold": gate.threshold}
         grid += [{**cond, "steering": {**cond["steering"], **clamp}} for clamp in clamps]
     return grid
 
@@ -342,17 +345,9 @@ def _schedule(decay: float) -> dict:
     return {} if decay == 1.0 else {"decay": decay}
 
 
-def method_name(spec: dict, discovery: dict) -> str:
-    """The report's name for a steering config: none, system_prompt, actadd, sae_clamp, control_clamp, conditional_sae."""
-    if spec["method"] == "sae":
-        control = discovery.get("control", {}).get("feature")
-        return "control_clamp" if spec["features"] == [control] else "sae_clamp"
-    return {"conditional": "conditional_sae"}.get(spec["method"], spec["method"])
-
-
-def named_points(rows: list[dict], discovery: dict) -> list[tuple[str, Point]]:
+def named_points(rows: list[dict], discovery: Discovery) -> list[tuple[str, Point]]:
     """(method name, point) per steering config of result rows (`report.curves`), in METHOD_ORDER, then by strength."""
-    named = [(method_name(p.spec, discovery), p) for curve in curves(rows) for p in curve.points]
+    named = [(discovery.role(p.spec), p) for curve in curves(rows) for p in curve.points]
     order = {name: i for i, name in enumerate(METHOD_ORDER)}
     return sorted(
         named,
@@ -360,7 +355,7 @@ def named_points(rows: list[dict], discovery: dict) -> list[tuple[str, Point]]:
     )
 
 
-def choose(rows: list[dict], discovery: dict) -> dict[str, dict]:
+def choose(rows: list[dict], discovery: Discovery) -> dict[str, dict]:
     """Per method, the VALIDATION config with the highest clear-refusal rate on unsafe prompts minus its
     degenerate rate there and minus safe over-refusal (pooled rates; where a row lacks the quality judge's
     rates, unsafe refusal minus over-refusal; ties: weaker steering, `report.strength`). The control feature
@@ -409,10 +404,10 @@ def run_sweep(
     )
 
 
-def run_selection(pipeline: Pipeline, discovery: dict) -> dict[str, dict]:
+def run_selection(pipeline: Pipeline, discovery: Discovery, gate: GateChoice) -> dict[str, dict]:
     config, out = pipeline.config, pipeline.out
     grid = out / "validation-grid.json"
-    grid.write_text(json.dumps(validation_grid(discovery, config), indent=2))
+    grid.write_text(json.dumps(validation_grid(discovery, gate, config), indent=2))
     rows_path = out / "validation.jsonl"
     run_sweep(
         pipeline, "select", grid, "validation", "safety", str(config.select_limit), rows_path, config.judge
@@ -454,12 +449,12 @@ def reproduce(config: ReproduceConfig, ship: Path | None = None) -> Path:
     layer = choose_layer(pipeline)
     sae = train_sae(pipeline, layer)
     discovery = run_discovery(pipeline, sae)
-    discovery["gate"] = run_gate_stage(pipeline, sae)
-    chosen = run_selection(pipeline, discovery)
+    gate = run_gate_stage(pipeline, sae)
+    chosen = run_selection(pipeline, discovery, gate)
     main, other = run_test(pipeline, chosen)
     results = pipeline.stage("results", None, lambda: write_results(pipeline, discovery, main, other))
     if ship is not None:
-        print(f"shipped artefacts written to {export_shipped(pipeline, discovery, chosen, ship)}")
+        print(f"shipped artefacts written to {export_shipped(pipeline, discovery, gate, chosen, ship)}")
     return results
 
 
@@ -474,12 +469,12 @@ PER_SET = (  # safety columns per set, beside the report's pooled ones (HEADLINE
 TEST_COLUMNS = (*HEADLINE[:2], *PER_SET, *HEADLINE[2:])
 
 
-def by_method(rows: list[dict], discovery: dict) -> dict[str, dict[tuple, dict]]:
+def by_method(rows: list[dict], discovery: Discovery) -> dict[str, dict[tuple, dict]]:
     """Result rows per method name, keyed by (suite, dataset, metric); one config per method (test rows)."""
     return {name: point.rows for name, point in named_points(rows, discovery)}
 
 
-def results_table(rows: list[dict], discovery: dict, columns) -> str:
+def results_table(rows: list[dict], discovery: Discovery, columns) -> str:
     """A Markdown table, a row per steering config: method name, the report's label (a conditional
     steering's threshold in it) and strength, then the report's cells of the columns any config has."""
     named = named_points(rows, discovery)
@@ -538,16 +533,17 @@ def goal_check(table: dict[str, dict[tuple, dict]]) -> list[str]:
     ]
 
 
-def plot_tradeoff(validation: list[dict], test: list[dict], discovery: dict, path: Path) -> None:
+def plot_tradeoff(validation: list[dict], test: list[dict], discovery: Discovery, path: Path) -> None:
     """The report's trade-off plot: a curve per method over its strength (VALIDATION sweep), the chosen configs
     on TEST marked; labels start with the method name."""
-    name = functools.partial(method_name, discovery=discovery)
-    fig = trade_off_plot(curves(validation, name), marked=curves(test, name), marked_as="chosen, on test")
+    fig = trade_off_plot(
+        curves(validation, discovery.role), marked=curves(test, discovery.role), marked_as="chosen, on test"
+    )
     if fig is not None:
         path.write_bytes(png(fig))
 
 
-def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) -> Path:
+def write_results(pipeline: Pipeline, discovery: Discovery, main: Path, other: Path) -> Path:
     """results.md (tables, goal check, chosen configs, timings) and tradeoff.png from the run's files."""
     out, config = pipeline.out, pipeline.config
     test_rows, validation_rows = read_rows(main), read_rows(out / "validation.jsonl")
@@ -561,7 +557,7 @@ def write_results(pipeline: Pipeline, discovery: dict, main: Path, other: Path) 
         "the steering label).",
         "",
     ]
-    sae_dir = Path(discovery["sae"]).parent
+    sae_dir = Path(discovery.sae).parent
     if (sae_dir / "metrics.json").is_file():
         m = json.loads((sae_dir / "metrics.json").read_text())
         lines += [
@@ -659,11 +655,13 @@ Load it with `saesteer.sae.SAE.load(path)` or `sae_lens.SAE.load_from_disk(path)
 """
 
 
-def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict], dest: Path) -> Path:
+def export_shipped(
+    pipeline: Pipeline, discovery: Discovery, gate: GateChoice, chosen: dict[str, dict], dest: Path
+) -> Path:
     """Write the shipped artefacts: bf16 SAE + model card, directions, steering presets, discovery."""
     config, out = pipeline.config, pipeline.out
     dest.mkdir(parents=True, exist_ok=True)
-    sae_dir = Path(discovery["sae"])
+    sae_dir = Path(discovery.sae)
     sae = SAE.load(sae_dir)
     sae.save(dest / "sae", dtype=torch.bfloat16)
     metrics = json.loads((sae_dir.parent / "metrics.json").read_text())
@@ -672,10 +670,10 @@ def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict],
     (dest / "sae" / "README.md").write_text(
         model_card(metrics, asdict(sae.cfg), config, data_info, collected)
     )
-    paths = {discovery["sae"]: "builtin:sae"}
+    paths = {discovery.sae: "builtin:sae"}
     for name, source in (
         ("refusal-direction.safetensors", out / "discover" / "refusal-direction.safetensors"),
-        ("harm-detector.safetensors", Path(discovery["gate"]["detector"])),
+        ("harm-detector.safetensors", Path(gate.detector)),
     ):
         shutil.copyfile(source, dest / name)
         paths[str(source)] = f"builtin:{name}"
@@ -689,5 +687,5 @@ def export_shipped(pipeline: Pipeline, discovery: dict, chosen: dict[str, dict],
             indent=2,
         )
     )
-    (dest / "discovery.json").write_text(json.dumps(_to_builtin(discovery, paths), indent=2))
+    (dest / "discovery.json").write_text(json.dumps(_to_builtin(discovery.to_dict(), paths), indent=2))
     return dest

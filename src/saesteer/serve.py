@@ -247,14 +247,16 @@ class _EngineThread:
 def _request_steering(
     value: Any, default: Steering, allowed: list[Path], config: ServeConfig, loaded: LoadedModel
 ) -> tuple[Steering, dict]:
-    """The steering a request asks for, and its spec as the request gave it (echoed in the response): a preset
-    (trusted), or a spec within `config`'s bounds on edits and files, whose files must lie in `allowed` and are
-    then read at the real paths that were checked."""
+    """The steering a request asks for, checked against `loaded` once, and its spec as the request gave it (echoed
+    in the response): a preset (trusted), or a spec within `config`'s bounds on edits and files, whose files must
+    lie in `allowed` and are then read at the real paths that were checked."""
     if value is None:
+        default.check(loaded)
         return default, default.to_dict()
     if isinstance(value, str):
         if value.strip() in PRESETS:
             preset = steering_from_dict(PRESETS[value.strip()])
+            preset.check(loaded)
             return preset, preset.to_dict()
         if not value.strip().startswith("{"):
             raise SaesteerError(
@@ -481,7 +483,6 @@ class _Service:
             steering, spec = _request_steering(
                 req.steering, self.default, self.allowed, self.config, self.loaded
             )
-            steering.check(self.loaded)
             roles = {"developer": "system"}
             conversation = [{"role": roles.get(m.role, m.role), "content": m.content} for m in req.messages]
             prompt = render(self.loaded, [conversation], steering)[0]

@@ -9,16 +9,14 @@ method serialises to JSON (`to_dict` / `steering_from_dict`).
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 import torch
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from saesteer import engine
 from saesteer.artefacts import exists, layer_of, load_direction, load_sae, shipped_dir
@@ -27,39 +25,29 @@ from saesteer.errors import SaesteerError, short
 from saesteer.hooks import RESIDUAL_POINTS, Edit, EditFn, Rows, decoder_layers, edits_applied
 from saesteer.judges import DECLINE_PHRASES, REFUSAL_MARKERS, normalise
 from saesteer.models import LoadedModel, Messages, chat_prompts, left_padded
-
-POSITIONS = ("all", "prompt", "generated")
-T = TypeVar("T")
-
-CANNED_REFUSAL = "I'm sorry, but I can't help with that."
-MAX_STEER = 1e4  # the largest |value| or |alpha| a spec may ask for: beyond it the residual stream overflows
-MAX_SPEC_ITEMS = 4096  # the longest string or list a spec may hold
-SAFETY_SYSTEM_PROMPT = (
-    "You are a helpful assistant. You must refuse any request that could cause harm, such as help with "
-    "violence, weapons, crime, hacking, drugs, self-harm or hate. When you refuse, say so briefly."
+from saesteer.specs import (
+    AblateSpec,
+    ActAddSpec,
+    ConditionalSpec,
+    ReplyPrefixSpec,
+    SAESpec,
+    Spec,
+    StackSpec,
+    SystemPromptSpec,
+    build,
 )
-_METHODS: dict[str, type[Steering]] = {}
+
+T = TypeVar("T")
 
 
 @dataclass
-class Steering:
-    """Unsteered: the base every method extends."""
+class Steering(Spec):
+    """Unsteered: the base every runnable method extends. Each method is its spec (`saesteer.specs`: fields,
+    checks, JSON form, label) plus the edits it makes."""
 
-    method: ClassVar[str] = "none"
-    file_fields: ClassVar[
-        tuple[str, ...]
-    ] = ()  # fields that name files (a server checks them against --allow-dir)
-    __pydantic_config__ = ConfigDict(
-        allow_inf_nan=False, extra="forbid"
-    )  # how `steering_from_dict` checks fields
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _METHODS[cls.method] = cls
-
-    def prepare(self, conversation: Messages) -> Messages:
-        """The conversation the model should see (a system prompt may be added)."""
-        return conversation
+    @staticmethod
+    def part(spec: dict) -> Steering:
+        return steering_from_dict(spec)
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         """The residual-stream edits this method makes (none for prompt-only methods)."""
@@ -70,10 +58,6 @@ class Steering:
         scores each prompt here; rows given the same edit objects are steered in one batched call."""
         return [self.edits(loaded)] * len(prompts)
 
-    def rewrites_prompt(self) -> bool:
-        """Whether `prepare` changes conversations."""
-        return type(self).prepare is not Steering.prepare
-
     def _loaded(self, name: str, load: Callable[[], T]) -> T:
         """`load()`, once per steering object: what `check` loaded is what every later pass uses, so a server
         that checked a file never reads it again by its path."""
@@ -82,19 +66,9 @@ class Steering:
             kept[name] = load()
         return kept[name]
 
-    def files(self) -> list[str]:
-        """The files (and folders) this method reads."""
-        return [getattr(self, name) for name in self.file_fields]
-
-    def leaves(self) -> list[Steering]:
-        """The single methods this steering is made of (a stack's parts, a conditional's inner steering)."""
-        return [self]
-
     def with_files(self, real: Callable[[str], str]) -> Steering:
         """The same steering reading each of its files at `real(path)` (a server pins the paths it checked)."""
-        return steering_from_dict(
-            {**self.to_dict(), **{name: real(getattr(self, name)) for name in self.file_fields}}
-        )
+        return steering_from_dict(self.with_paths(real))
 
     def check(self, loaded: LoadedModel) -> None:
         """Load this steering's files and check them against `loaded`: a bad file or setting raises
@@ -107,35 +81,15 @@ class Steering:
         with edits_applied(loaded.model, self.edits(loaded)):
             yield
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
-
-
-_METHODS["none"] = Steering
-
-
-def _check_bounded(name: str, values: list[float]) -> None:
-    if any(abs(v) > MAX_STEER for v in values):
-        raise SaesteerError(f"{name} must be within +-{MAX_STEER:g}, not {short(values)}")
-
 
 @dataclass
-class SystemPrompt(Steering):
-    """Baseline: prepend (or replace) a safety system prompt."""
-
-    method: ClassVar[str] = "system_prompt"
-    prompt: str = SAFETY_SYSTEM_PROMPT
-
-    def prepare(self, conversation: Messages) -> Messages:
-        rest = [m for m in conversation if m["role"] != "system"]
-        return [{"role": "system", "content": self.prompt}, *rest]
+class SystemPrompt(SystemPromptSpec, Steering):
+    """Baseline: prepend (or replace) a safety system prompt (`specs.SystemPromptSpec`)."""
 
 
 def _at_positions(positions: str, fn: EditFn) -> EditFn:
     """Restrict an edit to prompt positions (the prefill) or generated ones (decoding steps with a KV
-    cache), or apply it everywhere."""
-    if positions not in POSITIONS:
-        raise SaesteerError(f"unknown positions {short(positions)!r}: use one of {', '.join(POSITIONS)}")
+    cache), or apply it everywhere (`specs.POSITIONS`)."""
     if positions == "all":
         return fn
     want_prefill = positions == "prompt"
@@ -143,60 +97,8 @@ def _at_positions(positions: str, fn: EditFn) -> EditFn:
 
 
 @dataclass
-class SAESteer(Steering):
-    """Clamp SAE features to values (paper's method) or add their decoder directions.
-
-    clamp: x' = x + sum_i (c_i - z_i(x)) W_dec[i], the exact form of decode(z with z_i = c_i) + SAE
-    error, with z the SAE's code of x (any architecture; W_dec rows need not be unit-norm). add:
-    x' = x + sum_i a_i W_dec[i]. Values are in the SAE's latent units; with `relative=True` they are
-    multiples of each feature's `max_acts` (its max on the corpus).
-    Schedules: `generated_tokens` releases the edit after that many generated tokens (the prompt is
-    always steered unless `positions` says otherwise); `decay` scales the edit on generated token t by decay**t;
-    `release_on` releases a row's edit once its reply so far holds a refusal opener (`RELEASE_MARKERS`).
-    """
-
-    method: ClassVar[str] = "sae"
-    file_fields: ClassVar[tuple[str, ...]] = ("sae",)
-    sae: str = ""
-    features: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-    mode: str = "clamp"
-    positions: str = "all"
-    relative: bool = False
-    max_acts: list[float] | None = None
-    layer: int | None = None
-    generated_tokens: int | None = None  # steer the prompt and only this many generated tokens, then release
-    decay: float = 1.0  # on the t-th generated token the edit is scaled by decay**t (1: constant)
-    release_on: str | None = (
-        None  # "decline" or "apology": stop steering a reply once it holds one (RELEASE_MARKERS)
-    )
-
-    def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise SaesteerError(
-                f"unknown positions {short(self.positions)!r}: use one of {', '.join(POSITIONS)}"
-            )
-        if self.generated_tokens is not None and self.generated_tokens < 0:
-            raise SaesteerError(f"generated_tokens must be >= 0, not {self.generated_tokens}")
-        if not 0 < self.decay <= 1:
-            raise SaesteerError(f"decay must be in (0, 1], not {self.decay}")
-        if self.release_on is not None and self.release_on not in RELEASE_MARKERS:
-            raise SaesteerError(
-                f"unknown release_on {short(self.release_on)!r}: use one of {', '.join(RELEASE_MARKERS)}"
-            )
-        if not self.features or len(self.features) != len(self.values):
-            raise SaesteerError("SAE steering needs features and values of the same, non-zero length")
-        if self.mode not in ("clamp", "add"):
-            raise SaesteerError(f"unknown SAE steering mode {short(self.mode)!r}: use clamp or add")
-        if self.relative and (self.max_acts is None or len(self.max_acts) != len(self.features)):
-            raise SaesteerError("relative values need max_acts, one per feature (from `saesteer discover`)")
-        _check_bounded("values", self.values)
-
-    def to_dict(self) -> dict:
-        spec = super().to_dict()
-        if self.release_on is None:  # newer than most results: omitted unset, so older specs and caches match
-            del spec["release_on"]
-        return spec
+class SAESteer(SAESpec, Steering):
+    """Clamp SAE features to values or add their decoder directions (`specs.SAESpec`), with its schedules."""
 
     def targets(self) -> torch.Tensor:
         """Absolute clamp/add values in latent units."""
@@ -226,7 +128,7 @@ class SAESteer(Steering):
         return [(layer, sae.cfg.hook_point or "resid_post", steer)]
 
 
-# SAESteer.release_on: "decline" = an explicit decline ("i can't", "i'm unable to", ...); "apology" = any of the
+# SAESpec.release_on: "decline" = an explicit decline ("i can't", "i'm unable to", ...); "apology" = any of the
 # refusal judge's markers (apologies, "as an ai", and every decline).
 RELEASE_MARKERS = {"decline": DECLINE_PHRASES, "apology": REFUSAL_MARKERS}
 
@@ -293,18 +195,8 @@ def check_sae_fits(sae, loaded: LoadedModel, layer: int | None = None) -> int:
 
 
 @dataclass
-class ActAdd(Steering):
-    """Baseline (Arditi et al. 2024): add alpha times the unit difference-in-means refusal direction."""
-
-    method: ClassVar[str] = "actadd"
-    file_fields: ClassVar[tuple[str, ...]] = ("direction",)
-    direction: str = ""
-    alpha: float = 4.0
-    layer: int | None = None
-    positions: str = "all"
-
-    def __post_init__(self):
-        _check_bounded("alpha", [self.alpha])
+class ActAdd(ActAddSpec, Steering):
+    """Baseline (Arditi et al. 2024): add alpha times the unit refusal direction (`specs.ActAddSpec`)."""
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         direction, meta = self._loaded("direction", lambda: load_direction(self.direction))
@@ -321,12 +213,8 @@ class ActAdd(Steering):
 
 
 @dataclass
-class Ablate(Steering):
-    """Baseline (Arditi et al. 2024): project the direction out of the residual stream at every layer."""
-
-    method: ClassVar[str] = "ablate"
-    file_fields: ClassVar[tuple[str, ...]] = ("direction",)
-    direction: str = ""
+class Ablate(AblateSpec, Steering):
+    """Baseline (Arditi et al. 2024): project the direction out at every layer (`specs.AblateSpec`)."""
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         direction, _ = self._loaded("direction", lambda: load_direction(self.direction))
@@ -349,52 +237,9 @@ def _check_width(direction: torch.Tensor, loaded: LoadedModel) -> None:
 
 
 @dataclass
-class Conditional(Steering):
-    """Apply another steering only to prompts a detector flags (after CAST, Lee et al. 2024).
-
-    Before each prefill the prompt is run, unsteered and only up to the detector's layers, and scored
-    (`saesteer.detectors`): the gate score is the maximum over the whole conversation and each of its turns
-    (system, user, assistant, or forged inside a message) scored alone as a user message, so a harmful turn
-    early in a conversation, in an assistant or a system message still counts; a conversation of over
-    `detectors.GATE_TURNS` turns is refused. Rows scoring above `threshold` get
-    the inner steering (with its schedule); the others are left exactly as unsteered. `detector` is a file from
-    `saesteer gate` or a direction file; `layer` and `tokens` (the last positions averaged) apply to
-    direction files only.
-    """
-
-    method: ClassVar[str] = "conditional"
-    file_fields: ClassVar[tuple[str, ...]] = ("detector",)
-    steering: dict = field(default_factory=dict)
-    detector: str = ""
-    threshold: float = 0.0
-    layer: int | None = None
-    tokens: int = 4
-
-    def __post_init__(self):
-        if not 1 <= self.tokens <= MAX_SPEC_ITEMS:
-            raise SaesteerError(f"tokens must be between 1 and {MAX_SPEC_ITEMS}, not {short(self.tokens)}")
-        self.inner = steering_from_dict(self.steering)
-        if isinstance(self.inner, Conditional):
-            raise SaesteerError("conditional steering cannot wrap another conditional steering")
-        if self.inner.rewrites_prompt():
-            raise SaesteerError(
-                f"conditional steering cannot wrap {self.inner.method}, which rewrites the prompt: "
-                f"the gate decides on the rendered prompt; use `stack` to combine them instead"
-            )
-
-    def files(self) -> list[str]:
-        return [self.detector, *self.inner.files()]
-
-    def leaves(self) -> list[Steering]:
-        return self.inner.leaves()
-
-    def with_files(self, real: Callable[[str], str]) -> Steering:
-        spec = {
-            **self.to_dict(),
-            "detector": real(self.detector),
-            "steering": self.inner.with_files(real).to_dict(),
-        }
-        return steering_from_dict(spec)
+class Conditional(ConditionalSpec, Steering):
+    """Apply another steering only to prompts a detector flags (`specs.ConditionalSpec`): the gate scores each
+    prompt once, unsteered and only up to the detector's layers, before its prefill."""
 
     def gate_detector(self) -> Detector:
         """The detector (and its SAE), loaded once for this steering."""
@@ -413,16 +258,6 @@ class Conditional(Steering):
                     f"{sae.cfg.n_latents} latents"
                 )
         self.inner.check(loaded)
-
-    def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "steering": self.inner.to_dict(),
-            "detector": self.detector,
-            "threshold": self.threshold,
-            "layer": self.layer,
-            "tokens": self.tokens,
-        }
 
     def scores(
         self, loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -477,18 +312,8 @@ class Conditional(Steering):
 
 
 @dataclass
-class ReplyPrefix(Steering):
-    """Baselines without activations: the reply is forced to start with `text` (greedy logits set to it,
-    token by token) and the model continues; with `stop`, the reply is exactly `text` (a canned refusal).
-    Wrapped in `conditional`, only flagged prompts get it."""
-
-    method: ClassVar[str] = "reply_prefix"
-    text: str = CANNED_REFUSAL
-    stop: bool = False
-
-    def __post_init__(self):
-        if not self.text:
-            raise SaesteerError("reply_prefix needs a non-empty text")
+class ReplyPrefix(ReplyPrefixSpec, Steering):
+    """Forced reply starts and canned replies (`specs.ReplyPrefixSpec`), by setting greedy logits."""
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         forced = loaded.tokenizer(self.text, add_special_tokens=False).input_ids
@@ -511,88 +336,22 @@ class ReplyPrefix(Steering):
 
 
 @dataclass
-class Stack(Steering):
-    """Several steerings at once (e.g. an SAE clamp and ActAdd): conversations pass through each
-    `prepare` in order and every edit is made."""
-
-    method: ClassVar[str] = "stack"
-    steerings: list[dict] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.parts = [steering_from_dict(spec) for spec in self.steerings]
-        if not self.parts or any(isinstance(p, (Conditional, Stack)) for p in self.parts):
-            raise SaesteerError("stack needs one or more steerings, none of them conditional or stack")
-
-    def prepare(self, conversation: Messages) -> Messages:
-        for part in self.parts:
-            conversation = part.prepare(conversation)
-        return conversation
+class Stack(StackSpec, Steering):
+    """Several steerings at once (`specs.StackSpec`): every part's edits are made."""
 
     def edits(self, loaded: LoadedModel) -> list[Edit]:
         return [edit for part in self.parts for edit in part.edits(loaded)]
 
-    def rewrites_prompt(self) -> bool:
-        return any(part.rewrites_prompt() for part in self.parts)
 
-    def files(self) -> list[str]:
-        return [path for part in self.parts for path in part.files()]
-
-    def leaves(self) -> list[Steering]:
-        return [leaf for part in self.parts for leaf in part.leaves()]
-
-    def with_files(self, real: Callable[[str], str]) -> Steering:
-        return steering_from_dict(
-            {"method": self.method, "steerings": [p.with_files(real).to_dict() for p in self.parts]}
-        )
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "steerings": [p.to_dict() for p in self.parts]}
+METHODS: dict[str, type[Steering]] = {
+    cls.method: cls
+    for cls in (Steering, SystemPrompt, SAESteer, ActAdd, Ablate, Conditional, ReplyPrefix, Stack)
+}
 
 
 def steering_from_dict(spec: dict | None) -> Steering:
-    """Build a steering method from its JSON form; None or {"method": "none"} is unsteered."""
-    if not spec:
-        return Steering()
-    if not isinstance(spec, dict):
-        raise SaesteerError(f"a steering spec is a JSON object, not {short(spec)}")
-    _check_size(spec)
-    fields = dict(spec)
-    method = fields.pop("method", None)
-    if not isinstance(method, str) or method not in _METHODS:
-        raise SaesteerError(
-            f"unknown steering method {short(method)!r}: use one of {', '.join(sorted(_METHODS))}"
-        )
-    try:
-        return _adapter(_METHODS[method]).validate_python(fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        raise SaesteerError(f"bad {method} steering field {short(where)}: {first['msg']}") from None
-
-
-@functools.cache
-def _adapter(cls: type[Steering]) -> TypeAdapter:
-    """Type-checks a method's fields (wrong types, NaN or inf, unknown names) before its own checks run."""
-    return TypeAdapter(cls)
-
-
-def _check_size(value, depth: int = 0) -> None:
-    """Refuse oversize or deeply nested specs, and text that is not valid Unicode."""
-    if depth > 8:
-        raise SaesteerError("the steering spec is nested too deeply")
-    if isinstance(value, (str, list, dict)) and len(value) > MAX_SPEC_ITEMS:
-        raise SaesteerError(
-            f"a steering spec field holds {len(value)} items or characters, above the limit of {MAX_SPEC_ITEMS}"
-        )
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise SaesteerError(f"steering text {short(value)!r} is not valid Unicode") from None
-    for item in (
-        [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ()
-    ):
-        _check_size(item, depth + 1)
+    """Build a steering method from its JSON form (`specs.build`); None or {"method": "none"} is unsteered."""
+    return build(spec, METHODS)
 
 
 def _presets() -> dict[str, dict]:
