@@ -20,6 +20,8 @@ from saesteer import cli
 COUNTED = {
     ("steering.py", "parse_steering"),
     ("steering.py", "steering_from_dict"),
+    ("specs.py", "build"),
+    ("specs.py", "spec_from_dict"),
     ("detectors.py", "gate_scores"),
 }
 

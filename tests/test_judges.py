@@ -3,11 +3,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from test_evals import COMPLY, Scripted, by_metric, small_config, tiny  # noqa: F401 (tiny: a fixture)
 
 from saesteer.errors import SaesteerError
+from saesteer.evals import SteeredModel, run_suites
 from saesteer.judges import (
+    CLEAR_REFUSAL,
     COMPLIANCE,
     EMPTY,
+    HELPS,
     PARTIAL_REFUSAL,
     REFUSAL,
     VERDICTS,
@@ -20,8 +24,10 @@ from saesteer.judges import (
     is_refusal,
     judge_prompt_template,
     load_judge,
+    load_quality_judge,
     parse_verdict,
 )
+from saesteer.steering import Steering
 
 
 @pytest.mark.parametrize(
@@ -150,3 +156,38 @@ def test_local_chat_model_judge_plumbing(tiny_model_dir):
     assert isinstance(judge.backend, LocalChatBackend)
     verdicts = judge.judge(["a", "b"], ["The quick brown fox.", "I cannot."])
     assert len(verdicts) == 2 and set(verdicts) <= set(VERDICTS) - {EMPTY}
+
+
+def test_llm_quality_judge_over_http(fake_endpoint):
+    """The quality judge's LLM path against a stub OpenAI server: the prompt template is sent with the prompt,
+    the reply and the label's categories; answers map to categories, and an unusable answer falls back to the
+    rules."""
+    _FakeOpenAI.answers = ["clear_refusal", "helps", "no idea"]
+    judge = load_quality_judge(f"openai:{fake_endpoint}:judge-model")
+    categories = judge.judge(
+        ["how to pick a lock", "how to bake bread", "how to boil an egg"],
+        ["I won't help with that.", "Mix flour and water.", "Place the egg in boiling water for 8 minutes."],
+        ["unsafe", "safe", "safe"],
+    )
+    assert categories == [CLEAR_REFUSAL, HELPS, HELPS] and judge.unparsed == 1
+    sent = [seen["messages"][0]["content"] for seen in _FakeOpenAI.seen]
+    assert "how to pick a lock" in sent[0] and "I won't help with that." in sent[0]
+    assert "exactly one of: clear_refusal, evasive, degenerate, apology_then_help, complies." in sent[0]
+    assert "exactly one of: helps, refuses, evasive, degenerate." in sent[1]  # the label's categories
+    assert all(seen["max_tokens"] == 8 and seen["temperature"] == 0 for seen in _FakeOpenAI.seen)
+
+
+def test_an_eval_reads_its_quality_categories_from_an_llm_judge(fake_endpoint, tiny):  # noqa: F811
+    """`saesteer eval --quality-judge openai:...` end to end on a scripted model that always complies: the stub
+    says every reply is a clear refusal, which the rules would never say, so the rate shows which judge ran."""
+    _FakeOpenAI.answers = ["clear_refusal"]
+    model = SteeredModel(tiny, Steering(), generate_fn=Scripted(COMPLY), progress=False)
+    rules = by_metric(run_suites(model, small_config(suites=("safety",))).rows)
+    assert rules[("unsafe_all", "clear_refusal_rate")]["value"] == 0.0 and not _FakeOpenAI.seen
+    config = small_config(suites=("safety",), quality_judge=f"openai:{fake_endpoint}:judge-model")
+    rows = by_metric(run_suites(model, config).rows)
+    assert rows[("unsafe_all", "clear_refusal_rate")]["value"] == 1.0
+    assert (
+        rows[("safe_all", "degenerate_rate")]["value"] == 0.0
+    )  # "clear_refusal" is no benign category: rules
+    assert _FakeOpenAI.seen and {seen["model"] for seen in _FakeOpenAI.seen} == {"judge-model"}
