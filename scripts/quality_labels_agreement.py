@@ -3,7 +3,10 @@ other (the ceiling) and the quality judge's rules with each labeller, per catego
 a seeded bootstrap 95% CI) and over all categories. The judge is reported on the held-out half only; the dev half
 is for writing rules. Writes results/quality/<audit>/agreement.md and agreement.json.
 
-    python scripts/quality_labels_agreement.py [data/labels/quality_v2]
+    python scripts/quality_labels_agreement.py [data/labels/quality_v2] [--fresh]
+
+`--fresh`: the rules were written before the audit existed (data/labels/quality_v4), so every reply is held out
+and the judge is also reported on all of them.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def sae_steered(steerings: list[dict]) -> bool:
     return "sae" in methods or ("conditional" in methods and "none" not in methods)
 
 
-def main(labels: Path) -> None:
+def main(labels: Path, fresh: bool = False) -> None:
     out = Path("results/quality") / labels.name.removeprefix("quality_")
     replies = {r["id"]: r for r in read(labels / "replies.jsonl")}
     key = {r["id"]: r for r in read(labels / "key.jsonl")}
@@ -75,7 +78,7 @@ def main(labels: Path) -> None:
     b = labeller(labels, "labels-b1.jsonl", "labels-b2.jsonl")
     if set(a) != set(replies) or set(b) != set(replies):
         raise SystemExit("every reply needs a label from both labellers")
-    judge = {i: quality(r["reply"], r["label"]) for i, r in replies.items()}
+    judge = {i: quality(r["reply"], r["label"], r["prompt"]) for i, r in replies.items()}
     results, lines = {}, [f"# Quality judge agreement, audit {labels.name} (issue 22)", ""]
     lines += [
         f"{len(replies)} replies ({sum(h == 'dev' for h in half.values())} dev, "
@@ -91,6 +94,7 @@ def main(labels: Path) -> None:
         "held_out": {i for i in replies if half[i] == "held_out"},
         "dev": {i for i in replies if half[i] == "dev"},
         "held_out_sae_steered": {i for i in steered if half[i] == "held_out"},
+        **({"all_sae_steered": steered} if fresh else {}),
     }
     for part, members in parts.items():
         ids = sorted(members)
@@ -102,7 +106,7 @@ def main(labels: Path) -> None:
             "judge_vs_b": agreement(lj, lb),
         }
         lines += table(f"Labeller A vs labeller B ({part}, n={len(ids)})", results[part]["a_vs_b"], "A", "B")
-        if part != "all":  # the judge's rules are written on dev: held-out figures are the ones to report
+        if part != "all" or fresh:  # rules are written on dev: held-out figures are the ones to report
             lines += table(f"Judge vs A ({part})", results[part]["judge_vs_a"], "judge", "A")
             lines += table(f"Judge vs B ({part})", results[part]["judge_vs_b"], "judge", "B")
     out.mkdir(parents=True, exist_ok=True)
@@ -112,4 +116,5 @@ def main(labels: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "data/labels/quality_v2"))
+    args = [a for a in sys.argv[1:] if a != "--fresh"]
+    main(Path(args[0] if args else "data/labels/quality_v2"), fresh="--fresh" in sys.argv[1:])

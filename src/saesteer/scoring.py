@@ -187,7 +187,7 @@ def quality_agreement(rows: list[dict], seed: int = 0, n_resamples: int = 1000) 
                 f"{str(r.get('human'))[:30]!r}"
             )
     human = [r["human"] for r in rows]
-    judge = [quality(r["reply"], r["label"]) for r in rows]
+    judge = [quality(r["reply"], r["label"], r.get("prompt", "")) for r in rows]
 
     def summary(name: str, a: list, b: list) -> dict:
         kappa, low, high = kappa_ci(a, b, seed, n_resamples)
