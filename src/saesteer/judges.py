@@ -594,7 +594,9 @@ def _category(reply: str, label: str, prompt: str) -> str:
     ):
         after = kinds[decline + 1 :]
         redirect = after.index("redirect") if "redirect" in after else len(after)
-        helped = {"help", "offer"} & set(after[:redirect])  # help after a safe alternative is that alternative's
+        helped = {"help", "offer"} & set(
+            after[:redirect]
+        )  # help after a safe alternative is that alternative's
         if label == "safe":
             on_topic = any(
                 kind in ("help", "content") and topic_stems(s) & topic
