@@ -424,3 +424,11 @@ def test_report_renders_in_headless_chromium(inputs, tmp_path):
     html_path, _ = build_report([results], tmp_path / "report", discovery, examples)
     png = screenshot(html_path, tmp_path / "report.png", width=1280, height=2400)
     assert png.stat().st_size > 50_000
+
+
+def test_a_results_row_whose_steering_no_longer_checks_is_one_error_naming_its_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    append_rows(path, [row({**SAE, "values": [8.0]}, "safety", "unsafe_all", "refusal_rate", 0.5)])
+    append_rows(path, [row({**SAE, "values": [2e4]}, "safety", "unsafe_all", "refusal_rate", 0.5)])
+    with pytest.raises(SaesteerError, match=r"rows.jsonl:2: values must be within"):
+        build_report([path], tmp_path / "report")

@@ -14,6 +14,7 @@ from conftest import SHARED, needs_default_model
 
 from saesteer import reproduce
 from saesteer.config import Discovery
+from saesteer.errors import SaesteerError
 from saesteer.evalsets import hh_rlhf_dialogues
 from saesteer.report import markdown_cell, strength
 
@@ -280,3 +281,26 @@ def test_the_stages_share_one_model_load(monkeypatch):
         assert reproduce._load("m") is reproduce._load("m") and loads == ["m"]
     finally:
         reproduce._load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '{"sae": "s", "model": "m", "layer": 6, "candidates": [], "baseline": null}',
+            "baseline is not an object",
+        ),
+        (
+            '{"sae": "s", "model": "m", "layer": 6, "candidates": [], "control": 3}',
+            "control is not an object",
+        ),
+        ('{"sae": "s", "model": "m", "layer": "6", "candidates": []}', "layer is not an integer"),
+        ('{"sae": "s", "model": "m", "candidates": []}', "no layer"),
+        ("[1, 2]", "not a discovery file"),
+    ],
+)
+def test_a_malformed_discovery_file_is_one_error(tmp_path, text, message):
+    path = tmp_path / "discovery.json"
+    path.write_text(text)
+    with pytest.raises(SaesteerError, match=message):
+        Discovery.read(path)

@@ -86,3 +86,7 @@ def test_paths_are_replaced_in_nested_specs():
 def test_a_bad_spec_is_one_error_before_torch_is_needed(spec, message):
     with pytest.raises(SaesteerError, match=message):
         specs.spec_from_dict(spec)
+
+
+def test_the_release_schedules_of_a_spec_are_the_ones_steering_can_run():
+    assert set(steering.RELEASE_MARKERS) == set(specs.RELEASE_ON)

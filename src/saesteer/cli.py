@@ -426,7 +426,7 @@ def reproduce(
     )
 
 
-AUDIT_TEXTS = ("human", "label", "verdict", "reply")
+AUDIT_TEXTS = ("human", "label", "verdict", "reply", "prompt")
 
 
 @app.command()

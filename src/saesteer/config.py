@@ -538,8 +538,6 @@ class Discovery:
     """the diff-in-means harm detector's layer, threshold and flag rates"""
     specs: dict[str, dict] = field(default_factory=dict)
     """ready steering specs by role: actadd, sae_clamp, conditional_sae, control_clamp"""
-    gate: dict | None = None
-    """the gate `saesteer gate` chose for the conditional method (`reproduce`): detector, threshold, chosen"""
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "discovery") -> Discovery:
@@ -549,7 +547,12 @@ class Discovery:
         missing = [name for name in ("sae", "model", "layer") if name not in data]
         if missing:
             raise SaesteerError(f"{short(source)}: not a discovery file (no {', '.join(missing)})")
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        found = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        for f in fields(cls):  # the JSON types of each field (the nested statistics are read as they come)
+            value, kind = getattr(found, f.name), _DISCOVERY_TYPES[f.name]
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                raise SaesteerError(f"{short(source)}: discovery field {f.name} is not {_TYPE_NAMES[kind]}")
+        return found
 
     @classmethod
     def read(cls, path: str | Path) -> Discovery:
@@ -559,6 +562,8 @@ class Discovery:
             raise SaesteerError(f"no such discovery file: {short(str(path))}")
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+        except OSError as err:
+            raise SaesteerError(f"cannot read discovery file {short(str(path))}: {err.strerror}") from None
         except UnicodeDecodeError:
             raise SaesteerError(f"cannot read discovery file {short(str(path))}: not UTF-8 text") from None
         except json.JSONDecodeError as err:
@@ -580,6 +585,31 @@ class Discovery:
             control = (self.control or {}).get("feature")
             return "control_clamp" if spec.get("features") == [control] else "sae_clamp"
         return {"conditional": "conditional_sae"}.get(method, method)
+
+
+_DISCOVERY_TYPES = {
+    "sae": str,
+    "model": str,
+    "layer": int,
+    "candidates": list,
+    "config": dict,
+    "n_harmful": int,
+    "n_harmless": int,
+    "n_refusal_replies": int,
+    "n_compliance_replies": int,
+    "baseline": dict,
+    "control": (dict, type(None)),
+    "judge": str,
+    "detector": dict,
+    "specs": dict,
+}
+_TYPE_NAMES = {
+    str: "text",
+    int: "an integer",
+    list: "a list",
+    dict: "an object",
+    (dict, type(None)): "an object",
+}
 
 
 # The keys a results file's rows must hold to be reported (files written before a field was added lack it).

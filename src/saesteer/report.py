@@ -187,6 +187,13 @@ def _read_jsonl(path: Path, required: tuple[str, ...], what: str) -> list[dict]:
         missing = [k for k in required if not _has(row, k)] if isinstance(row, dict) else ["a JSON object"]
         if missing:
             raise SaesteerError(f"{path}:{number}: not a {what} row (missing {', '.join(missing)})")
+        steering = (
+            row.get("config", {}).get("steering") if "config.steering" in required else row.get("steering")
+        )
+        try:
+            spec_from_dict(steering)
+        except SaesteerError as err:
+            raise SaesteerError(f"{path}:{number}: {err}") from None
         rows.append(row)
     return rows
 

@@ -2,8 +2,8 @@
 name (`label`) and the field a sweep varies (`strength_field`).
 
 `steering` builds the runnable methods on these classes (`steering.SAESteer` is an `SAESpec` that also
-edits the residual stream), so a spec is parsed once, into the object that runs it. `report` and the
-server's request checks read specs through this module alone.
+edits the residual stream), so a spec is parsed once, into the object that runs it. `report` reads specs
+through this module alone, without torch.
 """
 
 from __future__ import annotations
